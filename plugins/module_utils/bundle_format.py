@@ -1,0 +1,920 @@
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery contributors
+# Apache License 2.0 (see LICENSE)
+"""Bundle format v1: manifest, blob paths, a safe streaming tar reader, verification and split parts.
+
+Standard library only: the same code runs in the builder (as ``offline_delivery_core``) and in modules on
+site hosts that may have nothing but python3. Memory stays bounded whatever the bundle size: blobs are
+hashed while they are copied in chunks, never read whole.
+
+A bundle is an uncompressed POSIX tar holding, in this order, ``manifest.json`` (canonical JSON),
+``manifest.sig`` (unless built ``--unsigned``) and ``blobs/sha256/<hex>`` for every blob the manifest marks
+``bundled``, in manifest order. See docs/architecture.md ("Bundle format (v1)").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterator
+
+from . import ed25519
+
+MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
+MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
+PARTS_MEDIA_TYPE = "application/vnd.offline-delivery.parts.v1+json"
+HAVE_MEDIA_TYPE = "application/vnd.offline-delivery.have.v1+json"
+OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+SIGNATURE_ALG = "ed25519"
+
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+BLOB_PREFIX = "blobs/sha256/"
+
+MAX_MANIFEST_SIZE = 64 * 1024 * 1024
+MAX_SIGNATURE_SIZE = 64 * 1024
+MAX_PAX_HEADER_SIZE = 64 * 1024
+MAX_PARTS_FILE_SIZE = 16 * 1024 * 1024
+CHUNK_SIZE = 1024 * 1024
+BLOCK = 512
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+_PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+
+
+class BundleError(ValueError):
+    """A bundle (or one of its parts) is malformed, tampered with or not trusted.
+
+    ``member`` names the tar member (or part file) at fault and ``offset`` its byte offset in the bundle
+    stream, when known; the message says what is wrong and what to do.
+    """
+
+    def __init__(self, message: str, *, member: str | None = None, offset: int | None = None) -> None:
+        self.member = member
+        self.offset = offset
+        where = []
+        if member is not None:
+            where.append(f"member {member!r}")
+        if offset is not None:
+            where.append(f"offset {offset}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.reason = message
+
+
+# --------------------------------------------------------------------------------------------------------
+# Canonical JSON and digests
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace, UTF-8: the same object always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def digest_hex(digest: str) -> str:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise BundleError(f"bad digest {digest!r}: expected 'sha256:' followed by 64 lowercase hex digits")
+    return digest[len("sha256:"):]
+
+
+def is_digest(value: object) -> bool:
+    return isinstance(value, str) and bool(_DIGEST.match(value))
+
+
+def blob_path(digest: str) -> str:
+    """Tar member name (and repository path) of a blob: ``blobs/sha256/<hex>``."""
+    return BLOB_PREFIX + digest_hex(digest)
+
+
+def digest_of_blob_path(name: str) -> str:
+    if not _BLOB_NAME.match(name):
+        raise BundleError(f"not a blob path: {name!r}")
+    return "sha256:" + name[len(BLOB_PREFIX):]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def blob_descriptor(digest: str, size: int, media_type: str, used_by: list[str] | tuple[str, ...],
+                    bundled: bool = True) -> dict[str, Any]:
+    return {"digest": digest, "size": size, "mediaType": media_type, "usedBy": sorted(set(used_by)),
+            "bundled": bundled}
+
+
+def build_manifest(*, name: str, version: str, builder: dict[str, str], platforms: list[str],
+                   model: dict[str, Any], images: dict[str, Any], blobs: list[dict[str, Any]],
+                   delta: dict[str, Any] | None) -> dict[str, Any]:
+    """Assemble and validate a manifest (raises BundleError on an inconsistent one)."""
+    manifest = {
+        "mediaType": MEDIA_TYPE,
+        "schemaVersion": 1,
+        "name": name,
+        "version": version,
+        "builder": dict(builder),
+        "platforms": list(platforms),
+        "model": dict(model),
+        "images": images,
+        "blobs": blobs,
+        "delta": delta,
+    }
+    validate_manifest(manifest)
+    return manifest
+
+
+def _need(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise BundleError(f"manifest.json: {where}: {what}", member=MANIFEST_NAME)
+
+
+def _check_descriptor(d: object, where: str) -> None:
+    _need(isinstance(d, dict), where, "must be an object")
+    assert isinstance(d, dict)
+    _need(is_digest(d.get("digest")), f"{where}.digest", "must be 'sha256:<64 hex>'")
+    size = d.get("size")
+    _need(isinstance(size, int) and not isinstance(size, bool) and size >= 0, f"{where}.size",
+          "must be a non-negative integer")
+    _need(isinstance(d.get("mediaType"), str) and bool(d.get("mediaType")), f"{where}.mediaType",
+          "must be a non-empty string")
+
+
+_BLOB_KEYS = {"digest", "size", "mediaType", "usedBy", "bundled"}
+_TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platforms", "model", "images",
+             "blobs", "delta"}
+
+
+def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
+    _need(isinstance(blobs, list), "blobs", "must be a list")
+    assert isinstance(blobs, list)
+    by_digest: dict[str, dict[str, Any]] = {}
+    for i, b in enumerate(blobs):
+        where = f"blobs[{i}]"
+        _check_descriptor(b, where)
+        extra = set(b) - _BLOB_KEYS
+        _need(not extra, where, f"unknown fields {sorted(extra)} (allowed: {sorted(_BLOB_KEYS)})")
+        _need(isinstance(b.get("usedBy"), list) and all(isinstance(u, str) for u in b["usedBy"]),
+              f"{where}.usedBy", "must be a list of strings")
+        _need(isinstance(b.get("bundled"), bool), f"{where}.bundled", "must be true or false")
+        _need(b["digest"] not in by_digest, where, f"blob {b['digest']} is listed twice")
+        by_digest[b["digest"]] = b
+    return by_digest
+
+
+def _check_images(images: object, by_digest: dict[str, dict[str, Any]], platforms: list[str]) -> None:
+    _need(isinstance(images, dict), "images", "must be an object (component -> image)")
+    assert isinstance(images, dict)
+    for comp, img in images.items():
+        where = f"images.{comp}"
+        _need(isinstance(img, dict), where, "must be an object")
+        _need(isinstance(img.get("reference"), str), f"{where}.reference", "must be a string")
+        _need(img.get("index") in by_digest, f"{where}.index", "must be the digest of a listed blob")
+        mans = img.get("manifests")
+        _need(isinstance(mans, dict) and set(mans) == set(platforms), f"{where}.manifests",
+              f"must map each platform {platforms} to a manifest digest")
+        for plat, dig in mans.items():
+            _need(dig in by_digest, f"{where}.manifests.{plat}", "must be the digest of a listed blob")
+
+
+def _check_delta(delta: object, by_digest: dict[str, dict[str, Any]]) -> None:
+    omitted = [d for d, b in by_digest.items() if not b["bundled"]]
+    if delta is None:
+        _need(not omitted, "delta", f"is null but {len(omitted)} blobs are marked bundled: false")
+        return
+    _need(isinstance(delta, dict), "delta", "must be null or an object")
+    assert isinstance(delta, dict)
+    if "base" in delta:
+        base = delta["base"]
+        _need(isinstance(base, dict) and is_digest(base.get("manifest")), "delta.base",
+              "must hold name, version and the base manifest digest")
+    elif "have" in delta:
+        have = delta["have"]
+        _need(isinstance(have, dict) and is_digest(have.get("digest")), "delta.have",
+              "must hold the have-file digest")
+    else:
+        _need(False, "delta", "must hold 'base' or 'have'")
+
+
+def validate_manifest(manifest: object) -> dict[str, Any]:
+    """Schema and consistency checks; returns the manifest or raises BundleError naming the field."""
+    _need(isinstance(manifest, dict), "(top)", "must be a JSON object")
+    assert isinstance(manifest, dict)
+    _need(manifest.get("mediaType") == MEDIA_TYPE, "mediaType",
+          f"is {manifest.get('mediaType')!r}, expected {MEDIA_TYPE!r} (a bundle from another tool or "
+          "format version?)")
+    _need(manifest.get("schemaVersion") == 1, "schemaVersion", "must be 1")
+    extra = set(manifest) - _TOP_KEYS
+    _need(not extra, "(top)", f"unknown fields {sorted(extra)} (allowed: {sorted(_TOP_KEYS)})")
+    for key in ("name", "version"):
+        _need(isinstance(manifest.get(key), str) and bool(manifest.get(key)), key, "must be a non-empty string")
+    builder = manifest.get("builder")
+    _need(isinstance(builder, dict) and all(isinstance(builder.get(k), str) for k in ("name", "version")),
+          "builder", "must hold name and version strings")
+    platforms = manifest.get("platforms")
+    _need(isinstance(platforms, list) and all(isinstance(p, str) and _PLATFORM.match(p) for p in platforms),
+          "platforms", "must be a list like ['linux/amd64', 'linux/arm64']")
+    by_digest = _check_blobs(manifest.get("blobs"))
+    _check_descriptor(manifest.get("model"), "model")
+    model = manifest["model"]
+    _need(model["digest"] in by_digest and by_digest[model["digest"]]["bundled"], "model",
+          "the model blob must be listed in blobs and bundled")
+    _need(by_digest[model["digest"]]["size"] == model["size"], "model.size", "differs from its blobs entry")
+    _check_images(manifest.get("images"), by_digest, platforms)
+    _check_delta(manifest.get("delta"), by_digest)
+    return manifest
+
+
+def parse_manifest(data: bytes) -> dict[str, Any]:
+    """Parse and validate the bytes of manifest.json."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"manifest.json is not valid UTF-8 JSON ({exc}); the bundle is damaged, "
+                          "copy it again", member=MANIFEST_NAME) from None
+    return validate_manifest(manifest)
+
+
+def bundled_blobs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [b for b in manifest["blobs"] if b["bundled"]]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Signature
+
+
+def make_signature_doc(public_key: bytes, signature: bytes) -> bytes:
+    return canonical_json({"alg": SIGNATURE_ALG, "keyid": ed25519.public_key_id(public_key),
+                           "sig": base64.b64encode(signature).decode("ascii")})
+
+
+def parse_signature_doc(data: bytes) -> tuple[str, bytes]:
+    """(keyid, raw signature) from manifest.sig."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        ok = isinstance(doc, dict) and doc.get("alg") == SIGNATURE_ALG
+        keyid, sig_b64 = doc.get("keyid"), doc.get("sig")
+        ok = ok and isinstance(keyid, str) and bool(_HEX64.match(keyid)) and isinstance(sig_b64, str)
+        sig = base64.b64decode(sig_b64, validate=True) if ok else b""
+    except (UnicodeDecodeError, ValueError, binascii.Error, AttributeError):
+        ok, sig, keyid = False, b"", ""
+    if not ok or len(sig) != 64:
+        raise BundleError("manifest.sig is not a valid ed25519 signature document "
+                          '({"alg": "ed25519", "keyid": <hex>, "sig": <base64 of 64 bytes>}); '
+                          "the bundle is damaged or was tampered with", member=SIGNATURE_NAME)
+    return keyid, sig
+
+
+def check_signature(manifest_bytes: bytes, sig_doc: bytes | None, trusted_keys: list[bytes]) -> str:
+    """Raise BundleError unless ``sig_doc`` is a signature of ``manifest_bytes`` by a trusted key.
+
+    Returns the key id that signed it.
+    """
+    if sig_doc is None:
+        raise BundleError("the bundle is unsigned (no manifest.sig), but a trusted public key was given; "
+                          "rebuild it with --sign-key, or check it without a key if you accept unsigned bundles",
+                          member=SIGNATURE_NAME)
+    keyid, sig = parse_signature_doc(sig_doc)
+    by_id = {ed25519.public_key_id(k): k for k in trusted_keys}
+    if keyid not in by_id:
+        raise BundleError(f"manifest.sig names key {keyid[:16]}…, which is not one of the trusted keys "
+                          f"({', '.join(k[:16] + '…' for k in sorted(by_id)) or 'none'}); the bundle was "
+                          "signed (or re-signed) by another key — get the vendor's public key or refuse the "
+                          "bundle", member=SIGNATURE_NAME)
+    if not ed25519.verify(by_id[keyid], manifest_bytes, sig):
+        raise BundleError("the signature does not match manifest.json: the manifest or the signature was "
+                          "modified after signing; refuse this bundle and get a fresh copy",
+                          member=SIGNATURE_NAME)
+    return keyid
+
+
+# --------------------------------------------------------------------------------------------------------
+# Byte sources: one file, or a split set of parts read as one stream
+
+
+class PartsReader:
+    """Reads the parts listed in ``<file>.parts.json`` as one stream, checking each part's size and
+    sha256 when its last byte is consumed (and the whole file's sha256 at the end)."""
+
+    def __init__(self, parts_json: str) -> None:
+        self.parts_json = parts_json
+        self.directory = os.path.dirname(os.path.abspath(parts_json))
+        self.doc = load_parts_doc(parts_json)
+        self.parts: list[dict[str, Any]] = self.doc["parts"]
+        self._index = -1
+        self._fh: BinaryIO | None = None
+        self._left = 0
+        self._hash = hashlib.sha256()
+        self._whole = hashlib.sha256()
+        self._offset = 0
+        self._open_next()
+
+    @property
+    def current_part(self) -> str | None:
+        if 0 <= self._index < len(self.parts):
+            return self.parts[self._index]["name"]
+        return None
+
+    def _open_next(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._index += 1
+        if self._index >= len(self.parts):
+            return
+        part = self.parts[self._index]
+        path = os.path.join(self.directory, part["name"])
+        try:
+            self._fh = open(path, "rb")  # pylint: disable=consider-using-with
+        except OSError as exc:
+            raise BundleError(f"part {part['name']} ({self._index + 1} of {len(self.parts)}) is missing or "
+                              f"unreadable ({exc.strerror}); copy every part next to {os.path.basename(self.parts_json)}",
+                              member=part["name"], offset=self._offset) from None
+        actual = os.fstat(self._fh.fileno()).st_size
+        if actual != part["size"]:
+            hint = self._which_part_is_it(size=actual)
+            raise BundleError(f"part {part['name']} is {actual} bytes, parts.json says {part['size']}{hint}; "
+                              "copy it again", member=part["name"], offset=self._offset)
+        self._left = part["size"]
+        self._hash = hashlib.sha256()
+
+    def _which_part_is_it(self, *, size: int | None = None, digest: str | None = None) -> str:
+        """Name the other part this content belongs to, when it matches one (parts swapped or renamed)."""
+        for i, other in enumerate(self.parts):
+            if i == self._index:
+                continue
+            if digest is not None and other["sha256"] == digest:
+                return f" — its content is that of {other['name']} (parts out of order or renamed?)"
+        return ""
+
+    def _finish_part(self) -> None:
+        part = self.parts[self._index]
+        got = "sha256:" + self._hash.hexdigest()
+        if got != part["sha256"]:
+            hint = self._which_part_is_it(digest=got)
+            raise BundleError(f"part {part['name']} has sha256 {got}, parts.json says {part['sha256']}{hint}; "
+                              "the part is damaged: copy it again", member=part["name"], offset=self._offset)
+        self._open_next()
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while n > 0 and self._fh is not None:
+            if self._left == 0:
+                self._finish_part()
+                continue
+            data = self._fh.read(min(n, self._left))
+            if not data:  # the file shrank while we read it
+                raise BundleError(f"part {self.current_part} ended early", member=self.current_part,
+                                  offset=self._offset)
+            self._hash.update(data)
+            self._whole.update(data)
+            self._left -= len(data)
+            self._offset += len(data)
+            n -= len(data)
+            out += data
+        if n > 0 and self._fh is None:
+            pass  # end of the last part: a short read tells the caller
+        if self._fh is not None and self._left == 0 and self._index == len(self.parts) - 1:
+            self._finish_part()
+        return bytes(out)
+
+    def check_current_part(self) -> None:
+        """Consume the rest of the current part so its checksum is checked (used to name a damaged part
+        when a blob inside it fails its digest)."""
+        start = self._index
+        while self._fh is not None and self._index == start:
+            if self._left == 0:
+                self._finish_part()
+                break
+            self.read(min(CHUNK_SIZE, self._left))
+
+    def finish(self) -> None:
+        """Check that nothing is left and the whole file's sha256 matches parts.json."""
+        while self._fh is not None:
+            if not self.read(CHUNK_SIZE):
+                break
+        whole = "sha256:" + self._whole.hexdigest()
+        if self._offset != self.doc["size"] or whole != self.doc["sha256"]:
+            raise BundleError(f"the reassembled parts are {self._offset} bytes with {whole}, parts.json says "
+                              f"{self.doc['size']} bytes with {self.doc['sha256']}",
+                              member=os.path.basename(self.parts_json))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def load_parts_doc(parts_json: str) -> dict[str, Any]:
+    name = os.path.basename(parts_json)
+    try:
+        if os.path.getsize(parts_json) > MAX_PARTS_FILE_SIZE:
+            raise BundleError(f"{name} is larger than {MAX_PARTS_FILE_SIZE} bytes: not a parts list")
+        with open(parts_json, "rb") as fh:
+            doc = json.loads(fh.read().decode("utf-8"))
+    except OSError as exc:
+        raise BundleError(f"cannot read {parts_json}: {exc.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{name} is not valid JSON ({exc})") from None
+    ok = (isinstance(doc, dict) and doc.get("mediaType") == PARTS_MEDIA_TYPE and isinstance(doc.get("parts"), list)
+          and bool(doc["parts"]) and isinstance(doc.get("size"), int) and is_digest(doc.get("sha256")))
+    names: set[str] = set()
+    for p in doc.get("parts", []) if ok else []:
+        ok = ok and isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("size"), int)
+        ok = ok and is_digest(p.get("sha256")) and p["name"] not in names
+        # a part name is a plain file name next to parts.json: no directories, no '..'
+        ok = ok and os.path.basename(p["name"]) == p["name"] and p["name"] not in ("", ".", "..")
+        if ok:
+            names.add(p["name"])
+    if not ok:
+        raise BundleError(f"{name} is not a valid parts list (mediaType {PARTS_MEDIA_TYPE}, 'parts' with name, "
+                          "size, sha256 each, plus the whole file's size and sha256)")
+    return doc
+
+
+class FileReader:
+    """A plain bundle file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fh: BinaryIO = open(path, "rb")  # pylint: disable=consider-using-with
+        except OSError as exc:
+            raise BundleError(f"cannot open bundle {path}: {exc.strerror}") from None
+        self.current_part = None
+
+    def read(self, n: int) -> bytes:
+        return self._fh.read(n)
+
+    def check_current_part(self) -> None:
+        return None
+
+    def finish(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+_PART_SUFFIX = re.compile(r"^(?P<base>.+)\.part\d{3,}$")
+
+
+def resolve_bundle_path(path: str) -> tuple[str, str]:
+    """('file', path) or ('parts', path-of-parts.json) for a bundle file, a ``.parts.json``, the first (or
+    any) ``.partNNN`` of a split set, or a directory holding exactly one bundle or parts list."""
+    if os.path.isdir(path):
+        entries = sorted(os.listdir(path))
+        parts = [e for e in entries if e.endswith(".parts.json")]
+        bundles = [e for e in entries if e.endswith(".bundle")]
+        if len(parts) == 1:
+            return "parts", os.path.join(path, parts[0])
+        if not parts and len(bundles) == 1:
+            return "file", os.path.join(path, bundles[0])
+        raise BundleError(f"{path} is a directory with {len(parts)} parts lists and {len(bundles)} bundle files; "
+                          "name the bundle file or its .parts.json")
+    if path.endswith(".parts.json"):
+        return "parts", path
+    m = _PART_SUFFIX.match(path)
+    if m and os.path.exists(m.group("base") + ".parts.json"):
+        return "parts", m.group("base") + ".parts.json"
+    if os.path.exists(path + ".parts.json") and not os.path.exists(path):
+        return "parts", path + ".parts.json"
+    if not os.path.exists(path):
+        raise BundleError(f"bundle {path} does not exist (nor {path}.parts.json)")
+    return "file", path
+
+
+def open_bundle(path: str) -> FileReader | PartsReader:
+    kind, real = resolve_bundle_path(path)
+    return PartsReader(real) if kind == "parts" else FileReader(real)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Safe streaming tar reader
+
+
+_TYPE_NAMES = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
+               b"4": "a block device", b"5": "a directory", b"6": "a FIFO", b"7": "a contiguous file",
+               b"g": "a global PAX header", b"L": "a GNU long name", b"K": "a GNU long link name",
+               b"S": "a GNU sparse file", b"V": "a volume header"}
+
+
+@dataclass
+class TarMember:
+    name: str
+    size: int
+    offset: int       # offset of the member's data in the stream
+    header_offset: int
+
+
+def _nts(field_bytes: bytes) -> str:
+    return field_bytes.split(b"\0", 1)[0].decode("utf-8", errors="strict")
+
+
+def _octal(field_bytes: bytes, what: str, offset: int) -> int:
+    if field_bytes and field_bytes[0] & 0x80:  # base-256 (GNU) numbers: we never write them
+        raise BundleError(f"tar header uses a base-256 {what} field, which bundles never contain",
+                          offset=offset)
+    text = field_bytes.replace(b"\0", b" ").strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise BundleError(f"tar header has a malformed {what} field {text!r}: not a tar file or damaged",
+                          offset=offset) from None
+
+
+def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        try:
+            length = int(data[pos:sp])
+            record = data[sp + 1:pos + length - 1].decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise BundleError("malformed PAX extended header", offset=offset) from None
+        if length <= 0:
+            raise BundleError("malformed PAX extended header", offset=offset)
+        key, _, value = record.partition("=")
+        records[key] = value
+        pos += length
+    return records
+
+
+class TarStreamReader:
+    """Reads a bundle tar member by member from a stream, refusing anything a bundle never contains.
+
+    Only regular files are allowed (plus PAX extended headers carrying ``path``/``size``); the caller checks
+    the names against the manifest. Data is handed out in chunks, never whole.
+    """
+
+    def __init__(self, stream: FileReader | PartsReader) -> None:
+        self.stream = stream
+        self.offset = 0
+        self._pending = 0          # unread data bytes of the current member
+        self._padding = 0
+        self.seen: set[str] = set()
+
+    def _read_exact(self, n: int, what: str, member: str | None) -> bytes:
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise BundleError(f"the bundle is truncated: it ends after {self.offset + len(data)} bytes, inside "
+                              f"{what}; copy the whole file again", member=member, offset=self.offset + len(data))
+        self.offset += n
+        return data
+
+    def _skip_rest(self) -> None:
+        while self._pending:
+            self.read_chunk(CHUNK_SIZE, None)
+        if self._padding:
+            self._read_exact(self._padding, "padding", None)
+            self._padding = 0
+
+    def next_member(self) -> TarMember | None:
+        """Header of the next member, or None at the end-of-archive marker."""
+        self._skip_rest()
+        pax: dict[str, str] = {}
+        while True:
+            header_offset = self.offset
+            header = self._read_exact(BLOCK, "a tar header", None)
+            if header == b"\0" * BLOCK:
+                self._read_trailer(header_offset)
+                return None
+            member = self._parse_header(header, header_offset, pax)
+            if member is not None:
+                return member
+            # a PAX header: read its records and loop to the member it describes
+            size = _octal(header[124:136], "size", header_offset)
+            if size > MAX_PAX_HEADER_SIZE:
+                raise BundleError(f"PAX header of {size} bytes is unreasonably large", offset=header_offset)
+            data = self._read_exact(size, "a PAX header", None)
+            self._read_exact(-size % BLOCK, "padding", None)
+            pax = _parse_pax(data, header_offset)
+
+    def _read_trailer(self, offset: int) -> None:
+        second = self._read_exact(BLOCK, "the end-of-archive marker", None)
+        if second != b"\0" * BLOCK:
+            raise BundleError("a zero block inside the archive is followed by data: damaged tar", offset=offset)
+        # Anything after the marker must be zero padding (tar writers pad to a record size).
+        while True:
+            rest = self.stream.read(CHUNK_SIZE)
+            if not rest:
+                return
+            if rest.count(0) != len(rest):
+                raise BundleError("data after the end-of-archive marker: extra content was appended to the bundle",
+                                  offset=self.offset)
+            self.offset += len(rest)
+
+    def _parse_header(self, header: bytes, offset: int, pax: dict[str, str]) -> TarMember | None:
+        stored = _octal(header[148:156], "checksum", offset)
+        computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        if stored != computed:
+            raise BundleError("tar header checksum mismatch: not a tar file, or the header is damaged", offset=offset)
+        typeflag = header[156:157]
+        try:
+            name = _nts(header[0:100])
+            prefix = _nts(header[345:500]) if header[257:262] == b"ustar" else ""
+        except UnicodeDecodeError:
+            raise BundleError("tar member name is not UTF-8", offset=offset) from None
+        if prefix:
+            name = prefix + "/" + name
+        if typeflag == b"x":
+            return None
+        name = pax.get("path", name)
+        if typeflag not in (b"0", b"\0"):
+            kind = _TYPE_NAMES.get(typeflag, f"an entry of type {typeflag!r}")
+            target = _nts(header[157:257])
+            extra = f" pointing to {target!r}" if typeflag in (b"1", b"2") else ""
+            raise BundleError(f"tar member {name!r} is {kind}{extra}; a bundle holds regular files only: "
+                              "refuse this bundle", member=name, offset=offset)
+        mode = _octal(header[100:108], "mode", offset)
+        if mode & 0o6000:
+            raise BundleError(f"tar member {name!r} has the setuid/setgid bit (mode {mode:o}); refuse this bundle",
+                              member=name, offset=offset)
+        _check_member_name(name, offset)
+        size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size", offset)
+        if name in self.seen:
+            raise BundleError(f"tar member {name!r} appears twice; refuse this bundle", member=name, offset=offset)
+        self.seen.add(name)
+        self._pending = size
+        self._padding = -size % BLOCK
+        return TarMember(name=name, size=size, offset=self.offset, header_offset=offset)
+
+    def read_chunk(self, n: int, member: str | None) -> bytes:
+        """Up to ``n`` bytes of the current member's data (b'' at its end)."""
+        n = min(n, self._pending)
+        if n == 0:
+            return b""
+        data = self._read_exact(n, f"member {member!r}" if member else "member data", member)
+        self._pending -= n
+        return data
+
+    def read_member(self, member: TarMember, limit: int) -> bytes:
+        """Whole content of a small member (manifest, signature), refused above ``limit`` bytes."""
+        if member.size > limit:
+            raise BundleError(f"{member.name} is {member.size} bytes, more than the {limit} allowed; "
+                              "not a bundle this tool wrote", member=member.name, offset=member.header_offset)
+        out = bytearray()
+        while len(out) < member.size:
+            out += self.read_chunk(CHUNK_SIZE, member.name)
+        return bytes(out)
+
+
+def _check_member_name(name: str, offset: int) -> None:
+    if name.startswith("/"):
+        raise BundleError(f"tar member {name!r} has an absolute path; refuse this bundle", member=name, offset=offset)
+    if ".." in name.split("/"):
+        raise BundleError(f"tar member {name!r} contains '..' (path traversal); refuse this bundle",
+                          member=name, offset=offset)
+    if name not in (MANIFEST_NAME, SIGNATURE_NAME) and not _BLOB_NAME.match(name):
+        raise BundleError(f"tar member {name!r} is not allowed in a bundle (only {MANIFEST_NAME}, "
+                          f"{SIGNATURE_NAME} and {BLOB_PREFIX}<64 hex>)", member=name, offset=offset)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Verification
+
+
+@dataclass
+class VerifyResult:
+    manifest: dict[str, Any]
+    manifest_digest: str
+    signed: bool
+    keyid: str | None
+    signature_checked: bool
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    blobs_omitted: int = 0
+    bytes_omitted: int = 0
+    members: list[str] = field(default_factory=list)
+
+
+# sink(descriptor, chunks): consumes the chunk iterator (e.g. writes to a temp file). The iterator raises
+# BundleError at its end when the blob's digest or size is wrong, so a sink must publish nothing before it
+# is exhausted without error.
+Sink = Callable[[dict[str, Any], Iterator[bytes]], None]
+
+
+@dataclass
+class BundleHead:
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+    signature: bytes | None
+    manifest_digest: str
+    keyid: str | None
+
+
+def _read_head(tar: TarStreamReader, trusted_keys: list[bytes] | None) -> tuple[BundleHead, TarMember | None]:
+    first = tar.next_member()
+    if first is None or first.name != MANIFEST_NAME:
+        got = "nothing" if first is None else repr(first.name)
+        raise BundleError(f"the first member must be {MANIFEST_NAME}, found {got}: not a bundle",
+                          member=None if first is None else first.name, offset=0)
+    manifest_bytes = tar.read_member(first, MAX_MANIFEST_SIZE)
+    second = tar.next_member()
+    sig: bytes | None = None
+    if second is not None and second.name == SIGNATURE_NAME:
+        sig = tar.read_member(second, MAX_SIGNATURE_SIZE)
+        second = tar.next_member()
+    keyid = None
+    if trusted_keys is not None:
+        keyid = check_signature(manifest_bytes, sig, trusted_keys)  # before trusting anything in it
+    elif sig is not None:
+        keyid, _ = parse_signature_doc(sig)
+    manifest = parse_manifest(manifest_bytes)
+    head = BundleHead(manifest=manifest, manifest_bytes=manifest_bytes, signature=sig,
+                      manifest_digest=sha256_digest(manifest_bytes), keyid=keyid)
+    return head, second
+
+
+def read_head(path: str, trusted_keys: list[bytes] | None = None) -> BundleHead:
+    """Manifest (and signature) of a bundle without reading its blobs — for inspect, diff and --base."""
+    stream = open_bundle(path)
+    try:
+        head, _ = _read_head(TarStreamReader(stream), trusted_keys)
+        return head
+    finally:
+        stream.close()
+
+
+def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any],
+                 counter: list[int]) -> Iterator[bytes]:
+    h = hashlib.sha256()
+    while True:
+        chunk = tar.read_chunk(CHUNK_SIZE, member.name)
+        if not chunk:
+            break
+        h.update(chunk)
+        counter[0] += len(chunk)
+        yield chunk
+    got = "sha256:" + h.hexdigest()
+    if got != desc["digest"]:
+        raise BundleError(f"blob content hashes to {got}, not {desc['digest']}: the blob was damaged or "
+                          "tampered with; refuse this bundle and copy it again", member=member.name,
+                          offset=member.offset)
+
+
+def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, Any],
+               listed: set[str]) -> TarMember:
+    expected = blob_path(desc["digest"])
+    if member is None:
+        raise BundleError(f"the bundle ends before {expected}, which the manifest lists as bundled: truncated "
+                          "or incomplete bundle", member=expected, offset=tar.offset)
+    if member.name != expected:
+        why = ("is listed in the manifest but out of order" if member.name in listed
+               else "is not listed in the manifest as bundled")
+        raise BundleError(f"unexpected member {member.name!r}: it {why} (expected {expected})",
+                          member=member.name, offset=member.header_offset)
+    if member.size != desc["size"]:
+        raise BundleError(f"{member.name} is {member.size} bytes, the manifest says {desc['size']}",
+                          member=member.name, offset=member.header_offset)
+    return member
+
+
+def _drain(chunks: Iterator[bytes]) -> None:
+    for _ in chunks:
+        pass
+
+
+def verify_bundle(path: str, trusted_keys: list[bytes] | None, sink: Sink | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> VerifyResult:
+    """Check the signature (when ``trusted_keys`` is not None) before trusting the manifest, then stream
+    and re-hash every bundled blob. ``sink`` receives (descriptor, chunk iterator) for each blob.
+
+    Raises BundleError naming the member/part and offset at fault.
+    """
+    stream = open_bundle(path)
+    tar = TarStreamReader(stream)
+    try:
+        head, member = _read_head(tar, trusted_keys)
+        result = VerifyResult(manifest=head.manifest, manifest_digest=head.manifest_digest,
+                              signed=head.signature is not None, keyid=head.keyid,
+                              signature_checked=trusted_keys is not None,
+                              members=[MANIFEST_NAME] + ([SIGNATURE_NAME] if head.signature else []))
+        blobs = bundled_blobs(head.manifest)
+        listed = {blob_path(b["digest"]) for b in blobs}
+        total = sum(b["size"] for b in blobs)
+        counter = [0]
+        for desc in blobs:
+            member = _next_blob(tar, member, desc, listed)
+            chunks = _blob_chunks(tar, member, desc, counter)
+            try:
+                if sink is not None:
+                    sink(desc, chunks)
+                _drain(chunks)  # the sink may stop early; the digest is checked all the same
+            except BundleError:
+                stream.check_current_part()  # a damaged part is the better explanation, when it is one
+                raise
+            result.members.append(member.name)
+            result.blobs_checked += 1
+            if progress is not None:
+                progress(counter[0], total)
+            member = tar.next_member()
+        if member is not None:
+            raise BundleError(f"member {member.name!r} follows the last blob the manifest lists: more members "
+                              "than the manifest lists; refuse this bundle", member=member.name,
+                              offset=member.header_offset)
+        stream.finish()
+        result.bytes_checked = counter[0]
+        omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
+        result.blobs_omitted = len(omitted)
+        result.bytes_omitted = sum(b["size"] for b in omitted)
+        return result
+    finally:
+        stream.close()
+
+
+def read_blob(path: str, digest: str, limit: int = MAX_MANIFEST_SIZE) -> bytes:
+    """Content of one (small) bundled blob, e.g. the model, checked against its digest. Reads the
+    members before it without keeping them."""
+    stream = open_bundle(path)
+    tar = TarStreamReader(stream)
+    try:
+        head, member = _read_head(tar, None)
+        for desc in bundled_blobs(head.manifest):
+            if member is None:
+                break
+            if member.name == blob_path(digest) and desc["digest"] == digest:
+                if desc["size"] > limit:
+                    raise BundleError(f"blob {digest} is {desc['size']} bytes, over the {limit} allowed here",
+                                      member=member.name)
+                data = b"".join(_blob_chunks(tar, member, desc, [0]))
+                return data
+            member = tar.next_member()
+        raise BundleError(f"blob {digest} is not bundled in {path}", member=blob_path(digest))
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing (used by the builder; kept here so the tar layout is defined in one place)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A deterministic USTAR header for a regular file (mtime 0, uid/gid 0, no owner names, mode 0644).
+
+    Sizes over 8 GiB - 1 do not fit USTAR: a PAX ``size`` record is written first for those.
+    """
+    if len(name.encode("utf-8")) > 100:
+        raise ValueError(f"member name too long for a bundle: {name}")
+    out = b""
+    if size >= 8 ** 11:
+        out = _pax_header(name, {"size": str(size)})
+    header = bytearray(BLOCK)
+    _put(header, 0, name.encode("utf-8"))
+    _put(header, 100, b"%07o\0" % 0o644)
+    _put(header, 108, b"%07o\0" % 0)
+    _put(header, 116, b"%07o\0" % 0)
+    _put(header, 124, b"%011o\0" % (size if size < 8 ** 11 else 0))
+    _put(header, 136, b"%011o\0" % 0)
+    header[156:157] = b"0"
+    _put(header, 257, b"ustar\x0000")
+    header[148:156] = b" " * 8
+    checksum = sum(header)
+    _put(header, 148, b"%06o\0 " % checksum)
+    return out + bytes(header)
+
+
+def _pax_header(name: str, records: dict[str, str]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        rec = f" {key}={value}\n".encode("utf-8")
+        length = len(rec) + 1
+        while len(str(length)) + len(rec) != length:
+            length = len(str(length)) + len(rec)
+        body += str(length).encode() + rec
+    header = bytearray(BLOCK)
+    _put(header, 0, ("PaxHeader/" + name)[:99].encode("utf-8"))
+    _put(header, 100, b"%07o\0" % 0o644)
+    _put(header, 108, b"%07o\0" % 0)
+    _put(header, 116, b"%07o\0" % 0)
+    _put(header, 124, b"%011o\0" % len(body))
+    _put(header, 136, b"%011o\0" % 0)
+    header[156:157] = b"x"
+    _put(header, 257, b"ustar\x0000")
+    header[148:156] = b" " * 8
+    _put(header, 148, b"%06o\0 " % sum(header))
+    return bytes(header) + body + b"\0" * (-len(body) % BLOCK)
+
+
+def _put(buf: bytearray, pos: int, data: bytes) -> None:
+    buf[pos:pos + len(data)] = data
+
+
+def tar_padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+TAR_END = b"\0" * (2 * BLOCK)
