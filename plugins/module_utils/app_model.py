@@ -506,12 +506,14 @@ def _load_config_files(data: object, path: str, errors: _Errors) -> List[dict]:
                 errors.add(_join(item_path, "content"), "content contains a NUL byte; config files are text")
                 content = None
         mode = _file_mode(mapping.get("mode", "0644"), _join(item_path, "mode"), errors)
-        if file_path is not None and file_path in seen:
-            errors.add(_join(item_path, "path"), "%s is already declared at %s[%d]" % (file_path, path, seen[file_path]))
-            continue
+        if file_path is not None:
+            if file_path in seen:
+                errors.add(_join(item_path, "path"), "%s is already declared at %s[%d]"
+                           % (file_path, path, seen[file_path]))
+                continue
+            seen[file_path] = index
         if file_path is None or content is None or mode is None:
             continue
-        seen[file_path] = index
         files.append({"path": file_path, "content": content, "mode": mode})
     return files
 
@@ -568,12 +570,14 @@ def _load_volumes(data: object, path: str, errors: _Errors) -> List[dict]:
         _check_fields(mapping, VOLUME_FIELDS, item_path, errors)
         name = _check_name(mapping.get("name"), _join(item_path, "name"), errors, "volume name")
         mount = _absolute_path(mapping.get("path"), _join(item_path, "path"), errors)
-        if mount is not None and mount in seen_paths:
-            errors.add(_join(item_path, "path"), "%s is already mounted at %s[%d]" % (mount, path, seen_paths[mount]))
-            continue
+        if mount is not None:
+            if mount in seen_paths:
+                errors.add(_join(item_path, "path"), "%s is already mounted at %s[%d]"
+                           % (mount, path, seen_paths[mount]))
+                continue
+            seen_paths[mount] = index
         if name is None or mount is None:
             continue
-        seen_paths[mount] = index
         volumes.append({"name": name, "path": mount})
     return volumes
 
