@@ -1,0 +1,425 @@
+"""Bundle writer: app model + images -> one signed, content-addressed tar (or split parts).
+
+Every blob is stored once (dedup by digest), copied in chunks while its sha256 is checked against the digest
+the manifest claims, and the output appears atomically (temp file, then rename). The same inputs give the
+same bytes: fixed tar header fields, blobs in manifest order, canonical JSON, no timestamps anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import yaml
+
+from offline_delivery_core import app_model, bundle_format
+from offline_delivery_core.bundle_format import (HAVE_MEDIA_TYPE, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
+                                                 PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
+
+from . import images as img
+from . import signing
+
+BUILDER_NAME = "bundle-builder"
+
+
+def _builder_version() -> str:
+    try:
+        return importlib.metadata.version("offline-delivery")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+BUILDER_VERSION = _builder_version()
+CHUNK = 1024 * 1024
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+MIN_VOLUME_SIZE = 1024
+
+# progress(done_bytes, total_bytes, message)
+Progress = Callable[[int, int, str], None]
+
+
+class BuildError(ValueError):
+    """The bundle cannot be built: names the input (model, image, key, base, have-file) and what to do."""
+
+
+@dataclass
+class BuildResult:
+    path: Path                      # the bundle file, or its .parts.json when split
+    files: list[Path]               # every file written (parts then parts.json, or the bundle)
+    name: str
+    version: str
+    manifest_digest: str
+    signed_keyid: str | None
+    platforms: list[str]
+    blobs_total: int                # blobs of the release (bundled or not)
+    blobs_bundled: int
+    bytes_total: int                # sum of all blob sizes of the release
+    bytes_bundled: int              # sum of the sizes of the blobs carried in this bundle
+    size: int                       # bytes of the bundle file (all parts together)
+    omitted: list[str] = field(default_factory=list)
+    omitted_bytes: int = 0
+    parts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["files"] = [str(f) for f in self.files]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_app_model(model_path: str | Path) -> dict[str, Any]:
+    """Parse app.yml with PyYAML and validate/normalise it with the shared model code."""
+    path = Path(model_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise BuildError(f"cannot read the app model {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise BuildError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return app_model.dump_model(app_model.load_model(data, source=str(path)))
+    except app_model.ModelError as exc:
+        raise BuildError(str(exc)) from None
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``500M``, ``64K``, ``4GiB`` or a byte count -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise BuildError(f"bad volume size {text!r}: use a number with K, M, G or T (e.g. 4G, 700M)")
+    size = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    if size < MIN_VOLUME_SIZE:
+        raise BuildError(f"volume size {text!r} is smaller than {MIN_VOLUME_SIZE} bytes")
+    return size
+
+
+def load_have_file(path: str | Path) -> tuple[set[str], str]:
+    """Digests a site already holds, and the have-file's own digest.
+
+    Format: ``{"mediaType": "application/vnd.offline-delivery.have.v1+json", "blobs": ["sha256:<hex>", ...]}``
+    (``mediaType`` optional; extra top-level fields, e.g. ``site``, are ignored).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        doc = json.loads(raw)
+    except OSError as exc:
+        raise BuildError(f"cannot read have-file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise BuildError(f"have-file {path} is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
+        raise BuildError(f'have-file {path}: expected {{"blobs": ["sha256:<hex>", ...]}}')
+    if doc.get("mediaType", HAVE_MEDIA_TYPE) != HAVE_MEDIA_TYPE:
+        raise BuildError(f"have-file {path}: mediaType {doc.get('mediaType')!r} is not {HAVE_MEDIA_TYPE}")
+    for i, d in enumerate(doc["blobs"]):
+        if not bundle_format.is_digest(d):
+            raise BuildError(f"have-file {path}: blobs[{i}] = {d!r} is not a 'sha256:<64 hex>' digest")
+    return set(doc["blobs"]), "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _base_delta(base: str | Path, base_pub: list[bytes] | None) -> tuple[set[str], dict[str, Any]]:
+    try:
+        head = bundle_format.read_head(str(base), trusted_keys=base_pub)
+    except BundleError as exc:
+        raise BuildError(f"base bundle {base}: {exc}") from None
+    m = head.manifest
+    return ({b["digest"] for b in m["blobs"]},
+            {"base": {"name": m["name"], "version": m["version"], "manifest": head.manifest_digest}})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning: which blobs, in which order
+
+
+@dataclass
+class _Planned:
+    blob: img.Blob
+    used_by: set[str]
+
+
+class _Plan:
+    def __init__(self) -> None:
+        self.blobs: dict[str, _Planned] = {}
+
+    def add(self, blob: img.Blob, used_by: str) -> None:
+        planned = self.blobs.get(blob.digest)
+        if planned is None:
+            self.blobs[blob.digest] = _Planned(blob, {used_by})
+        else:
+            if planned.blob.size != blob.size:
+                raise BuildError(f"blob {blob.digest} is {planned.blob.size} bytes in one source and {blob.size} "
+                                 "in another: a source is damaged")
+            planned.used_by.add(used_by)
+
+
+def _image_index(reference: str, manifests: list[tuple[img.Platform, img.Blob]]) -> img.Blob:
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE,
+             "manifests": [{"mediaType": blob.media_type, "digest": blob.digest, "size": blob.size,
+                            "platform": platform.descriptor()} for platform, blob in manifests],
+             "annotations": {REF_ANNOTATION: reference}}
+    return img.small_blob(canonical_json(index), OCI_INDEX_MEDIA_TYPE)
+
+
+def _plan(model: dict[str, Any], platforms: list[img.Platform],
+          resolved: dict[tuple[str, img.Platform], img.ResolvedImage]) -> tuple[_Plan, img.Blob, dict[str, Any]]:
+    plan = _Plan()
+    model_blob = img.small_blob(canonical_json(model), MODEL_MEDIA_TYPE)
+    plan.add(model_blob, "model")
+    images: dict[str, Any] = {}
+    for component, reference in sorted(app_model.image_refs(model).items()):
+        per_platform = [(p, resolved[(reference, p)]) for p in platforms]
+        index = _image_index(reference, [(p, r.manifest) for p, r in per_platform])
+        plan.add(index, component)
+        for platform, image in per_platform:
+            for blob in image.blobs():
+                plan.add(blob, f"{component}@{platform}")
+        images[component] = {"reference": reference, "index": index.digest,
+                             "manifests": {str(p): r.manifest.digest for p, r in per_platform}}
+    return plan, model_blob, images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output: one file, or parts of at most volume_size bytes
+
+
+class _Output:
+    """Writes the bundle stream to a temp file (or temp parts) and publishes it with renames."""
+
+    def __init__(self, final: Path, volume_size: int | None) -> None:
+        self.final = final
+        self.volume_size = volume_size
+        self.tag = f".tmp-{os.getpid()}"
+        self.parts: list[dict[str, Any]] = []
+        self.temp_files: list[Path] = []
+        self.written = 0
+        self._fh: IO[bytes] | None = None
+        self._part_left = 0
+        self._part_hash = hashlib.sha256()
+        self._whole = hashlib.sha256() if volume_size else None
+        if not volume_size:
+            self._open(self._temp(final.name))
+
+    def _temp(self, name: str) -> Path:
+        path = self.final.parent / f".{name}{self.tag}"
+        self.temp_files.append(path)
+        return path
+
+    def _open(self, path: Path) -> None:
+        self._fh = open(path, "wb")  # pylint: disable=consider-using-with
+
+    def _next_part(self) -> None:
+        self._close_part()
+        name = f"{self.final.name}.part{len(self.parts):03d}"
+        self._open(self._temp(name))
+        self.parts.append({"name": name, "size": 0, "sha256": ""})
+        self._part_left = self.volume_size or 0
+        self._part_hash = hashlib.sha256()
+
+    def _close_part(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            if self.parts:
+                self.parts[-1]["sha256"] = "sha256:" + self._part_hash.hexdigest()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written += len(data)
+        if not self.volume_size:
+            assert self._fh is not None
+            self._fh.write(data)
+            return
+        assert self._whole is not None
+        self._whole.update(data)
+        view = memoryview(data)
+        while len(view):
+            if self._part_left == 0:
+                self._next_part()
+            n = min(self._part_left, len(view))
+            assert self._fh is not None
+            self._fh.write(view[:n])
+            self._part_hash.update(view[:n])
+            self.parts[-1]["size"] += n
+            self._part_left -= n
+            view = view[n:]
+
+    def commit(self) -> tuple[Path, list[Path]]:
+        self._close_part()
+        directory = self.final.parent
+        parts_json = directory / f"{self.final.name}.parts.json"
+        # Drop what an earlier build of the same release left, so one form (file or parts) remains.
+        for stale in [parts_json, self.final, *sorted(directory.glob(f"{glob_escape(self.final.name)}.part[0-9]*"))]:
+            if stale not in self.temp_files:
+                stale.unlink(missing_ok=True)
+        if not self.volume_size:
+            os.replace(self.temp_files[0], self.final)
+            _fsync_dir(directory)
+            return self.final, [self.final]
+        files = []
+        for part, temp in zip(self.parts, self.temp_files):
+            os.replace(temp, directory / part["name"])
+            files.append(directory / part["name"])
+        assert self._whole is not None
+        doc = {"mediaType": PARTS_MEDIA_TYPE, "file": self.final.name, "size": self.written,
+               "sha256": "sha256:" + self._whole.hexdigest(), "parts": self.parts}
+        temp = self._temp(parts_json.name)
+        temp.write_bytes(canonical_json(doc) + b"\n")
+        os.replace(temp, parts_json)  # last: a reader sees the set only once every part is in place
+        _fsync_dir(directory)
+        return parts_json, files + [parts_json]
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        for temp in self.temp_files:
+            temp.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None]) -> None:
+    """Stream one blob into the bundle, checking its sha256 and size against the manifest's claim."""
+    blob = planned.blob
+    h = hashlib.sha256()
+    size = 0
+    with blob.open() as src:
+        while True:
+            chunk = src.read(CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+            report(len(chunk))
+    got = "sha256:" + h.hexdigest()
+    if got != blob.digest or size != blob.size:
+        raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes with "
+                         f"{got}: the image source is damaged or changed during the build")
+    out.write(bundle_format.tar_padding(size))
+
+
+def _write_member(out: _Output, name: str, data: bytes) -> None:
+    out.write(bundle_format.tar_header(name, len(data)))
+    out.write(data)
+    out.write(bundle_format.tar_padding(len(data)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The build
+
+
+def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: list[str | img.ImageSource],
+                 platforms: list[str], sign_key: str | Path | Any | None, base: str | Path | None = None,
+                 have: str | Path | None = None, volume_size: int | str | None = None,
+                 progress: Progress | None = None, base_pub: list[bytes] | None = None) -> BuildResult:
+    """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
+    Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with."""
+    if base is not None and have is not None:
+        raise BuildError("give either a base bundle or a have-file, not both")
+    model = load_app_model(model_path)
+    key = signing.load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
+    wanted = sorted({img.Platform.parse(p) for p in platforms}, key=str)
+    if not wanted:
+        raise BuildError("no platform given: use --platform linux/amd64[,linux/arm64]")
+    vsize = parse_size(volume_size) if isinstance(volume_size, str) else volume_size
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise BuildError(f"output directory {out} does not exist")
+
+    sources: list[img.ImageSource] = []
+    try:
+        for spec in image_sources:
+            sources.append(img.open_source(spec))
+        if not sources and app_model.image_refs(model):
+            raise BuildError("no image source: add --images-from docker|archive:PATH|oci:PATH")
+        resolved = img.resolve(list(app_model.image_refs(model).values()), wanted, sources)
+        plan, model_blob, images_section = _plan(model, wanted, resolved)
+        omit, delta = _delta(base, have, base_pub)
+        omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
+        return _write(model, plan, model_blob, images_section, wanted, omit, delta, key, out, vsize, progress)
+    except (img.ImageError, signing.SigningError) as exc:
+        raise BuildError(str(exc)) from None
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _delta(base: str | Path | None, have: str | Path | None,
+           base_pub: list[bytes] | None) -> tuple[set[str], dict[str, Any] | None]:
+    if base is not None:
+        return _base_delta(base, base_pub)
+    if have is not None:
+        digests, have_digest = load_have_file(have)
+        return digests, {"have": {"digest": have_digest, "file": Path(have).name, "blobs": len(digests)}}
+    return set(), None
+
+
+def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_section: dict[str, Any],
+           platforms: list[img.Platform], omit: set[str], delta: dict[str, Any] | None, key: Any, out: Path,
+           volume_size: int | None, progress: Progress | None) -> BuildResult:
+    descriptors = [bundle_format.blob_descriptor(d, p.blob.size, p.blob.media_type, sorted(p.used_by),
+                                                 bundled=d not in omit) for d, p in plan.blobs.items()]
+    manifest = bundle_format.build_manifest(
+        name=model["name"], version=model["version"],
+        builder={"name": BUILDER_NAME, "version": BUILDER_VERSION},
+        platforms=[str(p) for p in platforms],
+        model={"digest": model_blob.digest, "size": model_blob.size, "mediaType": model_blob.media_type},
+        images=images_section, blobs=descriptors, delta=delta)
+    manifest_bytes = canonical_json(manifest)
+    final = out / f"{model['name']}-{model['version']}.bundle"
+    bundled = [plan.blobs[d["digest"]] for d in descriptors if d["bundled"]]
+    total = sum(p.blob.size for p in bundled)
+    done = [0]
+
+    def report(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total, "writing blobs")
+
+    output = _Output(final, volume_size)
+    try:
+        _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)
+        keyid = None
+        if key is not None:
+            sig = signing.sign(key, manifest_bytes)
+            keyid = json.loads(sig)["keyid"]
+            _write_member(output, bundle_format.SIGNATURE_NAME, sig)
+        for planned in bundled:
+            output.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
+            _copy_blob(output, planned, report)
+        output.write(bundle_format.TAR_END)
+        path, files = output.commit()
+    except BaseException:
+        output.abort()
+        raise
+    if progress is not None:
+        progress(total, total, "done")
+    omitted = [d for d in descriptors if not d["bundled"]]
+    return BuildResult(path=path, files=files, name=model["name"], version=model["version"],
+                       manifest_digest=bundle_format.sha256_digest(manifest_bytes), signed_keyid=keyid,
+                       platforms=[str(p) for p in platforms], blobs_total=len(descriptors),
+                       blobs_bundled=len(bundled), bytes_total=sum(d["size"] for d in descriptors),
+                       bytes_bundled=total, size=output.written, omitted=[d["digest"] for d in omitted],
+                       omitted_bytes=sum(d["size"] for d in omitted), parts=len(output.parts))

@@ -1,0 +1,1 @@
+"""Shared test helpers: real image artifacts (OCI layouts, docker-save archives) and bundle tampering."""
