@@ -1,0 +1,615 @@
+"""OS packages for a bundle: the dependency closure of each profile, resolved against a minimal install.
+
+For one distro release and architecture:
+
+1. a *minbase* root filesystem of that release and arch is built once with mmdebstrap (arm64 through qemu
+   binfmt) and cached by a hash of its recipe; only its dpkg status matters afterwards;
+2. a private apt configuration (nothing of the build machine's apt config, sources or keys but the archive
+   keyring) whose dpkg status is that minbase's, with the target arch as its only arch, lists for each
+   profile the packages a minbase system lacks (``--print-uris``: URL, file name, size, SHA256 from the
+   signed index) and refuses a closure that would remove anything;
+3. apt downloads what is not cached yet (it checks every hash); each file is checked again against the
+   index's SHA256 and its name/version/arch read with ``dpkg-deb -f``; files are kept under
+   ``<cache>/debs/`` by file name and reused only when their SHA256 matches, so a second call needs no
+   network.
+
+The builder turns each :class:`PackageFile` into a blob (``media_type``, ``used_by``) and adds
+:func:`package_index` to the manifest. :func:`verify_closure` proves a closure installable from itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
+from urllib.parse import unquote
+
+from .distros import (
+    DEB_MEDIA_TYPE,
+    DebianMirrors,
+    Distro,
+    DistroError,
+    apt_source_lines,
+    borrowed_codenames,
+    check_arch,
+    debian_mirrors,
+    get_distro,
+)
+
+Progress = Callable[[str], None]
+
+# Bump when the way a minbase or the apt state is made changes: old cache entries are then ignored.
+RECIPE_VERSION = 1
+MERGED_USR_HOOK = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+
+# Bounded waits (seconds) for every external step.
+TIMEOUT_MMDEBSTRAP_NATIVE = 900
+TIMEOUT_MMDEBSTRAP_FOREIGN = 1800
+TIMEOUT_APT_UPDATE = 600
+TIMEOUT_APT_QUERY = 180
+TIMEOUT_APT_DOWNLOAD = 1800
+TIMEOUT_DPKG_DEB = 60
+TIMEOUT_LOCK = 2400
+
+_QEMU_BINFMT = {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}
+_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<filename>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+
+
+class PackageError(RuntimeError):
+    """Resolving or fetching a closure failed; the message names distro, arch and package(s)."""
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """One .deb of a closure, as kept in the cache."""
+
+    path: Path
+    package: str
+    version: str
+    architecture: str  # the package's own: the target arch or "all"
+    sha256: str
+    size: int
+    filename: str  # the archive's file name (epoch colon written %3a, as apt stores it)
+    distro: str
+    target_arch: str
+    profiles: tuple[str, ...]
+
+    media_type: ClassVar[str] = DEB_MEDIA_TYPE
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self.sha256}"
+
+    @property
+    def used_by(self) -> list[str]:
+        """``packages:<distro>/<arch>/<profile>`` for each profile whose closure holds this file."""
+        return [f"packages:{self.distro}/{self.target_arch}/{p}" for p in self.profiles]
+
+    def index_entry(self) -> dict[str, object]:
+        return {
+            "package": self.package,
+            "version": self.version,
+            "architecture": self.architecture,
+            "filename": self.filename,
+            "digest": self.digest,
+            "size": self.size,
+            "profiles": list(self.profiles),
+        }
+
+
+def default_cache_dir() -> Path:
+    """``${OD_CACHE:-/var/cache/offline-delivery-test}/packages``."""
+    return Path(os.environ.get("OD_CACHE") or "/var/cache/offline-delivery-test") / "packages"
+
+
+def package_index(files: Iterable[PackageFile]) -> dict[str, dict[str, object]]:
+    """The manifest's package index: ``{"<distro>/<arch>": {distro, arch, profiles, packages: [...]}}``,
+    entries sorted, so the same closure gives the same bytes."""
+    index: dict[str, dict[str, object]] = {}
+    for f in sorted(files, key=lambda f: (f.distro, f.target_arch, f.package, f.version, f.architecture)):
+        key = f"{f.distro}/{f.target_arch}"
+        entry = index.setdefault(key, {"distro": f.distro, "arch": f.target_arch, "profiles": [], "packages": []})
+        entry["packages"].append(f.index_entry())  # type: ignore[union-attr]
+        entry["profiles"] = sorted(set(entry["profiles"]) | set(f.profiles))  # type: ignore[arg-type]
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _say(progress: Progress | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _run(cmd: Sequence[str], *, timeout: float, what: str, env: dict[str, str] | None = None,
+         log: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` with a bounded time; on failure raise naming ``what`` with the end of its output."""
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise PackageError(f"{what}: timed out after {timeout:.0f} s ({cmd[0]})") from exc
+    except FileNotFoundError as exc:
+        raise PackageError(f"{what}: {cmd[0]} is not installed on the build machine "
+                           f"(scripts/bootstrap installs it)") from exc
+    if log is not None:
+        log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}", encoding="utf-8")
+    if proc.returncode != 0:
+        detail = _tail(proc.stderr or proc.stdout)
+        where = f" (full log: {log})" if log else ""
+        raise PackageError(f"{what}: {cmd[0]} exited {proc.returncode}{where}:\n{detail}")
+    return proc
+
+
+@contextlib.contextmanager
+def _locked(path: Path, timeout: float = TIMEOUT_LOCK) -> Iterator[None]:
+    """Exclusive lock on ``path`` so concurrent builds sharing a cache do not build the same thing twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PackageError(f"cache lock {path} still held after {timeout:.0f} s by another build; "
+                                       "wait for it or remove a stale lock") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _recipe_hash(recipe: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _host_arch() -> str:
+    return _run(["dpkg", "--print-architecture"], timeout=30, what="host architecture").stdout.strip()
+
+
+def _check_emulation(distro: Distro, arch: str) -> None:
+    """A foreign-arch minbase runs its maintainer scripts through qemu: binfmt must be on, with flag F."""
+    if arch == _host_arch():
+        return
+    name = _QEMU_BINFMT.get(arch, f"qemu-{arch}")
+    entry = Path("/proc/sys/fs/binfmt_misc") / name
+    try:
+        text = entry.read_text()
+    except OSError:
+        text = ""
+    if not text.startswith("enabled"):
+        raise PackageError(
+            f"{distro.key}/{arch}: building its minimal root filesystem needs {name} emulation, but {entry} is "
+            "not enabled; install qemu-user-static and binfmt-support and run "
+            f"'update-binfmts --enable {name}' (scripts/bootstrap does this)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the minimal root filesystem
+
+
+@dataclass(frozen=True)
+class Minbase:
+    """A cached minbase root filesystem of one release/arch: the tar and its extracted dpkg status."""
+
+    directory: Path
+    rootfs_tar: Path
+    status: Path
+    recipe: dict[str, object]
+
+    def installed(self) -> dict[str, str]:
+        """Installed package name → version, from the dpkg status."""
+        result: dict[str, str] = {}
+        for stanza in self.status.read_text(encoding="utf-8").split("\n\n"):
+            fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, flags=re.M))
+            if "Package" in fields and "installed" in fields.get("Status", "").split():
+                result[fields["Package"]] = fields.get("Version", "")
+        return result
+
+
+def _minbase_recipe(distro: Distro, arch: str, mirrors: DebianMirrors) -> dict[str, object]:
+    return {
+        "recipe": RECIPE_VERSION,
+        "tool": "mmdebstrap",
+        "variant": "minbase",
+        "hooks": ["merged-usr"],
+        "suite": distro.suite,
+        "arch": arch,
+        # Only the release's own suites: a borrowed suite must never replace an essential package.
+        "sources": apt_source_lines(distro, mirrors, borrowed=False),
+    }
+
+
+def minbase_rootfs(distro: str, arch: str, *, cache_dir: Path, mirrors: DebianMirrors | None = None,
+                   progress: Progress | None = None) -> Minbase:
+    """The cached minbase root filesystem of ``distro``/``arch``, built with mmdebstrap when missing."""
+    row = get_distro(distro)
+    arch = check_arch(row, arch)
+    mirrors = mirrors or debian_mirrors()
+    recipe = _minbase_recipe(row, arch, mirrors)
+    directory = cache_dir / "minbase" / f"{row.key}-{arch}-{_recipe_hash(recipe)}"
+    result = Minbase(directory, directory / "rootfs.tar", directory / "status", recipe)
+    done = directory / "recipe.json"  # written last: its presence means the entry is whole
+    with _locked(cache_dir / "locks" / f"{directory.name}.lock"):
+        if done.exists() and result.status.exists() and result.rootfs_tar.exists():
+            return result
+        _check_emulation(row, arch)
+        if not MERGED_USR_HOOK.is_dir():
+            raise PackageError(f"{row.key}/{arch}: mmdebstrap's merged-usr hook {MERGED_USR_HOOK} is missing; "
+                               "install mmdebstrap (scripts/bootstrap does)")
+        directory.mkdir(parents=True, exist_ok=True)
+        _say(progress, f"{row.key}/{arch}: building a minbase root filesystem with mmdebstrap "
+                       f"(cached in {directory}; under emulation this takes minutes)")
+        partial = directory / "partial-rootfs.tar"  # mmdebstrap picks the format from the .tar suffix
+        partial.unlink(missing_ok=True)
+        cmd = ["mmdebstrap", "--variant=minbase", f"--architectures={arch}", f"--hook-dir={MERGED_USR_HOOK}",
+               row.suite, str(partial), *recipe["sources"]]  # type: ignore[list-item]
+        foreign = arch != _host_arch()
+        _run(cmd, timeout=TIMEOUT_MMDEBSTRAP_FOREIGN if foreign else TIMEOUT_MMDEBSTRAP_NATIVE,
+             what=f"{row.key}/{arch}: mmdebstrap minbase", log=directory / "mmdebstrap.log")
+        _extract_status(partial, result.status, f"{row.key}/{arch}")
+        os.replace(partial, result.rootfs_tar)
+        done.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _say(progress, f"{row.key}/{arch}: minbase ready ({len(result.installed())} packages)")
+    return result
+
+
+def _extract_status(tar_path: Path, out: Path, label: str) -> None:
+    with tarfile.open(tar_path) as tar:
+        for name in ("./var/lib/dpkg/status", "var/lib/dpkg/status"):
+            try:
+                member = tar.getmember(name)
+            except KeyError:
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                break
+            out.write_bytes(handle.read())
+            return
+    raise PackageError(f"{label}: {tar_path} has no var/lib/dpkg/status; the mmdebstrap run did not finish")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the private apt configuration
+
+
+@dataclass(frozen=True)
+class AptState:
+    """A private apt configuration for one release/arch over a minbase's dpkg status."""
+
+    directory: Path
+    config: Path
+    label: str  # "<distro>/<arch>", for messages
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_", "DEBIAN_"))}
+        env.update({"APT_CONFIG": str(self.config), "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+        return env
+
+    def apt_get(self, args: Sequence[str], *, timeout: float, what: str) -> subprocess.CompletedProcess[str]:
+        return _run(["apt-get", *args], timeout=timeout, env=self.env(), what=f"{self.label}: {what}")
+
+
+def _write_apt_config(directory: Path, *, arch: str, status: Path, sources: Sequence[str],
+                      preferences: str) -> Path:
+    empty = directory / "empty"
+    for sub in ("empty", "lists/partial", "cache/archives/partial", "state", "log"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    (directory / "sources.list").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (directory / "preferences").write_text(preferences, encoding="utf-8")
+    (directory / "main.conf").write_text("", encoding="utf-8")
+    settings = {
+        "Dir::Etc::main": directory / "main.conf",
+        "Dir::Etc::Parts": empty,
+        "Dir::Etc::SourceList": directory / "sources.list",
+        "Dir::Etc::SourceParts": empty,
+        "Dir::Etc::Preferences": directory / "preferences",
+        "Dir::Etc::PreferencesParts": empty,
+        "Dir::Etc::TrustedParts": empty,
+        "Dir::State": directory / "state",
+        "Dir::State::Lists": directory / "lists",
+        "Dir::State::status": status,
+        "Dir::Cache": directory / "cache",
+        "Dir::Log": directory / "log",
+        "APT::Architecture": arch,
+        "APT::Install-Recommends": "false",
+        "APT::Install-Suggests": "false",
+        "APT::Sandbox::User": "root",
+        "Acquire::Languages": "none",
+        "Acquire::Retries": "3",
+        "Acquire::http::Timeout": "60",
+        "Acquire::https::Timeout": "60",
+        "Binary::apt-get::Acquire::AllowInsecureRepositories": "false",
+        # Only reads and downloads happen here, under our own lock; nothing is installed.
+        "Debug::NoLocking": "true",
+    }
+    lines = [f'{k} "{v}";' for k, v in settings.items()]
+    lines.append(f'APT::Architectures {{ "{arch}"; }};')
+    config = directory / "apt.conf"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return config
+
+
+def _apt_state(row: Distro, arch: str, mirrors: DebianMirrors, minbase: Minbase, cache_dir: Path) -> AptState:
+    sources = apt_source_lines(row, mirrors)
+    pins = "".join(f"Package: *\nPin: release n={name}\nPin-Priority: 1\n\n"
+                   for name in borrowed_codenames(row, mirrors))
+    recipe = {"recipe": RECIPE_VERSION, "arch": arch, "sources": sources, "pins": pins,
+              "minbase": minbase.directory.name}
+    directory = cache_dir / "apt" / f"{row.key}-{arch}-{_recipe_hash(recipe)}"
+    config = _write_apt_config(directory, arch=arch, status=minbase.status, sources=sources, preferences=pins)
+    return AptState(directory, config, f"{row.key}/{arch}")
+
+
+def _ensure_lists(state: AptState, *, refresh: bool, max_age: float | None, progress: Progress | None) -> None:
+    """Fetch the package index when missing, asked to, or older than ``max_age`` s; if a refresh of existing
+    lists fails (offline), go on with them and say so."""
+    stamp = state.directory / "lists" / ".updated"
+    have = stamp.exists()
+    age = time.time() - stamp.stat().st_mtime if have else None
+    if have and not refresh and (max_age is None or (age is not None and age <= max_age)):
+        return
+    _say(progress, f"{state.label}: updating the package index")
+    try:
+        state.apt_get(["update", "-q"], timeout=TIMEOUT_APT_UPDATE, what="apt-get update of the private index")
+    except PackageError as exc:
+        if not have:
+            raise
+        _say(progress, f"{state.label}: WARNING: index refresh failed, using the index of "
+                       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stamp.stat().st_mtime))}: {exc}")
+        return
+    stamp.touch()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# closure listing and download
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    uri: str
+    filename: str
+    size: int
+    sha256: str
+
+
+def _explain_apt_error(exc: PackageError, label: str, profile: str, args: Sequence[str]) -> PackageError:
+    text = str(exc)
+    missing = re.findall(r"Unable to locate package (\S+)", text)
+    missing += re.findall(r"Package '?([^' ]+)'? has no installation candidate", text)
+    missing += [f"{p} (in {r})" for r, p in re.findall(r"Release '([^']+)' for '([^']+)' was not found", text)]
+    if missing:
+        return PackageError(f"{label}: profile {profile!r}: package(s) {', '.join(missing)} not available in "
+                            f"this release for this architecture; fix the profile in bundle_builder/distros.py."
+                            f"\n{text}")
+    return PackageError(f"{label}: profile {profile!r}: cannot resolve {' '.join(args)}:\n{text}")
+
+
+def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: Path) -> list[_Wanted]:
+    """What a minbase system lacks to install ``args``, as apt would fetch it (from the signed index)."""
+    empty = Path(tempfile.mkdtemp(prefix="archives-", dir=workdir))
+    (empty / "partial").mkdir()
+    base = ["-o", f"Dir::Cache::archives={empty}", "install", "-y", "--no-install-recommends"]
+    try:
+        sim = state.apt_get(["-s", *base, *args], timeout=TIMEOUT_APT_QUERY, what=f"simulate {profile}")
+        removed = re.findall(r"^Remv (\S+)", sim.stdout, flags=re.M)
+        if removed:
+            raise PackageError(f"{state.label}: profile {profile!r} would remove {', '.join(removed)} from a "
+                               "minimal install; a target host could not install it as is")
+        out = state.apt_get(["--print-uris", "-qq", *base, *args], timeout=TIMEOUT_APT_QUERY,
+                            what=f"list closure of {profile}")
+    except PackageError as exc:
+        raise _explain_apt_error(exc, state.label, profile, args) from None
+    listed = [m for m in (_URI_LINE.match(line.strip()) for line in out.stdout.splitlines()) if m]
+    if not listed:
+        return []
+    # --print-uris names the first hash of the index (MD5Sum): take the SHA256 of the same record.
+    records = _index_records(state, [_split_filename(m["filename"]) for m in listed])
+    wanted = []
+    for m in listed:
+        name, version, deb_arch = _split_filename(m["filename"])
+        algo, _, value = m["hash"].partition(":")
+        field = {"MD5SUM": "MD5sum", "SHA256": "SHA256", "SHA1": "SHA1", "SHA512": "SHA512"}.get(algo.upper(), "")
+        matches = {r["SHA256"] for r in records.get((name, version, deb_arch), [])
+                   if r.get("SHA256") and r.get(field, "").lower() == value.lower() and r.get("Size") == m["size"]}
+        if len(matches) != 1:
+            raise PackageError(f"{state.label}: no single SHA256 in the signed index for {m['filename']} "
+                               f"({algo} {value}); the index may be stale: retry with a refresh")
+        wanted.append(_Wanted(m["uri"], m["filename"], int(m["size"]), matches.pop().lower()))
+    return wanted
+
+
+def _split_filename(filename: str) -> tuple[str, str, str]:
+    """``name_version_arch.deb`` (epoch ``%3a``) → (name, version, arch)."""
+    stem = filename[:-len(".deb")] if filename.endswith(".deb") else filename
+    parts = [unquote(p) for p in stem.split("_")]
+    if len(parts) != 3:
+        raise PackageError(f"unexpected package file name {filename!r} (want name_version_arch.deb)")
+    return parts[0], parts[1], parts[2]
+
+
+def _index_records(state: AptState, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str],
+                                                                                    list[dict[str, str]]]:
+    """Index records (``apt-cache show name=version``) by (package, version, architecture)."""
+    args = sorted({f"{n}={v}" for n, v, _ in keys})
+    out = _run(["apt-cache", "show", *args], timeout=TIMEOUT_APT_QUERY, env=state.env(),
+               what=f"{state.label}: read index records").stdout
+    records: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    for stanza in out.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, flags=re.M))
+        if "Package" in fields:
+            key = (fields["Package"], fields.get("Version", ""), fields.get("Architecture", ""))
+            records.setdefault(key, []).append(fields)
+    return records
+
+
+def _cached(store: Path, item: _Wanted) -> bool:
+    path = store / item.filename
+    return path.exists() and path.stat().st_size == item.size and _sha256_file(path) == item.sha256
+
+
+def _download_profile(state: AptState, profile: str, args: Sequence[str], wanted: Sequence[_Wanted],
+                      store: Path, workdir: Path, progress: Progress | None) -> None:
+    """Let apt fetch what the store lacks (into a scratch dir holding links to what it has), check, keep."""
+    missing = [w for w in wanted if not _cached(store, w)]
+    if not missing:
+        return
+    megabytes = sum(w.size for w in missing) / 1e6
+    _say(progress, f"{state.label}: profile {profile}: downloading {len(missing)} package(s), {megabytes:.1f} MB")
+    scratch = Path(tempfile.mkdtemp(prefix="download-", dir=workdir))
+    (scratch / "partial").mkdir()
+    for w in wanted:
+        if w not in missing:
+            os.link(store / w.filename, scratch / w.filename)
+    try:
+        state.apt_get(["-o", f"Dir::Cache::archives={scratch}", "install", "-y", "-q", "--download-only",
+                       "--no-install-recommends", *args], timeout=TIMEOUT_APT_DOWNLOAD,
+                      what=f"download closure of {profile}")
+    except PackageError as exc:
+        raise _explain_apt_error(exc, state.label, profile, args) from None
+    for w in missing:
+        got = scratch / w.filename
+        if not got.exists():
+            raise PackageError(f"{state.label}: apt did not download {w.filename} ({w.uri})")
+        digest = _sha256_file(got)
+        if digest != w.sha256 or got.stat().st_size != w.size:
+            raise PackageError(f"{state.label}: {w.filename} does not match the archive index "
+                               f"(sha256 {digest}, index says {w.sha256}); refusing it")
+        os.replace(got, store / w.filename)
+
+
+def _deb_fields(path: Path, label: str) -> dict[str, str]:
+    out = _run(["dpkg-deb", "-f", str(path), "Package", "Version", "Architecture"], timeout=TIMEOUT_DPKG_DEB,
+               what=f"{label}: read control of {path.name}").stdout
+    return dict(re.findall(r"^([A-Za-z-]+): (.*)$", out, flags=re.M))
+
+
+def _package_file(store: Path, item: _Wanted, row: Distro, arch: str, profiles: tuple[str, ...]) -> PackageFile:
+    path = store / item.filename
+    label = f"{row.key}/{arch}"
+    fields = _deb_fields(path, label)
+    name, version, deb_arch = _split_filename(item.filename)
+    if (fields.get("Package"), fields.get("Version"), fields.get("Architecture")) != (name, version, deb_arch):
+        raise PackageError(f"{label}: {item.filename} declares {fields} which does not match its file name")
+    if deb_arch not in (arch, "all"):
+        raise PackageError(f"{label}: {item.filename} is for architecture {deb_arch}, not {arch} or all")
+    return PackageFile(path=path, package=name, version=version, architecture=deb_arch, sha256=item.sha256,
+                       size=item.size, filename=item.filename, distro=row.key, target_arch=arch,
+                       profiles=profiles)
+
+
+def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: Path,
+                     progress: Progress | None = None, mirrors: DebianMirrors | None = None,
+                     refresh: bool = False, max_index_age: float | None = 86400.0) -> list[PackageFile]:
+    """The .deb files a minimal ``distro``/``arch`` host lacks to install every package of ``profiles``.
+
+    ``cache_dir`` holds the minbase root filesystems, the private apt state and the downloaded files (use
+    :func:`default_cache_dir`). The package index is refreshed when older than ``max_index_age`` seconds
+    (None: never) or when ``refresh``; a second call with a fresh index needs no network. Each file lists
+    the profiles whose closure holds it. Raises :class:`PackageError` or :class:`DistroError` naming the
+    distro, arch and package.
+    """
+    row = get_distro(distro)
+    if row.package_format != "deb":
+        raise DistroError(f"{row.key}: package format {row.package_format!r} is not implemented")
+    arch = check_arch(row, arch)
+    if not profiles:
+        raise DistroError(f"{row.key}/{arch}: no package profile asked for; known: {', '.join(sorted(row.profiles))}")
+    refs = {p: row.packages(p) for p in dict.fromkeys(profiles)}
+    mirrors = mirrors or debian_mirrors()
+    cache_dir = Path(cache_dir)
+    minbase = minbase_rootfs(row.key, arch, cache_dir=cache_dir, mirrors=mirrors, progress=progress)
+    store = cache_dir / "debs"
+    store.mkdir(parents=True, exist_ok=True)
+    state = _apt_state(row, arch, mirrors, minbase, cache_dir)
+    (cache_dir / "tmp").mkdir(exist_ok=True)
+    with _locked(cache_dir / "locks" / f"{state.directory.name}.lock"), \
+            tempfile.TemporaryDirectory(prefix="resolve-", dir=cache_dir / "tmp") as tmp:
+        _ensure_lists(state, refresh=refresh, max_age=max_index_age, progress=progress)
+        owners: dict[str, list[str]] = {}
+        items: dict[str, _Wanted] = {}
+        for profile, pkgs in refs.items():
+            args = [r.apt_arg() for r in pkgs]
+            wanted = _closure_uris(state, profile, args, Path(tmp))
+            _download_profile(state, profile, args, wanted, store, Path(tmp), progress)
+            for w in wanted:
+                items[w.filename] = w
+                owners.setdefault(w.filename, []).append(profile)
+            _say(progress, f"{state.label}: profile {profile}: {len(wanted)} package(s) beyond minbase")
+        files = [_package_file(store, items[f], row, arch, tuple(owners[f])) for f in sorted(items)]
+    return sorted(files, key=lambda f: (f.package, f.version, f.architecture))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# proof that a closure installs from itself
+
+
+def _flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
+    """A flat apt repository (Packages + Release) of ``files`` in ``repo``, the way the site's repo is."""
+    stanzas = []
+    for f in files:
+        try:
+            os.link(f.path, repo / f.filename)
+        except OSError:  # another file system: copy
+            shutil.copyfile(f.path, repo / f.filename)
+        control = _run(["dpkg-deb", "-f", str(f.path)], timeout=TIMEOUT_DPKG_DEB,
+                       what=f"read control of {f.filename}").stdout.rstrip("\n")
+        stanzas.append(f"{control}\nFilename: ./{f.filename}\nSize: {f.size}\nSHA256: {f.sha256}\n")
+    packages = ("\n".join(stanzas)).encode()
+    (repo / "Packages").write_bytes(packages)
+    arches = " ".join(sorted({f.target_arch for f in files}))
+    (repo / "Release").write_text(
+        f"Origin: offline-delivery\nLabel: closure-check\nArchitectures: {arches} all\nSHA256:\n"
+        f" {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n", encoding="utf-8")
+
+
+def verify_closure(distro: str, arch: str, profiles: list[str], files: Sequence[PackageFile], *,
+                   cache_dir: Path, mirrors: DebianMirrors | None = None) -> list[str]:
+    """Simulate installing ``profiles`` on the minbase of ``distro``/``arch`` with ``files`` as the only
+    package source; return the names apt would install. Raises :class:`PackageError` with apt's words when
+    anything is missing, so a closure is proved complete before it is shipped."""
+    row = get_distro(distro)
+    arch = check_arch(row, arch)
+    mirrors = mirrors or debian_mirrors()
+    minbase = minbase_rootfs(row.key, arch, cache_dir=cache_dir, mirrors=mirrors)
+    (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="verify-", dir=cache_dir / "tmp") as tmp:
+        repo = Path(tmp) / "repo"
+        repo.mkdir()
+        _flat_repo(files, repo)
+        config = _write_apt_config(Path(tmp) / "apt", arch=arch, status=minbase.status,
+                                   sources=[f"deb [trusted=yes] file:{repo} ./"], preferences="")
+        state = AptState(Path(tmp) / "apt", config, f"{row.key}/{arch} closure check")
+        state.apt_get(["update", "-q"], timeout=TIMEOUT_APT_QUERY, what="index the closure")
+        names = [r.name for p in dict.fromkeys(profiles) for r in row.packages(p)]
+        sim = state.apt_get(["-s", "install", "-y", "--no-install-recommends", *names],
+                            timeout=TIMEOUT_APT_QUERY, what=f"simulate installing {' '.join(names)}")
+        return sorted(set(re.findall(r"^Inst (\S+)", sim.stdout, flags=re.M)))
