@@ -1,0 +1,344 @@
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery developers
+# Apache License 2.0 (see LICENSE)
+"""The site's offline repository: content-addressed blobs, release records and the catalog.
+
+Standard library only: it runs in ``bundle_import`` on the repo host. Layout under ``root``::
+
+    blobs/sha256/<hex>                  every blob of every imported release, stored once
+    releases/<name>/<version>/          manifest.json, manifest.sig, release.json (who imported it, when)
+    catalog.json                        the releases the site has; replaced atomically — the commit point
+    staging/<manifest hex>/<hex>        blobs of an import in progress, verified, not yet published
+    .lock                               one import at a time
+
+An import verifies the whole bundle into ``staging`` (same filesystem), and only then moves the blobs into
+place (rename: no second copy), writes the release record, and finally replaces ``catalog.json``. A release
+therefore appears in the catalog whole or not at all, and a failed import changes nothing a reader of the
+catalog can see. Staged blobs survive an interruption, so a rerun does not write them again.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
+                            verify_bundle)
+
+CATALOG_SCHEMA = 1
+_MISSING_SHOWN = 10
+
+
+class RepoError(ValueError):
+    """The import cannot go ahead; the message says why and what to do. The repository is unchanged."""
+
+
+@dataclass
+class ImportResult:
+    name: str
+    version: str
+    manifest_digest: str
+    changed: bool
+    msg: str
+    components: list[str] = field(default_factory=list)
+    platforms: list[str] = field(default_factory=list)
+    blobs_total: int = 0
+    blobs_new: int = 0
+    bytes_new: int = 0
+    bytes_verified: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class SiteRepo:
+    """One site repository rooted at ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.blobs_dir = os.path.join(self.root, "blobs", "sha256")
+        self.releases_dir = os.path.join(self.root, "releases")
+        self.staging_dir = os.path.join(self.root, "staging")
+        self.catalog_path = os.path.join(self.root, "catalog.json")
+        self.lock_path = os.path.join(self.root, ".lock")
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.blobs_dir) and os.path.isfile(self.catalog_path)
+
+    def catalog(self) -> dict[str, Any]:
+        if not os.path.exists(self.catalog_path):
+            return {"schemaVersion": CATALOG_SCHEMA, "releases": []}
+        try:
+            with open(self.catalog_path, "rb") as fh:
+                doc = json.loads(fh.read().decode("utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RepoError(f"{self.catalog_path} cannot be read ({exc}); restore it from a backup "
+                            "before importing") from None
+        if not isinstance(doc, dict) or doc.get("schemaVersion") != CATALOG_SCHEMA or \
+                not isinstance(doc.get("releases"), list):
+            raise RepoError(f"{self.catalog_path} is not a catalog of schema {CATALOG_SCHEMA}")
+        return doc
+
+    def find_release(self, name: str, version: str) -> dict[str, Any] | None:
+        for rel in self.catalog()["releases"]:
+            if rel["name"] == name and rel["version"] == version:
+                return rel
+        return None
+
+    def blob_file(self, digest: str) -> str:
+        return os.path.join(self.root, blob_path(digest))
+
+    def has_blob(self, digest: str, size: int) -> bool:
+        try:
+            return os.stat(self.blob_file(digest)).st_size == size
+        except FileNotFoundError:
+            return False
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def ensure_layout(self) -> bool:
+        """Create the directories and an empty catalog; True when something was created."""
+        changed = False
+        for d in (self.blobs_dir, self.releases_dir, self.staging_dir):
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o755)
+                changed = True
+        if not os.path.exists(self.catalog_path):
+            self._write_catalog({"schemaVersion": CATALOG_SCHEMA, "releases": []})
+            changed = True
+        return changed
+
+    @contextmanager
+    def lock(self, timeout: float) -> Iterator[None]:
+        """Hold the repository lock; wait at most ``timeout`` seconds for another import to finish."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                        raise RepoError(f"another import holds {self.lock_path} (pid {holder}) and did not "
+                                        f"finish within {timeout:.0f}s; wait for it and run again") from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def _write_catalog(self, doc: dict[str, Any]) -> None:
+        _atomic_write(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+
+    def _stage_blob(self, stage: str, desc: dict[str, Any], chunks: Iterator[bytes]) -> None:
+        """Sink for verify_bundle: write a new blob into the staging area, renamed to its final staged
+        name only once its digest has been checked (the iterator raises at its end otherwise)."""
+        hexd = digest_hex(desc["digest"])
+        final = os.path.join(stage, hexd)
+        if self.has_blob(desc["digest"], desc["size"]) or \
+                (os.path.exists(final) and os.path.getsize(final) == desc["size"]):
+            return  # present already; verify_bundle still hashes the bundle's copy
+        partial = final + ".partial"
+        try:
+            with open(partial, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+        except BaseException as exc:
+            _remove(partial)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise RepoError(f"no space left on the filesystem of {self.root} while writing blob "
+                                f"{desc['digest']} ({desc['size']} bytes); free space and run the import "
+                                "again (blobs staged so far are kept)") from None
+            raise
+
+    def _publish(self, stage: str, head_manifest: dict[str, Any], manifest_bytes: bytes,
+                 signature: bytes | None, record: dict[str, Any]) -> tuple[int, int]:
+        """Move staged blobs into place, write the release record, then commit the catalog."""
+        new_blobs = new_bytes = 0
+        for desc in head_manifest["blobs"]:
+            if not desc["bundled"]:
+                continue
+            staged = os.path.join(stage, digest_hex(desc["digest"]))
+            if os.path.exists(staged):
+                if self.has_blob(desc["digest"], desc["size"]):
+                    os.unlink(staged)
+                    continue
+                os.chmod(staged, 0o644)
+                os.replace(staged, self.blob_file(desc["digest"]))
+                new_blobs += 1
+                new_bytes += desc["size"]
+        _fsync_dir(self.blobs_dir)
+
+        name, version = head_manifest["name"], head_manifest["version"]
+        rel_dir = os.path.join(self.releases_dir, name, version)
+        tmp_dir = os.path.join(self.releases_dir, f".tmp-{name}-{version}")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir, mode=0o755)
+        _atomic_write(os.path.join(tmp_dir, "manifest.json"), manifest_bytes)
+        if signature is not None:
+            _atomic_write(os.path.join(tmp_dir, SIGNATURE_NAME), signature)
+        _atomic_write(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n")
+        os.makedirs(os.path.dirname(rel_dir), mode=0o755, exist_ok=True)
+        if os.path.exists(rel_dir):  # left by an import interrupted after this step; not in the catalog
+            shutil.rmtree(rel_dir)
+        os.rename(tmp_dir, rel_dir)
+
+        catalog = self.catalog()
+        catalog["releases"] = [r for r in catalog["releases"]
+                               if not (r["name"] == name and r["version"] == version)] + [record]
+        catalog["releases"].sort(key=lambda r: (r["name"], r["importedAt"], r["version"]))
+        self._write_catalog(catalog)
+        return new_blobs, new_bytes
+
+
+def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check_mode: bool = False,
+                  imported_by: str = "unknown", lock_timeout: float = 600.0) -> ImportResult:
+    """Verify a bundle and publish it into ``repo`` (see the module docstring for the guarantees).
+
+    A refused bundle leaves nothing behind: its staged blobs are discarded, and a repository this call
+    created is removed again. Only an abrupt stop (kill, power loss) leaves staged blobs, which the next
+    run of the same import reuses instead of writing them again.
+    """
+    if check_mode:
+        return _check_only(repo, path, trusted_keys, created=not repo.exists())
+    root_existed = os.path.exists(repo.root)
+    repo.ensure_layout()
+    try:
+        with repo.lock(lock_timeout):
+            return _import_locked(repo, path, trusted_keys, imported_by)
+    except (BundleError, RepoError, OSError):
+        if not root_existed and not repo.catalog()["releases"]:
+            shutil.rmtree(repo.root, ignore_errors=True)
+        raise
+
+
+def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes], imported_by: str) -> ImportResult:
+    head = read_head(path, trusted_keys)  # signature first: nothing in the manifest is trusted before
+    manifest = head.manifest
+    name, version = manifest["name"], manifest["version"]
+    if _already_imported(repo, head):
+        return _result(manifest, head.manifest_digest, changed=False,
+                       msg=f"{name} {version} is already imported (same manifest); nothing to do")
+    _require_base_blobs(repo, manifest)
+
+    stage = os.path.join(repo.staging_dir, digest_hex(head.manifest_digest))
+    os.makedirs(stage, mode=0o700, exist_ok=True)
+    try:
+        verified = verify_bundle(path, trusted_keys,
+                                 sink=lambda desc, chunks: repo._stage_blob(stage, desc, chunks))
+        if verified.manifest_digest != head.manifest_digest:
+            raise BundleError("the bundle changed while it was being imported; copy it again and rerun")
+    except (BundleError, RepoError, OSError):
+        shutil.rmtree(stage, ignore_errors=True)  # nothing of a refused bundle stays on the site
+        raise
+    record = {
+        "name": name, "version": version, "manifestDigest": head.manifest_digest, "keyid": head.keyid,
+        "importedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "importedBy": imported_by,
+        "components": sorted(manifest["images"]), "platforms": manifest["platforms"],
+        "blobs": len(manifest["blobs"]), "bytes": sum(b["size"] for b in manifest["blobs"]),
+        "delta": manifest["delta"],
+    }
+    new_blobs, new_bytes = repo._publish(stage, manifest, head.manifest_bytes, head.signature, record)
+    shutil.rmtree(stage, ignore_errors=True)
+    res = _result(manifest, head.manifest_digest, changed=True,
+                  msg=f"{name} {version} imported: {new_blobs} new blobs, {new_bytes} bytes")
+    res.blobs_new, res.bytes_new, res.bytes_verified = new_blobs, new_bytes, verified.bytes_checked
+    return res
+
+
+def _already_imported(repo: SiteRepo, head: BundleHead) -> bool:
+    """True when the catalog has this very release and all its blobs; refuse a changed release."""
+    name, version = head.manifest["name"], head.manifest["version"]
+    known = repo.find_release(name, version)
+    if known is None:
+        return False
+    if known["manifestDigest"] != head.manifest_digest:
+        raise RepoError(f"{name} {version} is already in this site's catalog with manifest "
+                        f"{known['manifestDigest']}, and this bundle's manifest is {head.manifest_digest}: "
+                        "a published release never changes; the vendor must build the change as a new version")
+    return all(repo.has_blob(b["digest"], b["size"]) for b in head.manifest["blobs"])
+
+
+def _require_base_blobs(repo: SiteRepo, manifest: dict[str, Any]) -> None:
+    """A delta omits blobs the site should hold; refuse before streaming anything if it does not."""
+    missing = [b["digest"] for b in manifest["blobs"]
+               if not b["bundled"] and not repo.has_blob(b["digest"], b["size"])]
+    if not missing:
+        return
+    base = (manifest.get("delta") or {}).get("base") or {}
+    based_on = (f"release {base.get('name')} {base.get('version')}" if base.get("version")
+                else "the site's have-list")
+    shown = ", ".join(missing[:_MISSING_SHOWN]) + (f" and {len(missing) - _MISSING_SHOWN} more"
+                                                   if len(missing) > _MISSING_SHOWN else "")
+    raise RepoError(f"this is a delta bundle built against {based_on}, but {len(missing)} of the blobs it "
+                    f"leaves out are not in this repository: {shown}. Import the base release first, or ask "
+                    "the vendor for a full bundle (or a delta built from this site's have-list)")
+
+
+def _check_only(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, created: bool) -> ImportResult:
+    """Check mode: verify every byte, write nothing, say what an import would add."""
+    head = read_head(path, trusted_keys)
+    if not created and _already_imported(repo, head):
+        return _result(head.manifest, head.manifest_digest, changed=False,
+                       msg=f"{head.manifest['name']} {head.manifest['version']} is already imported")
+    _require_base_blobs(repo, head.manifest)
+    verified = verify_bundle(path, trusted_keys)
+    manifest = verified.manifest
+    new = [b for b in manifest["blobs"] if b["bundled"] and not repo.has_blob(b["digest"], b["size"])]
+    res = _result(manifest, verified.manifest_digest, changed=True,
+                  msg=f"{manifest['name']} {manifest['version']} would be imported "
+                      f"({len(new)} new blobs){' into a new repository' if created else ''}")
+    res.blobs_new, res.bytes_new = len(new), sum(b["size"] for b in new)
+    res.bytes_verified = verified.bytes_checked
+    return res
+
+
+def _result(manifest: dict[str, Any], digest: str, *, changed: bool, msg: str) -> ImportResult:
+    return ImportResult(name=manifest["name"], version=manifest["version"], manifest_digest=digest,
+                        changed=changed, msg=msg, components=sorted(manifest["images"]),
+                        platforms=list(manifest["platforms"]), blobs_total=len(manifest["blobs"]))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,189 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery developers
+# Apache License 2.0 (see LICENSE)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: bundle_info
+short_description: Inspect and verify an offline.delivery bundle
+version_added: 0.1.0
+description:
+  - Reads the signed manifest of a bundle (a single file, a split set, or one of its parts) and reports the
+    release it carries - name, version, platforms, components and their images, blobs and sizes, delta base.
+  - With O(verify=true) it checks the ed25519 signature against the trusted public keys B(before) trusting
+    anything in the manifest, then re-hashes every blob with bounded memory. Any flipped bit, missing or extra
+    member, truncation or unsafe tar member fails the module with the member, offset and what to do.
+  - Needs nothing but Python 3 on the host where it runs, so it can check a bundle on the site's repo host.
+author:
+  - offline.delivery developers
+extends_documentation_fragment:
+  - offline.delivery.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+options:
+  path:
+    description:
+      - The bundle file, the C(.parts.json) of a split bundle, or any of its C(.partNNN) files.
+    type: path
+    required: true
+  verify:
+    description:
+      - Check the signature and re-hash every bundled blob. Without it only the manifest is read.
+    type: bool
+    default: true
+  trusted_keys:
+    description:
+      - Public keys (PEM files) of the vendors whose bundles this site accepts.
+      - Required when O(verify=true) unless O(require_signature=false).
+    type: list
+    elements: path
+    default: []
+  require_signature:
+    description:
+      - Refuse a bundle whose manifest is not signed by one of O(trusted_keys). Only set it to V(false) to
+        look at a bundle of unknown origin; such a bundle must never be imported.
+    type: bool
+    default: true
+notes:
+  - A delta bundle lists blobs it does not carry (C(bundled=false)); they are counted in RV(bundle.omitted_blobs)
+    and must already be in the site repository when the bundle is imported.
+seealso:
+  - module: offline.delivery.bundle_export
+"""
+
+EXAMPLES = r"""
+- name: Verify the bundle carried to the site before importing it
+  offline.delivery.bundle_info:
+    path: /srv/incoming/shop-1.1.0.bundle
+    trusted_keys:
+      - /etc/offline-delivery/trusted/vendor.pub
+  register: shop_bundle
+
+- name: Show what it carries
+  ansible.builtin.debug:
+    msg: "{{ shop_bundle.bundle.name }} {{ shop_bundle.bundle.version }}: {{ shop_bundle.bundle.components | join(', ') }}"
+
+- name: Read the manifest of a split bundle without re-hashing the blobs
+  offline.delivery.bundle_info:
+    path: /media/usb/shop-1.1.0.bundle.parts.json
+    verify: false
+    require_signature: false
+"""
+
+RETURN = r"""
+bundle:
+  description: What the bundle carries.
+  returned: success
+  type: dict
+  contains:
+    name:
+      description: Application name.
+      type: str
+      sample: shop
+    version:
+      description: Application version.
+      type: str
+      sample: 1.1.0
+    manifest_digest:
+      description: sha256 of the exact manifest bytes; identifies the release.
+      type: str
+    platforms:
+      description: Platforms every image was built for.
+      type: list
+      elements: str
+      sample: [linux/amd64, linux/arm64]
+    components:
+      description: Component names of the application model.
+      type: list
+      elements: str
+    images:
+      description: Per component, the image reference and its digest per platform.
+      type: dict
+    blobs:
+      description: Number of blobs the release consists of.
+      type: int
+    bytes:
+      description: Total size of the release's blobs.
+      type: int
+    bundled_blobs:
+      description: Blobs this bundle file carries.
+      type: int
+    bundled_bytes:
+      description: Bytes of the blobs this bundle file carries.
+      type: int
+    omitted_blobs:
+      description: Blobs a delta expects the site to hold already.
+      type: int
+    delta:
+      description: The base (release or have-list) of a delta bundle, or null.
+      type: dict
+    signed:
+      description: Whether the bundle carries a signature.
+      type: bool
+    keyid:
+      description: sha256 of the raw public key that signed the manifest (hex).
+      type: str
+verified:
+  description: True when the signature and every blob were checked.
+  returned: success
+  type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.bundle_format import BundleError, read_head, summarize_manifest, verify_bundle
+from ..module_utils.ed25519 import load_public_key_pem
+
+
+def _load_keys(module: AnsibleModule, paths: list[str]) -> list[bytes]:
+    keys = []
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as f:
+                keys.append(load_public_key_pem(f.read()))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            module.fail_json(msg=f"trusted key {path}: {exc}")
+    return keys
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "verify": {"type": "bool", "default": True},
+            "trusted_keys": {"type": "list", "elements": "path", "default": [], "no_log": False},
+            "require_signature": {"type": "bool", "default": True},
+        },
+        supports_check_mode=True,
+    )
+    params = module.params
+    if params["require_signature"] and not params["trusted_keys"]:
+        module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s) to check the "
+                             "signature, or set require_signature=false to only look at an untrusted bundle")
+    keys = _load_keys(module, params["trusted_keys"]) if params["require_signature"] else None
+    try:
+        if params["verify"]:
+            result = verify_bundle(params["path"], keys)
+            manifest, digest, keyid, signed = (result.manifest, result.manifest_digest, result.keyid,
+                                               result.signed)
+        else:
+            head = read_head(params["path"], keys)
+            manifest, digest, keyid, signed = (head.manifest, head.manifest_digest, head.keyid,
+                                               head.signature is not None)
+    except (BundleError, OSError) as exc:
+        module.fail_json(msg=f"bundle {params['path']}: {exc}")
+    summary = summarize_manifest(manifest)
+    summary.update(manifest_digest=digest, keyid=keyid, signed=signed)
+    module.exit_json(changed=False, bundle=summary, verified=bool(params["verify"] and keys is not None))
+
+
+if __name__ == "__main__":
+    main()
