@@ -1,0 +1,371 @@
+"""``bundle-builder``: keygen, from-compose, build, inspect, verify, diff.
+
+Exit codes: 0 ok, 1 a check failed (bad signature, damaged blob, ...), 2 bad usage or input.
+With ``--json`` stdout holds only the JSON document; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from offline_delivery_core import app_model, bundle_format
+from offline_delivery_core.bundle_format import BundleError
+
+from . import build, signing
+from .progress import human_size, make_progress
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or input: exit 2."""
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip("\n") + "\n")
+
+
+def _need_bundle(path: str) -> None:
+    """Bad input (exit 2) when nothing bundle-like is at ``path``."""
+    try:
+        bundle_format.resolve_bundle_path(path)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# keygen / from-compose
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        key, pub = signing.keygen(args.prefix)
+    except (signing.SigningError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    _err(f"wrote {key} (private, mode 0600: keep it secret) and {pub} (give this one to the sites)")
+    return EXIT_OK
+
+
+def cmd_from_compose(args: argparse.Namespace) -> int:
+    from . import compose  # a colleague's module: imported only for this command
+
+    path = Path(args.file)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        model, report = compose.from_compose(data, name=args.name, version=args.version,
+                                             base_dir=path.resolve().parent)
+    except (ValueError, app_model.ModelError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    for line in report:
+        _err(line)
+    text = yaml.safe_dump(model, sort_keys=False)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        _err(f"wrote {args.output}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build
+
+
+def _platform_list(values: list[str]) -> list[str]:
+    out = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    return out or ["linux/amd64"]
+
+
+def _load_pubs(paths: list[str] | None) -> list[bytes]:
+    keys = []
+    for p in paths or []:
+        try:
+            keys.append(signing.load_public_key(p))
+        except signing.SigningError as exc:
+            raise UsageError(str(exc)) from None
+    return keys
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if not args.sign_key and not args.unsigned:
+        raise UsageError("give --sign-key KEY (from 'bundle-builder keygen'), or --unsigned to build without a signature")
+    if args.sign_key and args.unsigned:
+        raise UsageError("--sign-key and --unsigned exclude each other")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = build.build_bundle(
+            args.model, out, image_sources=args.images_from or [], platforms=_platform_list(args.platform),
+            sign_key=None if args.unsigned else args.sign_key, base=args.base, have=args.have,
+            volume_size=args.volume_size, progress=make_progress(args.json),
+            base_pub=_load_pubs(args.base_pub) if args.base_pub else None)
+    except (build.BuildError, signing.SigningError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json(result.to_json())
+        return EXIT_OK
+    signed = f"signed by key {result.signed_keyid[:16]}…" if result.signed_keyid else "UNSIGNED"
+    _err(f"built {result.path} ({human_size(result.size)}{f', {result.parts} parts' if result.parts else ''}, {signed})")
+    _err(f"  manifest {result.manifest_digest}")
+    _err(f"  {result.blobs_bundled} of {result.blobs_total} blobs carried ({human_size(result.bytes_bundled)} of "
+         f"{human_size(result.bytes_total)}); {len(result.omitted)} omitted by the delta "
+         f"({human_size(result.omitted_bytes)})")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _summary(path: str, head: bundle_format.BundleHead) -> dict[str, Any]:
+    m = head.manifest
+    bundled = [b for b in m["blobs"] if b["bundled"]]
+    omitted = [b for b in m["blobs"] if not b["bundled"]]
+    return {
+        "path": path, "name": m["name"], "version": m["version"], "builder": m["builder"],
+        "platforms": m["platforms"], "manifest_digest": head.manifest_digest,
+        "signed": head.signature is not None, "keyid": head.keyid, "delta": m["delta"],
+        "components": m["images"],
+        "blobs": {"total": len(m["blobs"]), "bundled": len(bundled), "omitted": len(omitted),
+                  "bytes_total": sum(b["size"] for b in m["blobs"]),
+                  "bytes_bundled": sum(b["size"] for b in bundled),
+                  "bytes_omitted": sum(b["size"] for b in omitted)},
+    }
+
+
+def _delta_text(delta: dict[str, Any] | None) -> str:
+    if delta is None:
+        return "none (a full bundle)"
+    if "base" in delta:
+        b = delta["base"]
+        return f"against base {b.get('name')} {b.get('version')} (manifest {b['manifest']})"
+    h = delta["have"]
+    return f"against have-file {h.get('file', '?')} ({h.get('blobs', '?')} digests, {h['digest']})"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    _need_bundle(args.bundle)
+    head = bundle_format.read_head(args.bundle)
+    summary = _summary(args.bundle, head)
+    if args.json:
+        _print_json({**summary, "manifest": head.manifest})
+        return EXIT_OK
+    b = summary["blobs"]
+    lines = [
+        f"bundle:     {args.bundle}",
+        f"release:    {summary['name']} {summary['version']}",
+        f"builder:    {summary['builder']['name']} {summary['builder']['version']}",
+        f"platforms:  {', '.join(summary['platforms'])}",
+        f"manifest:   {summary['manifest_digest']}",
+        "signature:  " + (f"ed25519, key {summary['keyid']} (not checked here: use 'verify --pub')"
+                          if summary["signed"] else "none (unsigned bundle)"),
+        f"delta:      {_delta_text(summary['delta'])}",
+        f"blobs:      {b['total']} ({human_size(b['bytes_total'])}); carried {b['bundled']} "
+        f"({human_size(b['bytes_bundled'])}); omitted {b['omitted']} ({human_size(b['bytes_omitted'])})",
+        "components:",
+    ]
+    for comp, image in sorted(summary["components"].items()):
+        lines.append(f"  {comp}: {image['reference']} (index {image['index']})")
+        for plat, digest in sorted(image["manifests"].items()):
+            lines.append(f"    {plat}: {digest}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if not args.pub and not args.integrity_only:
+        raise UsageError("give --pub KEY (the vendor's public key), or --integrity-only to check the blobs "
+                         "without trusting any signature")
+    keys = _load_pubs(args.pub) if args.pub else None
+    _need_bundle(args.bundle)
+    progress = make_progress(args.json)
+    try:
+        result = bundle_format.verify_bundle(
+            args.bundle, keys,
+            progress=(lambda done, total: progress(done, total, "verifying")) if progress else None)
+    except BundleError as exc:
+        if args.json:
+            _print_json({"ok": False, "bundle": args.bundle, "error": exc.reason, "member": exc.member,
+                         "offset": exc.offset})
+        else:
+            _err(f"FAILED: {args.bundle}: {exc.reason}")
+            if exc.member is not None:
+                _err(f"  member: {exc.member}")
+            if exc.offset is not None:
+                _err(f"  offset: {exc.offset}")
+        return EXIT_FAILED
+    m = result.manifest
+    doc = {"ok": True, "bundle": args.bundle, "name": m["name"], "version": m["version"],
+           "manifest_digest": result.manifest_digest, "signed": result.signed, "keyid": result.keyid,
+           "signature_checked": result.signature_checked, "blobs_checked": result.blobs_checked,
+           "bytes_checked": result.bytes_checked, "blobs_omitted": result.blobs_omitted,
+           "bytes_omitted": result.bytes_omitted, "delta": m["delta"]}
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    sig = (f"signature OK (key {result.keyid})" if result.signature_checked
+           else "signature NOT checked (--integrity-only)")
+    sys.stdout.write(f"OK: {m['name']} {m['version']}: {sig}; {result.blobs_checked} blobs "
+                     f"({human_size(result.bytes_checked)}) re-hashed")
+    if result.blobs_omitted:
+        sys.stdout.write(f"; {result.blobs_omitted} blobs ({human_size(result.bytes_omitted)}) omitted, "
+                         f"delta {_delta_text(m['delta'])}")
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# diff
+
+
+def _model_of(path: str, head: bundle_format.BundleHead) -> dict[str, Any]:
+    data = bundle_format.read_blob(path, head.manifest["model"]["digest"])
+    return json.loads(data)
+
+
+def bundle_diff(old_path: str, new_path: str) -> dict[str, Any]:
+    """Components added/removed/changed/unchanged (by config and by image digest per platform) and what a
+    delta of NEW against OLD would carry."""
+    old_head, new_head = bundle_format.read_head(old_path), bundle_format.read_head(new_path)
+    result = app_model.diff_models(_model_of(old_path, old_head), _model_of(new_path, new_head))
+    old_images, new_images = old_head.manifest["images"], new_head.manifest["images"]
+    image_changes: dict[str, dict[str, dict[str, str | None]]] = {}
+    for comp in sorted(set(old_images) & set(new_images)):
+        old_m, new_m = old_images[comp]["manifests"], new_images[comp]["manifests"]
+        per = {p: {"old": old_m.get(p), "new": new_m.get(p)} for p in sorted(set(old_m) | set(new_m))
+               if old_m.get(p) != new_m.get(p)}
+        if per:
+            image_changes[comp] = per
+            fields = result["changed"].setdefault(comp, [])
+            fields.extend(f"image@{p}" for p in per if f"image@{p}" not in fields)
+    result["unchanged"] = sorted(c for c in result["unchanged"] if c not in result["changed"])
+    result["images"] = image_changes
+    old_digests = {b["digest"] for b in old_head.manifest["blobs"]}
+    model_digest = new_head.manifest["model"]["digest"]
+    carried = [b for b in new_head.manifest["blobs"] if b["digest"] not in old_digests or b["digest"] == model_digest]
+    result["delta"] = {"blobs": len(carried), "bytes": sum(b["size"] for b in carried),
+                       "full_blobs": len(new_head.manifest["blobs"]),
+                       "full_bytes": sum(b["size"] for b in new_head.manifest["blobs"])}
+    result["old"] = {"name": old_head.manifest["name"], "version": old_head.manifest["version"],
+                     "manifest_digest": old_head.manifest_digest}
+    result["new"] = {"name": new_head.manifest["name"], "version": new_head.manifest["version"],
+                     "manifest_digest": new_head.manifest_digest}
+    return result
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    _need_bundle(args.old)
+    _need_bundle(args.new)
+    d = bundle_diff(args.old, args.new)
+    if args.json:
+        _print_json(d)
+        return EXIT_OK
+    lines = [f"{d['old']['name']} {d['old']['version']} -> {d['new']['name']} {d['new']['version']}",
+             f"added:     {', '.join(d['added']) or '-'}",
+             f"removed:   {', '.join(d['removed']) or '-'}",
+             "changed:   " + ("; ".join(f"{c} ({', '.join(f)})" for c, f in sorted(d["changed"].items())) or "-"),
+             f"unchanged: {', '.join(d['unchanged']) or '-'}"]
+    for comp, env in sorted(d.get("env_defaults", {}).items()):
+        for key, change in sorted(env.items()):
+            lines.append(f"env default {comp}.{key}: {change.get('old')!r} -> {change.get('new')!r}")
+    for comp, per in sorted(d["images"].items()):
+        for plat, change in per.items():
+            lines.append(f"image {comp} {plat}: {change['old']} -> {change['new']}")
+    lines.append(f"a delta of the new bundle against the old carries {d['delta']['blobs']} blobs, "
+                 f"{human_size(d['delta']['bytes'])} (full bundle: {d['delta']['full_blobs']} blobs, "
+                 f"{human_size(d['delta']['full_bytes'])})")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bundle-builder", description="Build, inspect and verify offline delivery bundles.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("keygen", help="make an ed25519 key pair: PREFIX.key (0600) and PREFIX.pub")
+    s.add_argument("prefix")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("from-compose", help="convert a docker-compose file into an app model (app.yml)")
+    s.add_argument("file")
+    s.add_argument("--name", required=True)
+    s.add_argument("--version", required=True)
+    s.add_argument("-o", "--output", required=True, help="app.yml to write ('-' for stdout)")
+    s.set_defaults(func=cmd_from_compose)
+
+    s = sub.add_parser("build", help="build <name>-<version>.bundle from app.yml and images")
+    s.add_argument("model", help="app.yml")
+    s.add_argument("-o", "--output", required=True, help="output directory")
+    s.add_argument("--images-from", action="append", metavar="SOURCE",
+                   help="docker | archive:PATH (docker save tar) | oci:PATH (OCI layout); repeatable, searched in order")
+    s.add_argument("--platform", action="append", default=[], help="e.g. linux/amd64,linux/arm64 (default linux/amd64)")
+    s.add_argument("--sign-key", help="ed25519 private key (PEM, from 'keygen')")
+    s.add_argument("--unsigned", action="store_true", help="build without a signature")
+    s.add_argument("--base", help="previous bundle: omit the blobs it holds (delta)")
+    s.add_argument("--base-pub", action="append", help="check the --base bundle's signature with this public key")
+    s.add_argument("--have", help='have-file {"blobs": ["sha256:..."]}: omit the blobs a site holds (delta)')
+    s.add_argument("--volume-size", help="split into parts of this size (e.g. 4G, 700M)")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("inspect", help="show a bundle's manifest summary (no verification)")
+    s.add_argument("bundle", help="bundle file, its .parts.json or first part")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("verify", help="check the signature and re-hash every blob")
+    s.add_argument("bundle", help="bundle file, its .parts.json or first part")
+    s.add_argument("--pub", action="append", help="trusted public key (PEM); repeatable")
+    s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("diff", help="what changed between two bundles, and the size of a delta")
+    s.add_argument("old")
+    s.add_argument("new")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_diff)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad usage
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        _err(f"bundle-builder {args.command}: error: {exc}")
+        return EXIT_USAGE
+    except BundleError as exc:
+        _err(f"bundle-builder {args.command}: error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
