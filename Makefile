@@ -1,0 +1,31 @@
+# Developer entry points. The test world needs root, Docker and qemu binfmt: `sudo scripts/bootstrap` once.
+#   make world-up [SITE=dev] [HOSTS="repo:amd64:offline_repo node1:amd64:targets"]
+#   make world-status / make world-down [SITE=dev]
+# Inside a site: .venv/bin/python -m tests.world exec $(SITE) -- ansible all -m ansible.builtin.ping
+PYTHON ?= .venv/bin/python
+SITE ?= dev
+HOSTS ?=
+HOST_ARGS := $(foreach h,$(HOSTS),--host $(h))
+
+.PHONY: world-up world-down world-status world-images world-prune test demo
+
+world-up:
+	$(PYTHON) -m tests.world up $(SITE) $(HOST_ARGS)
+
+world-down:
+	$(PYTHON) -m tests.world down $(SITE)
+
+world-status:
+	$(PYTHON) -m tests.world status $(if $(filter command line,$(origin SITE)),$(SITE))
+
+world-images:
+	$(PYTHON) -m tests.world build
+
+world-prune:
+	$(PYTHON) -m tests.world prune
+
+test:
+	scripts/test
+
+demo:
+	scripts/demo

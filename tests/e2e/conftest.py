@@ -1,0 +1,87 @@
+"""Fixtures giving end-to-end tests running air-gapped sites (tests/world), torn down at session end.
+
+- `world_site`: the default site (repo + node1 + node2 amd64, arm1 arm64, a jump host with ansible).
+- `world_site_b`: a second, smaller site up at the same time (multi-site and isolation tests).
+Both are session-scoped: brought up once, removed when the session ends, also after failures or Ctrl-C.
+Leftovers of an earlier killed run with the same name are removed first.
+
+Skips happen only when the machine cannot run the world (not root, no Docker engine, no mmdebstrap, no
+qemu binfmt for arm64); with CI=true those become failures, so CI never passes by skipping.
+Env: OD_E2E_SITE / OD_E2E_SITE_B (site names), OD_WORLD_KEEP=1 (leave the sites up for poking at).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Iterable, Iterator
+
+import pytest
+
+from tests.world.rootfs import foreign_arch_problem
+from tests.world.site import DEFAULT_HOSTS, HostSpec, Site
+from tests.world.util import docker
+
+SITE_B_HOSTS = (HostSpec("repo", "amd64", ("offline_repo",)), HostSpec("node1", "amd64", ("targets",)))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e needs the world: mark it so `-m world` / `-m "not world"` select right."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.path).startswith(here):
+            item.add_marker(pytest.mark.world)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def world_problem(arches: Iterable[str]) -> str | None:
+    """Why this machine cannot run the test world, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (mmdebstrap and the Docker engine); run as root, e.g. sudo scripts/test"
+    for tool in ("docker", "mmdebstrap", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/bootstrap installs it)"
+    info = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    if info.rc != 0:
+        return f"no Docker engine answers `docker info` (start dockerd; scripts/bootstrap does): {info.output.strip()[:300]}"
+    for arch in sorted(set(arches)):
+        problem = foreign_arch_problem(arch)
+        if problem:
+            return f"cannot run {arch} hosts: {problem}"
+    return None
+
+
+def require_world(arches: Iterable[str]) -> None:
+    problem = world_problem(arches)
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(f"test world unavailable in CI (CI=true, so this is a failure, not a skip): {problem}",
+                    pytrace=False)
+    pytest.skip(f"test world unavailable on this machine: {problem}")
+
+
+def _running(site: Site) -> Iterator[Site]:
+    site.down()  # what an earlier, killed run may have left under this name
+    try:
+        site.up()
+        yield site
+    finally:
+        if os.environ.get("OD_WORLD_KEEP") != "1":
+            site.down()
+
+
+@pytest.fixture(scope="session")
+def world_site() -> Iterator[Site]:
+    """The default site, up for the whole session."""
+    require_world(h.arch for h in DEFAULT_HOSTS)
+    yield from _running(Site(os.environ.get("OD_E2E_SITE", "e2e-a"), DEFAULT_HOSTS))
+
+
+@pytest.fixture(scope="session")
+def world_site_b(world_site: Site) -> Iterator[Site]:
+    """A second site, up at the same time as `world_site` (distinct name, network and subnet)."""
+    require_world(h.arch for h in SITE_B_HOSTS)
+    yield from _running(Site(os.environ.get("OD_E2E_SITE_B", "e2e-b"), SITE_B_HOSTS))
