@@ -1,0 +1,73 @@
+"""The collection's modules run through the ansible command, as a user runs them: changed then not changed,
+check mode writes nothing, errors name the problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_site_repo import tree_hash, vendor  # noqa: F401  (module-scoped bundles fixture)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def collections_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ansible finds the collection at <path>/ansible_collections/offline/delivery: link the checkout there."""
+    root = tmp_path_factory.mktemp("collections")
+    target = root / "ansible_collections" / "offline"
+    target.mkdir(parents=True)
+    (target / "delivery").symlink_to(REPO_ROOT)
+    return root
+
+
+def run_module(collections: Path, module: str, args: dict, *extra: str) -> tuple[int, dict]:
+    """Run one module on localhost with the ``ansible`` command; returns rc and the module's result."""
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+               ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,",
+                           "-c", "local", "-o", "-m", f"offline.delivery.{module}", "-a", json.dumps(args), *extra],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("localhost | ")), None)
+    if line is None or "=> " not in line:
+        raise AssertionError(f"no result from ansible (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.returncode, json.loads(line.split("=> ", 1)[1])
+
+
+def _import_args(bundle: Path, repo: Path, pub: Path) -> dict:
+    return {"path": str(bundle), "repo_root": str(repo), "trusted_keys": [str(pub)]}
+
+
+def test_bundle_import_check_then_changed_then_unchanged(vendor, collections_path, tmp_path):  # noqa: F811
+    repo = tmp_path / "repo"
+    pub = vendor["dir"] / "vendor.pub"
+    args = _import_args(vendor["full"], repo, pub)
+
+    rc, res = run_module(collections_path, "bundle_import", args, "--check")
+    assert rc == 0 and res["changed"] and "would be imported" in res["msg"]
+    assert not repo.exists(), "check mode must write nothing"
+
+    rc, res = run_module(collections_path, "bundle_import", args)
+    assert rc == 0 and res["changed"], res
+    assert res["release"]["name"] == "mini" and res["release"]["blobs_new"] > 0
+
+    rc, res = run_module(collections_path, "bundle_import", args)
+    assert rc == 0 and not res["changed"], res
+
+    rc, res = run_module(collections_path, "bundle_import", _import_args(vendor["delta"], repo, pub))
+    assert rc == 0 and res["changed"] and res["release"]["version"] == "1.1.0"
+
+
+def test_bundle_import_refuses_untrusted_bundle_and_names_the_key(vendor, collections_path, tmp_path):  # noqa: F811
+    repo = tmp_path / "repo"
+    other = vendor["dir"] / "other.pub"
+    rc, res = run_module(collections_path, "bundle_import", _import_args(vendor["full"], repo, other))
+    assert rc != 0 and "msg" in res
+    assert "repository unchanged" in res["msg"] and "not one of the trusted keys" in res["msg"]
+    assert tree_hash(repo) == "absent"
