@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offline_delivery_core import bundle_format, ed25519
@@ -68,9 +69,23 @@ def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     except ValueError as exc:
         raise SigningError(f"{path} is not a PEM private key ({exc}); make one with 'bundle-builder keygen'") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"signing key {path} is a {type(key).__name__.lstrip('_')}, but bundles are signed "
+        raise SigningError(f"signing key {path} is an {_key_kind(key)} key, but bundles are signed "
                            "with Ed25519; make a key pair with 'bundle-builder keygen'")
     return key
+
+
+def _key_kind(key: object) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return f"RSA ({key.key_size} bits)"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"EC ({key.curve.name})"
+    if isinstance(key, dsa.DSAPrivateKey):
+        return "DSA"
+    if isinstance(key, ed448.Ed448PrivateKey):
+        return "Ed448"
+    if isinstance(key, x25519.X25519PrivateKey):
+        return "X25519"
+    return type(key).__name__
 
 
 def load_public_key(path: str | Path) -> bytes:
