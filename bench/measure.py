@@ -1,0 +1,190 @@
+"""Measuring primitives: a timed child process with its own peak RSS, the hashlib limit, medians,
+a disk-usage sampler, and what machine this ran on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+CHUNK = 1024 * 1024
+
+
+class BenchError(RuntimeError):
+    """A measured command failed: says which, with its exit code and the end of its stderr."""
+
+
+@dataclass
+class ChildRun:
+    seconds: float
+    max_rss: int          # bytes, of this child alone (wait4), 0 when unknown
+    stdout: str
+    stderr: str
+
+
+def run_child(argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 3600,
+              env: dict[str, str] | None = None, check: bool = True) -> ChildRun:
+    """Run a command, wall-timed, and read the peak RSS of exactly that process from ``wait4``.
+
+    RUSAGE_CHILDREN would give the maximum over every child this process ever had; wait4 gives the one.
+    Output goes to files (not pipes) so a chatty child cannot block on a full pipe while we wait.
+    """
+    out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-child-{os.getpid()}.out"
+    err_path = out_path.with_suffix(".err")
+    start = time.perf_counter()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd, env=env)  # pylint: disable=consider-using-with
+        deadline = start + timeout
+        while True:  # bounded wait: poll wait4 without blocking so a hung child cannot hang the bench
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s; killed")
+            time.sleep(0.005)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    out_path.unlink(missing_ok=True)
+    err_path.unlink(missing_ok=True)
+    if check and proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {stderr.strip()[-2000:]}")
+    return ChildRun(seconds, usage.ru_maxrss * 1024, stdout, stderr)
+
+
+def hash_files(paths: Iterable[Path]) -> tuple[int, float]:
+    """Read and sha256 every file in 1 MiB chunks, one thread: (bytes, seconds). This is the limit the
+    builder, the verifier and the importer are measured against (they do at least this much work)."""
+    total = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as fh:
+            while True:
+                n = fh.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+                total += n
+        h.hexdigest()
+    return total, time.perf_counter() - start
+
+
+def warm(paths: Iterable[Path]) -> int:
+    """Read files once so every measurement sees the same (hot) page cache; returns bytes read."""
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as fh:
+            while chunk := fh.read(8 * CHUNK):
+                total += len(chunk)
+    return total
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def repeat(times: int, fn: Callable[[int], float]) -> list[float]:
+    """fn(i) -> one measured value, ``times`` times."""
+    return [fn(i) for i in range(times)]
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes allocated under ``root`` (st_blocks: a hard link or a rename costs nothing, a copy does)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue  # renamed away while we walked
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+class PeakSampler:
+    """Samples ``tree_bytes(root)`` in a thread while a child runs: the peak disk a step needs there."""
+
+    def __init__(self, root: Path, interval: float = 0.05) -> None:
+        self.root = root
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_bytes(self.root))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.peak = max(self.peak, tree_bytes(self.root))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machine information
+
+
+def _first(path: str, prefix: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _command_output(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine_info(repo_root: Path) -> dict[str, object]:
+    mem_kb = _first("/proc/meminfo", "MemTotal").split()[0]
+    return {
+        "cores": os.cpu_count(),
+        "memory_bytes": int(mem_kb) * 1024 if mem_kb.isdigit() else None,
+        "cpu_model": _first("/proc/cpuinfo", "model name"),
+        "sha_ni": "sha_ni" in _first("/proc/cpuinfo", "flags").split(),
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "python": sys.version.split()[0],
+        "openssl": __import__("ssl").OPENSSL_VERSION,
+        "docker_server": _command_output(["docker", "version", "--format", "{{.Server.Version}}"]) or None,
+        "git_commit": _command_output(["git", "-C", str(repo_root), "rev-parse", "HEAD"]) or None,
+    }
+
+
+def _os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return "unknown"
