@@ -823,3 +823,22 @@ def test_secret_values_never_enter_the_model():
     env = effective_env(model, "db", secrets={"db_password": value}, hosts={})
     assert env["POSTGRES_PASSWORD"] == value
     assert value not in json.dumps(model)
+
+
+# ------------------------------------------------------------------------------------ the documented example
+
+def test_full_example_in_docs_is_valid():
+    import pathlib
+    import yaml
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "app-model.md").read_text()
+    section = doc.split("## Full example: a shop", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    model = load_model(yaml.safe_load(block), source="docs/app-model.md")
+    assert start_order(model) == [["db", "redis"], ["api"], ["gateway"]]
+    env = effective_env(model, "api", secrets={"db_password": "pw"}, hosts={"db": "db", "redis": "redis"})
+    assert env == {"DB_HOST": "db", "DB_PORT": "5432", "DB_USER": "shop", "DB_NAME": "shop", "DB_PASSWORD": "pw",
+                   "REDIS_HOST": "redis", "REDIS_PORT": "6379", "SHOP_CURRENCY": "EUR", "SHOP_PAGE_SIZE": "20"}
+    gateway_env = effective_env(model, "gateway", secrets={}, hosts={"api": "api"})
+    assert "proxy_pass http://api:8000/;" in render_config(model, "gateway", 0, env=gateway_env, secrets={})
+    assert "proxy_set_header Host $host;" in render_config(model, "gateway", 0, env=gateway_env, secrets={})
