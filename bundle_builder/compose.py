@@ -640,6 +640,10 @@ class _Converter:
         if value.get("disable") or test == ["NONE"] or test == "NONE":
             self.note(path, "healthcheck disabled in compose; the component has no health check")
             return None
+        if test is None:
+            self.note(path, "no test: compose runs the image's own HEALTHCHECK, which the model cannot see; not "
+                      "converted — write the probe in the model")
+            return None
         argv = _health_argv(test)
         if argv is None:
             self.note(path + ".test", "cannot read test %r (expected CMD, CMD-SHELL, NONE or a string); not "

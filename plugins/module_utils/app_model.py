@@ -232,7 +232,7 @@ def _classify_ref(inner: str) -> object:
 
 def references(text: str) -> List[Tuple[str, str]]:
     """The valid (kind, name) references in text, in order (invalid ones are left out)."""
-    parts, _ = _parse_refs(text)
+    parts = _parse_refs(text)[0]
     return [p for p in parts if isinstance(p, tuple)]
 
 
@@ -1171,4 +1171,4 @@ def generate_secret(spec: Mapping[str, object]) -> str:
     if checked is None:
         raise ModelError(errors.items)
     alphabet = SECRET_CHARSETS[checked["charset"]]
-    return "".join(_secrets_module.choice(alphabet) for _ in range(checked["length"]))
+    return "".join(_secrets_module.choice(alphabet) for dummy in range(checked["length"]))

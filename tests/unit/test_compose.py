@@ -384,6 +384,9 @@ def test_healthcheck_forms(tmp_path):
           c:
             image: c:1
             healthcheck: {disable: true}
+          d:
+            image: d:1
+            healthcheck: {interval: 5s}
     """)
     assert model["components"]["a"]["health"] == {"exec": ["/bin/sh", "-c", "pg_isready -U x"], "interval": 2,
                                                   "timeout": 2, "retries": 2, "start_period": 0}
@@ -391,6 +394,8 @@ def test_healthcheck_forms(tmp_path):
     assert "health" not in model["components"]["b"]
     assert has_line(report, "services.b.healthcheck.test", "cannot read test")
     assert has_line(report, "services.c.healthcheck", "disabled")
+    assert "health" not in model["components"]["d"]
+    assert has_line(report, "services.d.healthcheck", "the image's own HEALTHCHECK")
 
 
 def test_depends_on_healthy_and_start_order(tmp_path):
