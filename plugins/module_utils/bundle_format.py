@@ -334,6 +334,8 @@ class PartsReader:
             return
         part = self.parts[self._index]
         path = os.path.join(self.directory, part["name"])
+        self._left = 0
+        self._hash = hashlib.sha256()
         try:
             self._fh = open(path, "rb")  # pylint: disable=consider-using-with
         except OSError as exc:
@@ -342,18 +344,17 @@ class PartsReader:
                               member=part["name"], offset=self._offset) from None
         actual = os.fstat(self._fh.fileno()).st_size
         if actual != part["size"]:
-            hint = self._which_part_is_it(size=actual)
-            raise BundleError(f"part {part['name']} is {actual} bytes, parts.json says {part['size']}{hint}; "
-                              "copy it again", member=part["name"], offset=self._offset)
+            self._fh.close()
+            self._fh = None  # nothing more to read or check in this set
+            raise BundleError(f"part {part['name']} is {actual} bytes, parts.json says {part['size']}; "
+                              "it is truncated or not part of this set: copy it again",
+                              member=part["name"], offset=self._offset)
         self._left = part["size"]
-        self._hash = hashlib.sha256()
 
-    def _which_part_is_it(self, *, size: int | None = None, digest: str | None = None) -> str:
+    def _which_part_is_it(self, digest: str) -> str:
         """Name the other part this content belongs to, when it matches one (parts swapped or renamed)."""
         for i, other in enumerate(self.parts):
-            if i == self._index:
-                continue
-            if digest is not None and other["sha256"] == digest:
+            if i != self._index and other["sha256"] == digest:
                 return f" — its content is that of {other['name']} (parts out of order or renamed?)"
         return ""
 
@@ -361,7 +362,7 @@ class PartsReader:
         part = self.parts[self._index]
         got = "sha256:" + self._hash.hexdigest()
         if got != part["sha256"]:
-            hint = self._which_part_is_it(digest=got)
+            hint = self._which_part_is_it(got)
             raise BundleError(f"part {part['name']} has sha256 {got}, parts.json says {part['sha256']}{hint}; "
                               "the part is damaged: copy it again", member=part["name"], offset=self._offset)
         self._open_next()
@@ -680,7 +681,7 @@ def _check_member_name(name: str, offset: int) -> None:
                           member=name, offset=offset)
     if name not in (MANIFEST_NAME, SIGNATURE_NAME) and not _BLOB_NAME.match(name):
         raise BundleError(f"tar member {name!r} is not allowed in a bundle (only {MANIFEST_NAME}, "
-                          f"{SIGNATURE_NAME} and {BLOB_PREFIX}<64 hex>)", member=name, offset=offset)
+                          f"{SIGNATURE_NAME} and {BLOB_PREFIX}<64 hex>); refuse this bundle", member=name, offset=offset)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -796,44 +797,49 @@ def verify_bundle(path: str, trusted_keys: list[bytes] | None, sink: Sink | None
     Raises BundleError naming the member/part and offset at fault.
     """
     stream = open_bundle(path)
-    tar = TarStreamReader(stream)
     try:
-        head, member = _read_head(tar, trusted_keys)
-        result = VerifyResult(manifest=head.manifest, manifest_digest=head.manifest_digest,
-                              signed=head.signature is not None, keyid=head.keyid,
-                              signature_checked=trusted_keys is not None,
-                              members=[MANIFEST_NAME] + ([SIGNATURE_NAME] if head.signature else []))
-        blobs = bundled_blobs(head.manifest)
-        listed = {blob_path(b["digest"]) for b in blobs}
-        total = sum(b["size"] for b in blobs)
-        counter = [0]
-        for desc in blobs:
-            member = _next_blob(tar, member, desc, listed)
-            chunks = _blob_chunks(tar, member, desc, counter)
-            try:
-                if sink is not None:
-                    sink(desc, chunks)
-                _drain(chunks)  # the sink may stop early; the digest is checked all the same
-            except BundleError:
-                stream.check_current_part()  # a damaged part is the better explanation, when it is one
-                raise
-            result.members.append(member.name)
-            result.blobs_checked += 1
-            if progress is not None:
-                progress(counter[0], total)
-            member = tar.next_member()
-        if member is not None:
-            raise BundleError(f"member {member.name!r} follows the last blob the manifest lists: more members "
-                              "than the manifest lists; refuse this bundle", member=member.name,
-                              offset=member.header_offset)
-        stream.finish()
-        result.bytes_checked = counter[0]
-        omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
-        result.blobs_omitted = len(omitted)
-        result.bytes_omitted = sum(b["size"] for b in omitted)
-        return result
+        return _verify_stream(stream, trusted_keys, sink, progress)
+    except BundleError:
+        # In a split bundle, a damaged part is the better explanation: check the part we were in.
+        stream.check_current_part()
+        raise
     finally:
         stream.close()
+
+
+def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] | None, sink: Sink | None,
+                   progress: Callable[[int, int], None] | None) -> VerifyResult:
+    tar = TarStreamReader(stream)
+    head, member = _read_head(tar, trusted_keys)
+    result = VerifyResult(manifest=head.manifest, manifest_digest=head.manifest_digest,
+                          signed=head.signature is not None, keyid=head.keyid,
+                          signature_checked=trusted_keys is not None,
+                          members=[MANIFEST_NAME] + ([SIGNATURE_NAME] if head.signature else []))
+    blobs = bundled_blobs(head.manifest)
+    listed = {blob_path(b["digest"]) for b in blobs}
+    total = sum(b["size"] for b in blobs)
+    counter = [0]
+    for desc in blobs:
+        member = _next_blob(tar, member, desc, listed)
+        chunks = _blob_chunks(tar, member, desc, counter)
+        if sink is not None:
+            sink(desc, chunks)
+        _drain(chunks)  # the sink may stop early; the digest is checked all the same
+        result.members.append(member.name)
+        result.blobs_checked += 1
+        if progress is not None:
+            progress(counter[0], total)
+        member = tar.next_member()
+    if member is not None:
+        raise BundleError(f"member {member.name!r} follows the last blob the manifest lists: more members "
+                          "than the manifest lists; refuse this bundle", member=member.name,
+                          offset=member.header_offset)
+    stream.finish()
+    result.bytes_checked = counter[0]
+    omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
+    result.blobs_omitted = len(omitted)
+    result.bytes_omitted = sum(b["size"] for b in omitted)
+    return result
 
 
 def read_blob(path: str, digest: str, limit: int = MAX_MANIFEST_SIZE) -> bytes:
