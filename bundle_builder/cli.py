@@ -133,19 +133,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _summary(path: str, head: bundle_format.BundleHead) -> dict[str, Any]:
-    m = head.manifest
-    bundled = [b for b in m["blobs"] if b["bundled"]]
-    omitted = [b for b in m["blobs"] if not b["bundled"]]
-    return {
-        "path": path, "name": m["name"], "version": m["version"], "builder": m["builder"],
-        "platforms": m["platforms"], "manifest_digest": head.manifest_digest,
-        "signed": head.signature is not None, "keyid": head.keyid, "delta": m["delta"],
-        "components": m["images"],
-        "blobs": {"total": len(m["blobs"]), "bundled": len(bundled), "omitted": len(omitted),
-                  "bytes_total": sum(b["size"] for b in m["blobs"]),
-                  "bytes_bundled": sum(b["size"] for b in bundled),
-                  "bytes_omitted": sum(b["size"] for b in omitted)},
-    }
+    summary = bundle_format.summarize_manifest(head.manifest)
+    summary.update(path=path, manifest_digest=head.manifest_digest, signed=head.signature is not None,
+                   keyid=head.keyid)
+    return summary
 
 
 def _delta_text(delta: dict[str, Any] | None) -> str:
@@ -165,7 +156,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({**summary, "manifest": head.manifest})
         return EXIT_OK
-    b = summary["blobs"]
     lines = [
         f"bundle:     {args.bundle}",
         f"release:    {summary['name']} {summary['version']}",
@@ -175,11 +165,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "signature:  " + (f"ed25519, key {summary['keyid']} (not checked here: use 'verify --pub')"
                           if summary["signed"] else "none (unsigned bundle)"),
         f"delta:      {_delta_text(summary['delta'])}",
-        f"blobs:      {b['total']} ({human_size(b['bytes_total'])}); carried {b['bundled']} "
-        f"({human_size(b['bytes_bundled'])}); omitted {b['omitted']} ({human_size(b['bytes_omitted'])})",
+        f"blobs:      {summary['blobs']} ({human_size(summary['bytes'])}); carried {summary['bundled_blobs']} "
+        f"({human_size(summary['bundled_bytes'])}); omitted {summary['omitted_blobs']} "
+        f"({human_size(summary['omitted_bytes'])})",
         "components:",
     ]
-    for comp, image in sorted(summary["components"].items()):
+    for comp, image in sorted(summary["images"].items()):
         lines.append(f"  {comp}: {image['reference']} (index {image['index']})")
         for plat, digest in sorted(image["manifests"].items()):
             lines.append(f"    {plat}: {digest}")

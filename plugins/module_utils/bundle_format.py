@@ -249,6 +249,27 @@ def bundled_blobs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [b for b in manifest["blobs"] if b["bundled"]]
 
 
+def summarize_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a release is, in a few fields (inspect, bundle_info): name, version, platforms, components,
+    images (reference, index and per-platform manifest digests), blob counts and bytes, delta."""
+    bundled = bundled_blobs(manifest)
+    return {
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "builder": dict(manifest["builder"]),
+        "platforms": list(manifest["platforms"]),
+        "components": sorted(manifest["images"]),
+        "images": manifest["images"],
+        "blobs": len(manifest["blobs"]),
+        "bytes": sum(b["size"] for b in manifest["blobs"]),
+        "bundled_blobs": len(bundled),
+        "bundled_bytes": sum(b["size"] for b in bundled),
+        "omitted_blobs": len(manifest["blobs"]) - len(bundled),
+        "omitted_bytes": sum(b["size"] for b in manifest["blobs"]) - sum(b["size"] for b in bundled),
+        "delta": manifest["delta"],
+    }
+
+
 # --------------------------------------------------------------------------------------------------------
 # Signature
 
