@@ -1,0 +1,58 @@
+"""Shop API 1.2.0 -- a BROKEN release, kept on purpose to test the upgrade health gate.
+
+It expects an ``orders.discount_cents`` column that no migration creates, so /healthz answers 500 on any
+database that 1.0.0/1.1.0 created. Everything else is as in 1.1.0."""
+from __future__ import annotations
+
+from typing import Any
+
+from shop_store import HttpError, JsonHandler, parse_order, serve
+
+VERSION = "1.2.0"
+
+
+def healthz(h: JsonHandler) -> tuple[int, Any]:
+    try:
+        checks = h.store.check()
+        # The bug: the column is read but never created.
+        h.store.query("SELECT discount_cents FROM orders LIMIT 0")
+        return 200, {"status": "ok", **checks}
+    except Exception as exc:  # any failure of a store makes the API unhealthy
+        return 500, {"status": "unhealthy", "error": f"{type(exc).__name__}: {str(exc).strip()}"}
+
+
+def version(h: JsonHandler) -> tuple[int, Any]:
+    s = h.store.settings
+    return 200, {"version": VERSION, "currency": s.currency, "page_size": s.page_size}
+
+
+def list_orders(h: JsonHandler) -> tuple[int, Any]:
+    return 200, {"orders": h.store.list_orders(h.store.settings.page_size), "currency": h.store.settings.currency}
+
+
+def place_order(h: JsonHandler) -> tuple[int, Any]:
+    item, quantity = parse_order(h.read_body())
+    return 201, h.store.add_order(item, quantity)
+
+
+def summary(h: JsonHandler) -> tuple[int, Any]:
+    rows = h.store.query("SELECT item, count(*), sum(quantity) FROM orders GROUP BY item ORDER BY item")
+    return 200, {
+        "orders": sum(row[1] for row in rows),
+        "quantity": sum(int(row[2]) for row in rows),
+        "by_item": {row[0]: {"orders": row[1], "quantity": int(row[2])} for row in rows},
+        "placed_total": h.store.placed_total(),
+        "currency": h.store.settings.currency,
+    }
+
+
+ROUTES = {
+    ("GET", "/healthz"): healthz,
+    ("GET", "/version"): version,
+    ("GET", "/orders"): list_orders,
+    ("POST", "/orders"): place_order,
+    ("GET", "/orders/summary"): summary,
+}
+
+if __name__ == "__main__":
+    serve(VERSION, ROUTES)
