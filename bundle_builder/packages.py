@@ -63,7 +63,8 @@ TIMEOUT_DPKG_DEB = 60
 TIMEOUT_LOCK = 2400
 
 _QEMU_BINFMT = {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}
-_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<filename>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+# --print-uris: 'URI' file size [MD5Sum:hex] (the hash is left out where the index has no MD5, e.g. security)
+_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<filename>\S+) (?P<size>\d+)(?: (?P<hash>\S+))?$")
 
 
 class PackageError(RuntimeError):
@@ -428,7 +429,12 @@ def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: P
                             what=f"list closure of {profile}")
     except PackageError as exc:
         raise _explain_apt_error(exc, state.label, profile, args) from None
-    listed = [m for m in (_URI_LINE.match(line.strip()) for line in out.stdout.splitlines()) if m]
+    listed = []
+    for line in filter(None, (raw.strip() for raw in out.stdout.splitlines())):
+        match = _URI_LINE.match(line)
+        if match is None:  # never drop a line silently: a lost line would be a package missing on site
+            raise PackageError(f"{state.label}: unexpected line from apt-get --print-uris: {line!r}")
+        listed.append(match)
     if not listed:
         return []
     # --print-uris names the first hash of the index (MD5Sum): take the SHA256 of the same record.
@@ -436,10 +442,11 @@ def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: P
     wanted = []
     for m in listed:
         name, version, deb_arch = _split_filename(m["filename"])
-        algo, _, value = m["hash"].partition(":")
-        field = {"MD5SUM": "MD5sum", "SHA256": "SHA256", "SHA1": "SHA1", "SHA512": "SHA512"}.get(algo.upper(), "")
+        algo, _, value = (m["hash"] or "").partition(":")
+        field = {"MD5SUM": "MD5sum", "SHA256": "SHA256", "SHA1": "SHA1", "SHA512": "SHA512"}.get(algo.upper())
         matches = {r["SHA256"] for r in records.get((name, version, deb_arch), [])
-                   if r.get("SHA256") and r.get(field, "").lower() == value.lower() and r.get("Size") == m["size"]}
+                   if r.get("SHA256") and r.get("Size") == m["size"]
+                   and (field is None or r.get(field, "").lower() == value.lower())}
         if len(matches) != 1:
             raise PackageError(f"{state.label}: no single SHA256 in the signed index for {m['filename']} "
                                f"({algo} {value}); the index may be stale: retry with a refresh")
