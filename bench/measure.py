@@ -25,50 +25,64 @@ class BenchError(RuntimeError):
 @dataclass
 class ChildRun:
     seconds: float
-    max_rss: int          # bytes, of this child alone (wait4), 0 when unknown
+    max_rss: int          # bytes, peak RSS of the command alone (GNU time), 0 when unknown
+    cpu_seconds: float    # user + system CPU time of the command (GNU time), 0 when unknown
     stdout: str
     stderr: str
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_child(argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 3600,
               env: dict[str, str] | None = None, check: bool = True) -> ChildRun:
-    """Run a command, wall-timed, and read the peak RSS of exactly that process from ``wait4``.
+    """Run a command, wall-timed, and read the peak RSS of exactly that command.
 
-    RUSAGE_CHILDREN would give the maximum over every child this process ever had; wait4 gives the one.
+    The peak RSS comes from GNU time (``/usr/bin/time -f %M``), which forks the command itself. Reading
+    ``wait4``/RUSAGE_CHILDREN here would be wrong: Linux carries the forking process's high-water RSS into
+    the child's ``ru_maxrss`` across exec, so every child would report at least this Python process's RSS.
     Output goes to files (not pipes) so a chatty child cannot block on a full pipe while we wait.
     """
-    out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-child-{os.getpid()}.out"
-    err_path = out_path.with_suffix(".err")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    out_path, err_path, rss_path = (tmp / f"bench-child-{os.getpid()}.{ext}" for ext in ("out", "err", "rss"))
+    rss_path.unlink(missing_ok=True)
+    wrapped = ([GNU_TIME, "-f", "%M %U %S", "-o", str(rss_path), *argv] if os.access(GNU_TIME, os.X_OK)
+               else list(argv))
     start = time.perf_counter()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd, env=env)  # pylint: disable=consider-using-with
-        deadline = start + timeout
-        while True:  # bounded wait: poll wait4 without blocking so a hung child cannot hang the bench
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s; killed")
-            time.sleep(0.005)
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=err, cwd=cwd, env=env)  # pylint: disable=consider-using-with
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=60)
+            raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s; killed") from None
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     stdout, stderr = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
-    out_path.unlink(missing_ok=True)
-    err_path.unlink(missing_ok=True)
+    rss_kb, cpu = _read_time_file(rss_path)
+    for path in (out_path, err_path, rss_path):
+        path.unlink(missing_ok=True)
     if check and proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: {stderr.strip()[-2000:]}")
-    return ChildRun(seconds, usage.ru_maxrss * 1024, stdout, stderr)
+    return ChildRun(seconds, rss_kb * 1024, cpu, stdout, stderr)
 
 
-def hash_files(paths: Iterable[Path]) -> tuple[int, float]:
-    """Read and sha256 every file in 1 MiB chunks, one thread: (bytes, seconds). This is the limit the
-    builder, the verifier and the importer are measured against (they do at least this much work)."""
+def _read_time_file(path: Path) -> tuple[int, float]:
+    """GNU time's "%M %U %S" (KiB, CPU seconds); the file may start with "Command exited with ..."."""
+    try:
+        fields = path.read_text().split()[-3:]
+        return int(fields[0]), float(fields[1]) + float(fields[2])
+    except (OSError, ValueError, IndexError):
+        return 0, 0.0
+
+
+def hash_files(paths: Iterable[Path]) -> tuple[int, float, float]:
+    """Read and sha256 every file in 1 MiB chunks, one thread: (bytes, wall seconds, CPU seconds). This is
+    the limit the builder, the verifier and the importer are measured against (they do at least this)."""
     total = 0
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for path in paths:
         h = hashlib.sha256()
         with open(path, "rb", buffering=0) as fh:
@@ -79,7 +93,7 @@ def hash_files(paths: Iterable[Path]) -> tuple[int, float]:
                 h.update(view[:n])
                 total += n
         h.hexdigest()
-    return total, time.perf_counter() - start
+    return total, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def warm(paths: Iterable[Path]) -> int:
@@ -102,7 +116,9 @@ def repeat(times: int, fn: Callable[[int], float]) -> list[float]:
 
 
 def tree_bytes(root: Path) -> int:
-    """Bytes allocated under ``root`` (st_blocks: a hard link or a rename costs nothing, a copy does)."""
+    """Bytes of the files under ``root``, each inode counted once: a hard link or a rename costs nothing,
+    a copy counts twice. Apparent sizes, not blocks, so that 4 KiB block rounding of small files does not
+    pass for a copy."""
     total = 0
     seen: set[tuple[int, int]] = set()
     for dirpath, _dirs, files in os.walk(root):
@@ -113,7 +129,7 @@ def tree_bytes(root: Path) -> int:
                 continue  # renamed away while we walked
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
+                total += st.st_size
     return total
 
 

@@ -157,7 +157,8 @@ def docs_block(doc: dict[str, Any], results_file: str) -> str:
         f"image is carried whole.",
         "",
         f"Conditions: page cache **{c['cache']}**; each value is the median of {c['repeat']} runs "
-        f"(every run is in the JSON).",
+        f"(every run is in the JSON); load average (1/5/15 min) {_load(c, 'before')} before, "
+        f"{_load(c, 'after')} after: other work shared the {m['cores']} cores.",
         "",
         markdown_table(rows),
         "",
@@ -168,6 +169,11 @@ def docs_block(doc: dict[str, Any], results_file: str) -> str:
     else:
         lines.append("Every goal measured in this run was met.")
     return "\n".join(lines)
+
+
+def _load(conditions: dict[str, Any], when: str) -> str:
+    values = (conditions.get("load_average") or {}).get(when) or []
+    return "/".join(f"{v:.1f}" for v in values) or "?"
 
 
 def update_docs(path: Path, block: str) -> None:
