@@ -332,15 +332,18 @@ def borrowed_codenames(distro: Distro, mirrors: DebianMirrors) -> list[str]:
     return names
 
 
-def apt_source_lines(distro: Distro, mirrors: DebianMirrors, *, borrowed: bool = True) -> list[str]:
-    """One-line apt sources for ``distro``: its suite, update suites, security suite and (if ``borrowed``)
-    the suites some profile borrows a package from, with their security suites."""
+def apt_source_lines(distro: Distro, mirrors: DebianMirrors, *, updates: bool = True,
+                     borrowed: bool = True) -> list[str]:
+    """One-line apt sources for ``distro``: its suite, and if ``updates`` its update and security suites,
+    and if ``borrowed`` the suites some profile borrows a package from (with their security suites)."""
     if distro.family != "debian":
         raise DistroError(f"{distro.key}: apt sources are only known for the debian family")
     opt = f"[signed-by={mirrors.keyring}]"
-    lines = [f"deb {opt} {mirrors.archive} {s} main" for s in (distro.suite, *distro.update_suites)]
-    if distro.security_suite and mirrors.security:
-        lines.append(f"deb {opt} {mirrors.security} {distro.security_suite} main")
+    lines = [f"deb {opt} {mirrors.archive} {distro.suite} main"]
+    if updates:
+        lines += [f"deb {opt} {mirrors.archive} {s} main" for s in distro.update_suites]
+        if distro.security_suite and mirrors.security:
+            lines.append(f"deb {opt} {mirrors.security} {distro.security_suite} main")
     if borrowed:
         for suite in distro.borrowed_suites:
             lines.append(f"deb {opt} {mirrors.archive} {suite} main")

@@ -126,6 +126,29 @@ def package_index(files: Iterable[PackageFile]) -> dict[str, dict[str, object]]:
     return index
 
 
+def package_blobs(files: Iterable[PackageFile]) -> list[dict[str, object]]:
+    """One blob per distinct file (a file can serve several distros, arches or profiles): digest, size,
+    mediaType, the union of usedBy, and the cached ``path`` to copy it from. Sorted by digest."""
+    blobs: dict[str, dict[str, object]] = {}
+    for f in files:
+        blob = blobs.setdefault(f.digest, {"digest": f.digest, "size": f.size, "mediaType": f.media_type,
+                                           "usedBy": [], "path": f.path, "filename": f.filename})
+        blob["usedBy"] = sorted(set(blob["usedBy"]) | set(f.used_by))  # type: ignore[arg-type]
+    return [blobs[d] for d in sorted(blobs)]
+
+
+def resolve_all(distro_keys: Iterable[str], arches: Iterable[str], profiles: Sequence[str] | None = None, *,
+                cache_dir: Path, progress: Progress | None = None) -> list[PackageFile]:
+    """:func:`resolve_packages` for every distro × arch (``profiles`` None: all of each distro's profiles)."""
+    files: list[PackageFile] = []
+    for key in distro_keys:
+        row = get_distro(key)
+        for arch in dict.fromkeys(check_arch(row, a) for a in arches):
+            files += resolve_packages(key, arch, list(profiles or row.profiles), cache_dir=cache_dir,
+                                      progress=progress)
+    return files
+
+
 # ---------------------------------------------------------------------------------------------------------
 # small helpers
 
@@ -244,8 +267,10 @@ def _minbase_recipe(distro: Distro, arch: str, mirrors: DebianMirrors) -> dict[s
         "hooks": ["merged-usr"],
         "suite": distro.suite,
         "arch": arch,
-        # Only the release's own suites: a borrowed suite must never replace an essential package.
-        "sources": apt_source_lines(distro, mirrors, borrowed=False),
+        # The release's point-release suite only, as installed from its media: a closure package that needs
+        # a newer (security/update) version of something minbase has then brings it along. Never a
+        # borrowed suite: it must not replace an essential package.
+        "sources": apt_source_lines(distro, mirrors, updates=False, borrowed=False),
     }
 
 

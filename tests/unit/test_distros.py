@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from bundle_builder.distros import (
     normalize_arch,
     supported_distros,
 )
-from bundle_builder.packages import PackageError, PackageFile, package_index, resolve_packages
+from bundle_builder.packages import PackageError, PackageFile, package_blobs, package_index, resolve_packages
 
 MIRRORS = DebianMirrors(archive="http://mirror.invalid/debian", security="http://mirror.invalid/debian-security",
                         keyring=Path("/usr/share/keyrings/debian-archive-keyring.gpg"))
@@ -175,7 +176,9 @@ def test_source_lines_for_debian_12() -> None:
         f"deb {key} http://mirror.invalid/debian trixie main",
         f"deb {key} http://mirror.invalid/debian-security trixie-security main",
     ]
-    # The minimal root filesystem is made from the release's own suites only.
+    # The minimal root filesystem is made from the release's point-release suite only.
+    assert apt_source_lines(get_distro("debian-12"), MIRRORS, updates=False, borrowed=False) == [
+        f"deb {key} http://mirror.invalid/debian bookworm main"]
     assert not any("trixie" in line for line in apt_source_lines(get_distro("debian-12"), MIRRORS, borrowed=False))
     assert borrowed_codenames(get_distro("debian-12"), MIRRORS) == ["trixie", "trixie-security"]
 
@@ -254,3 +257,15 @@ def test_package_index_is_grouped_sorted_and_stable() -> None:
 
 def test_package_ref_plain() -> None:
     assert PackageRef("zstd").apt_arg() == "zstd"
+
+
+def test_package_blobs_merge_used_by_per_digest() -> None:
+    amd = _pf("netbase", "all", ("compose",))
+    arm = dataclasses.replace(amd, target_arch="arm64", profiles=("base", "compose"))
+    other = _pf("tini", "amd64", ("compose",))
+    blobs = package_blobs([other, amd, arm])
+    assert [b["digest"] for b in blobs] == ["sha256:" + "n" * 64, "sha256:" + "t" * 64]
+    assert blobs[0]["usedBy"] == ["packages:debian-12/amd64/compose", "packages:debian-12/arm64/base",
+                                  "packages:debian-12/arm64/compose"]
+    assert blobs[0]["mediaType"] == "application/vnd.debian.binary-package"
+    assert blobs[0]["size"] == 10 and blobs[0]["path"] == Path("/c/netbase.deb")

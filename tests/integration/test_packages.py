@@ -1,0 +1,217 @@
+"""Real closures from Debian's archive for Debian 12 amd64 and arm64 (and Debian 13 amd64).
+
+Slow the first time (a minbase root filesystem per release/arch, arm64 under qemu ~150 s, and ~100 MB of
+downloads); everything is cached under ${OD_CACHE:-/var/cache/offline-delivery-test}/packages, so later runs
+take seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from bundle_builder import distros
+from bundle_builder.distros import PackageRef, get_distro
+from bundle_builder.packages import (
+    PackageError,
+    PackageFile,
+    default_cache_dir,
+    minbase_rootfs,
+    resolve_packages,
+    verify_closure,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+ENGINE = {"docker.io", "containerd", "runc", "docker-compose"}
+
+
+def _prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "mmdebstrap builds root filesystems as root here"
+    for tool in ("mmdebstrap", "apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/bootstrap installs it)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cache_dir() -> Path:
+    reason = _prerequisites()
+    if reason:
+        pytest.skip(reason)
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="module")
+def compose_closures(cache_dir: Path) -> dict[str, list[PackageFile]]:
+    """The compose closure of Debian 12 per arch (first call: may build and download)."""
+    return {arch: resolve_packages("debian-12", arch, ["compose"], cache_dir=cache_dir, progress=print)
+            for arch in ("amd64", "arm64")}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _control(path: Path) -> dict[str, str]:
+    out = subprocess.run(["dpkg-deb", "-f", str(path)], capture_output=True, text=True, check=True, timeout=60)
+    fields: dict[str, str] = {}
+    last = ""
+    for line in out.stdout.splitlines():
+        if line[:1].isspace() and last:
+            fields[last] += " " + line.strip()
+        else:
+            last, _, value = line.partition(":")
+            fields[last] = value.strip()
+    return fields
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_compose_closure_has_engine_and_compose_v2_for_the_arch(
+        compose_closures: dict[str, list[PackageFile]], arch: str) -> None:
+    files = compose_closures[arch]
+    by_name = {f.package: f for f in files}
+    assert ENGINE <= set(by_name), f"missing {ENGINE - set(by_name)}"
+    for name in ENGINE:
+        assert by_name[name].architecture == arch, name
+    assert by_name["docker-compose"].version.startswith("2."), "Compose v2 (from trixie) is the decided one"
+    assert by_name["docker.io"].version.startswith("20.10."), "the engine is bookworm's own"
+    assert len(by_name) == len(files), "one version of each package"
+    for f in files:
+        assert f.architecture in (arch, "all"), f.filename
+        assert f.path.is_file() and f.path.stat().st_size == f.size, f.filename
+        assert _sha256(f.path) == f.sha256, f.filename
+        assert f.used_by == [f"packages:debian-12/{arch}/compose"]
+        assert f.media_type == "application/vnd.debian.binary-package"
+        control = _control(f.path)
+        assert (control["Package"], control["Version"], control["Architecture"]) == \
+            (f.package, f.version, f.architecture)
+
+
+def _minbase_provides(cache_dir: Path, arch: str) -> dict[str, set[str]]:
+    """Virtual package → installed providers, from the minbase's dpkg status."""
+    status = minbase_rootfs("debian-12", arch, cache_dir=cache_dir).status.read_text()
+    provides: dict[str, set[str]] = {}
+    for stanza in status.split("\n\n"):
+        name = re.search(r"^Package: (\S+)", stanza, flags=re.M)
+        field = re.search(r"^Provides: (.*)$", stanza, flags=re.M)
+        if name and field:
+            for p in field.group(1).split(","):
+                provides.setdefault(p.split()[0], set()).add(name.group(1))
+    return provides
+
+
+def _satisfied(dep: str, have: dict[str, str], provides: dict[str, set[str]]) -> bool:
+    """One alternative of a Depends field, e.g. ``libc6 (>= 2.34)`` or ``python3:any``."""
+    m = re.match(r"^([a-z0-9][a-z0-9+.-]+)(?::\w+)?\s*(?:\((<<|<=|=|>=|>>)\s*([^)]+)\))?$", dep.strip())
+    assert m, f"cannot parse dependency {dep!r}"
+    name, op, version = m.groups()
+    if op is None and name in provides:
+        return True
+    if name not in have:
+        return False
+    if op is None:
+        return True
+    dpkg_op = {"<<": "lt", "<=": "le", "=": "eq", ">=": "ge", ">>": "gt"}[op]
+    return subprocess.run(["dpkg", "--compare-versions", have[name], dpkg_op, version.strip()],
+                          timeout=30, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_every_dependency_is_satisfied_within_closure_and_minbase(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path, arch: str) -> None:
+    files = compose_closures[arch]
+    have = dict(minbase_rootfs("debian-12", arch, cache_dir=cache_dir).installed())
+    controls = {f.package: _control(f.path) for f in files}
+    have.update({name: c["Version"] for name, c in controls.items()})  # the closure wins: it is installed
+    provides = _minbase_provides(cache_dir, arch)
+    for name, c in controls.items():
+        for p in filter(None, (x.strip() for x in c.get("Provides", "").split(","))):
+            provides.setdefault(p.split()[0], set()).add(name)
+    unmet = []
+    for name, c in controls.items():
+        for field in ("Pre-Depends", "Depends"):
+            for group in filter(None, (g.strip() for g in c.get(field, "").split(","))):
+                if not any(_satisfied(alt, have, provides) for alt in group.split("|")):
+                    unmet.append(f"{name} {field}: {group}")
+    assert not unmet, unmet
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_closure_installs_from_itself_on_a_fresh_minbase(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path, arch: str) -> None:
+    files = compose_closures[arch]
+    installed = verify_closure("debian-12", arch, ["compose"], files, cache_dir=cache_dir)
+    # apt, with the closure as its only source, installs exactly the closure: nothing missing, nothing extra.
+    assert installed == sorted(f.package for f in files)
+
+
+def test_closure_without_a_dependency_is_refused(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path) -> None:
+    files = [f for f in compose_closures["amd64"] if f.package != "runc"]
+    with pytest.raises(PackageError, match="runc"):
+        verify_closure("debian-12", "amd64", ["compose"], files, cache_dir=cache_dir)
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_second_call_is_served_from_cache_without_network(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path, arch: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # apt honours these: any download or index fetch now fails at once (nothing listens on port 9).
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    messages: list[str] = []
+    started = time.monotonic()
+    again = resolve_packages("debian-12", arch, ["compose"], cache_dir=cache_dir, progress=messages.append)
+    elapsed = time.monotonic() - started
+    assert again == compose_closures[arch]
+    assert not [m for m in messages if "download" in m or "updating" in m or "WARNING" in m], messages
+    assert elapsed < 60, f"cached resolution took {elapsed:.0f} s"
+
+
+def test_profiles_share_files_and_name_each_owner(cache_dir: Path) -> None:
+    files = resolve_packages("debian-12", "amd64", ["base", "repo", "systemd", "compose"], cache_dir=cache_dir)
+    by_name = {f.package: f for f in files}
+    assert {"docker-registry", "nginx", "gpg", "apt-utils"} <= set(by_name)
+    assert {"python3", "python3-apt", "ca-certificates", "zstd"} <= set(by_name)
+    assert by_name["docker-registry"].profiles == ("repo",)
+    assert by_name["python3"].profiles == ("base",)
+    assert by_name["docker.io"].profiles == ("compose",)
+    shared = [f for f in files if len(f.profiles) > 1]
+    assert shared, "some libraries are in several closures and must be stored once"
+    for f in shared:
+        assert f.used_by == [f"packages:debian-12/amd64/{p}" for p in f.profiles]
+    installed = verify_closure("debian-12", "amd64", ["base", "repo", "systemd", "compose"], files,
+                               cache_dir=cache_dir)
+    assert installed == sorted(by_name)
+
+
+def test_missing_package_is_named(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    row = get_distro("debian-12")
+    broken = dataclasses.replace(row, profiles={**row.profiles,
+                                                "bogus": (PackageRef("zstd"), PackageRef("no-such-package-od"))})
+    monkeypatch.setitem(distros.DISTROS, "debian-12", broken)
+    with pytest.raises(PackageError, match=r"debian-12/arm64: profile 'bogus'.*no-such-package-od.*not available"):
+        resolve_packages("debian-12", "arm64", ["bogus"], cache_dir=cache_dir)
+
+
+def test_debian_13_compose_closure(cache_dir: Path) -> None:
+    files = resolve_packages("debian-13", "amd64", ["compose"], cache_dir=cache_dir, progress=print)
+    by_name = {f.package: f for f in files}
+    assert ENGINE | {"docker-cli"} <= set(by_name)
+    assert by_name["docker.io"].version.startswith("26."), "trixie's own engine"
+    assert all(f.architecture in ("amd64", "all") for f in files)
+    assert verify_closure("debian-13", "amd64", ["compose"], files, cache_dir=cache_dir) == sorted(by_name)
