@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-BEGIN = "<!-- bench:latest:begin (written by python -m bench.run --docs; do not edit by hand) -->"
-END = "<!-- bench:latest:end -->"
+BEGIN = "<!-- bench:latest:{setting}:begin (written by python -m bench.run --docs; do not edit by hand) -->"
+END = "<!-- bench:latest:{setting}:end -->"
 
 
 @dataclass
@@ -176,11 +176,13 @@ def _load(conditions: dict[str, Any], when: str) -> str:
     return "/".join(f"{v:.1f}" for v in values) or "?"
 
 
-def update_docs(path: Path, block: str) -> None:
-    """Replace the generated block of ``path`` (between the markers), keeping the hand-written text."""
+def update_docs(path: Path, block: str, setting: str) -> None:
+    """Replace the generated block of this setting in ``path`` (between its markers), keeping the
+    hand-written text around it; append the block when the file has none yet."""
     text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    new = f"{BEGIN}\n{block}\n{END}"
+    begin, end = BEGIN.format(setting=setting), END.format(setting=setting)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = f"{begin}\n{block}\n{end}"
     if pattern.search(text):
         text = pattern.sub(lambda _: new, text)
     else:

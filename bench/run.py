@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             shown = str(path.resolve().relative_to(REPO_ROOT))
         except ValueError:
             shown = str(path)
-        report.update_docs(args.docs, report.docs_block(doc, shown))
+        report.update_docs(args.docs, report.docs_block(doc, shown), settings.name)
         print(f"updated {args.docs}")
     return 0
 

@@ -149,10 +149,13 @@ def test_report_goals_table_results_and_docs(tmp_path: Path) -> None:
     assert path.name == "2026-01-02-tiny.json" and len(json.loads(path.read_text())) == 2
     assert [r.id for r in report.rows_from_doc(json.loads(path.read_text())[0])] == [r.id for r in rows]
     docs = tmp_path / "benchmarks.md"
-    docs.write_text(f"# Benchmarks\n\nhand-written intro\n\n{report.BEGIN}\nold table\n{report.END}\n\n## Analysis\nkept\n")
-    report.update_docs(docs, report.docs_block(doc, "bench/results/2026-01-02-tiny.json"))
+    begin, end = report.BEGIN.format(setting="tiny"), report.END.format(setting="tiny")
+    other = f"{report.BEGIN.format(setting='large')}\nlarge table\n{report.END.format(setting='large')}"
+    docs.write_text(f"# Benchmarks\n\nhand-written intro\n\n{begin}\nold table\n{end}\n\n{other}\n\n## Analysis\nkept\n")
+    report.update_docs(docs, report.docs_block(doc, "bench/results/2026-01-02-tiny.json"), "tiny")
     text = docs.read_text()
     assert "old table" not in text and "hand-written intro" in text and "## Analysis\nkept" in text
+    assert "large table" in text  # another setting's block is left alone
     assert "**verify**: 40 points short" in text and "| build | 90.0 MB/s |" in text
 
 
