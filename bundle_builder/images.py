@@ -309,7 +309,7 @@ class DockerArchiveSource(ImageSource):
             digest = diff_id  # an uncompressed layer's digest is its diff_id (checked while copying)
         else:
             with self._open_member(path) as fh:
-                digest, _ = _hash_stream(fh)
+                digest = _hash_stream(fh)[0]
         return Blob(digest, info.size, media_type, opener=lambda p=path: self._open_member(p))
 
 

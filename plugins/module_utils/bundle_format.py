@@ -139,9 +139,15 @@ def _need(cond: bool, where: str, what: str) -> None:
         raise BundleError(f"manifest.json: {where}: {what}", member=MANIFEST_NAME)
 
 
+def _need_type(value: object, kind: type, where: str, what: str) -> Any:
+    """``value`` when it is a ``kind``, else the schema error (also tells type checkers what it is)."""
+    if not isinstance(value, kind):
+        raise BundleError(f"manifest.json: {where}: {what}", member=MANIFEST_NAME)
+    return value
+
+
 def _check_descriptor(d: object, where: str) -> None:
-    _need(isinstance(d, dict), where, "must be an object")
-    assert isinstance(d, dict)
+    d = _need_type(d, dict, where, "must be an object")
     _need(is_digest(d.get("digest")), f"{where}.digest", "must be 'sha256:<64 hex>'")
     size = d.get("size")
     _need(isinstance(size, int) and not isinstance(size, bool) and size >= 0, f"{where}.size",
@@ -156,8 +162,7 @@ _TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platfo
 
 
 def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
-    _need(isinstance(blobs, list), "blobs", "must be a list")
-    assert isinstance(blobs, list)
+    blobs = _need_type(blobs, list, "blobs", "must be a list")
     by_digest: dict[str, dict[str, Any]] = {}
     for i, b in enumerate(blobs):
         where = f"blobs[{i}]"
@@ -173,8 +178,7 @@ def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
 
 
 def _check_images(images: object, by_digest: dict[str, dict[str, Any]], platforms: list[str]) -> None:
-    _need(isinstance(images, dict), "images", "must be an object (component -> image)")
-    assert isinstance(images, dict)
+    images = _need_type(images, dict, "images", "must be an object (component -> image)")
     for comp, img in images.items():
         where = f"images.{comp}"
         _need(isinstance(img, dict), where, "must be an object")
@@ -192,8 +196,7 @@ def _check_delta(delta: object, by_digest: dict[str, dict[str, Any]]) -> None:
     if delta is None:
         _need(not omitted, "delta", f"is null but {len(omitted)} blobs are marked bundled: false")
         return
-    _need(isinstance(delta, dict), "delta", "must be null or an object")
-    assert isinstance(delta, dict)
+    delta = _need_type(delta, dict, "delta", "must be null or an object")
     if "base" in delta:
         base = delta["base"]
         _need(isinstance(base, dict) and is_digest(base.get("manifest")), "delta.base",
@@ -208,8 +211,7 @@ def _check_delta(delta: object, by_digest: dict[str, dict[str, Any]]) -> None:
 
 def validate_manifest(manifest: object) -> dict[str, Any]:
     """Schema and consistency checks; returns the manifest or raises BundleError naming the field."""
-    _need(isinstance(manifest, dict), "(top)", "must be a JSON object")
-    assert isinstance(manifest, dict)
+    manifest = _need_type(manifest, dict, "(top)", "must be a JSON object")
     _need(manifest.get("mediaType") == MEDIA_TYPE, "mediaType",
           f"is {manifest.get('mediaType')!r}, expected {MEDIA_TYPE!r} (a bundle from another tool or "
           "format version?)")
@@ -545,13 +547,13 @@ def _nts(field_bytes: bytes) -> str:
 
 def _octal(field_bytes: bytes, what: str, offset: int) -> int:
     if field_bytes and field_bytes[0] & 0x80:  # base-256 (GNU) numbers: we never write them
-        raise BundleError(f"tar header uses a base-256 {what} field, which bundles never contain",
-                          offset=offset)
+        raise BundleError(f"tar header has a base-256 {what} field (bundles never use one): not a bundle, "
+                          "or the header is damaged", offset=offset)
     text = field_bytes.replace(b"\0", b" ").strip()
     try:
         return int(text, 8) if text else 0
     except ValueError:
-        raise BundleError(f"tar header has a malformed {what} field {text!r}: not a tar file or damaged",
+        raise BundleError(f"tar header has a malformed {what} field {text!r}: not a bundle, or the header is damaged",
                           offset=offset) from None
 
 
@@ -569,7 +571,7 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
             raise BundleError("malformed PAX extended header", offset=offset) from None
         if length <= 0:
             raise BundleError("malformed PAX extended header", offset=offset)
-        key, _, value = record.partition("=")
+        key, dummy, value = record.partition("=")
         records[key] = value
         pos += length
     return records
@@ -643,7 +645,7 @@ class TarStreamReader:
         stored = _octal(header[148:156], "checksum", offset)
         computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
         if stored != computed:
-            raise BundleError("tar header checksum mismatch: not a tar file, or the header is damaged", offset=offset)
+            raise BundleError("tar header checksum mismatch: not a bundle, or the header is damaged", offset=offset)
         typeflag = header[156:157]
         try:
             name = _nts(header[0:100])
@@ -754,7 +756,7 @@ def _read_head(tar: TarStreamReader, trusted_keys: list[bytes] | None) -> tuple[
     if trusted_keys is not None:
         keyid = check_signature(manifest_bytes, sig, trusted_keys)  # before trusting anything in it
     elif sig is not None:
-        keyid, _ = parse_signature_doc(sig)
+        keyid = parse_signature_doc(sig)[0]
     manifest = parse_manifest(manifest_bytes)
     head = BundleHead(manifest=manifest, manifest_bytes=manifest_bytes, signature=sig,
                       manifest_digest=sha256_digest(manifest_bytes), keyid=keyid)
@@ -765,8 +767,7 @@ def read_head(path: str, trusted_keys: list[bytes] | None = None) -> BundleHead:
     """Manifest (and signature) of a bundle without reading its blobs — for inspect, diff and --base."""
     stream = open_bundle(path)
     try:
-        head, _ = _read_head(TarStreamReader(stream), trusted_keys)
-        return head
+        return _read_head(TarStreamReader(stream), trusted_keys)[0]
     finally:
         stream.close()
 
@@ -806,7 +807,7 @@ def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, A
 
 
 def _drain(chunks: Iterator[bytes]) -> None:
-    for _ in chunks:
+    for dummy in chunks:
         pass
 
 

@@ -53,14 +53,14 @@ def _double(p: _Point) -> _Point:
     return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
 
 
-def _mul(s: int, p: _Point) -> _Point:
-    q: _Point = (0, 1, 1, 0)  # neutral element
-    while s > 0:
-        if s & 1:
-            q = _add(q, p)
-        p = _double(p)
-        s >>= 1
-    return q
+def _mul(scalar: int, point: _Point) -> _Point:
+    acc: _Point = (0, 1, 1, 0)  # neutral element
+    while scalar > 0:
+        if scalar & 1:
+            acc = _add(acc, point)
+        point = _double(point)
+        scalar >>= 1
+    return acc
 
 
 def _recover_x(y: int, sign: int) -> int | None:
@@ -99,7 +99,8 @@ def _encode_point(p: _Point) -> bytes:
 def _base_point() -> _Point:
     y = 4 * _inv(5) % _P
     x = _recover_x(y, 0)
-    assert x is not None
+    if x is None:  # cannot happen for the standard base point
+        raise ValueError("ed25519 base point")
     return (x, y, 1, x * y % _P)
 
 
@@ -126,6 +127,7 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
 
 class Ed25519KeyError(ValueError):
     """A key file that is not an Ed25519 public key (wrong type, damaged PEM, private key given)."""
+
 
 # Algorithm OIDs (DER content bytes) we can name in an error message.
 _OID_NAMES = {
@@ -185,16 +187,16 @@ def load_public_key_pem(text: str | bytes, source: str = "public key") -> bytes:
     if label != "PUBLIC KEY":
         raise Ed25519KeyError(f"{source}: PEM holds a '{label}', expected 'PUBLIC KEY' (SubjectPublicKeyInfo)")
     try:
-        tag, spki, _ = _der_read(der, 0)
+        tag, spki, dummy = _der_read(der, 0)
         if tag != 0x30:
             raise Ed25519KeyError("SubjectPublicKeyInfo is not a SEQUENCE")
         tag, alg, pos = _der_read(spki, 0)
         if tag != 0x30:
             raise Ed25519KeyError("AlgorithmIdentifier is not a SEQUENCE")
-        tag, oid, _ = _der_read(alg, 0)
+        tag, oid, dummy = _der_read(alg, 0)
         if tag != 0x06:
             raise Ed25519KeyError("algorithm is not an OID")
-        tag, bits, _ = _der_read(spki, pos)
+        tag, bits, dummy = _der_read(spki, pos)
     except Ed25519KeyError as exc:
         raise Ed25519KeyError(f"{source}: damaged public key ({exc})") from None
     if oid != _ED25519_OID:
