@@ -231,7 +231,9 @@ class ShopOnDocker:
     def start(self, component: str) -> None:
         """docker run one component: image, env, volumes and config files from the model."""
         spec = self.model["components"][component]
-        argv = ["run", "-d", "--name", self.container(component), "--network", self.network]
+        # Read-only root and a private /tmp: what systemd RootDirectory= with ProtectSystem=strict gives.
+        argv = ["run", "-d", "--name", self.container(component), "--network", self.network,
+                "--read-only", "--tmpfs", "/tmp"]
         for key, value in sorted(self.env(component).items()):
             argv += ["-e", f"{key}={value}"]
         for volume in spec["volumes"]:
@@ -248,7 +250,7 @@ class ShopOnDocker:
         _docker(*argv, spec["image"])
 
     def remove(self, component: str) -> None:
-        _docker("rm", "-f", self.container(component))
+        _docker("rm", "-f", "-v", self.container(component))
 
     def ip(self, component: str) -> str:
         out = _docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", self.container(component))
@@ -295,7 +297,7 @@ class ShopOnDocker:
     def cleanup(self) -> None:
         names = _docker("ps", "-aq", "--filter", f"name=^{self.prefix}-").split()
         if names:
-            subprocess.run(["docker", "rm", "-f", *names], capture_output=True, timeout=120)
+            subprocess.run(["docker", "rm", "-f", "-v", *names], capture_output=True, timeout=120)
         subprocess.run(["docker", "network", "rm", self.network], capture_output=True, timeout=60)
         for volume in sorted(self.volumes):
             subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True, timeout=60)

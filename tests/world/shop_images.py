@@ -86,6 +86,9 @@ class ImageRecipe:
     user: str = ""
     stop_signal: str = "SIGTERM"
     volumes: tuple[str, ...] = ()
+    # Extra shell run on the build root ("$1") before / after the package install.
+    package_setup: str = ""
+    package_cleanup: str = ""
 
     @property
     def name(self) -> str:
@@ -143,6 +146,13 @@ RECIPES: tuple[ImageRecipe, ...] = (
         ports=(5432,),
         stop_signal="SIGINT",  # postgres: fast shutdown
         volumes=("/var/lib/postgresql/data",),
+        # The image's entrypoint makes the cluster in the volume; Debian's postinst would bake one in.
+        package_setup='mkdir -p "$1"/etc/postgresql-common/createcluster.d && '
+                      'echo "create_main_cluster = false" > "$1"/etc/postgresql-common/createcluster.d/shop.conf',
+        # ssl-cert generates a random snakeoil key at install: one private key in every copy of the image,
+        # and a layer that differs on each rebuild. The shop's postgres does not use TLS.
+        package_cleanup='rm -f "$1"/etc/ssl/private/ssl-cert-snakeoil.key "$1"/etc/ssl/certs/ssl-cert-snakeoil.pem; '
+                        'find "$1"/etc/ssl/certs -xtype l -delete',
     ),
     ImageRecipe(
         ref="shop/redis:1.0.0",
@@ -393,23 +403,34 @@ def build_base(arch: str, sources: list[str]) -> Path:
 
 
 def _remove_tree(path: Path) -> None:
-    if path.exists():
-        _unmount_below(path)
-        shutil.rmtree(path)
+    """Delete a build directory, after unmounting what a crashed build left mounted in it."""
+    if not path.exists():
+        return
+    _unmount_below(path)
+    left = _mounts_below(path)
+    if left:
+        # Never recurse into a mount: the chroot's /dev is the host's own.
+        raise BuildError(f"cannot clean {path}: still mounted: {', '.join(left)}; unmount them by hand")
+    shutil.rmtree(path)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True)
 
 
 def _unmount_below(path: Path) -> None:
-    """Unmount anything a crashed earlier build left mounted under ``path`` (deepest first)."""
-    prefix = str(path.resolve()) + "/"
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+    """Unmount everything mounted under ``path``, deepest first."""
+    for point in _mounts_below(path):
         subprocess.run(["umount", "-l", point], check=False)
 
 
 # ------------------------------------------------------------------------------------ package layer
 
-def _packages_key(base_key: str, packages: tuple[str, ...]) -> str:
-    return _recipe_key("packages", base_key, sorted(packages), CLEANUP_SHELL)
+def _packages_key(base_key: str, recipe: ImageRecipe) -> str:
+    extra = [recipe.package_setup, recipe.package_cleanup] if recipe.package_setup or recipe.package_cleanup else []
+    return _recipe_key("packages", base_key, sorted(recipe.packages), CLEANUP_SHELL, *extra)
 
 
 @contextlib.contextmanager
@@ -445,7 +466,7 @@ def _overlay_chroot(lower: Path, work: Path, apt_state: Path) -> Iterator[Path]:
         _unmount_below(work)
 
 
-def _chroot_install(merged: Path, packages: tuple[str, ...], what: str) -> None:
+def _chroot_install(merged: Path, recipe: ImageRecipe, what: str) -> None:
     resolv = merged / "etc" / "resolv.conf"
     policy = merged / "usr" / "sbin" / "policy-rc.d"
     shutil.copyfile("/etc/resolv.conf", resolv)
@@ -459,21 +480,24 @@ def _chroot_install(merged: Path, packages: tuple[str, ...], what: str) -> None:
         "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH),
     }
     try:
+        if recipe.package_setup:
+            _run(["sh", "-c", recipe.package_setup, "setup", str(merged)], f"package setup ({what})")
         _run(["chroot", str(merged), "apt-get", "-o", "Acquire::Retries=3", "update"], f"apt-get update ({what})", env=env)
         _run(
-            ["chroot", str(merged), "apt-get", "install", "-y", "--no-install-recommends", *packages],
-            f"apt-get install {' '.join(packages)} ({what})",
+            ["chroot", str(merged), "apt-get", "install", "-y", "--no-install-recommends", *recipe.packages],
+            f"apt-get install {' '.join(recipe.packages)} ({what})",
             env=env,
         )
     finally:
         resolv.unlink(missing_ok=True)
         policy.unlink(missing_ok=True)
-    _run(["sh", "-c", CLEANUP_SHELL, "cleanup", str(merged)], f"cleanup ({what})")
+    for script in filter(None, (CLEANUP_SHELL, recipe.package_cleanup)):
+        _run(["sh", "-c", script, "cleanup", str(merged)], f"cleanup ({what})")
 
 
 def build_packages_layer(arch: str, base: Path, base_key: str, recipe: ImageRecipe) -> str:
     """Digest of the packages layer of ``recipe`` on ``arch``, built into the blob store if not cached."""
-    key = _packages_key(base_key, recipe.packages)
+    key = _packages_key(base_key, recipe)
     record = cache_root() / "packages" / f"{recipe.component}-{arch}-{key}.digest"
     if record.exists() and _blob_path(record.read_text().strip()).exists():
         return record.read_text().strip()
@@ -486,7 +510,7 @@ def build_packages_layer(arch: str, base: Path, base_key: str, recipe: ImageReci
     apt_state = cache_root() / "apt" / f"{arch}-{base_key}"
     try:
         with _overlay_chroot(base, work / "ovl", apt_state) as merged:
-            _chroot_install(merged, recipe.packages, what)
+            _chroot_install(merged, recipe, what)
         write_layer(work / "ovl" / "upper", work / "layer.tar", overlay_upper=True)
         digest = _store_file(work / "layer.tar")
     finally:
