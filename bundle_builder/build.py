@@ -7,6 +7,7 @@ same bytes: fixed tar header fields, blobs in manifest order, canonical JSON, no
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import importlib.metadata
 import json
@@ -19,7 +20,7 @@ from typing import IO, Any, Callable
 import yaml
 
 from offline_delivery_core import app_model, bundle_format
-from offline_delivery_core.bundle_format import (HAVE_MEDIA_TYPE, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
+from offline_delivery_core.bundle_format import (HAVE_MEDIA_TYPE, BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
                                                  PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
 
 from . import images as img
@@ -195,17 +196,18 @@ def _plan(model: dict[str, Any], platforms: list[img.Platform],
 class _Output:
     """Writes the bundle stream to a temp file (or temp parts) and publishes it with renames."""
 
-    def __init__(self, final: Path, volume_size: int | None) -> None:
+    def __init__(self, final: Path, volume_size: int | None, pool: concurrent.futures.Executor) -> None:
         self.final = final
         self.volume_size = volume_size
         self.tag = f".tmp-{os.getpid()}"
         self.parts: list[dict[str, Any]] = []
         self.temp_files: list[Path] = []
         self.written = 0
+        self._pool = pool
         self._fh: IO[bytes] | None = None
         self._part_left = 0
-        self._part_hash = hashlib.sha256()
-        self._whole = hashlib.sha256() if volume_size else None
+        self._part_hash = BackgroundHasher(pool)
+        self._whole = BackgroundHasher(pool) if volume_size else None
         if not volume_size:
             self._open(self._temp(final.name))
 
@@ -223,18 +225,18 @@ class _Output:
         self._open(self._temp(name))
         self.parts.append({"name": name, "size": 0, "sha256": ""})
         self._part_left = self.volume_size or 0
-        self._part_hash = hashlib.sha256()
+        self._part_hash = BackgroundHasher(self._pool)
 
     def _close_part(self) -> None:
+        # No fsync: it would tie build speed to the disk's write-back for no safety gain — the rename keeps
+        # readers from ever seeing a partial file, and every import re-hashes every byte anyway.
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
             if self.parts:
-                self.parts[-1]["sha256"] = "sha256:" + self._part_hash.hexdigest()
+                self.parts[-1]["sha256"] = self._part_hash.digest()
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes) -> None:
         self.written += len(data)
         if not self.volume_size:
             assert self._fh is not None
@@ -242,17 +244,18 @@ class _Output:
             return
         assert self._whole is not None
         self._whole.update(data)
-        view = memoryview(data)
-        while len(view):
+        pos = 0
+        while pos < len(data):
             if self._part_left == 0:
                 self._next_part()
-            n = min(self._part_left, len(view))
+            n = min(self._part_left, len(data) - pos)
+            piece = data if pos == 0 and n == len(data) else data[pos:pos + n]
             assert self._fh is not None
-            self._fh.write(view[:n])
-            self._part_hash.update(view[:n])
+            self._part_hash.update(piece)
+            self._fh.write(piece)
             self.parts[-1]["size"] += n
             self._part_left -= n
-            view = view[n:]
+            pos += n
 
     def commit(self) -> tuple[Path, list[Path]]:
         self._close_part()
@@ -264,7 +267,6 @@ class _Output:
                 stale.unlink(missing_ok=True)
         if not self.volume_size:
             os.replace(self.temp_files[0], self.final)
-            _fsync_dir(directory)
             return self.final, [self.final]
         files = []
         for part, temp in zip(self.parts, self.temp_files):
@@ -272,11 +274,10 @@ class _Output:
             files.append(directory / part["name"])
         assert self._whole is not None
         doc = {"mediaType": PARTS_MEDIA_TYPE, "file": self.final.name, "size": self.written,
-               "sha256": "sha256:" + self._whole.hexdigest(), "parts": self.parts}
+               "sha256": self._whole.digest(), "parts": self.parts}
         temp = self._temp(parts_json.name)
         temp.write_bytes(canonical_json(doc) + b"\n")
         os.replace(temp, parts_json)  # last: a reader sees the set only once every part is in place
-        _fsync_dir(directory)
         return parts_json, files + [parts_json]
 
     def abort(self) -> None:
@@ -291,18 +292,12 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None]) -> None:
-    """Stream one blob into the bundle, checking its sha256 and size against the manifest's claim."""
+def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
+               pool: concurrent.futures.Executor) -> None:
+    """Stream one blob into the bundle, checking its sha256 and size against the manifest's claim.
+    The hash runs on a worker thread while this one reads and writes."""
     blob = planned.blob
-    h = hashlib.sha256()
+    h = BackgroundHasher(pool)
     size = 0
     with blob.open() as src:
         while True:
@@ -313,7 +308,7 @@ def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None]) -
             out.write(chunk)
             size += len(chunk)
             report(len(chunk))
-    got = "sha256:" + h.hexdigest()
+    got = h.digest()
     if got != blob.digest or size != blob.size:
         raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes with "
                          f"{got}: the image source is damaged or changed during the build")
@@ -398,7 +393,8 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
         if progress is not None:
             progress(done[0], total, "writing blobs")
 
-    output = _Output(final, volume_size)
+    pool = bundle_format.hash_pool(3 if volume_size else 1)
+    output = _Output(final, volume_size, pool)
     try:
         _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)
         keyid = None
@@ -408,12 +404,14 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
             _write_member(output, bundle_format.SIGNATURE_NAME, sig)
         for planned in bundled:
             output.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
-            _copy_blob(output, planned, report)
+            _copy_blob(output, planned, report, pool)
         output.write(bundle_format.TAR_END)
         path, files = output.commit()
     except BaseException:
         output.abort()
         raise
+    finally:
+        pool.shutdown(wait=True)
     if progress is not None:
         progress(total, total, "done")
     omitted = [d for d in descriptors if not d["bundled"]]
