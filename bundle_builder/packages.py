@@ -364,12 +364,15 @@ def _write_apt_config(directory: Path, *, arch: str, status: Path, sources: Sequ
         "Dir::State::Lists": directory / "lists",
         "Dir::State::status": status,
         "Dir::Cache": directory / "cache",
+        "Dir::Cache::srcpkgcache": "",  # a second 60 MB copy of the binary cache otherwise
         "Dir::Log": directory / "log",
         "APT::Architecture": arch,
         "APT::Install-Recommends": "false",
         "APT::Install-Suggests": "false",
         "APT::Sandbox::User": "root",
         "Acquire::Languages": "none",
+        # Keep the lists compressed on disk (a borrowed suite's index is large).
+        "Acquire::GzipIndexes": "true",
         "Acquire::Retries": "3",
         "Acquire::http::Timeout": "60",
         "Acquire::https::Timeout": "60",
@@ -379,6 +382,7 @@ def _write_apt_config(directory: Path, *, arch: str, status: Path, sources: Sequ
     }
     lines = [f'{k} "{v}";' for k, v in settings.items()]
     lines.append(f'APT::Architectures {{ "{arch}"; }};')
+    lines.append('Acquire::CompressionTypes::Order { "gz"; };')
     config = directory / "apt.conf"
     config.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return config
@@ -405,7 +409,9 @@ def _ensure_lists(state: AptState, *, refresh: bool, max_age: float | None, prog
         return
     _say(progress, f"{state.label}: updating the package index")
     try:
-        state.apt_get(["update", "-q"], timeout=TIMEOUT_APT_UPDATE, what="apt-get update of the private index")
+        # --error-on=any: without it apt-get update exits 0 when a source cannot be fetched.
+        state.apt_get(["update", "-q", "--error-on=any"], timeout=TIMEOUT_APT_UPDATE,
+                      what="apt-get update of the private index")
     except PackageError as exc:
         if not have:
             raise
@@ -581,10 +587,10 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
     minbase = minbase_rootfs(row.key, arch, cache_dir=cache_dir, mirrors=mirrors, progress=progress)
     store = cache_dir / "debs"
     store.mkdir(parents=True, exist_ok=True)
-    state = _apt_state(row, arch, mirrors, minbase, cache_dir)
     (cache_dir / "tmp").mkdir(exist_ok=True)
-    with _locked(cache_dir / "locks" / f"{state.directory.name}.lock"), \
+    with _locked(cache_dir / "locks" / f"apt-{row.key}-{arch}.lock"), \
             tempfile.TemporaryDirectory(prefix="resolve-", dir=cache_dir / "tmp") as tmp:
+        state = _apt_state(row, arch, mirrors, minbase, cache_dir)
         _ensure_lists(state, refresh=refresh, max_age=max_index_age, progress=progress)
         owners: dict[str, list[str]] = {}
         items: dict[str, _Wanted] = {}
@@ -640,7 +646,7 @@ def verify_closure(distro: str, arch: str, profiles: list[str], files: Sequence[
         config = _write_apt_config(Path(tmp) / "apt", arch=arch, status=minbase.status,
                                    sources=[f"deb [trusted=yes] file:{repo} ./"], preferences="")
         state = AptState(Path(tmp) / "apt", config, f"{row.key}/{arch} closure check")
-        state.apt_get(["update", "-q"], timeout=TIMEOUT_APT_QUERY, what="index the closure")
+        state.apt_get(["update", "-q", "--error-on=any"], timeout=TIMEOUT_APT_QUERY, what="index the closure")
         names = [r.name for p in dict.fromkeys(profiles) for r in row.packages(p)]
         sim = state.apt_get(["-s", "install", "-y", "--no-install-recommends", *names],
                             timeout=TIMEOUT_APT_QUERY, what=f"simulate installing {' '.join(names)}")
