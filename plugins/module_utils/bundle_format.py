@@ -242,9 +242,14 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     """Parse and validate the bytes of manifest.json."""
     try:
         manifest = json.loads(data.decode("utf-8"))
+        canonical = canonical_json(manifest) == data
     except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"manifest.json is not valid UTF-8 JSON ({exc}); the bundle is damaged, "
                           "copy it again", member=MANIFEST_NAME) from None
+    if not canonical:
+        # One byte form per manifest: no duplicate keys or whitespace that two parsers could read differently.
+        raise BundleError("manifest.json is not canonical JSON (sorted keys, no spaces, no duplicate keys); "
+                          "it was not written by bundle-builder or was edited", member=MANIFEST_NAME)
     return validate_manifest(manifest)
 
 
@@ -698,7 +703,7 @@ class TarStreamReader:
             raise BundleError(f"tar member {name!r} has the setuid/setgid bit (mode {mode:o}); refuse this bundle",
                               member=name, offset=offset)
         _check_member_name(name, offset)
-        size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size", offset)
+        size = _pax_size(pax, offset) if "size" in pax else _octal(header[124:136], "size", offset)
         if name in self.seen:
             raise BundleError(f"tar member {name!r} appears twice; refuse this bundle", member=name, offset=offset)
         self.seen.add(name)
@@ -724,6 +729,13 @@ class TarStreamReader:
         while len(out) < member.size:
             out += self.read_chunk(CHUNK_SIZE, member.name)
         return bytes(out)
+
+
+def _pax_size(pax: dict[str, str], offset: int) -> int:
+    value = pax["size"]
+    if not value.isdigit():
+        raise BundleError(f"PAX header has a malformed size {value[:40]!r}", offset=offset)
+    return int(value)
 
 
 def _check_member_name(name: str, offset: int) -> None:

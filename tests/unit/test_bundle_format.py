@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import shutil
@@ -171,6 +172,27 @@ def test_size_mismatch_refused(made, trusted, tmp_path: Path) -> None:  # type: 
     name = _blob_name(made, 1)
     bad = rewrite(made["bundle"], tmp_path / "size.bundle", replace={name: member_data(made["bundle"], name) + b"!"})
     _refused(bad, trusted, f"{name} is \\d+ bytes, the manifest says \\d+")
+
+
+def test_pax_path_is_checked_like_a_name(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    info, data = regular("innocent", b"x")
+    info.pax_headers = {"path": "../../etc/evil"}
+    evil = tmp_path / "pax.bundle"
+    with tarfile.open(made["bundle"]) as tin, tarfile.open(evil, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin.getmembers()[:2]:
+            tout.addfile(m, tin.extractfile(m))
+        tout.addfile(info, io.BytesIO(data))
+    _refused(evil, trusted, "'../../etc/evil' contains '..'")
+
+
+def test_non_canonical_manifest_refused(made, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    manifest = json.loads(member_data(made["bundle"], "manifest.json"))
+    pretty = json.dumps(manifest, indent=1).encode()
+    bad = rewrite(made["bundle"], tmp_path / "pretty.bundle", replace={"manifest.json": pretty}, drop={"manifest.sig"})
+    _refused(bad, None, "not canonical JSON")
+    dup = bf.canonical_json(manifest)[:-1] + b',"name":"other"}'
+    bad = rewrite(made["bundle"], tmp_path / "dup.bundle", replace={"manifest.json": dup}, drop={"manifest.sig"})
+    _refused(bad, None, "not canonical JSON")
 
 
 def test_oversized_manifest_refused_before_reading(tmp_path: Path) -> None:
