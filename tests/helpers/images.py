@@ -298,3 +298,63 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     return "sha256:" + h.hexdigest()
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Big layers, streamed to disk (for memory-bound tests: the test process never holds them either)
+
+
+def write_big_layer(path: Path, size: int, *, member: str = "data/big.bin") -> tuple[str, int]:
+    """A layer tar holding one file of ``size`` random bytes, written in 1 MiB chunks. Returns its
+    (digest, size)."""
+    import os
+
+    class _Random(io.RawIOBase):
+        def __init__(self, left: int) -> None:
+            self.left = left
+
+        def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+            n = min(len(buf), self.left, 1 << 20)
+            buf[:n] = os.urandom(n)
+            self.left -= n
+            return n
+
+        def readable(self) -> bool:
+            return True
+
+    with open(path, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info = tarfile.TarInfo(member)
+            info.size, info.mtime = size, 0
+            tar.addfile(info, io.BufferedReader(_Random(size), 1 << 20))
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest(), path.stat().st_size
+
+
+def write_oci_layout_with_layer_files(root: Path, ref: str, arch: str, layer_files: list[Path]) -> Path:
+    """An OCI layout with one single-platform image whose layers are existing tar files (moved into
+    ``blobs/``), so big images never pass through memory."""
+    layout = _Layout(root)
+    layers = []
+    for layer in layer_files:
+        h = hashlib.sha256()
+        with open(layer, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digest = "sha256:" + h.hexdigest()
+        size = layer.stat().st_size
+        layer.rename(root / "blobs" / "sha256" / digest.split(":")[1])
+        layers.append({"mediaType": OCI_LAYER, "digest": digest, "size": size})
+    config = _json({"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                    "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]}})
+    cdigest, csize = layout.put(config)
+    manifest = _json({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                      "config": {"mediaType": OCI_CONFIG, "digest": cdigest, "size": csize}, "layers": layers})
+    mdigest, msize = layout.put(manifest)
+    (root / "index.json").write_bytes(_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": mdigest, "size": msize, "platform": {"architecture": arch, "os": "linux"},
+         "annotations": {REF_ANNOTATION: ref}}]}))
+    return root
