@@ -185,3 +185,29 @@ def test_console_script_exit_codes(v1: Path, keypair, tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     usage = subprocess.run([*cmd, "verify"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_progress_bar_on_a_tty_lines_otherwise_nothing_with_json() -> None:
+    import io
+
+    from bundle_builder.progress import make_progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = make_progress(False, tty)
+    assert bar is not None
+    bar(0, 4 << 20, "writing blobs")
+    bar(4 << 20, 4 << 20, "writing blobs")
+    assert tty.getvalue().startswith("\r[") and "100.0%" in tty.getvalue() and tty.getvalue().endswith("\n")
+    plain = io.StringIO()
+    lines = make_progress(False, plain)
+    assert lines is not None
+    for done in range(0, 101, 5):
+        lines(done, 100, "verifying")
+    out = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and out[-1] == "verifying: 100% (100 B of 100 B)"
+    assert 5 <= len(out) <= 12  # one line per 10 % step, not one per call
+    assert make_progress(True, plain) is None
