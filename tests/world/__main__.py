@@ -1,4 +1,4 @@
-"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|prune`.
+"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|env|prune`.
 
 Exit codes: 0 ok, 1 a step failed (the message says which and what to do), 2 bad usage.
 """
@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build (or reuse) the host and jump images only")
     build.add_argument("--arch", default="amd64,arm64")
     build.add_argument("--suite", default=DEFAULT_SUITE)
+
+    env = sub.add_parser("env", help="print OD_WORLD_IMAGE_<ARCH>=tag lines (building if needed), e.g. for molecule")
+    env.add_argument("--arch", default="amd64,arm64")
+    env.add_argument("--suite", default=DEFAULT_SUITE)
 
     prune = sub.add_parser("prune", help="remove od-world images of older recipes")
     prune.add_argument("--suite", action="append", default=[], help="suites whose current images to keep")
@@ -128,6 +132,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    for arch in args.arch.split(","):
+        image = ensure_host_image(RootfsRecipe(arch=arch, suite=args.suite))
+        print(f"OD_WORLD_IMAGE_{arch.upper()}={image.tag}")
+        if arch == "amd64":
+            print(f"OD_WORLD_IMAGE_JUMP={ensure_jump_image(image)}")
+    return 0
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     for tag in remove_stale_images(keep=current_image_tags(tuple(args.suite or [DEFAULT_SUITE]))):
         print(f"removed {tag}")
@@ -135,7 +148,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "inventory": _cmd_inventory,
-            "exec": _cmd_exec, "build": _cmd_build, "prune": _cmd_prune}
+            "exec": _cmd_exec, "build": _cmd_build, "env": _cmd_env, "prune": _cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

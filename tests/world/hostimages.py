@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 
 from .rootfs import Rootfs, RootfsRecipe, build_rootfs, cached_rootfs
-from .util import IMAGE_REPO, WorldError, docker, log, repo_root, run
+from .util import IMAGE_REPO, WorldError, cache_dir, docker, file_lock, log, repo_root, run
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FIXED_TIME = "1970-01-01T00:00:00Z"  # no timestamps: the same rootfs gives the same image ID
@@ -97,9 +97,10 @@ def ensure_host_image(recipe: RootfsRecipe) -> HostImage:
     rootfs = build_rootfs(recipe)
     config = _canonical(host_image_config(rootfs))
     tag = host_image_tag(rootfs)
-    if not image_exists(tag):
-        log(f"loading host image {tag}")
-        _docker_load(rootfs, config, tag)
+    with file_lock(_lock_path(tag)):
+        if not image_exists(tag):
+            log(f"loading host image {tag}")
+            _docker_load(rootfs, config, tag)
     return HostImage(tag=tag, arch=recipe.arch, suite=recipe.suite)
 
 
@@ -176,18 +177,24 @@ def ensure_jump_image(base: HostImage) -> str:
         raise WorldError(f"the jump host image is built on the amd64 host image, got {base.arch}")
     dockerfile = _jump_dockerfile(base.tag, ansible_core_requirement())
     tag = jump_image_tag(base)
-    if image_exists(tag):
-        return tag
-    log(f"building jump image {tag} (apt + pip from the registries)")
-    with tempfile.TemporaryDirectory(prefix="od-world-jump-") as ctx:
-        ctx_path = Path(ctx)
-        (ctx_path / "Dockerfile").write_text(dockerfile)
-        (ctx_path / "ansible.cfg").write_text(ANSIBLE_CFG)
-        shutil.copyfile(_machine_ca_bundle(), ctx_path / "build-ca.crt")
-        result = run(["docker", "build", "--network", "bridge", "-t", tag, str(ctx_path)],
-                     timeout=900, env={"DOCKER_BUILDKIT": "0"})
-    result.check(f"building the jump image {tag} (needs apt and PyPI reachable from a build container)")
+    with file_lock(_lock_path(tag)):
+        if image_exists(tag):
+            return tag
+        log(f"building jump image {tag} (apt + pip from the registries)")
+        with tempfile.TemporaryDirectory(prefix="od-world-jump-") as ctx:
+            ctx_path = Path(ctx)
+            (ctx_path / "Dockerfile").write_text(dockerfile)
+            (ctx_path / "ansible.cfg").write_text(ANSIBLE_CFG)
+            shutil.copyfile(_machine_ca_bundle(), ctx_path / "build-ca.crt")
+            result = run(["docker", "build", "--network", "bridge", "-t", tag, str(ctx_path)],
+                         timeout=900, env={"DOCKER_BUILDKIT": "0"})
+        result.check(f"building the jump image {tag} (needs apt and PyPI reachable from a build container)")
     return tag
+
+
+def _lock_path(tag: str) -> Path:
+    """One lock per image tag, so two sites coming up at once do not build the same image twice."""
+    return cache_dir() / "locks" / (tag.replace("/", "_").replace(":", "_") + ".lock")
 
 
 def _machine_ca_bundle() -> Path:

@@ -17,9 +17,22 @@ for unit in getty.target console-getty.service getty@tty1.service \
     systemd-udevd.service systemd-udev-trigger.service systemd-udevd-control.socket systemd-udevd-kernel.socket \
     systemd-logind.service sys-kernel-config.mount sys-kernel-debug.mount sys-kernel-tracing.mount \
     sys-fs-fuse-connections.mount systemd-remount-fs.service systemd-firstboot.service \
-    apt-daily.timer apt-daily-upgrade.timer; do
+    apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service e2scrub_all.timer; do
   ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
+
+# A foreign-arch root filesystem runs under qemu-user, which cannot emulate the mount API systemd uses to
+# set up unit credentials ("Failed to set up credentials: Invalid argument"). The world passes no
+# credentials, so drop LoadCredential= from the units that have it: tmpfiles, sysusers and sysctl then
+# run at boot as on real hardware instead of failing.
+if [ "$(chroot "$root" dpkg --print-architecture)" != "$(dpkg --print-architecture)" ]; then
+  for unit in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service systemd-tmpfiles-clean.service \
+      systemd-sysusers.service systemd-sysctl.service procps.service; do
+    [ -e "$root/lib/systemd/system/$unit" ] || continue
+    mkdir -p "$root/etc/systemd/system/$unit.d"
+    printf '[Service]\nLoadCredential=\n' > "$root/etc/systemd/system/$unit.d/od-world-qemu.conf"
+  done
+fi
 
 # sshd: key login for root only. Host keys are made at first boot so every container has its own
 # (the package's postinst made some at build time; they would be shared by every host of every site).
