@@ -215,3 +215,29 @@ def test_debian_13_compose_closure(cache_dir: Path) -> None:
     assert by_name["docker.io"].version.startswith("26."), "trixie's own engine"
     assert all(f.architecture in ("amd64", "all") for f in files)
     assert verify_closure("debian-13", "amd64", ["compose"], files, cache_dir=cache_dir) == sorted(by_name)
+
+
+def test_offline_refresh_falls_back_to_the_cached_index(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    messages: list[str] = []
+    again = resolve_packages("debian-12", "amd64", ["compose"], cache_dir=cache_dir, refresh=True,
+                             progress=messages.append)
+    assert again == compose_closures["amd64"]
+    warnings = [m for m in messages if "WARNING: index refresh failed" in m]
+    assert len(warnings) == 1 and "debian-12/amd64" in warnings[0], messages
+
+
+def test_a_damaged_cached_file_is_fetched_again(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path) -> None:
+    small = min(compose_closures["amd64"], key=lambda f: f.size)
+    data = bytearray(small.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    small.path.write_bytes(bytes(data))
+    assert _sha256(small.path) != small.sha256
+    messages: list[str] = []
+    again = resolve_packages("debian-12", "amd64", ["compose"], cache_dir=cache_dir, progress=messages.append)
+    assert again == compose_closures["amd64"]
+    assert _sha256(small.path) == small.sha256
+    assert any("downloading 1 package(s)" in m for m in messages), messages

@@ -217,7 +217,8 @@ def test_uri_lines_with_and_without_hash() -> None:
     assert main and (main["filename"], main["size"], main["hash"]) == ("tini_0.19.0-1+b3_amd64.deb", "255944",
                                                                        "MD5Sum:0123abcd")
     # The security archive's index carries no MD5: apt prints the line without a hash.
-    line = "'http://m/debian-security/pool/updates/main/o/openssl/libssl3_3.0.22_amd64.deb' libssl3_3.0.22_amd64.deb 2039888 "
+    line = ("'http://m/debian-security/pool/updates/main/o/openssl/libssl3_3.0.22_amd64.deb' "
+            "libssl3_3.0.22_amd64.deb 2039888 ")
     sec = packages._URI_LINE.match(line.strip())  # the resolver strips each line first
     assert sec and (sec["filename"], sec["size"], sec["hash"]) == ("libssl3_3.0.22_amd64.deb", "2039888", None)
 
