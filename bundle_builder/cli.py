@@ -61,8 +61,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_from_compose(args: argparse.Namespace) -> int:
     import yaml
 
-    from offline_delivery_core import app_model
-
     from . import compose
 
     path = Path(args.file)

@@ -286,7 +286,7 @@ class DockerArchiveSource(ImageSource):
         if len(diff_ids) != len(entry["Layers"]):
             raise ImageError(f"{self.label}: {reference} lists {len(entry['Layers'])} layers but its config has "
                              f"{len(diff_ids)} diff_ids: damaged archive")
-        layers = [self._layer(path, diff_id, reference) for path, diff_id in zip(entry["Layers"], diff_ids)]
+        layers = [self._layer(path, diff_id) for path, diff_id in zip(entry["Layers"], diff_ids)]
         config_blob = small_blob(config_bytes, OCI_CONFIG_MEDIA_TYPE)
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST_MEDIA_TYPE,
                     "config": {"mediaType": config_blob.media_type, "digest": config_blob.digest,
@@ -297,7 +297,7 @@ class DockerArchiveSource(ImageSource):
                              manifest=small_blob(manifest_bytes, OCI_MANIFEST_MEDIA_TYPE), config=config_blob,
                              layers=layers)
 
-    def _layer(self, path: str, diff_id: str, reference: str) -> Blob:
+    def _layer(self, path: str, diff_id: str) -> Blob:
         info = self._member(path)
         with self._open_member(path) as fh:
             head = fh.read(4)

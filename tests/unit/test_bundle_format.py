@@ -208,8 +208,7 @@ def test_not_a_bundle(tmp_path: Path) -> None:
         path.write_bytes(bytes(rng.randrange(256) for _ in range(2048)))
         _refused(path, None, "not a bundle, or the header is damaged")
     with tarfile.open(tmp_path / "y.bundle", "w") as tar:
-        info, data = regular("blobs/sha256/" + "00" * 32, b"")
-        tar.addfile(info)
+        tar.addfile(regular("blobs/sha256/" + "00" * 32, b"")[0])
     _refused(tmp_path / "y.bundle", None, "the first member must be manifest.json")
 
 
@@ -363,7 +362,7 @@ def test_truncated_part(made, trusted, tmp_path: Path) -> None:  # type: ignore[
 
 
 def test_parts_json_with_path_in_part_name_refused(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    parts_json, parts = _split_copy(made, tmp_path)
+    parts_json = _split_copy(made, tmp_path)[0]
     doc = json.loads(parts_json.read_text())
     doc["parts"][0]["name"] = "../" + doc["parts"][0]["name"]
     parts_json.write_text(json.dumps(doc))
