@@ -407,3 +407,47 @@ def _assert_redis_password_enforced(shop: ShopOnDocker) -> None:
                              shop.container("redis"), "redis-cli", "get", "shop:orders_placed"],
                             capture_output=True, text=True, timeout=30)
     assert authed.stdout.strip() == "1", authed.stdout + authed.stderr
+
+
+# ------------------------------------------------------------- unpacked root filesystems (systemd target)
+
+def _chroot(root: Path, *argv: str, timeout: float = 300) -> str:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+    proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, f"{' '.join(argv)} in {root.name}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_unpacked_images_run_without_a_container_runtime(
+    built: shop_images.ShopImages, tmp_path: Path, arch: str
+) -> None:
+    """Each image unpacked as a root filesystem (as the systemd target does) runs its programs.
+
+    arm64 runs through qemu-user binfmt: containers cannot start under qemu here, root filesystems can.
+    """
+    model = _load("1.1.0")
+    refs = app_model.image_refs(model)
+    roots = {name: tmp_path / name for name in refs}
+    try:
+        for name, ref in refs.items():
+            shop_images.unpack_image(built.oci_layout, ref, arch, roots[name])
+        # gateway: the model's config file, rendered with the API on the host network, passes nginx -t.
+        conf = app_model.render_config(model, "gateway", 0, env={"API_HOST": "127.0.0.1", "API_PORT": "8000"},
+                                       secrets={})
+        (roots["gateway"] / "etc/nginx/conf.d/shop.conf").write_text(conf)
+        assert "test is successful" in _chroot(roots["gateway"], "/usr/sbin/nginx", "-t", "-c", "/etc/nginx/nginx.conf")
+        # api: the release's code and its Debian libraries import.
+        out = _chroot(roots["api"], "/bin/sh", "-c",
+                      "cd /opt/shop-api && python3 -c 'import psycopg2, redis, shop_api; print(shop_api.VERSION)'")
+        assert out.strip() == "1.1.0"
+        # db: the image's own postgres user (no host lookup) can initialise a cluster.
+        _chroot(roots["db"], "setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups",
+                "/usr/lib/postgresql/15/bin/initdb", "-D", "/tmp/pgtest", "--no-locale", "-U", "shop", "-A", "trust")
+        assert (roots["db"] / "tmp/pgtest/PG_VERSION").read_text().strip() == "15"
+        assert "Redis server v=7." in _chroot(roots["redis"], "/usr/bin/redis-server", "--version")
+        machine = _chroot(roots["redis"], "setpriv", "--reuid=redis", "--regid=redis", "--init-groups", "/usr/bin/uname", "-m")
+        assert machine.strip() == {"amd64": "x86_64", "arm64": "aarch64"}[arch]
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)

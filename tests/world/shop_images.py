@@ -47,6 +47,8 @@ CREATED = "2025-05-20T00:00:00Z"
 # Bump when the build procedure itself changes in a way the recipes below do not capture.
 BUILDER_REVISION = "1"
 ARCHES = ("amd64", "arm64")
+# Output sets (OCI layout + docker archives) kept in the cache; older ones are deleted on a new build.
+KEEP_OUTPUTS = 3
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -721,6 +723,84 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def image_manifest(layout: Path, ref: str, arch: str) -> dict:
+    """The manifest of ``ref`` for ``arch`` in an OCI layout written by :func:`write_oci_layout`."""
+    top = json.loads((layout / "index.json").read_text())
+    for entry in top["manifests"]:
+        if entry.get("annotations", {}).get(REF_ANNOTATION) != ref:
+            continue
+        index = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":", 1)[1]).read_bytes())
+        for desc in index["manifests"]:
+            if desc["platform"]["architecture"] == arch:
+                return json.loads((layout / "blobs" / "sha256" / desc["digest"].split(":", 1)[1]).read_bytes())
+        raise BuildError(f"{layout}: {ref} has no {arch} image; build with --arch {arch}")
+    raise BuildError(f"{layout}/index.json: no image {ref}")
+
+
+def unpack_image(layout: Path, ref: str, arch: str, dest: Path) -> None:
+    """Apply the layers of ``ref``/``arch`` to ``dest`` as a root filesystem, honouring OCI whiteouts.
+
+    This is what the systemd target does with an image (RootDirectory=); tests use it to run the arm64
+    binaries through qemu without a container runtime.
+    """
+    manifest = image_manifest(layout, ref, arch)
+    dest.mkdir(parents=True, exist_ok=True)
+    for layer in manifest["layers"]:
+        with tarfile.open(layout / "blobs" / "sha256" / layer["digest"].split(":", 1)[1]) as tar:
+            members = tar.getmembers()
+            for member in members:
+                if member.name.startswith("/") or ".." in member.name.split("/"):
+                    raise BuildError(f"layer {layer['digest']}: unsafe member name {member.name!r}")
+            # Whiteouts hide what lower layers had; apply them before this layer's own files.
+            for member in members:
+                head, _, base = member.name.rpartition("/")
+                if base.startswith(".wh."):
+                    parent = _inside(dest, head)
+                    if base == ".wh..wh..opq":
+                        _clear_dir(parent)
+                    else:
+                        _remove_path(parent / base[len(".wh."):])
+            for member in members:
+                if not member.name.rpartition("/")[2].startswith(".wh."):
+                    target = dest / member.name
+                    if member.isdir() and target.is_dir() and not target.is_symlink():
+                        os.chmod(target, member.mode)
+                        os.chown(target, member.uid, member.gid)
+                        continue
+                    if not member.isdir():
+                        _remove_path(_inside(dest, member.name.rpartition("/")[0]) / target.name)
+                    tar.extract(member, dest, numeric_owner=True, filter=_keep_modes_filter)
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """``root/relative`` with symlinks resolved, refusing anything that leaves ``root``."""
+    resolved = Path(os.path.realpath(root / relative)) if relative else Path(os.path.realpath(root))
+    if resolved != Path(os.path.realpath(root)) and not str(resolved).startswith(os.path.realpath(root) + "/"):
+        raise BuildError(f"{relative!r} resolves outside {root} (to {resolved}); refusing to touch it")
+    return resolved
+
+
+def _keep_modes_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "tar" safety checks (nothing lands outside ``dest``) but keeping setuid and modes."""
+    checked = tarfile.tar_filter(member, dest)
+    return checked.replace(mode=member.mode, deep=False)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _clear_dir(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            _remove_path(child)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShopImages:
     """Where a build put its outputs."""
@@ -756,7 +836,16 @@ def build_all(arches: tuple[str, ...] = ARCHES) -> ShopImages:
                 images = {ref: next(i for i in imgs if i.arch == arch) for ref, imgs in per_ref.items()}
                 write_docker_archive(tmp / "docker" / f"shop-{arch}.tar", images)
             tmp.replace(out)
+            _prune_outputs(out.parent, keep=KEEP_OUTPUTS)
         return ShopImages(out / "oci", archives, indexes)
+
+
+def _prune_outputs(directory: Path, keep: int) -> None:
+    """Drop all but the ``keep`` newest output sets (each holds full docker archives)."""
+    outputs = sorted((p for p in directory.iterdir() if p.is_dir() and not p.name.endswith(".tmp")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in outputs[keep:]:
+        _remove_tree(old)
 
 
 def build_shop_images(arches: tuple[str, ...] = ARCHES) -> Path:
