@@ -7,9 +7,32 @@ Standard library only: the same code runs in the builder (as ``offline_delivery_
 site hosts that may have nothing but python3. Memory stays bounded whatever the bundle size: blobs are
 hashed while they are copied in chunks, never read whole.
 
-A bundle is an uncompressed POSIX tar holding, in this order, ``manifest.json`` (canonical JSON),
-``manifest.sig`` (unless built ``--unsigned``) and ``blobs/sha256/<hex>`` for every blob the manifest marks
-``bundled``, in manifest order. See docs/architecture.md ("Bundle format (v1)").
+The tar (``<name>-<version>.bundle``, uncompressed): ``manifest.json`` (canonical JSON), ``manifest.sig``
+(absent when built ``--unsigned``), then ``blobs/sha256/<hex>`` for every blob the manifest marks
+``bundled``, in manifest order. Regular files only, USTAR headers with mtime 0, uid/gid 0, no owner
+names, mode 0644 (a PAX ``size`` record precedes members of 8 GiB or more), then two zero blocks.
+
+``manifest.json``::
+
+    {"mediaType": MEDIA_TYPE, "schemaVersion": 1, "name": .., "version": ..,
+     "builder": {"name": "bundle-builder", "version": ..},
+     "platforms": ["linux/amd64", "linux/arm64"],                       # sorted
+     "model": {"digest", "size", "mediaType": MODEL_MEDIA_TYPE},         # always bundled
+     "images": {component: {"reference": .., "index": <digest of an OCI index blob>,
+                            "manifests": {platform: <digest of that platform's image manifest>}}},
+     "blobs": [{"digest", "size", "mediaType", "usedBy": [..], "bundled": true|false}, ..],
+     "delta": null | {"base": {"name", "version", "manifest": <base manifest digest>}}
+                   | {"have": {"digest": <have-file digest>, "file": <its name>, "blobs": <count>}}}
+
+``usedBy`` holds ``model``, the component name (its index) or ``<component>@<platform>`` (manifest,
+config, layers). Blobs are listed in first-use order: model, then per component (sorted) its index and per
+platform its manifest, config and layers. ``manifest.sig``: ``{"alg": "ed25519", "keyid": <hex sha256 of
+the raw public key>, "sig": <base64 signature of the manifest.json bytes>}``.
+
+Split sets: ``<file>.part000``, ``.part001``… and ``<file>.parts.json``: ``{"mediaType": PARTS_MEDIA_TYPE,
+"file": <bundle name>, "size": <whole size>, "sha256": "sha256:<whole file>", "parts": [{"name", "size",
+"sha256": "sha256:<hex>"}, ..]}``. Have-files (``--have``): ``{"mediaType": HAVE_MEDIA_TYPE (optional),
+"blobs": ["sha256:<hex>", ..]}``.
 """
 
 from __future__ import annotations
