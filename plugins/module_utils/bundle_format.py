@@ -440,13 +440,16 @@ class PartsReader:
                 return f" — its content is that of {other['name']} (parts out of order or renamed?)"
         return ""
 
-    def _finish_part(self) -> None:
+    def _check_part_hash(self) -> None:
         part = self.parts[self._index]
         got = self._hash.digest()
         if got != part["sha256"]:
             hint = self._which_part_is_it(got)
             raise BundleError(f"part {part['name']} has sha256 {got}, parts.json says {part['sha256']}{hint}; "
                               "the part is damaged: copy it again", member=part["name"], offset=self._offset)
+
+    def _finish_part(self) -> None:
+        self._check_part_hash()
         self._open_next()
 
     def read(self, n: int) -> bytes:
@@ -473,12 +476,17 @@ class PartsReader:
     def check_current_part(self) -> None:
         """Consume the rest of the current part so its checksum is checked (used to name a damaged part
         when a blob inside it fails its digest)."""
-        start = self._index
-        while self._fh is not None and self._index == start:
-            if self._left == 0:
-                self._finish_part()
-                break
-            self.read(min(CHUNK_SIZE, self._left))
+        if self._fh is None:
+            return
+        while self._left > 0:
+            data = self._fh.read(min(CHUNK_SIZE, self._left))
+            if not data:
+                raise BundleError(f"part {self.current_part} ended early", member=self.current_part,
+                                  offset=self._offset)
+            self._hash.update(data)
+            self._left -= len(data)
+            self._offset += len(data)
+        self._check_part_hash()  # not opening the next part: the question is only whether this one is sound
 
     def finish(self) -> None:
         """Check that every part was read whole. Each part's sha256 was checked, so together they cover the

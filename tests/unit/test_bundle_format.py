@@ -367,3 +367,10 @@ def test_parts_json_with_path_in_part_name_refused(made, trusted, tmp_path: Path
     doc["parts"][0]["name"] = "../" + doc["parts"][0]["name"]
     parts_json.write_text(json.dumps(doc))
     _refused(parts_json, trusted, "not a valid parts list")
+
+
+def test_split_error_in_a_sound_part_keeps_its_own_reason(made, other_keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    parts_json, parts = _split_copy(made, tmp_path)
+    (parts_json.parent / parts[1]["name"]).unlink()  # a later problem must not hide the first one
+    err = _refused(parts_json, [signing.load_public_key(other_keypair[1])], "not one of the trusted keys")
+    assert err.member == "manifest.sig"
