@@ -20,6 +20,7 @@ The builder turns each :class:`PackageFile` into a blob (``media_type``, ``used_
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import fcntl
 import hashlib
 import json
@@ -610,7 +611,7 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
 # proof that a closure installs from itself
 
 
-def _flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
+def write_flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
     """A flat apt repository (Packages + Release) of ``files`` in ``repo``, the way the site's repo is."""
     stanzas = []
     for f in files:
@@ -625,7 +626,8 @@ def _flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
     (repo / "Packages").write_bytes(packages)
     arches = " ".join(sorted({f.target_arch for f in files}))
     (repo / "Release").write_text(
-        f"Origin: offline-delivery\nLabel: closure-check\nArchitectures: {arches} all\nSHA256:\n"
+        f"Origin: offline-delivery\nLabel: closure-check\nDate: {email.utils.formatdate(usegmt=True)}\n"
+        f"Architectures: {arches} all\nSHA256:\n"
         f" {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n", encoding="utf-8")
 
 
@@ -642,7 +644,7 @@ def verify_closure(distro: str, arch: str, profiles: list[str], files: Sequence[
     with tempfile.TemporaryDirectory(prefix="verify-", dir=cache_dir / "tmp") as tmp:
         repo = Path(tmp) / "repo"
         repo.mkdir()
-        _flat_repo(files, repo)
+        write_flat_repo(files, repo)
         config = _write_apt_config(Path(tmp) / "apt", arch=arch, status=minbase.status,
                                    sources=[f"deb [trusted=yes] file:{repo} ./"], preferences="")
         state = AptState(Path(tmp) / "apt", config, f"{row.key}/{arch} closure check")

@@ -27,6 +27,7 @@ from bundle_builder.packages import (
     minbase_rootfs,
     resolve_packages,
     verify_closure,
+    write_flat_repo,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -241,3 +242,43 @@ def test_a_damaged_cached_file_is_fetched_again(
     assert again == compose_closures["amd64"]
     assert _sha256(small.path) == small.sha256
     assert any("downloading 1 package(s)" in m for m in messages), messages
+
+
+def _install_offline_in_minbase(cache_dir: Path, arch: str, files: list[PackageFile], tmp_path: Path) -> str:
+    """Unpack the cached minbase, give it the closure as its only apt source, and install the compose
+    packages in a chroot with no network at all (a new network namespace): what a site host will do."""
+    root = tmp_path / "root"
+    root.mkdir()
+    minbase = minbase_rootfs("debian-12", arch, cache_dir=cache_dir)
+    subprocess.run(["tar", "-xf", str(minbase.rootfs_tar), "-C", str(root)], check=True, timeout=300)
+    repo = root / "srv/repo"
+    repo.mkdir(parents=True)
+    write_flat_repo(files, repo)
+    (root / "etc/apt/sources.list").write_text("deb [trusted=yes] file:/srv/repo ./\n")
+    for extra in (root / "etc/apt/sources.list.d").glob("*"):
+        extra.unlink()
+    policy = root / "usr/sbin/policy-rc.d"  # no service starts in a chroot
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    script = f"""set -e
+mount -t proc proc {root}/proc
+chroot {root} apt-get update -q --error-on=any
+chroot {root} env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {' '.join(sorted(ENGINE))}
+chroot {root} docker --version
+chroot {root} docker compose version
+"""
+    proc = subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_compose_closure_really_installs_with_no_network(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path, arch: str, tmp_path: Path) -> None:
+    try:
+        out = _install_offline_in_minbase(cache_dir, arch, compose_closures[arch], tmp_path)
+    finally:  # the unpacked system is ~300 MB; its /proc mount ended with the private mount namespace
+        shutil.rmtree(tmp_path / "root", ignore_errors=True)
+    assert "Docker version 20.10." in out
+    assert "Docker Compose version 2." in out, "the v2 plugin from trixie works with bookworm's docker CLI"
