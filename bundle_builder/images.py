@@ -363,22 +363,20 @@ class OciLayoutSource(ImageSource):
         return Blob(desc["digest"], size, str(desc.get("mediaType", OCI_LAYER)), opener=lambda: open(path, "rb"))
 
     @staticmethod
-    def _ref_of(desc: dict[str, Any]) -> str | None:
+    def _refs_of(desc: dict[str, Any]) -> set[str]:
+        """Full references a descriptor is annotated with (buildx puts a bare tag in ref.name and the full
+        name in io.containerd.image.name: either may match)."""
         ann = desc.get("annotations") or {}
-        for key in REF_ANNOTATIONS:
-            if key in ann:
-                return str(ann[key])
-        return None
+        return {normalize_ref(str(ann[key])) for key in REF_ANNOTATIONS if key in ann}
 
     def tags(self) -> list[str]:
-        return sorted({r for d in self.index.get("manifests", []) if (r := self._ref_of(d))})
+        return sorted({r for d in self.index.get("manifests", []) for r in self._refs_of(d)})
 
     def find(self, reference: str) -> list[Found]:
         want = normalize_ref(reference)
         found: list[Found] = []
         for desc in self.index.get("manifests", []):
-            ref = self._ref_of(desc)
-            if ref is not None and normalize_ref(ref) == want:
+            if want in self._refs_of(desc):
                 found.extend(self._walk(desc, reference, claimed=None, depth=0))
         return found
 

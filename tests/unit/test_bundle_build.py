@@ -297,3 +297,16 @@ def test_platform_parsing() -> None:
     assert str(Platform.parse("linux/arm/v7")) == "linux/arm/v7"
     with pytest.raises(ImageError, match="bad platform 'amd64'"):
         Platform.parse("amd64")
+
+
+def test_oci_refs_from_either_annotation(tmp_path: Path) -> None:
+    image = TestImage("test/x:1.0", "amd64", [rootfs_layer()])
+    layout = write_oci_layout(tmp_path / "oci", [image])
+    index = json.loads((layout / "index.json").read_text())
+    # what buildx writes: a bare tag in ref.name, the full name in io.containerd.image.name
+    index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": "1.0",
+                                            "io.containerd.image.name": "docker.io/test/x:1.0"}
+    (layout / "index.json").write_text(json.dumps(index))
+    (found,) = OciLayoutSource(layout).find("test/x:1.0")
+    assert str(found.platform) == "linux/amd64" and found.load().config.digest == image.config_digest
+    assert OciLayoutSource(layout).find("test/x:2.0") == []
