@@ -12,6 +12,7 @@ import os
 import secrets as pysecrets
 import shutil
 import socket
+import stat
 import subprocess
 import tarfile
 import time
@@ -69,6 +70,16 @@ def test_compose_file_matches_the_1_0_0_model() -> None:
         assert services[name]["image"] == component["image"], name
     assert services["gateway"]["ports"] == ["8080:8080"]
     assert "pgdata" in compose["volumes"]
+
+    # bundle-builder from-compose turns it into a valid model with the same images and the secrets.
+    from bundle_builder.compose import from_compose
+
+    converted, report = from_compose(compose, name="shop", version="1.0.0", base_dir=SHOP)
+    converted = app_model.load_model(converted, "converted docker-compose.yml")
+    assert app_model.image_refs(converted) == app_model.image_refs(model)
+    assert set(converted["secrets"]) == set(model["secrets"])
+    assert converted["components"]["db"]["volumes"] == model["components"]["db"]["volumes"]
+    assert any("DB_HOST" in line for line in report), "fixed service names must be reported"
 
 
 # ------------------------------------------------------------------------------------- image builds
@@ -411,6 +422,15 @@ def _assert_redis_password_enforced(shop: ShopOnDocker) -> None:
 
 # ------------------------------------------------------------- unpacked root filesystems (systemd target)
 
+def _make_dev_nodes(root: Path) -> None:
+    """The few device nodes programs expect; systemd's MountAPIVFS= gives a unit the same. No mounts needed."""
+    for name, minor in (("null", 3), ("zero", 5), ("full", 7), ("random", 8), ("urandom", 9)):
+        node = root / "dev" / name
+        if not node.exists():
+            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+            node.chmod(0o666)
+
+
 def _chroot(root: Path, *argv: str, timeout: float = 300) -> str:
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
     proc = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=timeout, env=env)
@@ -433,6 +453,7 @@ def test_unpacked_images_run_without_a_container_runtime(
     try:
         for name, ref in refs.items():
             shop_images.unpack_image(built.oci_layout, ref, arch, roots[name])
+            _make_dev_nodes(roots[name])
         # gateway: the model's config file, rendered with the API on the host network, passes nginx -t.
         conf = app_model.render_config(model, "gateway", 0, env={"API_HOST": "127.0.0.1", "API_PORT": "8000"},
                                        secrets={})

@@ -33,7 +33,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
