@@ -13,6 +13,7 @@ import secrets as pysecrets
 import shutil
 import socket
 import stat
+import sys
 import subprocess
 import tarfile
 import time
@@ -472,3 +473,39 @@ def test_unpacked_images_run_without_a_container_runtime(
         assert machine.strip() == {"amd64": "x86_64", "arm64": "aarch64"}[arch]
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.timeout(3600)
+def test_bundle_delta_from_1_0_0_to_1_1_0_carries_only_the_api_app_layer(
+    built: shop_images.ShopImages, tmp_path: Path
+) -> None:
+    """The layer design pays off in bundle-builder: the 1.1.0 delta holds the new API layer, no base."""
+    def build(version: str, *extra: str) -> dict:
+        argv = [str(Path(sys.executable).with_name("bundle-builder")), "build", str(SHOP / f"app-{version}.yml"),
+                "-o", str(tmp_path / version), "--images-from", f"oci:{built.oci_layout}",
+                "--platform", "linux/amd64,linux/arm64", "--unsigned", "--json", *extra]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    try:
+        full = build("1.0.0")
+        delta = build("1.1.0", "--base", full["path"])
+        images = _platform_images(built.oci_layout)
+        new_layers = {images["shop/api:1.1.0"][arch]["manifest"]["layers"][2]["digest"] for arch in ("amd64", "arm64")}
+        carried = {blob["digest"] for blob in _bundle_manifest(Path(delta["path"]))["blobs"]
+                   if blob.get("bundled", True)}
+        assert new_layers <= carried
+        shared = {layer["digest"] for ref in ("shop/db:1.0.0", "shop/gateway:1.0.0") for arch in ("amd64", "arm64")
+                  for layer in images[ref][arch]["manifest"]["layers"]}
+        assert not shared & carried, "layers of unchanged images must come from the base release"
+        assert delta["size"] < full["size"] / 1000, (delta["size"], full["size"])
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _bundle_manifest(bundle: Path) -> dict:
+    with tarfile.open(bundle) as tar:
+        handle = tar.extractfile("manifest.json")
+        assert handle is not None
+        return json.loads(handle.read())
