@@ -293,26 +293,32 @@ def glob_escape(name: str) -> str:
 
 
 def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
-               pool: concurrent.futures.Executor) -> None:
-    """Stream one blob into the bundle, checking its sha256 and size against the manifest's claim.
-    The hash runs on a worker thread while this one reads and writes."""
+               lanes: bundle_format.HashLanes) -> Callable[[], None]:
+    """Stream one blob into the bundle. Its size is checked now; its sha256 runs on a hash lane while
+    the next blobs are copied. Returns the digest check, to run before the bundle is published."""
     blob = planned.blob
-    h = BackgroundHasher(pool)
+    hasher = lanes.hasher()
     size = 0
     with blob.open() as src:
         while True:
             chunk = src.read(CHUNK)
             if not chunk:
                 break
-            h.update(chunk)
+            hasher.update(chunk)
             out.write(chunk)
             size += len(chunk)
             report(len(chunk))
-    got = h.digest()
-    if got != blob.digest or size != blob.size:
-        raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes with "
-                         f"{got}: the image source is damaged or changed during the build")
+    if size != blob.size:
+        raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes, "
+                         f"its source said {blob.size}: the image source is damaged or changed during the build")
     out.write(bundle_format.tar_padding(size))
+
+    def check() -> None:
+        got = hasher.digest()
+        if got != blob.digest:
+            raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) hashes to {got}: "
+                             "the image source is damaged or changed during the build")
+    return check
 
 
 def _write_member(out: _Output, name: str, data: bytes) -> None:
@@ -393,7 +399,8 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
         if progress is not None:
             progress(done[0], total, "writing blobs")
 
-    pool = bundle_format.hash_pool(3 if volume_size else 1)
+    pool = bundle_format.hash_pool(2)  # part and whole-file hashes of a split bundle
+    lanes = bundle_format.HashLanes()
     output = _Output(final, volume_size, pool)
     try:
         _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)
@@ -402,15 +409,19 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
             sig = signing.sign(key, manifest_bytes)
             keyid = json.loads(sig)["keyid"]
             _write_member(output, bundle_format.SIGNATURE_NAME, sig)
+        checks = []
         for planned in bundled:
             output.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
-            _copy_blob(output, planned, report, pool)
+            checks.append(_copy_blob(output, planned, report, lanes))
         output.write(bundle_format.TAR_END)
+        for check in checks:  # every digest confirmed before anything is published
+            check()
         path, files = output.commit()
     except BaseException:
         output.abort()
         raise
     finally:
+        lanes.shutdown()
         pool.shutdown(wait=True)
     if progress is not None:
         progress(total, total, "done")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import concurrent.futures
 import hashlib
 import json
@@ -378,6 +379,68 @@ class BackgroundHasher:
 
 def hash_pool(workers: int = 1) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
+
+
+MAX_HASH_BACKLOG = 48 * 1024 * 1024
+
+
+class HashLanes:
+    """Hash several blobs at once on a few single-thread lanes (blob i on lane i mod n, its chunks in order).
+
+    The reader never waits for a blob's digest, only for room in a bounded backlog (``max_backlog`` bytes of
+    chunks not hashed yet), so while one lane still hashes a big blob the next blob is read and hashed on
+    another core. Used where a digest can be checked later: before a build is published, or at the end of
+    a verification without a sink.
+    """
+
+    def __init__(self, lanes: int | None = None, max_backlog: int = MAX_HASH_BACKLOG) -> None:
+        count = lanes or max(1, min(2, os.cpu_count() or 1))
+        self._pools = [hash_pool() for dummy in range(count)]
+        self._next = 0
+        self._queue: collections.deque[tuple[concurrent.futures.Future[None], int]] = collections.deque()
+        self._queued = 0
+        self._max = max_backlog
+
+    def hasher(self) -> "LaneHasher":
+        pool = self._pools[self._next % len(self._pools)]
+        self._next += 1
+        return LaneHasher(self, pool)
+
+    def submit(self, pool: concurrent.futures.Executor, fn: Callable[[bytes], None],
+               data: bytes) -> concurrent.futures.Future[None]:
+        while self._queue and self._queued + len(data) > self._max:
+            future, size = self._queue.popleft()
+            future.result()
+            self._queued -= size
+        future = pool.submit(fn, data)
+        self._queue.append((future, len(data)))
+        self._queued += len(data)
+        return future
+
+    def shutdown(self) -> None:
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+
+
+class LaneHasher:
+    """The sha256 of one blob on one lane of a HashLanes."""
+
+    def __init__(self, lanes: HashLanes, pool: concurrent.futures.Executor) -> None:
+        self._lanes = lanes
+        self._pool = pool
+        self._hash = hashlib.sha256()
+        self._last: concurrent.futures.Future[None] | None = None
+
+    def update(self, data: bytes) -> None:
+        self._last = self._lanes.submit(self._pool, self._hash.update, data)
+
+    def done(self) -> bool:
+        return self._last is None or self._last.done()
+
+    def digest(self) -> str:
+        if self._last is not None:
+            self._last.result()  # a lane runs its chunks in order: the last one done means all are
+        return "sha256:" + self._hash.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -855,11 +918,7 @@ def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any],
         hasher.update(chunk)
         counter[0] += len(chunk)
         yield chunk
-    got = hasher.digest()
-    if got != desc["digest"]:
-        raise BundleError(f"blob content hashes to {got}, not {desc['digest']}: the blob was damaged or "
-                          "tampered with; refuse this bundle and copy it again", member=member.name,
-                          offset=member.offset)
+    _check_digest(hasher.digest(), desc, member)
 
 
 def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, Any],
@@ -916,27 +975,64 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
     listed = {blob_path(b["digest"]) for b in blobs}
     total = sum(b["size"] for b in blobs)
     counter = [0]
-    for desc in blobs:
-        member = _next_blob(tar, member, desc, listed)
-        chunks = _blob_chunks(tar, member, desc, counter, pool)
-        if sink is not None:
-            sink(desc, chunks)
-        _drain(chunks)  # the sink may stop early; the digest is checked all the same
-        result.members.append(member.name)
-        result.blobs_checked += 1
-        if progress is not None:
-            progress(counter[0], total)
-        member = tar.next_member()
-    if member is not None:
-        raise BundleError(f"member {member.name!r} follows the last blob the manifest lists: more members "
-                          "than the manifest lists; refuse this bundle", member=member.name,
-                          offset=member.header_offset)
-    stream.finish()
+    # Without a sink nothing is published per blob, so digests may be checked after reading on: blobs are
+    # then hashed on parallel lanes. With a sink each blob is confirmed before its iterator ends.
+    lanes = HashLanes() if sink is None else None
+    deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]] = []
+    try:
+        for desc in blobs:
+            member = _next_blob(tar, member, desc, listed)
+            if lanes is not None:
+                deferred.append((_hash_member(tar, member, lanes, counter), desc, member))
+                _check_finished(deferred)
+            else:
+                chunks = _blob_chunks(tar, member, desc, counter, pool)
+                sink(desc, chunks)  # type: ignore[misc]
+                _drain(chunks)  # the sink may stop early; the digest is checked all the same
+            result.members.append(member.name)
+            result.blobs_checked += 1
+            if progress is not None:
+                progress(counter[0], total)
+            member = tar.next_member()
+        if member is not None:
+            raise BundleError(f"member {member.name!r} follows the last blob the manifest lists: more members "
+                              "than the manifest lists; refuse this bundle", member=member.name,
+                              offset=member.header_offset)
+        stream.finish()
+        for hasher, desc, member in deferred:
+            _check_digest(hasher.digest(), desc, member)
+    finally:
+        if lanes is not None:
+            lanes.shutdown()
     result.bytes_checked = counter[0]
     omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
     result.blobs_omitted = len(omitted)
     result.bytes_omitted = sum(b["size"] for b in omitted)
     return result
+
+
+def _hash_member(tar: TarStreamReader, member: TarMember, lanes: HashLanes, counter: list[int]) -> LaneHasher:
+    hasher = lanes.hasher()
+    while True:
+        chunk = tar.read_chunk(CHUNK_SIZE, member.name)
+        if not chunk:
+            return hasher
+        hasher.update(chunk)
+        counter[0] += len(chunk)
+
+
+def _check_finished(deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]]) -> None:
+    """Check (and drop) the digests already computed, so a damaged blob is reported early."""
+    while deferred and deferred[0][0].done():
+        hasher, desc, member = deferred.pop(0)
+        _check_digest(hasher.digest(), desc, member)
+
+
+def _check_digest(got: str, desc: dict[str, Any], member: TarMember) -> None:
+    if got != desc["digest"]:
+        raise BundleError(f"blob content hashes to {got}, not {desc['digest']}: the blob was damaged or "
+                          "tampered with; refuse this bundle and copy it again", member=member.name,
+                          offset=member.offset)
 
 
 def read_blob(path: str, digest: str, limit: int = MAX_MANIFEST_SIZE) -> bytes:
