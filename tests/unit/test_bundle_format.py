@@ -374,3 +374,20 @@ def test_split_error_in_a_sound_part_keeps_its_own_reason(made, other_keypair, t
     (parts_json.parent / parts[1]["name"]).unlink()  # a later problem must not hide the first one
     err = _refused(parts_json, [signing.load_public_key(other_keypair[1])], "not one of the trusted keys")
     assert err.member == "manifest.sig"
+
+
+@pytest.mark.parametrize("lanes,backlog", [(1, 1), (2, 3000), (3, 1 << 20)])
+def test_hash_lanes_give_each_blob_its_own_digest(lanes: int, backlog: int) -> None:
+    rng = random.Random(lanes)
+    blobs = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 20000))) for _ in range(7)]
+    hl = bf.HashLanes(lanes=lanes, max_backlog=backlog)
+    try:
+        hashers = []
+        for data in blobs:
+            h = hl.hasher()
+            for i in range(0, len(data), 997):
+                h.update(data[i:i + 997])
+            hashers.append(h)
+        assert [h.digest() for h in hashers] == [bf.sha256_digest(d) for d in blobs]
+    finally:
+        hl.shutdown()
