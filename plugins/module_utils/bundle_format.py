@@ -732,8 +732,13 @@ class TarStreamReader:
         while self._pending:
             self.read_chunk(CHUNK_SIZE, None)
         if self._padding:
-            self._read_exact(self._padding, "padding", None)
+            offset = self.offset
+            padding = self._read_exact(self._padding, "padding", None)
             self._padding = 0
+            if padding.count(0) != len(padding):
+                # Padding is covered by no digest: only zeros, so no byte of a bundle goes unchecked.
+                raise BundleError("non-zero bytes in the padding after a member: the bundle was altered",
+                                  offset=offset)
 
     def next_member(self) -> TarMember | None:
         """Header of the next member, or None at the end-of-archive marker."""
@@ -753,7 +758,8 @@ class TarStreamReader:
             if size > MAX_PAX_HEADER_SIZE:
                 raise BundleError(f"PAX header of {size} bytes is unreasonably large", offset=header_offset)
             data = self._read_exact(size, "a PAX header", None)
-            self._read_exact(-size % BLOCK, "padding", None)
+            if self._read_exact(-size % BLOCK, "padding", None).count(0) != -size % BLOCK:
+                raise BundleError("non-zero bytes in the padding of a PAX header", offset=self.offset)
             pax = _parse_pax(data, header_offset)
 
     def _read_trailer(self, offset: int) -> None:
@@ -800,6 +806,11 @@ class TarStreamReader:
         size = _pax_size(pax, offset) if "size" in pax else _octal(header[124:136], "size", offset)
         if name in self.seen:
             raise BundleError(f"tar member {name!r} appears twice; refuse this bundle", member=name, offset=offset)
+        if not pax and header != tar_header(name, size):
+            # One header per (name, size): fields no check reads (owner, mtime, ...) cannot be altered unseen.
+            raise BundleError(f"tar header of {name!r} is not the one bundle-builder writes (mode 0644, uid/gid 0, "
+                              "no owner names, mtime 0): the bundle was repacked or altered", member=name,
+                              offset=offset)
         self.seen.add(name)
         self._pending = size
         self._padding = -size % BLOCK

@@ -391,3 +391,31 @@ def test_hash_lanes_give_each_blob_its_own_digest(lanes: int, backlog: int) -> N
         assert [h.digest() for h in hashers] == [bf.sha256_digest(d) for d in blobs]
     finally:
         hl.shutdown()
+
+
+def test_any_flipped_bit_anywhere_is_refused(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Headers, data, padding, end marker: no byte of a bundle goes unchecked."""
+    size = made["bundle"].stat().st_size
+    rng = random.Random(2024)
+    ms = members(made["bundle"])
+    # every header, every padding area, the end marker, and random places
+    spots = {m.header_offset + rng.randrange(512) for m in ms}
+    spots |= {m.data_offset + m.size + (-m.size % 512) - 1 for m in ms if m.size % 512}
+    spots |= {size - 1, size - 700} | {rng.randrange(size) for _ in range(40)}
+    for spot in sorted(spots):
+        bad = copy_with_flipped_bit(made["bundle"], tmp_path / "flip.bundle", spot, bit=rng.randrange(8))
+        with pytest.raises(BundleError):
+            bf.verify_bundle(str(bad), trusted)
+
+
+def test_header_fields_no_check_reads_are_still_fixed(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = members(made["bundle"])[3]
+    info, _ = regular(m.name, b"")
+    info.size, info.mtime, info.uname = m.size, 1700000000, "mallory"
+    header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    bad = tmp_path / "mtime.bundle"
+    data = bytearray(made["bundle"].read_bytes())
+    data[m.header_offset:m.header_offset + 512] = header
+    bad.write_bytes(bytes(data))
+    err = _refused(bad, trusted, "is not the one bundle-builder writes")
+    assert err.member == m.name
