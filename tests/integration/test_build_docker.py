@@ -88,3 +88,37 @@ def test_docker_source_reports_missing_platform_and_image(imported_image: str, t
     assert code == 2
     assert f"image {imported_image} has no linux/arm64 variant; platforms found: linux/amd64 (in docker)" in err
     assert "absent" in err and "not found in any source (tried: docker)" in err
+
+
+def test_engine_archive_and_helper_agree(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A helper-written docker-save archive loads into the engine, and building from the engine, from the
+    engine's own ``docker save`` and from the helper's archive gives the same image digests."""
+    from tests.helpers.images import TestImage, write_docker_archive
+
+    reason = _docker_ok()
+    if reason:
+        pytest.skip(f"needs a running Docker engine ({reason})")
+    tag = uuid.uuid4().hex[:10]
+    image = TestImage(f"{PREFIX}/loaded:{tag}", "amd64",
+                      [rootfs_layer({"a.txt": b"base\n"}), rootfs_layer({"b.txt": b"top\n"})])
+    helper_archive = write_docker_archive(tmp_path / "helper.tar", [image])
+    engine_archive = tmp_path / "engine.tar"
+    try:
+        subprocess.run(["docker", "load", "-i", str(helper_archive)], check=True, capture_output=True, timeout=120)
+        subprocess.run(["docker", "save", "-o", str(engine_archive), image.ref], check=True, capture_output=True,
+                       timeout=120)
+        model = tmp_path / "app.yml"
+        model.write_text(yaml.safe_dump({"apiVersion": "offline.delivery/v1", "kind": "Application",
+                                         "name": "agree", "version": "1.0.0",
+                                         "components": {"x": {"image": image.ref}}}))
+        digests = {}
+        for name, source in (("engine", "docker"), ("engine-save", f"archive:{engine_archive}"),
+                             ("helper", f"archive:{helper_archive}")):
+            code = main(["build", str(model), "-o", str(tmp_path / name), "--images-from", source, "--unsigned",
+                         "--json"])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            digests[name] = bundle_format.read_head(json.loads(out)["path"]).manifest["images"]["x"]
+        assert digests["engine"] == digests["engine-save"] == digests["helper"]
+    finally:
+        subprocess.run(["docker", "rmi", "-f", image.ref], capture_output=True, timeout=120, check=False)
