@@ -180,6 +180,16 @@ def _command_output(argv: list[str]) -> str:
         return ""
 
 
+PRODUCT_PATHS = ("bundle_builder", "plugins/module_utils")
+
+
+def code_state(repo_root: Path) -> dict[str, object]:
+    """The commit, and whether the measured code (builder, core) differs from it in the work tree."""
+    dirty = _command_output(["git", "-C", str(repo_root), "status", "--porcelain", "--", *PRODUCT_PATHS])
+    return {"commit": _command_output(["git", "-C", str(repo_root), "rev-parse", "HEAD"]) or None,
+            "product_files_modified": sorted(line[3:] for line in dirty.splitlines() if line.strip())}
+
+
 def machine_info(repo_root: Path) -> dict[str, object]:
     mem_kb = _first("/proc/meminfo", "MemTotal").split()[0]
     return {

@@ -158,7 +158,7 @@ def docs_block(doc: dict[str, Any], results_file: str) -> str:
         "",
         f"Conditions: page cache **{c['cache']}**; each value is the median of {c['repeat']} runs "
         f"(every run is in the JSON); load average (1/5/15 min) {_load(c, 'before')} before, "
-        f"{_load(c, 'after')} after: other work shared the {m['cores']} cores.",
+        f"{_load(c, 'after')} after: other work shared the {m['cores']} cores. Code: {_code(c)}.",
         "",
         markdown_table(rows),
         "",
@@ -169,6 +169,15 @@ def docs_block(doc: dict[str, Any], results_file: str) -> str:
     else:
         lines.append("Every goal measured in this run was met.")
     return "\n".join(lines)
+
+
+def _code(conditions: dict[str, Any]) -> str:
+    code = conditions.get("code") or {}
+    if not code:
+        return "not recorded"
+    modified = code["after"].get("product_files_modified") or []
+    text = code["note"]
+    return text + (f"; uncommitted changes in {', '.join(modified)}" if modified else "")
 
 
 def _load(conditions: dict[str, Any], when: str) -> str:

@@ -53,6 +53,7 @@ class Context:
     docker_loaded: list[str] = field(default_factory=list)
     docker_save_bytes: dict[str, int] = field(default_factory=dict)   # "all" and per ref
     load_before: list[float] = field(default_factory=lambda: list(os.getloadavg()))
+    code_before: dict[str, Any] = field(default_factory=lambda: measure.code_state(REPO_ROOT))
 
     def v1_blob_paths(self) -> list[Path]:
         return [self.gen.blob_path(d) for d in sorted(self.gen.unique_blobs(synth.V1))]
@@ -453,9 +454,18 @@ def _conditions(ctx: Context, warmed: int) -> dict[str, Any]:
                  "the product alike; the builder's output is written (and fsynced) to disk",
         "repeat": ctx.repeat,
         "load_average": {"before": ctx.load_before, "after": list(os.getloadavg())},
+        "code": _code_conditions(ctx.code_before, measure.code_state(REPO_ROOT)),
         "docker": ctx.docker_reason or "engine used for the docker references",
         "filesystem": str(ctx.work),
     }
+
+
+def _code_conditions(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The product is developed in this very tree: say when it changed while the run measured it."""
+    changed = before != after
+    return {"before": before, "after": after, "changed_during_run": changed,
+            "note": ("the builder/core code changed during this run: figures mix two versions" if changed
+                     else "the same code throughout the run")}
 
 
 def prepare(settings: synth.Settings, cache_root: Path | None, repeat: int, use_docker: bool) -> Context:
