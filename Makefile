@@ -7,7 +7,7 @@ SITE ?= dev
 HOSTS ?=
 HOST_ARGS := $(foreach h,$(HOSTS),--host $(h))
 
-.PHONY: world-up world-down world-status world-images world-prune test demo
+.PHONY: world-up world-down world-status world-images world-prune test demo molecule
 
 world-up:
 	$(PYTHON) -m tests.world up $(SITE) $(HOST_ARGS)
@@ -29,3 +29,12 @@ test:
 
 demo:
 	scripts/demo
+
+# Molecule on the world's images (molecule/base.yml + molecule/$(SCENARIO)/): image tags from
+# `tests.world env`, community.docker + ansible.posix from `tests.world collections`.
+SCENARIO ?= world
+molecule:
+	set -e; eval "$$($(PYTHON) -m tests.world env | sed 's/^/export /')"; \
+	export ANSIBLE_COLLECTIONS_PATH="$$($(PYTHON) -m tests.world collections)"; \
+	export PATH="$(CURDIR)/.venv/bin:$$PATH"; \
+	molecule -c molecule/base.yml test -s $(SCENARIO)

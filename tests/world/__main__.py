@@ -1,4 +1,4 @@
-"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|env|prune`.
+"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|env|collections|prune`.
 
 Exit codes: 0 ok, 1 a step failed (the message says which and what to do), 2 bad usage.
 """
@@ -12,6 +12,7 @@ import sys
 import yaml
 
 from .hostimages import current_image_tags, ensure_host_image, ensure_jump_image, remove_stale_images
+from .extra_collections import DEFAULT_COLLECTIONS, ensure_collections
 from .rootfs import DEFAULT_SUITE, RootfsRecipe
 from .site import DEFAULT_HOSTS, JUMP, HostSpec, Site, inventory, sites_present, status
 from .util import WorldError, state_root
@@ -58,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print OD_WORLD_IMAGE_<ARCH>=tag lines (building if needed), e.g. for molecule")
     env.add_argument("--arch", default="amd64,arm64")
     env.add_argument("--suite", default=DEFAULT_SUITE)
+
+    colls = sub.add_parser("collections", help="print a collections path with community.docker and ansible.posix "
+                                               "(from the `ansible` wheel on PyPI; Galaxy is unreachable)")
+    colls.add_argument("names", nargs="*", default=list(DEFAULT_COLLECTIONS))
 
     prune = sub.add_parser("prune", help="remove od-world images of older recipes")
     prune.add_argument("--suite", action="append", default=[], help="suites whose current images to keep")
@@ -141,6 +146,11 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_collections(args: argparse.Namespace) -> int:
+    print(ensure_collections(tuple(args.names)))
+    return 0
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     for tag in remove_stale_images(keep=current_image_tags(tuple(args.suite or [DEFAULT_SUITE]))):
         print(f"removed {tag}")
@@ -148,7 +158,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "inventory": _cmd_inventory,
-            "exec": _cmd_exec, "build": _cmd_build, "env": _cmd_env, "prune": _cmd_prune}
+            "exec": _cmd_exec, "build": _cmd_build, "env": _cmd_env, "collections": _cmd_collections,
+            "prune": _cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:
