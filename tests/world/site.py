@@ -45,6 +45,8 @@ class HostSpec:
     name: str
     arch: str = "amd64"
     groups: tuple[str, ...] = ()
+    # Extra `docker run` options for this host only (e.g. a Kubernetes node's `--device /dev/kmsg`).
+    run_args: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name) or self.name == JUMP:
@@ -100,7 +102,8 @@ class Site:
     def load(cls, name: str) -> "Site":
         """The site as `up` recorded it in its site.json (host list and suite)."""
         info = cls(name, hosts=()).info()
-        hosts = [HostSpec(h["name"], h["arch"], tuple(h["groups"])) for h in info["hosts"]]
+        hosts = [HostSpec(h["name"], h["arch"], tuple(h["groups"]), tuple(h.get("run_args", ())))
+                 for h in info["hosts"]]
         return cls(name, hosts=hosts, suite=info["suite"])
 
     # ---- names and paths -------------------------------------------------------------------------
@@ -218,7 +221,8 @@ class Site:
     def _run_hosts(self, images: dict[str, str]) -> None:
         for host in self.hosts:
             # dockerd inside a target needs a real filesystem under /var/lib/docker for overlay2.
-            args = self._common_run_args(host.name, host.arch, "target") + ["-v", "/var/lib/docker", images[host.arch]]
+            args = self._common_run_args(host.name, host.arch, "target") + [
+                "-v", "/var/lib/docker", *host.run_args, images[host.arch]]
             docker(*args, timeout=120).check(f"starting host {host.name} of site {self.name}")
         jump_args = self._common_run_args(JUMP, "amd64", JUMP) + [
             "-v", f"{repo_root()}:{COLLECTION_MOUNT}:ro",
@@ -263,7 +267,7 @@ class Site:
             "site": self.name, "suite": self.suite, "network": self.network, "subnet": self.subnet(),
             "jump": {"container": self.container(JUMP), "ip": ips[JUMP]},
             "hosts": [{"name": h.name, "arch": h.arch, "groups": list(h.groups), "ip": ips[h.name],
-                       "container": self.container(h.name)} for h in self.hosts],
+                       "container": self.container(h.name), "run_args": list(h.run_args)} for h in self.hosts],
         }
         (self.state_dir / "site.json").write_text(json.dumps(info, indent=2) + "\n")
         jump_key = f"{WORLD_MOUNT}/{self.name}/{self.key_path.name}"
