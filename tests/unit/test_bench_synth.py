@@ -169,6 +169,7 @@ def test_tiny_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     by_id = {r.id: r for r in rows}
     assert by_id["build.oci"].value and by_id["build.oci"].ratio and by_id["verify"].value
     assert by_id["build.oci.rss"].value and by_id["build.oci.rss"].value < 150
+    assert by_id["build.floor"].ref_value and by_id["startup"].value
     assert by_id["docker.save.all"].skipped == "disabled with --no-docker"
     old, new = synth.generate(TINY, tmp_path / "cache").changed()
     assert by_id["delta.layer"].ref_value == pytest.approx(new.layers[-1].size / 1e6)
