@@ -71,3 +71,63 @@ def test_bundle_import_refuses_untrusted_bundle_and_names_the_key(vendor, collec
     assert rc != 0 and "msg" in res
     assert "repository unchanged" in res["msg"] and "not one of the trusted keys" in res["msg"]
     assert tree_hash(repo) == "absent"
+
+
+def _export_args(vendor: dict, dest: Path, **extra: object) -> dict:  # noqa: F811
+    args = {"model": str(vendor["dir"] / "app-1.0.0.yml"), "dest": str(dest),
+            "images_from": [f"oci:{vendor['layout']}"], "platforms": ["linux/amd64", "linux/arm64"],
+            "sign_key": str(vendor["key"])}
+    args.update(extra)
+    return args
+
+
+def test_bundle_export_is_idempotent_by_content(vendor, collections_path, tmp_path):  # noqa: F811
+    dest = tmp_path / "bundles"
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, dest), "--check")
+    assert rc == 0 and res["changed"] and "would be written: new bundle" in res["msg"]
+    assert not list(dest.glob("*.bundle*")), "check mode must leave nothing in dest"
+
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, dest))
+    assert rc == 0 and res["changed"], res
+    bundle = dest / "mini-1.0.0.bundle"
+    first = bundle.read_bytes()
+    assert res["bundle"]["path"] == str(bundle)
+    # the same code as the CLI: the module's bundle is byte-identical to the one the fixture built
+    assert first == vendor["full"].read_bytes()
+
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, dest))
+    assert rc == 0 and not res["changed"] and "up to date" in res["msg"]
+    assert res["previous_manifest_digest"] == res["bundle"]["manifest_digest"]
+    assert bundle.read_bytes() == first
+    assert not [p for p in dest.iterdir() if p.name.startswith(".export-")], "staging left behind"
+
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, dest, volume_size="150K"))
+    assert rc == 0 and res["changed"] and "split into other parts" in res["msg"]
+    assert not bundle.exists() and (dest / "mini-1.0.0.bundle.parts.json").exists()
+
+
+def test_bundle_export_names_the_missing_image(vendor, collections_path, tmp_path):  # noqa: F811
+    model = tmp_path / "app.yml"
+    model.write_text((vendor["dir"] / "app-1.0.0.yml").read_text().replace("mini/cache:1.0.0", "mini/nope:9.9.9"))
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "b", model=str(model)))
+    assert rc != 0 and "mini/nope:9.9.9" in res["msg"]
+
+
+def test_bundle_info_verifies_and_names_a_tampered_blob(vendor, collections_path, tmp_path):  # noqa: F811
+    pub = str(vendor["dir"] / "vendor.pub")
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(vendor["split"]), "trusted_keys": [pub]})
+    assert rc == 0 and not res["changed"] and res["verified"]
+    assert res["bundle"]["name"] == "mini" and res["bundle"]["components"] == ["cache", "web"]
+    assert res["bundle"]["platforms"] == ["linux/amd64", "linux/arm64"] and res["bundle"]["signed"]
+
+    from tests.unit.test_site_repo import _flip_byte_in_last_blob
+    bad = tmp_path / "mini-1.0.0.bundle"
+    _flip_byte_in_last_blob(vendor["full"], bad)
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), "trusted_keys": [pub]})
+    assert rc != 0 and "blobs/sha256/" in res["msg"] and "tampered" in res["msg"]
+
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(bad)})
+    assert rc != 0 and "trusted_keys is empty" in res["msg"]
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), "verify": False,
+                                                          "require_signature": False})
+    assert rc == 0 and not res["verified"] and res["bundle"]["version"] == "1.0.0"
