@@ -190,6 +190,23 @@ def _member_head(layout: Path, manifest: dict, name: str, size: int) -> bytes:
     raise AssertionError(f"{name} not found in any layer")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_layers_are_reproducible_from_scratch(
+    built: shop_images.ShopImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold rebuild in an empty cache gives byte-identical base and packages layers (amd64, redis)."""
+    monkeypatch.setenv("OD_CACHE", str(tmp_path / "cache"))
+    try:
+        sources = shop_images.debian_sources()
+        recipe = next(r for r in shop_images.RECIPES if r.ref == "shop/redis:1.0.0")
+        rebuilt = [shop_images.base_layer("amd64", sources), shop_images.packages_layer("amd64", sources, recipe)]
+        manifest = _platform_images(built.oci_layout)["shop/redis:1.0.0"]["amd64"]["manifest"]
+        assert rebuilt == [layer["digest"] for layer in manifest["layers"][:2]]
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def test_changing_api_source_rebuilds_only_the_app_layer(
     built: shop_images.ShopImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -565,11 +565,26 @@ def base_layer(arch: str, sources: list[str]) -> str:
     if record.exists() and _blob_path(record.read_text().strip()).exists():
         return record.read_text().strip()
     tmp = rootfs.parent / "layer.tar"
+    _normalise_apt_partial(rootfs)
     # /dev, /proc, /sys are provided by every runtime; their build-time contents must not ship.
     digest = write_layer(rootfs, tmp, skip=frozenset({"dev", "proc", "sys"}))
     _store_file(tmp)
     record.write_text(digest + "\n")
     return digest
+
+
+def _normalise_apt_partial(rootfs: Path) -> None:
+    """Give apt's download dir the owner stock Debian has (_apt), whatever the build host did.
+
+    mmdebstrap leaves it owned by root when apt's sandbox user cannot traverse the cache path (e.g. under
+    a 0700 temporary directory): the same recipe must still give the same layer.
+    """
+    partial = rootfs / "var/cache/apt/archives/partial"
+    for line in (rootfs / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == "_apt" and partial.is_dir():
+            os.chown(partial, int(fields[2]), 0)
+            partial.chmod(0o700)
 
 
 def packages_layer(arch: str, sources: list[str], recipe: ImageRecipe) -> str:
