@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from tests.world.hostimages import COLLECTION_MOUNT
-from tests.world.rootfs import debian_mirror
-from tests.world.site import JUMP, Site
-from tests.world.util import Result, repo_root
+from tests.world.rootfs import RootfsRecipe, _mirror_from_deb822, debian_mirror
+from tests.world.site import JUMP, HostSpec, Site, status
+from tests.world.util import Result, WorldError, repo_root
 
 pytestmark = pytest.mark.world
 
@@ -179,3 +179,47 @@ def test_second_site_is_up_and_isolated(world_site: Site, world_site_b: Site) ->
     # Control: the same probe inside site A connects, so the failures above are the isolation.
     inside = tcp_probe(world_site, world_site.hosts[0].name, a["hosts"][-1]["ip"], 22, timeout=3)
     assert inside.rc == 0, inside.output
+
+
+def test_failed_up_removes_what_it_made_and_only_that(world_site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    doomed = Site("e2e-fail", [HostSpec("n1", "amd64", ("targets",))])
+    doomed.down()
+
+    def never_boots(self: Site, host: str, arch: str) -> None:
+        raise WorldError(f"simulated boot failure of {host}")
+
+    monkeypatch.setattr(Site, "_wait_one", never_boots)
+    with pytest.raises(WorldError, match="simulated boot failure"):
+        doomed.up()
+    assert not doomed.exists(), "a failed up left containers or networks behind"
+    assert not doomed.state_dir.exists()
+    # The other site is untouched.
+    assert world_site.exists()
+    assert all(r["state"] == "running" for r in status(world_site.name))
+
+
+# ---- the harness's own logic (no containers needed) ----------------------------------------------------
+
+def test_mirror_read_from_deb822_sources() -> None:
+    text = ("Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+            "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+            "Suites: bookworm-security\nComponents: main\n")
+    assert _mirror_from_deb822(text, "bookworm") == "http://mirror.example/debian"
+    assert _mirror_from_deb822(text, "trixie") == "http://mirror.example/debian"  # same archive, other suite
+    assert _mirror_from_deb822("Types: deb\nURIs: http://x/\nSuites: bookworm-security\n", "bookworm") is None
+
+
+def test_recipe_key_changes_with_the_recipe_only() -> None:
+    base = RootfsRecipe(arch="amd64")
+    assert base.key() == RootfsRecipe(arch="amd64").key()
+    assert base.key() != RootfsRecipe(arch="arm64").key()
+    assert base.key() != RootfsRecipe(arch="amd64", suite="trixie").key()
+    assert base.key() != RootfsRecipe(arch="amd64", packages=base.packages + ("curl",)).key()
+
+
+def test_host_spec_parsing_and_validation() -> None:
+    assert HostSpec.parse("arm1:arm64:targets+systemd") == HostSpec("arm1", "arm64", ("targets", "systemd"))
+    assert HostSpec.parse("n1") == HostSpec("n1", "amd64", ())
+    for bad in ("jump", "n1:riscv64", "N1", "n1:amd64:bad-group", ""):
+        with pytest.raises(WorldError):
+            HostSpec.parse(bad)
