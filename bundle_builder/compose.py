@@ -391,7 +391,7 @@ class _Converter:
                 self.add_port(ports, port, item_path)
         for index, item in enumerate(spec.get("expose") or []):
             item_path = "%s.expose[%d]" % (path, index)
-            target, _, protocol = str(item).partition("/")
+            target, _sep, protocol = str(item).partition("/")
             number = _port_int(target)
             if number is None:
                 self.note(item_path, "%r is not a single port (ranges are not supported); not converted" % item)
@@ -411,7 +411,7 @@ class _Converter:
 
     def parse_short_port(self, item: object, path: str) -> Optional[dict]:
         text = str(item)
-        spec, _, protocol = text.partition("/")
+        spec, _sep, protocol = text.partition("/")
         protocol = protocol or "tcp"
         parts = spec.rsplit(":", 2)
         host_ip = parts[0] if len(parts) == 3 else ""
@@ -545,8 +545,8 @@ class _Converter:
     def file_as_config(self, host_path: pathlib.Path, target: str, path: str) -> Optional[dict]:
         size = host_path.stat().st_size
         if size > MAX_CONFIG_FILE_BYTES:
-            self.note(path, "%s is %d bytes, more than a config file may carry (%d)" % (host_path, size,
-                                                                                       MAX_CONFIG_FILE_BYTES))
+            self.note(path, "%s is %d bytes, more than a config file may carry (%d)"
+                      % (host_path, size, MAX_CONFIG_FILE_BYTES))
             return None
         try:
             content = host_path.read_bytes().decode("utf-8")

@@ -1,5 +1,5 @@
 # Copyright: offline.delivery contributors
-# SPDX-License-Identifier: Apache-2.0
+# SPDX-License-Identifier: GPL-3.0-or-later
 """The application model (``app.yml``): validate, normalise, interpolate, diff.
 
 Standard library only: this file ships inside Ansible modules (AnsiballZ) and is imported by the builder

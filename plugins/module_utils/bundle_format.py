@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery contributors
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Bundle format v1: manifest, blob paths, a safe streaming tar reader, verification and split parts.
 
 Standard library only: the same code runs in the builder (as ``offline_delivery_core``) and in modules on

@@ -1,6 +1,6 @@
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery contributors
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ed25519 signature *verification* (RFC 8032), pure Python, standard library only.
 
 A repository host on an air-gapped site may have nothing but python3, so the bundle signature is checked

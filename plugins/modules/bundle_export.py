@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery developers
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ description:
   - Runs where the images are - usually the build host (C(delegate_to)) - and needs the C(offline-delivery)
     Python package there (C(pip install offline-delivery)), the way docker modules need the docker SDK.
 author:
-  - offline.delivery developers
+  - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
 attributes:
@@ -71,7 +71,7 @@ options:
     type: list
     elements: path
   have:
-    description: A site's have-file (C({"blobs": ["sha256:..."]})); blobs it lists are left out (a delta).
+    description: 'A site''s have-file (C({"blobs": ["sha256:..."]})); blobs it lists are left out (a delta).'
     type: path
   volume_size:
     description: Split the bundle into parts of this size (for example V(4G), V(700M)).

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery developers
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ description:
     naming the missing blobs.
   - Needs nothing but Python 3 on the repo host.
 author:
-  - offline.delivery developers
+  - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
 attributes:

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery developers
-# Apache License 2.0 (see LICENSE)
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ description:
     member, truncation or unsafe tar member fails the module with the member, offset and what to do.
   - Needs nothing but Python 3 on the host where it runs, so it can check a bundle on the site's repo host.
 author:
-  - offline.delivery developers
+  - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
 attributes:
