@@ -45,7 +45,8 @@ def world_problem(arches: Iterable[str]) -> str | None:
             return f"{tool} is not installed (scripts/bootstrap installs it)"
     info = docker("info", "--format", "{{.ServerVersion}}", timeout=30)
     if info.rc != 0:
-        return f"no Docker engine answers `docker info` (start dockerd; scripts/bootstrap does): {info.output.strip()[:300]}"
+        return ("no Docker engine answers `docker info` (start dockerd; scripts/bootstrap does): "
+                f"{info.output.strip()[:300]}")
     for arch in sorted(set(arches)):
         problem = foreign_arch_problem(arch)
         if problem:

@@ -114,8 +114,10 @@ def test_targets_cannot_reach_outside(world_site: Site) -> None:
         assert r["dns_outside"].rc != 0, f"{host}: resolved {name}: {r['dns_outside'].stdout}"
         assert r["tcp_outside"].rc != 0, f"{host}: connected to the mirror {ip}:{port} outside the site"
         # Controls: name resolution and TCP do work inside the site, so the failures above are the air gap.
-        assert r["dns_inside"].rc == 0, f"{host}: cannot resolve the site's own host {peer['name']}: {r['dns_inside'].output}"
-        assert r["tcp_inside"].rc == 0, f"{host}: cannot reach {peer['name']}:22 inside the site: {r['tcp_inside'].output}"
+        assert r["dns_inside"].rc == 0, \
+            f"{host}: cannot resolve the site's own host {peer['name']}: {r['dns_inside'].output}"
+        assert r["tcp_inside"].rc == 0, \
+            f"{host}: cannot reach {peer['name']}:22 inside the site: {r['tcp_inside'].output}"
 
 
 def test_jump_host_pings_every_target_with_ansible(world_site: Site) -> None:
@@ -174,7 +176,7 @@ def test_second_site_is_up_and_isolated(world_site: Site, world_site_b: Site) ->
     probes += [(world_site_b, world_site_b.hosts[0].name, h["ip"]) for h in a["hosts"]]
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(probes)) as pool:
         results = list(pool.map(lambda p: tcp_probe(p[0], p[1], p[2], 22, timeout=3), probes))
-    for (site, src, ip), result in zip(probes, results):
+    for (site, src, ip), result in zip(probes, results, strict=True):
         assert result.rc != 0, f"site {site.name} host {src} reached {ip}:22 of the other site"
     # Control: the same probe inside site A connects, so the failures above are the isolation.
     inside = tcp_probe(world_site, world_site.hosts[0].name, a["hosts"][-1]["ip"], 22, timeout=3)

@@ -20,7 +20,8 @@ def ensure_collections(names: tuple[str, ...] = DEFAULT_COLLECTIONS) -> Path:
     version = ANSIBLE_PACKAGE.split("==", 1)[1]
     root = cache_dir() / "collections" / f"ansible-{version}"
     with file_lock(root.parent / f"{root.name}.lock"):
-        missing = [n for n in names if not (root / "ansible_collections" / n.replace(".", "/") / "MANIFEST.json").exists()]
+        missing = [n for n in names
+                   if not (root / "ansible_collections" / n.replace(".", "/") / "MANIFEST.json").exists()]
         if missing:
             _extract(_download_wheel(root.parent, version), root, missing)
     return root
@@ -45,7 +46,7 @@ def _extract(wheel: Path, root: Path, names: list[str]) -> None:
     with zipfile.ZipFile(wheel) as archive:
         members = [m for m in archive.namelist() if any(m.startswith(p) for p in prefixes)]
         found = {p for p in prefixes if any(m.startswith(p) for m in members)}
-        absent = [n for n, p in zip(names, prefixes) if p not in found]
+        absent = [n for n, p in zip(names, prefixes, strict=True) if p not in found]
         if absent:
             raise WorldError(f"{wheel.name} has no collection {', '.join(absent)}")
         archive.extractall(root, members)

@@ -32,7 +32,7 @@ COLLECTION_MOUNT = "/root/.ansible/collections/ansible_collections/offline/deliv
 WORLD_MOUNT = "/root/world"        # the state dirs of all sites (inventories, ssh keys), read-only
 TRANSFER_MOUNT = "/srv/transfer"   # a writable drop box: how files are "carried" into the site
 
-ANSIBLE_CFG = f"""\
+ANSIBLE_CFG = """\
 [defaults]
 # The inventory comes from ANSIBLE_INVENTORY, set per site on the jump container.
 host_key_checking = False
@@ -78,7 +78,7 @@ def host_image_config(rootfs: Rootfs) -> dict:
     return config
 
 
-def _canonical(doc: dict) -> bytes:
+def _canonical(doc: object) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -124,7 +124,8 @@ def _docker_load(rootfs: Rootfs, config: bytes, tag: str) -> None:
     except (BrokenPipeError, subprocess.TimeoutExpired) as exc:
         proc.kill()
         out, _ = proc.communicate()
-        raise WorldError(f"docker load of {tag} from {rootfs.path} failed ({exc}): {out.decode(errors='replace')}")
+        raise WorldError(
+            f"docker load of {tag} from {rootfs.path} failed ({exc}): {out.decode(errors='replace')}") from exc
     if proc.returncode != 0:
         raise WorldError(f"docker load of {tag} from {rootfs.path} failed: {out.decode(errors='replace')}")
 

@@ -88,9 +88,9 @@ def file_lock(path: Path, timeout: float = 1800) -> Iterator[None]:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except BlockingIOError as exc:
                 if time.monotonic() > deadline:
-                    raise WorldError(f"lock {path} still held after {timeout:.0f}s; is another build stuck?")
+                    raise WorldError(f"lock {path} still held after {timeout:.0f}s; is another build stuck?") from exc
                 time.sleep(1)
         try:
             yield
