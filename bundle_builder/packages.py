@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -450,23 +451,29 @@ def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: P
     """What a minbase system lacks to install ``args``, as apt would fetch it (from the signed index)."""
     empty = Path(tempfile.mkdtemp(prefix="archives-", dir=workdir))
     (empty / "partial").mkdir()
-    base = ["-o", f"Dir::Cache::archives={empty}", "install", "-y", "--no-install-recommends"]
     try:
-        sim = state.apt_get(["-s", *base, *args], timeout=TIMEOUT_APT_QUERY, what=f"simulate {profile}")
-        removed = re.findall(r"^Remv (\S+)", sim.stdout, flags=re.M)
-        if removed:
-            raise PackageError(f"{state.label}: profile {profile!r} would remove {', '.join(removed)} from a "
-                               "minimal install; a target host could not install it as is")
-        out = state.apt_get(["--print-uris", "-qq", *base, *args], timeout=TIMEOUT_APT_QUERY,
+        # One run gives both the summary (to refuse removals) and the URI lines.
+        out = state.apt_get(["--print-uris", "-o", f"Dir::Cache::archives={empty}", "install", "-y",
+                             "--no-install-recommends", *args], timeout=TIMEOUT_APT_QUERY,
                             what=f"list closure of {profile}")
     except PackageError as exc:
         raise _explain_apt_error(exc, state.label, profile, args) from None
+    removed = _removed_packages(out.stdout)
+    if removed:
+        raise PackageError(f"{state.label}: profile {profile!r} would remove {', '.join(removed)} from a "
+                           "minimal install; a target host could not install it as is")
     listed = []
-    for line in filter(None, (raw.strip() for raw in out.stdout.splitlines())):
+    for line in (raw.strip() for raw in out.stdout.splitlines()):
+        if not line.startswith("'"):
+            continue  # apt's summary text
         match = _URI_LINE.match(line)
-        if match is None:  # never drop a line silently: a lost line would be a package missing on site
+        if match is None:  # never drop a URI line silently: it would be a package missing on site
             raise PackageError(f"{state.label}: unexpected line from apt-get --print-uris: {line!r}")
         listed.append(match)
+    summary = re.search(r"^(\d+) upgraded, (\d+) newly installed", out.stdout, flags=re.M)
+    if summary is None or int(summary[1]) + int(summary[2]) != len(listed):
+        raise PackageError(f"{state.label}: profile {profile!r}: apt's summary does not match the {len(listed)} "
+                           f"file(s) it listed; output:\n{_tail(out.stdout)}")
     if not listed:
         return []
     # --print-uris names the first hash of the index (MD5Sum): take the SHA256 of the same record.
@@ -484,6 +491,16 @@ def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: P
                                f"({algo} {value}); the index may be stale: retry with a refresh")
         wanted.append(_Wanted(m["uri"], m["filename"], int(m["size"]), matches.pop().lower()))
     return wanted
+
+
+def _removed_packages(apt_output: str) -> list[str]:
+    """Names under apt's "The following packages will be REMOVED:" (indented continuation lines)."""
+    match = re.search(r"^The following packages will be REMOVED:\n((?:[ \t]+.*\n?)+)", apt_output, flags=re.M)
+    names = [n.rstrip("*") for n in match.group(1).split()] if match else []
+    count = re.search(r"(\d+) to remove", apt_output)
+    if not names and count and int(count[1]) > 0:
+        names = [f"{count[1]} package(s)"]
+    return names
 
 
 def _split_filename(filename: str) -> tuple[str, str, str]:
@@ -512,7 +529,17 @@ def _index_records(state: AptState, keys: Sequence[tuple[str, str, str]]) -> dic
 
 def _cached(store: Path, item: _Wanted) -> bool:
     path = store / item.filename
-    return path.exists() and path.stat().st_size == item.size and _sha256_file(path) == item.sha256
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    return stat.st_size == item.size and _sha256_cached(path, stat.st_mtime_ns, stat.st_size) == item.sha256
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
+    """SHA256 of a store file, computed once per content version (keyed by mtime and size)."""
+    return _sha256_file(path)
 
 
 def _download_profile(state: AptState, profile: str, args: Sequence[str], wanted: Sequence[_Wanted],

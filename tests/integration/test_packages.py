@@ -244,9 +244,10 @@ def test_a_damaged_cached_file_is_fetched_again(
     assert any("downloading 1 package(s)" in m for m in messages), messages
 
 
-def _install_offline_in_minbase(cache_dir: Path, arch: str, files: list[PackageFile], tmp_path: Path) -> str:
-    """Unpack the cached minbase, give it the closure as its only apt source, and install the compose
-    packages in a chroot with no network at all (a new network namespace): what a site host will do."""
+def _install_offline_in_minbase(cache_dir: Path, arch: str, files: list[PackageFile], tmp_path: Path,
+                                packages: list[str], checks: list[str]) -> str:
+    """Unpack the cached minbase, give it the closure as its only apt source, install ``packages`` in a
+    chroot with no network at all (a new network namespace), as a site host will, then run ``checks``."""
     root = tmp_path / "root"
     root.mkdir()
     minbase = minbase_rootfs("debian-12", arch, cache_dir=cache_dir)
@@ -263,10 +264,8 @@ def _install_offline_in_minbase(cache_dir: Path, arch: str, files: list[PackageF
     script = f"""set -e
 mount -t proc proc {root}/proc
 chroot {root} apt-get update -q --error-on=any
-chroot {root} env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {' '.join(sorted(ENGINE))}
-chroot {root} docker --version
-chroot {root} docker compose version
-"""
+chroot {root} env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {' '.join(packages)}
+""" + "".join(f"chroot {root} {check}\n" for check in checks)
     proc = subprocess.run(["unshare", "--mount", "--net", "--fork", "sh", "-c", script], capture_output=True,
                           text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -277,8 +276,23 @@ chroot {root} docker compose version
 def test_compose_closure_really_installs_with_no_network(
         compose_closures: dict[str, list[PackageFile]], cache_dir: Path, arch: str, tmp_path: Path) -> None:
     try:
-        out = _install_offline_in_minbase(cache_dir, arch, compose_closures[arch], tmp_path)
+        out = _install_offline_in_minbase(cache_dir, arch, compose_closures[arch], tmp_path, sorted(ENGINE),
+                                          ["docker --version", "docker compose version"])
     finally:  # the unpacked system is ~300 MB; its /proc mount ended with the private mount namespace
         shutil.rmtree(tmp_path / "root", ignore_errors=True)
     assert "Docker version 20.10." in out
     assert "Docker Compose version 2." in out, "the v2 plugin from trixie works with bookworm's docker CLI"
+
+
+def test_all_profiles_really_install_with_no_network(cache_dir: Path, tmp_path: Path) -> None:
+    row = get_distro("debian-12")
+    files = resolve_packages("debian-12", "amd64", list(row.profiles), cache_dir=cache_dir)
+    names = sorted({r.name for refs in row.profiles.values() for r in refs})
+    checks = ["python3 -c 'import apt; print(\"python3-apt ok\")'", "docker-registry --version", "nginx -v",
+              "gpg --version", "apt-ftparchive --version", "zstd --version", "xz --version",
+              "docker compose version"]
+    try:
+        out = _install_offline_in_minbase(cache_dir, "amd64", files, tmp_path, names, checks)
+    finally:
+        shutil.rmtree(tmp_path / "root", ignore_errors=True)
+    assert "python3-apt ok" in out and "gpg (GnuPG) 2.2" in out and "Docker Compose version 2." in out

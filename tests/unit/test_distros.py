@@ -270,3 +270,13 @@ def test_package_blobs_merge_used_by_per_digest() -> None:
                                   "packages:debian-12/arm64/compose"]
     assert blobs[0]["mediaType"] == "application/vnd.debian.binary-package"
     assert blobs[0]["size"] == 10 and blobs[0]["path"] == Path("/c/netbase.deb")
+
+
+def test_removals_are_found_in_apt_output() -> None:
+    out = ("Reading package lists...\nThe following packages will be REMOVED:\n  libfoo1* sysvinit-core\n"
+           "The following NEW packages will be installed:\n  systemd-sysv\n"
+           "1 upgraded, 1 newly installed, 2 to remove and 0 not upgraded.\n")
+    assert packages._removed_packages(out) == ["libfoo1", "sysvinit-core"]
+    assert packages._removed_packages("0 upgraded, 3 newly installed, 0 to remove and 4 not upgraded.\n") == []
+    assert packages._removed_packages("0 upgraded, 0 newly installed, 1 to remove and 0 not upgraded.\n") == \
+        ["1 package(s)"]
