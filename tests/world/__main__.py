@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("site")
     ex.add_argument("--host", default=JUMP)
     ex.add_argument("--timeout", type=float, default=3600)
-    ex.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
+    ex.add_argument("command", nargs="*", help="the command, after -- (e.g. exec dev -- ansible all -m ping)")
 
     build = sub.add_parser("build", help="build (or reuse) the host and jump images only")
     build.add_argument("--arch", default="amd64,arm64")
@@ -119,7 +119,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
 
 def _cmd_exec(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         raise WorldError("exec: give the command after --, e.g. exec dev -- ansible all -m ping")
     result = Site.load(args.site).exec(args.host, command, timeout=args.timeout)
@@ -163,7 +163,17 @@ COMMANDS = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "inventory"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is a command for `exec`, options included (argparse would eat them).
+    tail: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
+    if args.cmd == "exec":
+        args.command = [*args.command, *tail]
+    elif tail:
+        _parser().error(f"`--` and a command are only for exec, got: {' '.join(tail)}")
     try:
         return COMMANDS[args.cmd](args)
     except WorldError as exc:

@@ -301,7 +301,9 @@ class Site:
         """Run a command in a host container (the harness's back door; the product goes through ssh)."""
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-        return run(["docker", "exec", *env_args, self.container(host), *argv], timeout=timeout)
+        # `timeout` inside the host: killing the docker exec client would leave the command running there.
+        bounded = ["timeout", "-k", "5", str(max(1, int(timeout))), *argv]
+        return run(["docker", "exec", *env_args, self.container(host), *bounded], timeout=timeout + 20)
 
     def jump(self, command: Sequence[str] | str, timeout: float = 600,
              env: dict[str, str] | None = None) -> Result:
