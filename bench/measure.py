@@ -211,10 +211,14 @@ PRODUCT_PATHS = ("bundle_builder", "plugins/module_utils")
 
 
 def code_state(repo_root: Path) -> dict[str, object]:
-    """The commit, and whether the measured code (builder, core) differs from it in the work tree."""
-    dirty = _command_output(["git", "-C", str(repo_root), "status", "--porcelain", "--", *PRODUCT_PATHS])
-    return {"commit": _command_output(["git", "-C", str(repo_root), "rev-parse", "HEAD"]) or None,
-            "product_files_modified": sorted(line[3:] for line in dirty.splitlines() if line.strip())}
+    """What code was measured: the commit, the git tree of each product directory (unchanged trees mean
+    unchanged code, whatever else was committed meanwhile) and product files modified in the work tree."""
+    git = ["git", "-C", str(repo_root)]
+    trees = {p: _command_output([*git, "rev-parse", f"HEAD:{p}"]) or None for p in PRODUCT_PATHS}
+    dirty = _command_output([*git, "status", "--porcelain", "--", *PRODUCT_PATHS])
+    modified = sorted(line.split(maxsplit=1)[1] for line in dirty.splitlines() if len(line.split()) > 1)
+    return {"commit": _command_output([*git, "rev-parse", "HEAD"]) or None, "trees": trees,
+            "product_files_modified": modified}
 
 
 def machine_info(repo_root: Path) -> dict[str, object]:

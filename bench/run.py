@@ -481,7 +481,7 @@ def _conditions(ctx: Context, warmed: int) -> dict[str, Any]:
 
 def _code_conditions(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The product is developed in this very tree: say when it changed while the run measured it."""
-    changed = before != after
+    changed = (before["trees"], before["product_files_modified"]) != (after["trees"], after["product_files_modified"])
     return {"before": before, "after": after, "changed_during_run": changed,
             "note": ("the builder/core code changed during this run: figures mix two versions" if changed
                      else "the same code throughout the run")}
