@@ -24,12 +24,29 @@ from tests.world.util import docker
 SITE_B_HOSTS = (HostSpec("repo", "amd64", ("offline_repo",)), HostSpec("node1", "amd64", ("targets",)))
 
 
+# The first world test's setup may build the world from scratch (about 5-8 min on a 2-core machine, most of
+# it the arm64 root filesystem under qemu): give that one test more than the suite's default timeout.
+COLD_BUILD_TIMEOUT = 2400
+
+
+def _in_e2e(item: pytest.Item) -> bool:
+    return str(item.path).startswith(os.path.dirname(__file__))
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e needs the world: mark it so `-m world` / `-m "not world"` select right."""
-    here = os.path.dirname(__file__)
+    """Every test under tests/e2e needs the world: mark it (before -m selects) so `-m world` selects it."""
     for item in items:
-        if str(item.path).startswith(here):
+        if _in_e2e(item):
             item.add_marker(pytest.mark.world)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After selection: the first selected e2e test pays for a cold build, so it gets the longer timeout."""
+    first = next((item for item in session.items if _in_e2e(item)), None)
+    if first is not None and first.get_closest_marker("timeout") is None:
+        first.add_marker(pytest.mark.timeout(COLD_BUILD_TIMEOUT))
 
 
 def in_ci() -> bool:
