@@ -166,6 +166,19 @@ def test_rebuild_is_cached_and_gives_identical_digests(built: shop_images.ShopIm
 
 
 @pytest.mark.timeout(3600)
+def test_build_drops_unreferenced_blobs_and_keeps_outputs_whole(built: shop_images.ShopImages) -> None:
+    orphan = shop_images.blob_dir() / ("0" * 64)
+    orphan.write_bytes(b"left over by an old recipe")
+    again = shop_images.build_all(shop_images.ARCHES)
+    assert not orphan.exists()
+    for per_arch in _platform_images(again.oci_layout).values():
+        for image in per_arch.values():
+            for layer in image["manifest"]["layers"]:
+                assert _blob(again.oci_layout, layer["digest"]).stat().st_size == layer["size"]
+    assert all(path.exists() for path in again.docker_archives.values())
+
+
+@pytest.mark.timeout(3600)
 def test_arm64_images_carry_aarch64_binaries(built: shop_images.ShopImages) -> None:
     images = _platform_images(built.oci_layout)
     for arch in ("amd64", "arm64"):

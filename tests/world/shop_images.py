@@ -851,7 +851,33 @@ def build_all(arches: tuple[str, ...] = ARCHES) -> ShopImages:
                 write_docker_archive(tmp / "docker" / f"shop-{arch}.tar", images)
             tmp.replace(out)
             _prune_outputs(out.parent, keep=KEEP_OUTPUTS)
+        _collect_garbage(sources)
         return ShopImages(out / "oci", archives, indexes)
+
+
+def _collect_garbage(sources: list[str]) -> None:
+    """Forget build products of recipes that no longer exist, and blobs nothing refers to.
+
+    Kept: the base and packages layers of the current recipes (both arches), and every blob an output
+    set links (outputs hold hard links, so a store entry with one link is referenced by no output).
+    """
+    root = cache_root()
+    base_dirs = {root / "base" / f"{arch}-{_base_key(arch, sources)}" for arch in ARCHES}
+    apt_dirs = {root / "apt" / f"{arch}-{_base_key(arch, sources)}" for arch in ARCHES}
+    records = {root / "packages" / f"{r.component}-{arch}-{_packages_key(_base_key(arch, sources), r)}.digest"
+               for r in RECIPES for arch in ARCHES}
+    records |= {directory / "layer.digest" for directory in base_dirs}
+    for directory, keep in ((root / "base", base_dirs), (root / "apt", apt_dirs)):
+        for entry in directory.iterdir() if directory.is_dir() else ():
+            if entry not in keep:
+                _remove_tree(entry)
+    for record in (root / "packages").glob("*.digest"):
+        if record not in records:
+            record.unlink()
+    needed = {r.read_text().strip().split(":", 1)[1] for r in records if r.exists()}
+    for blob in blob_dir().iterdir() if blob_dir().is_dir() else ():
+        if blob.name not in needed and blob.stat().st_nlink == 1:
+            blob.unlink()
 
 
 def _prune_outputs(directory: Path, keep: int) -> None:
