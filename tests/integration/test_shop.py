@@ -2,7 +2,9 @@
 
 The images are built (cached) by tests/world/shop_images.py for amd64 and arm64. The amd64 images are
 loaded into the local engine and run on a private docker network with the env, config files and health
-checks the model gives (resolved with offline_delivery_core.app_model, as the delivery roles do).
+checks the model gives (resolved with offline_delivery_core.app_model, as the delivery roles do). The
+images are also unpacked as root filesystems and run without a container runtime (arm64 through qemu), and
+fed to bundle-builder to check that the 1.1.0 delta carries only the new API layers.
 Every container, network and volume created here is named ``h4shop-<random>-...`` and removed at the end.
 """
 from __future__ import annotations
@@ -13,8 +15,8 @@ import secrets as pysecrets
 import shutil
 import socket
 import stat
-import sys
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.error
@@ -204,7 +206,7 @@ def _member_head(layout: Path, manifest: dict, name: str, size: int) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_layers_are_reproducible_from_scratch(
     built: shop_images.ShopImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +222,7 @@ def test_layers_are_reproducible_from_scratch(
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.timeout(3600)
 def test_changing_api_source_rebuilds_only_the_app_layer(
     built: shop_images.ShopImages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
