@@ -247,7 +247,7 @@ def _deb822_entries(text: str) -> Iterable[dict[str, str]]:
             if line[0].isspace() and last:  # continuation line (e.g. an inline key)
                 entry[last] += "\n" + line.strip()
                 continue
-            key, _, value = line.partition(":")
+            key, _sep, value = line.partition(":")
             last = key.strip().lower()
             entry[last] = value.strip()
         if entry:
@@ -265,7 +265,7 @@ def _one_line_entries(text: str) -> Iterable[dict[str, str]]:
         rest = line[4:].strip()
         if match:
             for opt in match.group(1).split():
-                k, _, v = opt.partition("=")
+                k, _sep, v = opt.partition("=")
                 opts[k.lower()] = v
             rest = match.group(2)
         parts = rest.split()

@@ -481,7 +481,7 @@ def _closure_uris(state: AptState, profile: str, args: Sequence[str], workdir: P
     wanted = []
     for m in listed:
         name, version, deb_arch = _split_filename(m["filename"])
-        algo, _, value = (m["hash"] or "").partition(":")
+        algo, _sep, value = (m["hash"] or "").partition(":")
         field = {"MD5SUM": "MD5sum", "SHA256": "SHA256", "SHA1": "SHA1", "SHA512": "SHA512"}.get(algo.upper())
         matches = {r["SHA256"] for r in records.get((name, version, deb_arch), [])
                    if r.get("SHA256") and r.get("Size") == m["size"]
@@ -512,13 +512,15 @@ def _split_filename(filename: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-def _index_records(state: AptState, keys: Sequence[tuple[str, str, str]]) -> dict[tuple[str, str, str],
-                                                                                    list[dict[str, str]]]:
+_Records = dict[tuple[str, str, str], list[dict[str, str]]]
+
+
+def _index_records(state: AptState, keys: Sequence[tuple[str, str, str]]) -> _Records:
     """Index records (``apt-cache show name=version``) by (package, version, architecture)."""
-    args = sorted({f"{n}={v}" for n, v, _ in keys})
+    args = sorted({f"{n}={v}" for n, v, _arch in keys})
     out = _run(["apt-cache", "show", *args], timeout=TIMEOUT_APT_QUERY, env=state.env(),
                what=f"{state.label}: read index records").stdout
-    records: dict[tuple[str, str, str], list[dict[str, str]]] = {}
+    records: _Records = {}
     for stanza in out.split("\n\n"):
         fields = dict(re.findall(r"^([A-Za-z0-9-]+): (.*)$", stanza, flags=re.M))
         if "Package" in fields:
@@ -638,18 +640,26 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
 # proof that a closure installs from itself
 
 
+def apt_index(files: Sequence[PackageFile]) -> bytes:
+    """The apt ``Packages`` stanzas of ``files`` for a flat repository (``Filename: ./<file>``), sorted so
+    the same closure gives the same bytes. The builder ships it as a blob; the site's repo host serves the
+    union of the indexes of its releases without needing dpkg-dev."""
+    stanzas = []
+    for f in sorted(files, key=lambda f: f.filename):
+        control = _run(["dpkg-deb", "-f", str(f.path)], timeout=TIMEOUT_DPKG_DEB,
+                       what=f"read control of {f.filename}").stdout.rstrip("\n")
+        stanzas.append(f"{control}\nFilename: ./{f.filename}\nSize: {f.size}\nSHA256: {f.sha256}\n")
+    return "\n".join(stanzas).encode()
+
+
 def write_flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
     """A flat apt repository (Packages + Release) of ``files`` in ``repo``, the way the site's repo is."""
-    stanzas = []
     for f in files:
         try:
             os.link(f.path, repo / f.filename)
         except OSError:  # another file system: copy
             shutil.copyfile(f.path, repo / f.filename)
-        control = _run(["dpkg-deb", "-f", str(f.path)], timeout=TIMEOUT_DPKG_DEB,
-                       what=f"read control of {f.filename}").stdout.rstrip("\n")
-        stanzas.append(f"{control}\nFilename: ./{f.filename}\nSize: {f.size}\nSHA256: {f.sha256}\n")
-    packages = ("\n".join(stanzas)).encode()
+    packages = apt_index(files)
     (repo / "Packages").write_bytes(packages)
     arches = " ".join(sorted({f.target_arch for f in files}))
     (repo / "Release").write_text(

@@ -75,7 +75,7 @@ def _control(path: Path) -> dict[str, str]:
         if line[:1].isspace() and last:
             fields[last] += " " + line.strip()
         else:
-            last, _, value = line.partition(":")
+            last, _sep, value = line.partition(":")
             fields[last] = value.strip()
     return fields
 
