@@ -24,9 +24,11 @@ from offline_delivery_core.bundle_format import (HAVE_MEDIA_TYPE, BackgroundHash
                                                  PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
 
 from . import images as img
+from . import packages as pkgs
 from . import signing
 
 BUILDER_NAME = "bundle-builder"
+APT_INDEX_MEDIA_TYPE = "application/vnd.offline-delivery.apt-packages.v1"
 
 
 def _builder_version() -> str:
@@ -334,9 +336,13 @@ def _write_member(out: _Output, name: str, data: bytes) -> None:
 def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: list[str | img.ImageSource],
                  platforms: list[str], sign_key: str | Path | Any | None, base: str | Path | None = None,
                  have: str | Path | None = None, volume_size: int | str | None = None,
-                 progress: Progress | None = None, base_pub: list[bytes] | None = None) -> BuildResult:
+                 progress: Progress | None = None, base_pub: list[bytes] | None = None,
+                 packages: list[str] | None = None, package_profiles: list[str] | None = None,
+                 package_cache: str | Path | None = None) -> BuildResult:
     """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
-    Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with."""
+    Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with.
+    ``packages``: distro releases (e.g. ``debian-12``) whose OS package closures to carry for every
+    platform's architecture (``package_profiles``: which profiles; None: all of the distro's)."""
     if base is not None and have is not None:
         raise BuildError("give either a base bundle or a have-file, not both")
     model = load_app_model(model_path)
@@ -357,10 +363,12 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
             raise BuildError("no image source: add --images-from docker|archive:PATH|oci:PATH")
         resolved = img.resolve(list(app_model.image_refs(model).values()), wanted, sources)
         plan, model_blob, images_section = _plan(model, wanted, resolved)
+        packages_section = _plan_packages(plan, packages or [], package_profiles, wanted, package_cache, progress)
         omit, delta = _delta(base, have, base_pub)
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
-        return _write(model, plan, model_blob, images_section, wanted, omit, delta, key, out, vsize, progress)
-    except (img.ImageError, signing.SigningError) as exc:
+        return _write(model, plan, model_blob, images_section, packages_section, wanted, omit, delta, key, out,
+                      vsize, progress)
+    except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError) as exc:
         raise BuildError(str(exc)) from None
     finally:
         for source in sources:
@@ -377,9 +385,36 @@ def _delta(base: str | Path | None, have: str | Path | None,
     return set(), None
 
 
+def _plan_packages(plan: _Plan, distros: list[str], profiles: list[str] | None, platforms: list[img.Platform],
+                   cache: str | Path | None, progress: Progress | None) -> dict[str, Any]:
+    """Add the OS package closures (one blob per .deb, one apt index blob per distro/arch) to the plan."""
+    if not distros:
+        return {}
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(0, 0, message)
+
+    files = pkgs.resolve_all(distros, sorted({p.architecture for p in platforms}), profiles,
+                             cache_dir=Path(cache) if cache else pkgs.default_cache_dir(), progress=say)
+    for f in files:
+        plan.add(img.Blob(f.digest, f.size, f.media_type, opener=lambda path=f.path: open(path, "rb")),
+                 f.used_by[0])
+        for used_by in f.used_by[1:]:
+            plan.blobs[f.digest].used_by.add(used_by)
+    section = pkgs.package_index(files)
+    for key, pset in section.items():
+        members = [f for f in files if f"{f.distro}/{f.target_arch}" == key]
+        index = img.small_blob(pkgs.apt_index(members), APT_INDEX_MEDIA_TYPE)
+        plan.add(index, f"packages:{key}")
+        pset["index"] = index.digest
+    return section
+
+
 def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_section: dict[str, Any],
-           platforms: list[img.Platform], omit: set[str], delta: dict[str, Any] | None, key: Any, out: Path,
-           volume_size: int | None, progress: Progress | None) -> BuildResult:
+           packages_section: dict[str, Any], platforms: list[img.Platform], omit: set[str],
+           delta: dict[str, Any] | None, key: Any, out: Path, volume_size: int | None,
+           progress: Progress | None) -> BuildResult:
     descriptors = [bundle_format.blob_descriptor(d, p.blob.size, p.blob.media_type, sorted(p.used_by),
                                                  bundled=d not in omit) for d, p in plan.blobs.items()]
     manifest = bundle_format.build_manifest(
@@ -387,7 +422,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
         builder={"name": BUILDER_NAME, "version": BUILDER_VERSION},
         platforms=[str(p) for p in platforms],
         model={"digest": model_blob.digest, "size": model_blob.size, "mediaType": model_blob.media_type},
-        images=images_section, blobs=descriptors, delta=delta)
+        images=images_section, blobs=descriptors, delta=delta, packages=packages_section)
     manifest_bytes = canonical_json(manifest)
     final = out / f"{model['name']}-{model['version']}.bundle"
     bundled = [plan.blobs[d["digest"]] for d in descriptors if d["bundled"]]

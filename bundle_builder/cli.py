@@ -90,9 +90,13 @@ def cmd_from_compose(args: argparse.Namespace) -> int:
 # build
 
 
+def _comma_list(values: list[str]) -> list[str]:
+    """Repeatable options that also take comma-separated values."""
+    return [p.strip() for v in values for p in v.split(",") if p.strip()]
+
+
 def _platform_list(values: list[str]) -> list[str]:
-    out = [p.strip() for v in values for p in v.split(",") if p.strip()]
-    return out or ["linux/amd64"]
+    return _comma_list(values) or ["linux/amd64"]
 
 
 def _load_pubs(paths: list[str] | None) -> list[bytes]:
@@ -123,7 +127,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             args.model, out, image_sources=args.images_from or [], platforms=_platform_list(args.platform),
             sign_key=None if args.unsigned else args.sign_key, base=args.base, have=args.have,
             volume_size=args.volume_size, progress=make_progress(args.json),
-            base_pub=_load_pubs(args.base_pub) if args.base_pub else None)
+            base_pub=_load_pubs(args.base_pub) if args.base_pub else None,
+            packages=args.packages, package_profiles=_comma_list(args.package_profiles) or None)
     except (build.BuildError, signing.SigningError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -184,6 +189,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         lines.append(f"  {comp}: {image['reference']} (index {image['index']})")
         for plat, digest in sorted(image["manifests"].items()):
             lines.append(f"    {plat}: {digest}")
+    lines.append("packages:" + ("" if summary["packages"] else "   none"))
+    for key, pset in summary["packages"].items():
+        lines.append(f"  {key}: {pset['files']} files ({human_size(pset['bytes'])}), profiles "
+                     f"{', '.join(pset['profiles'])}")
     sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
@@ -331,6 +340,11 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-pub", action="append", help="check the --base bundle's signature with this public key")
     s.add_argument("--have", help='have-file {"blobs": ["sha256:..."]}: omit the blobs a site holds (delta)')
     s.add_argument("--volume-size", help="split into parts of this size (e.g. 4G, 700M)")
+    s.add_argument("--packages", action="append", default=[], metavar="DISTRO",
+                   help="carry the OS packages site hosts need for this distro release, for every --platform "
+                        "architecture (e.g. debian-12; repeatable; see docs/packages.md)")
+    s.add_argument("--package-profiles", action="append", default=[], metavar="P1,P2",
+                   help="which package profiles (base, compose, repo, systemd; default: all of the distro's)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
     s.set_defaults(func=cmd_build)
 

@@ -632,7 +632,7 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
                 items[w.filename] = w
                 owners.setdefault(w.filename, []).append(profile)
             _say(progress, f"{state.label}: profile {profile}: {len(wanted)} package(s) beyond minbase")
-        files = [_package_file(store, items[f], row, arch, tuple(owners[f])) for f in sorted(items)]
+        files = [_package_file(store, items[f], row, arch, tuple(sorted(owners[f]))) for f in sorted(items)]
     return sorted(files, key=lambda f: (f.package, f.version, f.architecture))
 
 

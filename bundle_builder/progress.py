@@ -29,6 +29,10 @@ class BarProgress:
         self._start = time.monotonic()
 
     def __call__(self, done: int, total: int, message: str) -> None:
+        if total == 0 and done == 0:  # a step without a size (e.g. resolving packages): say it on its own line
+            self.stream.write(f"{message}\n")
+            self.stream.flush()
+            return
         now = time.monotonic()
         if done < total and now - self._last < 0.1:
             return
@@ -51,6 +55,10 @@ class LineProgress:
         self._next_step = 0
 
     def __call__(self, done: int, total: int, message: str) -> None:
+        if total == 0 and done == 0:  # a step without a size (e.g. resolving packages)
+            self.stream.write(f"{message}\n")
+            self.stream.flush()
+            return
         pct = int(done * 100 / total) if total else 100
         if pct < self._next_step and done < total:
             return

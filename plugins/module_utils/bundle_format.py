@@ -141,9 +141,10 @@ def blob_descriptor(digest: str, size: int, media_type: str, used_by: list[str] 
 
 def build_manifest(*, name: str, version: str, builder: dict[str, str], platforms: list[str],
                    model: dict[str, Any], images: dict[str, Any], blobs: list[dict[str, Any]],
-                   delta: dict[str, Any] | None) -> dict[str, Any]:
+                   delta: dict[str, Any] | None, packages: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble and validate a manifest (raises BundleError on an inconsistent one)."""
     manifest = {
+        "packages": packages or {},
         "mediaType": MEDIA_TYPE,
         "schemaVersion": 1,
         "name": name,
@@ -183,7 +184,12 @@ def _check_descriptor(d: object, where: str) -> None:
 
 _BLOB_KEYS = {"digest", "size", "mediaType", "usedBy", "bundled"}
 _TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platforms", "model", "images",
-             "blobs", "delta"}
+             "blobs", "delta", "packages"}
+_PACKAGE_SET_KEYS = {"distro", "arch", "profiles", "packages", "index"}
+_PACKAGE_KEYS = {"package", "version", "architecture", "filename", "digest", "size", "profiles"}
+# A .deb file name as Debian's archive spells it (epoch colon as %3a); never a path.
+_DEB_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]*\.deb$")
+_DISTRO_ARCH = re.compile(r"^[a-z0-9][a-z0-9.-]*/[a-z0-9]+$")
 
 
 def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
@@ -259,7 +265,32 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
     _need(by_digest[model["digest"]]["size"] == model["size"], "model.size", "differs from its blobs entry")
     _check_images(manifest.get("images"), by_digest, platforms)
     _check_delta(manifest.get("delta"), by_digest)
+    _check_packages(manifest.get("packages", {}), by_digest)
     return manifest
+
+
+def _check_packages(packages: object, by_digest: dict[str, dict[str, Any]]) -> None:
+    """``{"<distro>/<arch>": {distro, arch, profiles, index, packages: [...]}}``: OS packages per distro
+    release and architecture; ``index`` is the digest of their apt ``Packages`` stanzas (a blob)."""
+    packages = _need_type(packages, dict, "packages", "must be an object (distro/arch -> package set)")
+    for key, pset in packages.items():
+        where = f"packages.{key}"
+        _need(isinstance(key, str) and bool(_DISTRO_ARCH.match(key)), where, "key must be '<distro>/<arch>'")
+        pset = _need_type(pset, dict, where, "must be an object")
+        extra = set(pset) - _PACKAGE_SET_KEYS
+        _need(not extra, where, f"unknown fields {sorted(extra)} (allowed: {sorted(_PACKAGE_SET_KEYS)})")
+        _need(f"{pset.get('distro')}/{pset.get('arch')}" == key, where, "distro and arch must match the key")
+        _need(pset.get("index") in by_digest, f"{where}.index", "must be the digest of a listed blob")
+        entries = _need_type(pset.get("packages"), list, f"{where}.packages", "must be a list")
+        for i, entry in enumerate(entries):
+            ew = f"{where}.packages[{i}]"
+            entry = _need_type(entry, dict, ew, "must be an object")
+            _need(set(entry) == _PACKAGE_KEYS, ew, f"must have exactly the fields {sorted(_PACKAGE_KEYS)}")
+            _need(isinstance(entry["filename"], str) and bool(_DEB_FILENAME.match(entry["filename"])),
+                  f"{ew}.filename", "must be a plain .deb file name (no directories)")
+            desc = by_digest.get(entry["digest"])
+            _need(desc is not None and desc["size"] == entry["size"], f"{ew}.digest",
+                  "must be the digest of a listed blob of the same size")
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
@@ -299,6 +330,9 @@ def summarize_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "omitted_blobs": len(manifest["blobs"]) - len(bundled),
         "omitted_bytes": sum(b["size"] for b in manifest["blobs"]) - sum(b["size"] for b in bundled),
         "delta": manifest["delta"],
+        "packages": {key: {"profiles": pset["profiles"], "files": len(pset["packages"]),
+                           "bytes": sum(p["size"] for p in pset["packages"])}
+                     for key, pset in sorted(manifest.get("packages", {}).items())},
     }
 
 
