@@ -25,6 +25,9 @@ from bundle_builder.packages import (
     PackageFile,
     default_cache_dir,
     minbase_rootfs,
+    package_blobs,
+    package_index,
+    resolve_all,
     resolve_packages,
     verify_closure,
     write_flat_repo,
@@ -298,3 +301,18 @@ def test_all_profiles_really_install_with_no_network(cache_dir: Path, tmp_path: 
     finally:
         shutil.rmtree(tmp_path / "root", ignore_errors=True)
     assert "python3-apt ok" in out and "gpg (GnuPG) 2.2" in out and "Docker Compose version 2." in out
+
+
+def test_builder_view_merges_arch_independent_files(
+        compose_closures: dict[str, list[PackageFile]], cache_dir: Path) -> None:
+    files = resolve_all(["debian-12"], ["x86_64", "aarch64"], ["compose"], cache_dir=cache_dir)
+    assert files == compose_closures["amd64"] + compose_closures["arm64"]
+    blobs = package_blobs(files)
+    shared = [b for b in blobs if str(b["filename"]).endswith("_all.deb")]
+    assert shared, "an arch-independent package (netbase) is in both closures"
+    for blob in shared:
+        assert blob["usedBy"] == ["packages:debian-12/amd64/compose", "packages:debian-12/arm64/compose"]
+    assert len(blobs) == len({f.digest for f in files}) < len(files)
+    index = package_index(files)
+    assert sorted(index) == ["debian-12/amd64", "debian-12/arm64"]
+    assert len(index["debian-12/arm64"]["packages"]) == len(compose_closures["arm64"])
