@@ -50,7 +50,8 @@ def run_child(argv: Sequence[str], *, cwd: Path | None = None, timeout: float = 
                else list(argv))
     start = time.perf_counter()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(wrapped, stdout=out, stderr=err, cwd=cwd, env=env)  # pylint: disable=consider-using-with
+        # pylint: disable-next=consider-using-with
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=err, cwd=cwd, env=env)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -239,7 +240,7 @@ def machine_info(repo_root: Path) -> dict[str, object]:
 
 def _os_release() -> str:
     try:
-        for line in Path("/etc/os-release").read_text().splitlines():
+        for line in Path("/etc/os-release").read_text(encoding="utf-8").splitlines():
             if line.startswith("PRETTY_NAME="):
                 return line.split("=", 1)[1].strip('"')
     except OSError:

@@ -74,11 +74,13 @@ def _mbps(nbytes: int, seconds: float) -> float:
 
 
 def _builder_argv() -> list[str]:
-    exe = shutil.which("bundle-builder", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    search = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")  # the venv's first
+    exe = shutil.which("bundle-builder", path=search)
     return [exe] if exe else [sys.executable, "-m", "bundle_builder.cli"]
 
 
-def _build(ctx: Context, model: Path, out: Path, sources: list[str], extra: list[str] | None = None) -> tuple[ChildRun, dict[str, Any]]:
+def _build(ctx: Context, model: Path, out: Path, sources: list[str],
+           extra: list[str] | None = None) -> tuple[ChildRun, dict[str, Any]]:
     """One ``bundle-builder build`` into a fresh directory: (the run, its --json summary)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -122,7 +124,8 @@ def _throughput_rows(prefix: str, what: str, nbytes: int, limit: Limit, runs: li
     same ratio in CPU time (less sensitive to other load, blind to waiting on the disk)."""
     seconds = [r.seconds for r in runs]
     ratio = median([lw / r.seconds for lw, r in zip(limit.wall, runs)])
-    cpu_ratio = median([lc / r.cpu_seconds for lc, r in zip(limit.cpu, runs)]) if all(r.cpu_seconds for r in runs) else None
+    cpu_ratio = (median([lc / r.cpu_seconds for lc, r in zip(limit.cpu, runs)])
+                 if all(r.cpu_seconds for r in runs) else None)
     row = Row(prefix, what, _mbps(nbytes, median(seconds)), "MB/s", reference, _mbps(nbytes, median(limit.wall)),
               "MB/s", ratio, runs=[_mbps(nbytes, s) for s in seconds],
               note=f"{nbytes} bytes; wall s: {_secs(seconds)} (limit {_secs(limit.wall)}); CPU s: "
@@ -180,7 +183,7 @@ def _remove_docker_images(ctx: Context) -> None:
         subprocess.run(["docker", "rmi", *ctx.docker_loaded], capture_output=True, timeout=600, check=False)
 
 
-def _docker_save(ctx: Context, refs: list[str], out: Path) -> ChildRun:
+def _docker_save(refs: list[str], out: Path) -> ChildRun:
     out.unlink(missing_ok=True)
     return run_child(["docker", "save", "-o", str(out), *refs], timeout=3600)
 
@@ -262,7 +265,7 @@ def _docker_build_rows(ctx: Context, model: Path, nbytes: int, build_seconds: fl
     tar = ctx.work / "docker-save-all.tar"
     save_runs = []
     for i in range(ctx.repeat):
-        save_runs.append(_docker_save(ctx, ctx.v1_refs(), tar))
+        save_runs.append(_docker_save(ctx.v1_refs(), tar))
         _log(f"docker save (all) #{i + 1}: {save_runs[-1].seconds:.2f} s")
     ctx.docker_save_bytes["all"] = tar.stat().st_size
     tar.unlink()
@@ -320,12 +323,12 @@ def measure_size(ctx: Context) -> list[Row]:
     tar = ctx.work / "docker-save-one.tar"
     per_image = 0
     for ref in ctx.v1_refs():
-        _docker_save(ctx, [ref], tar)
+        _docker_save([ref], tar)
         ctx.docker_save_bytes[ref] = tar.stat().st_size
         per_image += ctx.docker_save_bytes[ref]
     tar.unlink(missing_ok=True)
     if "all" not in ctx.docker_save_bytes:
-        _docker_save(ctx, ctx.v1_refs(), tar)
+        _docker_save(ctx.v1_refs(), tar)
         ctx.docker_save_bytes["all"] = tar.stat().st_size
         tar.unlink()
     rows.append(Row("size.docker.per_image", "bundle size vs docker save of each image", size / MB, "MB",
@@ -365,7 +368,7 @@ def measure_delta(ctx: Context) -> list[Row]:
     if not ctx.docker_reason:
         _ensure_docker_images(ctx)
         tar = ctx.work / "docker-save-changed.tar"
-        _docker_save(ctx, [new.ref], tar)
+        _docker_save([new.ref], tar)
         rows.append(Row("delta.docker", "delta bundle vs docker save of the changed image", delta / MB, "MB",
                         f"docker save {new.ref}", tar.stat().st_size / MB, "MB", delta / tar.stat().st_size))
         tar.unlink()
@@ -412,7 +415,8 @@ def measure_import(ctx: Context) -> list[Row]:
     rows.append(check_at_most(Row("import.disk", "import: peak disk used in the repository / bundle size",
                                   extra, "x", "bundle size", size / MB, "MB", extra,
                                   runs=[p / size for p in peaks],
-                                  note="sampled every 50 ms (bytes of every file under the repo root, each inode once); 1.0 x means "
+                                  note="sampled every 50 ms (bytes of every file under the repo root, each inode "
+                                       "once); 1.0 x means "
                                        "each blob is written once and published by rename, never copied"),
                               EXTRA_DISK_GOAL, "x"))
     again = [run_child([sys.executable, "-m", "bench.import_child", str(repo), str(bundle), str(ctx.pub)],
@@ -427,7 +431,7 @@ def measure_import(ctx: Context) -> list[Row]:
     return rows
 
 
-def measure_lifecycle(ctx: Context) -> list[Row]:
+def measure_lifecycle(_ctx: Context) -> list[Row]:
     """Install/upgrade wall time on the test world (issue 6 item 6): waits for the lifecycle issue."""
     needed = [REPO_ROOT / "playbooks" / name for name in ("install.yml", "upgrade.yml")]
     missing = [str(p.relative_to(REPO_ROOT)) for p in needed if not p.exists()]
@@ -499,7 +503,7 @@ def prepare(settings: synth.Settings, cache_root: Path | None, repeat: int, use_
                    docker_reason=reason, builder=builder)
 
 
-def run(settings: synth.Settings, *, cache_root: Path | None = None, repeat: int = 3, use_docker: bool = True,
+def run_suite(settings: synth.Settings, *, cache_root: Path | None = None, repeat: int = 3, use_docker: bool = True,
         only: list[str] | None = None, keep: bool = False) -> tuple[list[Row], dict[str, Any]]:
     ctx = prepare(settings, cache_root, repeat, use_docker)
     rows: list[Row] = []
@@ -528,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory of the JSON results (appended to <date>-<setting>.json)")
     parser.add_argument("--docs", type=Path, help="update the generated block of this file (docs/benchmarks.md)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median reported; >= 3)")
-    parser.add_argument("--cache", type=Path, help="data cache root (default ${OD_CACHE:-/var/cache/offline-delivery-test}/bench)")
+    parser.add_argument("--cache", type=Path,
+                        help="data cache root (default ${OD_CACHE:-/var/cache/offline-delivery-test}/bench)")
     parser.add_argument("--no-docker", action="store_true", help="skip the docker references")
     parser.add_argument("--only", action="append", choices=[n for n, _ in MEASUREMENTS],
                         help="run only these measurements (build always runs: the others need its bundle)")
@@ -538,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be at least 1")
     settings = synth.SETTINGS[args.setting or ("large" if args.large else "default")]
     try:
-        rows, doc = run(settings, cache_root=args.cache, repeat=args.repeat, use_docker=not args.no_docker,
+        rows, doc = run_suite(settings, cache_root=args.cache, repeat=args.repeat, use_docker=not args.no_docker,
                         only=args.only, keep=args.keep)
     except BenchError as exc:
         sys.stderr.write(f"bench: {exc}\n")

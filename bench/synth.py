@@ -40,6 +40,8 @@ from typing import Any, BinaryIO, Iterator
 
 import yaml
 
+from offline_delivery_core.app_model import load_model  # the product's validator: the models must pass it
+
 GENERATOR_VERSION = 1
 MB = 1_000_000
 MTIME = 1_700_000_000  # fixed, so layers are reproducible
@@ -441,8 +443,6 @@ def app_model(gen: Generated, version: str) -> dict[str, Any]:
 
 
 def write_app_models(gen: Generated) -> None:
-    from offline_delivery_core.app_model import load_model  # the product's validator: the model must pass it
-
     for version in (V1, V2):
         model = app_model(gen, version)
         load_model(model, source=str(gen.app_yml(version)))
@@ -513,7 +513,8 @@ def _say(log: Any, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.synth", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.synth",
+                                     description=(__doc__ or "").split("\n", maxsplit=1)[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
     parser.add_argument("--large", action="store_true", help="same as --setting large")
     parser.add_argument("--cache", type=Path, default=None, help="cache root (default: $OD_CACHE/bench)")

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import measure, report, synth
-from bench.report import Row
 from offline_delivery_core.app_model import load_model
+
+from bench import measure, report, run, synth
+from bench.report import Row
 
 TINY = synth.SETTINGS["tiny"]
 
@@ -110,7 +111,7 @@ def test_hash_limit_and_child_measurement(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.access(measure.GNU_TIME, os.X_OK), reason="GNU time (/usr/bin/time) not installed")
-def test_child_rss_is_the_child_alone(tmp_path: Path) -> None:
+def test_child_rss_is_the_child_alone() -> None:
     ballast = bytearray(120 * 1024 * 1024)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch it: this process is now >120 MiB resident
     small = measure.run_child([sys.executable, "-c", "pass"])
@@ -161,17 +162,15 @@ def test_report_goals_table_results_and_docs(tmp_path: Path) -> None:
 
 def test_tiny_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole suite on tiny data through the real bundle-builder CLI (docker references off)."""
-    from bench import run
-
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    rows, doc = run.run(TINY, cache_root=tmp_path / "cache", repeat=1, use_docker=False,
+    rows, doc = run.run_suite(TINY, cache_root=tmp_path / "cache", repeat=1, use_docker=False,
                         only=["build", "verify", "size", "delta"])
     by_id = {r.id: r for r in rows}
     assert by_id["build.oci"].value and by_id["build.oci"].ratio and by_id["verify"].value
     assert by_id["build.oci.rss"].value and by_id["build.oci.rss"].value < 150
     assert by_id["build.floor"].ref_value and by_id["startup"].value
     assert by_id["docker.save.all"].skipped == "disabled with --no-docker"
-    old, new = synth.generate(TINY, tmp_path / "cache").changed()
+    _, new = synth.generate(TINY, tmp_path / "cache").changed()
     assert by_id["delta.layer"].ref_value == pytest.approx(new.layers[-1].size / 1e6)
     assert by_id["delta.whole_image"].ratio < 1  # the delta carries less than the changed image whole
     assert doc["data"]["images"] == TINY.components and doc["machine"]["cores"] == os.cpu_count()
