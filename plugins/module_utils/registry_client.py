@@ -35,7 +35,7 @@ import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .bundle_format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, digest_hex, is_digest
 from .site_repo import SiteRepo
@@ -85,7 +85,7 @@ def split_reference(reference: str) -> tuple[str, str | None, str | None]:
         rest, tag = rest.rsplit(":", 1)
         if not _TAG.match(tag):
             raise RegistryError(f"image reference {reference!r}: invalid tag {tag!r}")
-    first, _, remainder = rest.partition("/")
+    first, _sep, remainder = rest.partition("/")
     # Docker's rule: the first component is a registry host when it has a dot or a port, or is localhost.
     if remainder and (("." in first or ":" in first or first == "localhost") and _DOMAIN.match(first)):
         rest = remainder
@@ -432,7 +432,7 @@ def _descriptor(desc: object, where: str) -> tuple[str, int, str]:
 
 
 def _plan_blob(repo: SiteRepo, desc: object, role: str, where: str) -> BlobPlan:
-    digest, size, _ = _descriptor(desc, f"{where} {role}")
+    digest, size, _media_type = _descriptor(desc, f"{where} {role}")
     if not repo.has_blob(digest, size):
         path = repo.blob_file(digest)
         state = "is missing" if not os.path.exists(path) else f"has {os.path.getsize(path)} bytes, not {size}"
@@ -442,7 +442,7 @@ def _plan_blob(repo: SiteRepo, desc: object, role: str, where: str) -> BlobPlan:
 
 
 def _plan_manifest(repo: SiteRepo, desc: object, where: str) -> ManifestPlan:
-    digest, _, media_type = _descriptor(desc, where)
+    digest, _size, media_type = _descriptor(desc, where)
     platform_doc = desc.get("platform") if isinstance(desc, dict) else None
     platform = "/".join(str(platform_doc.get(k)) for k in ("os", "architecture", "variant")
                         if platform_doc.get(k)) if isinstance(platform_doc, dict) else "?"
@@ -465,7 +465,7 @@ def plan_image(repo: SiteRepo, release: str, component: str, image: dict[str, An
     """Read and check everything one component image needs from the repository (no network)."""
     where = f"release {release} component {component}"
     reference = image["reference"]
-    repository, tag, _ = split_reference(reference)
+    repository, tag, _digest = split_reference(reference)
     index_digest = image["index"]
     index_data = _read_checked(repo, index_digest, f"{where} index")
     index = _json_doc(index_data, index_digest, f"{where} index")
@@ -513,9 +513,6 @@ def check_tag_conflicts(plans: list[ImagePlan]) -> None:
                 f"{other.component}) but {plan.index_digest} in release {plan.release} (component "
                 f"{plan.component}); one tag cannot name both: publish one of the releases (option releases), "
                 "and have the vendor give changed images a new tag")
-
-
-Progress = Callable[[str], None]
 
 
 def publish_image(client: RegistryClient, plan: ImagePlan, *, check_mode: bool = False,
