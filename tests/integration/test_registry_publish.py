@@ -340,3 +340,30 @@ def test_unknown_release_and_unreachable_registry_are_clear_errors(vendor, colle
     assert rc != 0 and f"127.0.0.1:{port}" in res["msg"] and "is the registry running" in res["msg"]
     with pytest.raises(RegistryError, match="without a scheme"):
         RegistryClient("http://127.0.0.1:5000")
+
+
+def test_gzip_layers_from_an_oci_layout_are_pushed_as_they_are(registry, docker_images, tmp_path):
+    """Layers an OCI layout had compressed stay compressed (same digests) and still pull and run."""
+    key, pub = signing.keygen(tmp_path / "vendor")
+    images = [TestImage("wc/gz:1.0.0", arch, [tar_bytes({"hello": tiny_elf(arch, f"gz {arch}\n".encode())},
+                                                        mode=0o755)], cmd=["/hello"]).for_arch(arch)
+              for arch in ("amd64", "arm64")]
+    layout = write_oci_layout(tmp_path / "oci", images, gzip_layers=True)
+    (tmp_path / "app.yml").write_text("apiVersion: offline.delivery/v1\nkind: Application\nname: gz\n"
+                                      "version: 1.0.0\ncomponents:\n  gz:\n    image: wc/gz:1.0.0\n")
+    (tmp_path / "out").mkdir()
+    bundle = build_bundle(tmp_path / "app.yml", tmp_path / "out", image_sources=[f"oci:{layout}"],
+                          platforms=PLATFORMS, sign_key=key).path
+    repo = SiteRepo(str(tmp_path / "repo"))
+    import_bundle(repo, str(bundle), [ed25519.load_public_key_pem(pub.read_text())])
+    manifest = json.loads((Path(repo.root) / "releases/gz/1.0.0/manifest.json").read_text())
+    assert any(b["mediaType"].endswith("tar+gzip") for b in manifest["blobs"])
+    with RegistryClient(registry) as client:
+        (res,) = publish_releases(repo, client, [("gz", "1.0.0")])
+    assert res.changed and res.blobs_pushed == 4
+    ref = f"{registry}/wc/gz:1.0.0"
+    docker_images.append(ref)
+    pull = _run("docker", "pull", ref, timeout=300)
+    assert pull.returncode == 0 and f"Digest: {manifest['images']['gz']['index']}" in pull.stdout, pull.stderr
+    run = _run("docker", "run", "--rm", "--name", f"{PREFIX}-gz", ref)
+    assert run.returncode == 0 and run.stdout == "gz amd64\n", run.stderr
