@@ -278,6 +278,16 @@ def release_bytes(distro: str, arches: set[str], files: dict[str, bytes], date: 
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def content_date(sets: list[PackageSet]) -> str:
+    """When the repository's content last changed: the newest first import of any index blob. A release that
+    brings the same package indexes again (a delta of the app only) leaves Date, Release and signatures as
+    they are."""
+    first_seen: dict[str, str] = {}
+    for pset in sorted(sets, key=lambda s: s.imported_at):
+        first_seen.setdefault(pset.index_digest, pset.imported_at)
+    return max(first_seen.values())
+
+
 def rfc2822(iso_utc: str) -> str:
     """``2026-11-21T23:00:00Z`` -> ``Sat, 21 Nov 2026 23:00:00 GMT``."""
     try:
@@ -428,7 +438,7 @@ def publish_distro(repo_root: str, www_dir: str, distro: str, sets: list[Package
     files_changed = sync_links(repo_root, directory, union.digests, check_mode)
     packages = union.packages_bytes()
     index = {"Packages": packages, "Packages.gz": gzip_bytes(packages)}
-    release = release_bytes(distro, union.arches, index, rfc2822(max(s.imported_at for s in mine)))
+    release = release_bytes(distro, union.arches, index, rfc2822(content_date(mine)))
     index_changed = False
     for name, data in (*index.items(), ("Release", release)):
         index_changed |= write_if_changed(os.path.join(directory, name), data, check_mode=check_mode)
