@@ -122,8 +122,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def run_import(site: Site, media: str) -> Result:
-    return site.jump(["ansible-playbook", "offline.delivery.import",
+def run_import(site: Site, media: str, *options: str) -> Result:
+    return site.jump(["ansible-playbook", "offline.delivery.import", *options,
                       "-e", f"offline_delivery_bundle_src=/srv/transfer/{media}",
                       "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
                      timeout=IMPORT_TIMEOUT)
@@ -224,7 +224,7 @@ def test_reimport_changes_nothing(imported: Site) -> None:
 @pytest.mark.parametrize("media, expected", [
     ("tampered", r"blob content hashes to sha256:[0-9a-f]+, not sha256:"),
     ("untrusted", r"which is not one of the trusted keys"),
-])
+], ids=["tampered-layer", "untrusted-signer"])
 def test_refused_bundle_leaves_the_repository_unchanged(imported: Site, media: str, expected: str) -> None:
     before = tree_hash(imported)
     res = run_import(imported, media)
@@ -241,6 +241,18 @@ def test_delta_without_its_base_is_refused(world_site_b: Site, shop_bundles: dic
     assert res.rc != 0
     assert "delta bundle built against release shop 1.0.0" in res.stdout, res.stdout[-3000:]
     assert tree_hash(world_site_b) == before
+
+
+def test_check_mode_writes_nothing(imported: Site) -> None:
+    """--check of an imported release: the whole play predicts no change; of a new delta: verified, nothing
+    written, publishing not predicted (it needs the release in the catalog)."""
+    before = tree_hash(imported)
+    again = run_import(imported, "shop-1.0.0", "--check")
+    assert again.rc == 0 and recap(again)["changed"] == 0, again.stdout[-5000:]
+    delta = run_import(imported, "shop-1.1.0", "--check")
+    assert delta.rc == 0, delta.output[-5000:]
+    assert "shop 1.1.0 would be imported" in delta.stdout and "is not imported yet" in delta.stdout
+    assert tree_hash(imported) == before
 
 
 def test_delta_import_adds_only_its_new_blobs(imported: Site, shop_bundles: dict[str, Path]) -> None:
