@@ -637,7 +637,7 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# proof that a closure installs from itself
+# flat apt repositories, and proof that a closure installs from itself
 
 
 def apt_index(files: Sequence[PackageFile]) -> bytes:

@@ -22,6 +22,7 @@ from bundle_builder import distros
 from bundle_builder.distros import PackageRef, get_distro
 from bundle_builder.packages import (
     PackageError,
+    apt_index,
     PackageFile,
     default_cache_dir,
     minbase_rootfs,
@@ -316,3 +317,10 @@ def test_builder_view_merges_arch_independent_files(
     index = package_index(files)
     assert sorted(index) == ["debian-12/amd64", "debian-12/arm64"]
     assert len(index["debian-12/arm64"]["packages"]) == len(compose_closures["arm64"])
+    # The apt index blob: one stanza per file, same bytes whatever the order of the files.
+    arm = compose_closures["arm64"]
+    text = apt_index(arm).decode()
+    assert apt_index(list(reversed(arm))).decode() == text
+    assert text.count("\nFilename: ./") == len(arm)
+    for f in arm:
+        assert f"Filename: ./{f.filename}\nSize: {f.size}\nSHA256: {f.sha256}\n" in text
