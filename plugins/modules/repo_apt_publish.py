@@ -157,7 +157,8 @@ def main() -> None:
             "repo_root": {"type": "path", "default": "/srv/offline-delivery"},
             "www_dir": {"type": "path"},
             "signing_home": {"type": "path", "default": "/etc/offline-delivery/apt-signing"},
-            "key_uid": {"type": "str", "default": "offline-delivery site archive key"},
+            # a user id like "site archive key", not a secret
+            "key_uid": {"type": "str", "default": "offline-delivery site archive key", "no_log": False},
             "key_name": {"type": "str", "default": "offline-delivery-archive"},
             "distros": {"type": "list", "elements": "str"},
         },
