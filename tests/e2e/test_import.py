@@ -244,14 +244,22 @@ def test_delta_without_its_base_is_refused(world_site_b: Site, shop_bundles: dic
 
 
 def test_check_mode_writes_nothing(imported: Site) -> None:
-    """--check of an imported release: the whole play predicts no change; of a new delta: verified, nothing
-    written, publishing not predicted (it needs the release in the catalog)."""
+    """--check of an imported release: the whole play predicts no change. Of a new delta: not on the repo
+    host yet, nothing to predict; once `verify` has copied and checked it, --check verifies it again and
+    says it would be imported. The repository is untouched throughout."""
     before = tree_hash(imported)
     again = run_import(imported, "shop-1.0.0", "--check")
     assert again.rc == 0 and recap(again)["changed"] == 0, again.stdout[-5000:]
+    early = run_import(imported, "shop-1.1.0", "--check")
+    assert early.rc == 0 and "the bundle is not on the repo host yet" in early.stdout, early.output[-5000:]
+    verified = imported.jump(["ansible-playbook", "offline.delivery.verify",
+                              "-e", "offline_delivery_bundle_src=/srv/transfer/shop-1.1.0",
+                              "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
+                             timeout=IMPORT_TIMEOUT)
+    assert verified.rc == 0 and "shop 1.1.0" in verified.stdout, verified.output[-5000:]
     delta = run_import(imported, "shop-1.1.0", "--check")
     assert delta.rc == 0, delta.output[-5000:]
-    assert "shop 1.1.0 would be imported" in delta.stdout and "is not imported yet" in delta.stdout
+    assert "shop 1.1.0 would be imported" in delta.stdout and "the release is not imported yet" in delta.stdout
     assert tree_hash(imported) == before
 
 
