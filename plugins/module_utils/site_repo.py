@@ -9,7 +9,8 @@ Standard library only: it runs in ``bundle_import`` on the repo host. Layout und
     releases/<name>/<version>/          manifest.json, manifest.sig, release.json (who imported it, when)
     catalog.json                        the releases the site has; replaced atomically — the commit point
     staging/<manifest hex>/<hex>        blobs of an import in progress, verified, not yet published
-    .lock                               one import at a time
+
+One import at a time: an flock on the root directory (no lock file).
 
 An import verifies the whole bundle into ``staging`` (same filesystem), and only then moves the blobs into
 place (rename: no second copy), writes the release record, and finally replaces ``catalog.json``. A release
@@ -67,7 +68,6 @@ class SiteRepo:
         self.releases_dir = os.path.join(self.root, "releases")
         self.staging_dir = os.path.join(self.root, "staging")
         self.catalog_path = os.path.join(self.root, "catalog.json")
-        self.lock_path = os.path.join(self.root, ".lock")
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -119,8 +119,12 @@ class SiteRepo:
 
     @contextmanager
     def lock(self, timeout: float) -> Iterator[None]:
-        """Hold the repository lock; wait at most ``timeout`` seconds for another import to finish."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the repository lock; wait at most ``timeout`` seconds for another import to finish.
+
+        The lock is an flock on the root directory itself: no lock file, so an import that is refused or
+        has nothing to do leaves the repository byte for byte as it was.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -129,12 +133,9 @@ class SiteRepo:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-                        raise RepoError(f"another import holds {self.lock_path} (pid {holder}) and did not "
-                                        f"finish within {timeout:.0f}s; wait for it and run again") from None
+                        raise RepoError(f"another import holds the lock on {self.root} and did not finish "
+                                        f"within {timeout:.0f}s; wait for it and run again") from None
                     time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
             yield
         finally:
             os.close(fd)  # closing drops the flock

@@ -33,8 +33,8 @@ APT_LINE = "deb [signed-by=/root/od-apt/site.gpg] http://repo:8080/apt/debian-12
 BUILD_TIMEOUT = 1800
 IMPORT_TIMEOUT = 900
 
-# Every path, mode and byte under the repository root, computed on the repo host. `.lock` is left out: it
-# holds the pid of the last process that took the lock (a refused import takes it too), by design.
+# Every path, mode and byte under the repository root, computed on the repo host (nothing left out: the
+# import lock is an flock on the root directory, not a file).
 TREE_HASH = r"""
 import hashlib, os, sys
 root = sys.argv[1]
@@ -46,8 +46,6 @@ for d, dirs, files in os.walk(root):
     for n in sorted(dirs + files):
         p = os.path.join(d, n)
         rel = os.path.relpath(p, root)
-        if rel == ".lock":
-            continue
         st = os.lstat(p)
         h.update(f"{rel}|{st.st_mode:o}|".encode())
         if os.path.isfile(p) and not os.path.islink(p):
