@@ -46,6 +46,7 @@ class Runs:
     after_check: dict[str, str]
     first: Result
     second: Result
+    check_converged: Result
 
 
 def runtime(site: Site, *extra: str) -> Result:
@@ -91,7 +92,8 @@ def prepared(world_site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iter
     first = runtime(world_site)
     assert first.rc == 0, f"runtime playbook failed:\n{first.output[-6000:]}"
     second = runtime(world_site)
-    yield Runs(world_site, repo_ip, check, after_check, first, second)
+    check_converged = runtime(world_site, "--check", "--limit", FRESH_AMD64)
+    yield Runs(world_site, repo_ip, check, after_check, first, second, check_converged)
 
 
 def docker_on(runs: Runs, host: str, *args: str, timeout: float = 300) -> Result:
@@ -174,6 +176,13 @@ def test_second_run_changes_nothing(prepared: Runs) -> None:
     assert recap(prepared.first, "node1")["changed"] > 0
 
 
+def test_check_mode_on_converged_hosts_reports_no_change(prepared: Runs) -> None:
+    assert prepared.check_converged.rc == 0, prepared.check_converged.output[-6000:]
+    for host in ("node1", "node2"):
+        counts = recap(prepared.check_converged, host)
+        assert counts["changed"] == 0, f"{host}: {counts}\n{prepared.check_converged.stdout[-6000:]}"
+
+
 def test_unsupported_distro_fails_naming_it(prepared: Runs) -> None:
     """Facts cannot be faked from outside, so the supported list is narrowed instead: the host's release is
     then unsupported, and the failure names it and the list."""
@@ -186,3 +195,26 @@ def test_unsupported_distro_fails_naming_it(prepared: Runs) -> None:
     assert re.search(r"node1 runs debian-12 on x86_64: repo_client supports the distros debian-13", text), \
         res.stdout[-3000:]
 
+
+def docker_started_at(runs: Runs, host: str) -> str:
+    res = runs.site.exec(host, ["systemctl", "show", "docker.service", "-p", "ExecMainStartTimestampMonotonic"])
+    assert res.rc == 0, res.output
+    return res.stdout.strip()
+
+
+def test_daemon_config_change_restarts_dockerd(prepared: Runs) -> None:
+    """Last in the file: it changes node1's daemon.json, then puts it back (restarting dockerd twice)."""
+    before = docker_started_at(prepared, "node1")
+    option = json.dumps({"container_runtime_daemon_options": {"log-level": "warn"}})
+    changed = runtime(prepared.site, "--limit", "node1", "-e", option)
+    assert changed.rc == 0, changed.output[-6000:]
+    assert "RUNNING HANDLER [offline.delivery.container_runtime : Restart dockerd]" in changed.stdout, \
+        changed.stdout[-4000:]
+    after = docker_started_at(prepared, "node1")
+    assert after != before, "dockerd was not restarted after its configuration changed"
+    assert docker_on(prepared, "node1", "info").rc == 0, "dockerd did not come back after the restart"
+    config = json.loads(prepared.site.exec("node1", ["cat", "/etc/docker/daemon.json"]).stdout)
+    assert config["log-level"] == "warn"
+    restored = runtime(prepared.site, "--limit", "node1")
+    assert restored.rc == 0 and recap(restored, "node1")["changed"] > 0, restored.output[-6000:]
+    assert "log-level" not in json.loads(prepared.site.exec("node1", ["cat", "/etc/docker/daemon.json"]).stdout)
