@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import pytest
@@ -103,3 +104,11 @@ def world_site_b(world_site: Site) -> Iterator[Site]:
     """A second site, up at the same time as `world_site` (distinct name, network and subnet)."""
     require_world(h.arch for h in SITE_B_HOSTS)
     yield from _running(Site(os.environ.get("OD_E2E_SITE_B", "e2e-b"), SITE_B_HOSTS))
+
+
+@pytest.fixture(scope="session")
+def shop_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """shop 1.0.0 (full) and 1.1.0 (delta) with Debian 12 packages, a tampered and an untrusted 1.1.0,
+    built once per session for every e2e test module."""
+    from tests.e2e.media import build_shop_bundles
+    return build_shop_bundles(tmp_path_factory.mktemp("shop-bundles"))

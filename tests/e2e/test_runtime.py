@@ -18,18 +18,15 @@ from typing import Iterator
 
 import pytest
 
-from tests.e2e.test_import import bundle_builder, carry, recap
-from tests.world.shop_images import build_shop_images
+from tests.e2e.media import carry, recap
 from tests.world.site import Site
-from tests.world.util import Result, repo_root
+from tests.world.util import Result
 
 pytestmark = pytest.mark.world
 
 COMPOSE = "node1:arm1"
 SYSTEMD = "node2"
 FRESH_AMD64 = "node1:node2"
-MEDIA = "runtime-shop-1.0.0"       # own media directory and vendor key name: test_import's stay untouched
-VENDOR = "runtime-vendor"
 RUNTIME_TIMEOUT = 1500             # arm64 installs Docker under qemu (a few minutes on a busy machine)
 IMAGE = "shop/api:1.0.0"
 SOURCES_NOW = ("find /etc/apt/sources.list /etc/apt/sources.list.d -maxdepth 1 -type f "
@@ -69,23 +66,18 @@ def host_state(site: Site, host: str) -> str:
     return res.stdout
 
 
-def import_shop(site: Site, out: Path) -> None:
-    """Build shop 1.0.0 with Debian 12 packages and import it (a no-op when test_import already did)."""
-    oci = build_shop_images(("amd64", "arm64"))
-    bundle_builder("keygen", str(out / VENDOR))
-    bundle_builder("build", str(repo_root() / "examples" / "shop" / "app-1.0.0.yml"), "-o", str(out / MEDIA),
-                   "--images-from", f"oci:{oci}", "--platform", "linux/amd64,linux/arm64",
-                   "--packages", "debian-12", "--sign-key", str(out / f"{VENDOR}.key"))
-    carry(site, {MEDIA: out / MEDIA, f"{VENDOR}.pub": out / f"{VENDOR}.pub"})
-    res = site.jump(["ansible-playbook", "offline.delivery.import", "-e", f"offline_delivery_bundle_src=/srv/transfer/{MEDIA}",
-                     "-e", json.dumps({"offline_delivery_vendor_keys_src": [f"/srv/transfer/{VENDOR}.pub"]})],
+def import_shop(site: Site, bundles: dict[str, Path]) -> None:
+    """Import shop 1.0.0 built with Debian 12 packages (a no-op when test_import already did)."""
+    carry(site, {"shop-1.0.0": bundles["shop-1.0.0"], "vendor.pub": bundles["vendor.pub"]})
+    res = site.jump(["ansible-playbook", "offline.delivery.import", "-e", "offline_delivery_bundle_src=/srv/transfer/shop-1.0.0",
+                     "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
                     timeout=1200)
     assert res.rc == 0, f"import of shop 1.0.0 failed:\n{res.output[-5000:]}"
 
 
 @pytest.fixture(scope="module")
-def prepared(world_site: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
-    import_shop(world_site, tmp_path_factory.mktemp("runtime-bundle"))
+def prepared(world_site: Site, shop_bundles: dict[str, Path]) -> Iterator[Runs]:
+    import_shop(world_site, shop_bundles)
     repo_ip = next(h["ip"] for h in world_site.info()["hosts"] if h["name"] == "repo")
     check = runtime(world_site, "--check", "--limit", FRESH_AMD64)
     after_check = {h: host_state(world_site, h) for h in ("node1", "node2")}

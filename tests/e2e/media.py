@@ -1,0 +1,88 @@
+"""Media for the end-to-end tests: bundles built with the real CLI, carried into a site's drop box."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from tests.world.shop_images import build_shop_images
+from tests.world.site import Site
+from tests.world.util import Result, repo_root
+
+BUILD_TIMEOUT = 1800
+
+
+def bundle_builder(*args: str, timeout: float = BUILD_TIMEOUT) -> None:
+    cli = Path(sys.executable).with_name("bundle-builder")
+    proc = subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"bundle-builder {' '.join(args)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+
+
+def flip_byte_in_layer(src: Path, dest: Path) -> str:
+    """Copy a bundle with one byte flipped in the middle of its first carried layer; return that digest."""
+    shutil.copyfile(src, dest)
+    with tarfile.open(src) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        layer = next(b for b in manifest["blobs"] if b["bundled"] and "layer" in b["mediaType"])
+        member = tar.getmember("blobs/sha256/" + layer["digest"].split(":", 1)[1])
+    with open(dest, "r+b") as fh:
+        fh.seek(member.offset_data + member.size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    return layer["digest"]
+
+
+def carry(site: Site, bundles: dict[str, Path]) -> None:
+    """Put the media into the site's drop box (/srv/transfer in the jump host)."""
+    for name, path in bundles.items():
+        dest = site.transfer_dir / name
+        if path.is_dir():
+            dest.mkdir(exist_ok=True)
+            for f in path.iterdir():
+                _link_or_copy(f, dest / f.name)
+        elif name.endswith(".pub"):
+            _link_or_copy(path, dest)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    if dest.exists():
+        dest.unlink()
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def build_shop_bundles(out: Path) -> dict[str, Path]:
+    """shop 1.0.0 (full) and 1.1.0 (delta) with Debian 12 packages, a tampered and an untrusted 1.1.0,
+    built once per session. Each in its own directory, as media are carried."""
+    oci = build_shop_images(("amd64", "arm64"))
+    shop = repo_root() / "examples" / "shop"
+    for who in ("vendor", "other"):
+        bundle_builder("keygen", str(out / who))
+    common = ["--images-from", f"oci:{oci}", "--platform", "linux/amd64,linux/arm64", "--packages", "debian-12"]
+    bundle_builder("build", str(shop / "app-1.0.0.yml"), "-o", str(out / "shop-1.0.0"), *common,
+                   "--sign-key", str(out / "vendor.key"))
+    base = ["--base", str(out / "shop-1.0.0" / "shop-1.0.0.bundle"), "--base-pub", str(out / "vendor.pub")]
+    bundle_builder("build", str(shop / "app-1.1.0.yml"), "-o", str(out / "shop-1.1.0"), *common, *base,
+                   "--sign-key", str(out / "vendor.key"))
+    bundle_builder("build", str(shop / "app-1.1.0.yml"), "-o", str(out / "untrusted"), *common, *base,
+                   "--sign-key", str(out / "other.key"))
+    (out / "tampered").mkdir()
+    flip_byte_in_layer(out / "shop-1.1.0" / "shop-1.1.0.bundle", out / "tampered" / "shop-1.1.0.bundle")
+    return {p.name: p for p in out.iterdir()}
+
+
+def recap(result: Result, host: str = "repo") -> dict[str, int]:
+    m = re.search(rf"^{host}\s+:\s+(.*)$", result.stdout, flags=re.M)
+    assert m, f"no play recap for {host}:\n{result.output[-3000:]}"
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
