@@ -27,6 +27,8 @@ from . import images as img
 from . import packages as pkgs
 from . import signing
 
+# libyaml's safe loader when PyYAML was built with it (the wheels are): same results, ten times faster.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 BUILDER_NAME = "bundle-builder"
 APT_INDEX_MEDIA_TYPE = "application/vnd.offline-delivery.apt-packages.v1"
 
@@ -84,7 +86,7 @@ def load_app_model(model_path: str | Path) -> dict[str, Any]:
     """Parse app.yml with PyYAML and validate/normalise it with the shared model code."""
     path = Path(model_path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     except OSError as exc:
         raise BuildError(f"cannot read the app model {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -238,12 +240,15 @@ class _Output:
             if self.parts:
                 self.parts[-1]["sha256"] = self._part_hash.digest()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.written += len(data)
         if not self.volume_size:
             assert self._fh is not None
             self._fh.write(data)
             return
+        # The part and whole-file hashes run later on the pool: they must own their bytes (the caller
+        # reuses its read buffers).
+        data = bytes(data)
         assert self._whole is not None
         self._whole.update(data)
         pos = 0
@@ -294,22 +299,52 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+class _BufferRing:
+    """Read buffers used over and over: a fresh 1 MiB ``bytes`` per chunk costs page faults on every read.
+    A buffer is handed out again only once the hash lane that got its previous content is done with it."""
+
+    def __init__(self, count: int = 16, size: int = CHUNK) -> None:
+        self._buffers = [bytearray(size) for dummy in range(count)]
+        self._busy: list[concurrent.futures.Future[None] | None] = [None] * count
+        self._next = 0
+
+    def take(self) -> tuple[int, bytearray]:
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        busy = self._busy[slot]
+        if busy is not None:
+            busy.result()
+        return slot, self._buffers[slot]
+
+    def hold(self, slot: int, until: concurrent.futures.Future[None]) -> None:
+        self._busy[slot] = until
+
+
 def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
-               lanes: bundle_format.HashLanes) -> Callable[[], None]:
+               lanes: bundle_format.HashLanes, ring: _BufferRing) -> Callable[[], None]:
     """Stream one blob into the bundle. Its size is checked now; its sha256 runs on a hash lane while
     the next blobs are copied. Returns the digest check, to run before the bundle is published."""
     blob = planned.blob
     hasher = lanes.hasher()
     size = 0
     with blob.open() as src:
+        readinto = getattr(src, "readinto", None)
         while True:
-            chunk = src.read(CHUNK)
-            if not chunk:
+            if readinto is not None:
+                slot, buf = ring.take()
+                n = readinto(buf)
+                chunk: bytes | memoryview = memoryview(buf)[:n]
+            else:
+                chunk = src.read(CHUNK)
+                n = len(chunk)
+            if not n:
                 break
-            hasher.update(chunk)
+            done = hasher.update(chunk)
+            if readinto is not None:
+                ring.hold(slot, done)
             out.write(chunk)
-            size += len(chunk)
-            report(len(chunk))
+            size += n
+            report(n)
     if size != blob.size:
         raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes, "
                          f"its source said {blob.size}: the image source is damaged or changed during the build")
@@ -436,6 +471,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
 
     pool = bundle_format.hash_pool(2)  # part and whole-file hashes of a split bundle
     lanes = bundle_format.HashLanes()
+    ring = _BufferRing()
     output = _Output(final, volume_size, pool)
     try:
         _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)
@@ -447,7 +483,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
         checks = []
         for planned in bundled:
             output.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
-            checks.append(_copy_blob(output, planned, report, lanes))
+            checks.append(_copy_blob(output, planned, report, lanes, ring))
         output.write(bundle_format.TAR_END)
         for check in checks:  # every digest confirmed before anything is published
             check()

@@ -440,8 +440,8 @@ class HashLanes:
         self._next += 1
         return LaneHasher(self, pool)
 
-    def submit(self, pool: concurrent.futures.Executor, fn: Callable[[bytes], None],
-               data: bytes) -> concurrent.futures.Future[None]:
+    def submit(self, pool: concurrent.futures.Executor, fn: Callable[[bytes | memoryview], None],
+               data: bytes | memoryview) -> concurrent.futures.Future[None]:
         while self._queue and self._queued + len(data) > self._max:
             future, size = self._queue.popleft()
             future.result()
@@ -465,8 +465,11 @@ class LaneHasher:
         self._hash = hashlib.sha256()
         self._last: concurrent.futures.Future[None] | None = None
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> concurrent.futures.Future[None]:
+        """Queue ``data``; the returned future is done once it has been hashed (a caller reusing the
+        buffer behind ``data`` must wait for it)."""
         self._last = self._lanes.submit(self._pool, self._hash.update, data)
+        return self._last
 
     def done(self) -> bool:
         return self._last is None or self._last.done()
