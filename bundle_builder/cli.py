@@ -101,16 +101,10 @@ def _platform_list(values: list[str]) -> list[str]:
 
 def _load_pubs(paths: list[str] | None) -> list[bytes]:
     """Raw Ed25519 public keys from PEM files (the stdlib reader the sites use)."""
-    keys = []
-    for p in paths or []:
-        try:
-            with open(p, encoding="ascii", errors="replace") as fh:
-                keys.append(ed25519.load_public_key_pem(fh.read(), source=p))
-        except OSError as exc:
-            raise UsageError(f"cannot read public key {p}: {exc.strerror}") from None
-        except ed25519.Ed25519KeyError as exc:
-            raise UsageError(str(exc)) from None
-    return keys
+    try:
+        return ed25519.load_public_key_files(paths or [])
+    except ed25519.Ed25519KeyError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -90,13 +90,8 @@ def _key_kind(key: object) -> str:
 
 def load_public_key(path: str | Path) -> bytes:
     """Raw Ed25519 public key from a SPKI PEM file (same checks the site uses)."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except OSError as exc:
-        raise SigningError(f"cannot read public key {path}: {exc.strerror}") from None
-    try:
-        return ed25519.load_public_key_pem(text, source=str(path))
+        return ed25519.load_public_key_files([str(path)])[0]
     except ed25519.Ed25519KeyError as exc:
         raise SigningError(str(exc)) from None
 

@@ -129,6 +129,20 @@ class Ed25519KeyError(ValueError):
     """A key file that is not an Ed25519 public key (wrong type, damaged PEM, private key given)."""
 
 
+def load_public_key_files(paths: list[str]) -> list[bytes]:
+    """Raw keys from SPKI PEM files; Ed25519KeyError names the file that cannot be read or holds no
+    Ed25519 public key."""
+    keys = []
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise Ed25519KeyError(f"cannot read public key {path}: {exc.strerror}") from None
+        keys.append(load_public_key_pem(text, source=str(path)))
+    return keys
+
+
 # Algorithm OIDs (DER content bytes) we can name in an error message.
 _OID_NAMES = {
     bytes.fromhex("2b6570"): "Ed25519",

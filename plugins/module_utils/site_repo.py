@@ -34,6 +34,9 @@ from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, 
                             verify_bundle)
 
 CATALOG_SCHEMA = 1
+DEFAULT_REPO_ROOT = "/srv/offline-delivery"
+# The ``repo_root`` option of every module working on the repository (doc fragment offline.delivery.repo).
+REPO_ROOT_OPTION = {"type": "path", "default": DEFAULT_REPO_ROOT}
 _MISSING_SHOWN = 10
 
 

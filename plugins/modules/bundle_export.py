@@ -137,7 +137,7 @@ try:
     from bundle_builder.build import BuildError
     from bundle_builder.export import export_bundle
     from bundle_builder.signing import SigningError
-    from offline_delivery_core.ed25519 import load_public_key_pem
+    from offline_delivery_core.ed25519 import load_public_key_files
 except ImportError:
     BUILDER_IMPORT_ERROR = traceback.format_exc()
 else:
@@ -167,12 +167,7 @@ def main() -> None:
                          exception=BUILDER_IMPORT_ERROR)
     p = module.params
     try:
-        base_pub = None
-        if p["base_pub"]:
-            base_pub = []
-            for path in p["base_pub"]:
-                with open(path, encoding="ascii") as fh:
-                    base_pub.append(load_public_key_pem(fh.read()))
+        base_pub = load_public_key_files(p["base_pub"]) if p["base_pub"] else None
         result = export_bundle(
             p["model"], p["dest"], check_mode=module.check_mode, image_sources=p["images_from"],
             platforms=p["platforms"], sign_key=None if p["unsigned"] else p["sign_key"], base=p["base"],

@@ -24,6 +24,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.repo
 attributes:
   check_mode:
     support: full
@@ -38,11 +39,6 @@ options:
       - The bundle file on the repo host, the C(.parts.json) of a split bundle, or any of its parts.
     type: path
     required: true
-  repo_root:
-    description:
-      - Root directory of the site's offline repository. Created when missing.
-    type: path
-    default: /srv/offline-delivery
   trusted_keys:
     description:
       - Public keys (PEM files) of the vendors whose bundles this site accepts.
@@ -112,15 +108,15 @@ release:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle_format import BundleError
-from ..module_utils.ed25519 import load_public_key_pem
-from ..module_utils.site_repo import RepoError, SiteRepo, import_bundle
+from ..module_utils.ed25519 import Ed25519KeyError, load_public_key_files
+from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo, import_bundle
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "path": {"type": "path", "required": True},
-            "repo_root": {"type": "path", "default": "/srv/offline-delivery"},
+            "repo_root": dict(REPO_ROOT_OPTION),
             "trusted_keys": {"type": "list", "elements": "path", "required": True, "no_log": False},
             "lock_timeout": {"type": "int", "default": 600},
             "imported_by": {"type": "str", "default": "ansible"},
@@ -128,13 +124,10 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
-    keys = []
-    for path in params["trusted_keys"]:
-        try:
-            with open(path, encoding="ascii") as fh:
-                keys.append(load_public_key_pem(fh.read()))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            module.fail_json(msg=f"trusted key {path}: {exc}")
+    try:
+        keys = load_public_key_files(params["trusted_keys"])
+    except Ed25519KeyError as exc:
+        module.fail_json(msg=f"trusted key: {exc}")
     if not keys:
         module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s); a site imports "
                              "signed bundles only")

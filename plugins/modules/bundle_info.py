@@ -140,18 +140,7 @@ verified:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle_format import BundleError, read_head, summarize_manifest, verify_bundle
-from ..module_utils.ed25519 import load_public_key_pem
-
-
-def _load_keys(module: AnsibleModule, paths: list[str]) -> list[bytes]:
-    keys = []
-    for path in paths:
-        try:
-            with open(path, encoding="ascii") as f:
-                keys.append(load_public_key_pem(f.read()))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            module.fail_json(msg=f"trusted key {path}: {exc}")
-    return keys
+from ..module_utils.ed25519 import Ed25519KeyError, load_public_key_files
 
 
 def main() -> None:
@@ -168,7 +157,10 @@ def main() -> None:
     if params["require_signature"] and not params["trusted_keys"]:
         module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s) to check the "
                              "signature, or set require_signature=false to only look at an untrusted bundle")
-    keys = _load_keys(module, params["trusted_keys"]) if params["require_signature"] else None
+    try:
+        keys = load_public_key_files(params["trusted_keys"]) if params["require_signature"] else None
+    except Ed25519KeyError as exc:
+        module.fail_json(msg=f"trusted key: {exc}")
     try:
         if params["verify"]:
             result = verify_bundle(params["path"], keys)

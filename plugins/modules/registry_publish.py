@@ -28,6 +28,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.repo
 attributes:
   check_mode:
     support: full
@@ -38,11 +39,6 @@ attributes:
   idempotent:
     support: full
 options:
-  repo_root:
-    description:
-      - Root directory of the site's offline repository (written by M(offline.delivery.bundle_import)).
-    type: path
-    default: /srv/offline-delivery
   registry:
     description:
       - The registry as V(host:port), without a scheme.
@@ -148,13 +144,13 @@ bytes_pushed:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.registry_client import RegistryClient, RegistryError, parse_release, publish_releases
-from ..module_utils.site_repo import RepoError, SiteRepo
+from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "repo_root": {"type": "path", "default": "/srv/offline-delivery"},
+            "repo_root": dict(REPO_ROOT_OPTION),
             "registry": {"type": "str", "required": True},
             "releases": {"type": "list", "elements": "str"},
             "insecure": {"type": "bool", "default": True},

@@ -26,6 +26,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.repo
 attributes:
   check_mode:
     support: full
@@ -35,11 +36,6 @@ attributes:
   idempotent:
     support: full
 options:
-  repo_root:
-    description:
-      - Root directory of the site's offline repository (written by M(offline.delivery.bundle_import)).
-    type: path
-    default: /srv/offline-delivery
   www_dir:
     description:
       - Directory the site's web server serves; default C(<repo_root>/www). Must be on the file system of
@@ -130,6 +126,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.site_apt import (AptRepoError, create_key, export_public, package_sets, publish_distro,
                                      signing_key, stop_agent, write_if_changed)
+from ..module_utils.site_repo import REPO_ROOT_OPTION
 
 
 def _publish_key(module: AnsibleModule, home: str, keys_dir: str, name: str) -> tuple[str | None, bool, bool,
@@ -154,7 +151,7 @@ def _publish_key(module: AnsibleModule, home: str, keys_dir: str, name: str) -> 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "repo_root": {"type": "path", "default": "/srv/offline-delivery"},
+            "repo_root": dict(REPO_ROOT_OPTION),
             "www_dir": {"type": "path"},
             "signing_home": {"type": "path", "default": "/etc/offline-delivery/apt-signing"},
             # a user id like "site archive key", not a secret

@@ -22,6 +22,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.repo
 attributes:
   check_mode:
     support: full
@@ -31,11 +32,6 @@ attributes:
   idempotent:
     support: full
 options:
-  repo_root:
-    description:
-      - Root directory of the site's offline repository.
-    type: path
-    default: /srv/offline-delivery
   distro:
     description:
       - Distro key of the host, for example C(debian-12).
@@ -94,12 +90,13 @@ profiles:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.site_apt import AptRepoError, package_sets, select_package_set, stage_bootstrap_source
+from ..module_utils.site_repo import REPO_ROOT_OPTION
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "repo_root": {"type": "path", "default": "/srv/offline-delivery"},
+            "repo_root": dict(REPO_ROOT_OPTION),
             "distro": {"type": "str", "required": True},
             "arch": {"type": "str", "required": True},
             "profiles": {"type": "list", "elements": "str", "default": ["base", "repo"]},
