@@ -478,7 +478,7 @@ def _conditions(ctx: Context, warmed: int) -> dict[str, Any]:
     return {
         "cache": f"hot: every input ({warmed / MB:,.0f} MB) was read once before the first measurement and "
                  f"fits in RAM ({mem / 2**30:.0f} GiB), so reads come from the page cache, for the limit and "
-                 "the product alike; the builder's output is written (and fsynced) to disk",
+                 "the product alike; the builder writes its output to the page cache (no fsync; the copy floor fsyncs)",
         "repeat": ctx.repeat,
         "load_average": {"before": ctx.load_before, "after": list(os.getloadavg())},
         "code": _code_conditions(ctx.code_before, measure.code_state(REPO_ROOT)),
