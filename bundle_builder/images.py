@@ -7,6 +7,7 @@ in memory: a blob is an ``open()`` callable streaming its bytes. Configs and man
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -146,11 +147,14 @@ class Found:
     load: Callable[[], ResolvedImage]
 
 
-class ImageSource:
+class ImageSource(abc.ABC):
+    """Where images come from: the engine, a docker-save archive, an OCI layout."""
+
     label = "source"
 
-    def find(self, reference: str) -> list[Found]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def find(self, reference: str) -> list[Found]:
+        """Every candidate this source holds for ``reference`` (any platform)."""
 
     def close(self) -> None:
         return None
