@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
+from offline_delivery_core.bundle_format import sha256_file
+
 from .distros import (
     DEB_MEDIA_TYPE,
     DebianMirrors,
@@ -207,14 +209,6 @@ def _locked(path: Path, timeout: float = TIMEOUT_LOCK) -> Iterator[None]:
 
 def _recipe_hash(recipe: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _host_arch() -> str:
@@ -541,7 +535,7 @@ def _cached(store: Path, item: _Wanted) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
     """SHA256 of a store file, computed once per content version (keyed by mtime and size)."""
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def _download_profile(state: AptState, profile: str, args: Sequence[str], wanted: Sequence[_Wanted],
@@ -567,7 +561,7 @@ def _download_profile(state: AptState, profile: str, args: Sequence[str], wanted
         got = scratch / w.filename
         if not got.exists():
             raise PackageError(f"{state.label}: apt did not download {w.filename} ({w.uri})")
-        digest = _sha256_file(got)
+        digest = sha256_file(got)
         if digest != w.sha256 or got.stat().st_size != w.size:
             raise PackageError(f"{state.label}: {w.filename} does not match the archive index "
                                f"(sha256 {digest}, index says {w.sha256}); refusing it")

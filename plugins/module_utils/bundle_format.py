@@ -108,6 +108,15 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def digest_hex(digest: str) -> str:
     if not isinstance(digest, str) or not _DIGEST.match(digest):
         raise BundleError(f"bad digest {digest!r}: expected 'sha256:' followed by 64 lowercase hex digits")

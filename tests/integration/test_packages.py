@@ -8,7 +8,6 @@ take seconds.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from bundle_builder.packages import (
     verify_closure,
     write_flat_repo,
 )
+from offline_delivery_core.bundle_format import sha256_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -63,14 +63,6 @@ def compose_closures(cache_dir: Path) -> dict[str, list[PackageFile]]:
             for arch in ("amd64", "arm64")}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _control(path: Path) -> dict[str, str]:
     out = subprocess.run(["dpkg-deb", "-f", str(path)], capture_output=True, text=True, check=True, timeout=60)
     fields: dict[str, str] = {}
@@ -98,7 +90,7 @@ def test_compose_closure_has_engine_and_compose_v2_for_the_arch(
     for f in files:
         assert f.architecture in (arch, "all"), f.filename
         assert f.path.is_file() and f.path.stat().st_size == f.size, f.filename
-        assert _sha256(f.path) == f.sha256, f.filename
+        assert sha256_file(f.path) == f.sha256, f.filename
         assert f.used_by == [f"packages:debian-12/{arch}/compose"]
         assert f.media_type == "application/vnd.debian.binary-package"
         control = _control(f.path)
@@ -240,11 +232,11 @@ def test_a_damaged_cached_file_is_fetched_again(
     data = bytearray(small.path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     small.path.write_bytes(bytes(data))
-    assert _sha256(small.path) != small.sha256
+    assert sha256_file(small.path) != small.sha256
     messages: list[str] = []
     again = resolve_packages("debian-12", "amd64", ["compose"], cache_dir=cache_dir, progress=messages.append)
     assert again == compose_closures["amd64"]
-    assert _sha256(small.path) == small.sha256
+    assert sha256_file(small.path) == small.sha256
     assert any("downloading 1 package(s)" in m for m in messages), messages
 
 

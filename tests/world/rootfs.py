@@ -15,6 +15,8 @@ import shlex
 import time
 from pathlib import Path
 
+from offline_delivery_core.bundle_format import sha256_file
+
 from .util import WorldError, cache_dir, file_lock, log, run
 
 # Bumped when the way a recipe turns into a tar changes (not visible in the fields below).
@@ -164,7 +166,7 @@ def build_rootfs(recipe: RootfsRecipe, mirror: str | None = None) -> Rootfs:
             raise WorldError(f"cannot build the {recipe.arch} root filesystem: {problem}")
         mirror = mirror or os.environ.get("OD_DEBIAN_MIRROR") or debian_mirror(recipe.suite)
         _mmdebstrap(recipe, mirror, tar_path)
-        digest = _sha256_file(tar_path)
+        digest = sha256_file(tar_path)
         sum_path.write_text(digest + "\n")
     return Rootfs(recipe, tar_path, digest)
 
@@ -191,11 +193,3 @@ def _mmdebstrap(recipe: RootfsRecipe, mirror: str, tar_path: Path) -> None:
         raise WorldError(f"mmdebstrap for {tar_path.name} failed (rc={result.rc}), full log in {log_path}:\n{tail}")
     partial.rename(tar_path)
     log(f"built {tar_path.name} in {time.monotonic() - started:.0f}s ({tar_path.stat().st_size >> 20} MiB)")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

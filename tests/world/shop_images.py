@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from offline_delivery_core.bundle_format import sha256_file
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHOP_DIR = REPO_ROOT / "examples" / "shop"
 SUITE = "bookworm"
@@ -182,11 +184,7 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    return "sha256:" + sha256_file(path)
 
 
 def _recipe_key(*parts: object) -> str:
