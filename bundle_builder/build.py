@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -20,7 +21,8 @@ from typing import IO, Any, Callable
 import yaml
 
 from offline_delivery_core import app_model, bundle_format
-from offline_delivery_core.bundle_format import (HAVE_MEDIA_TYPE, BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
+from offline_delivery_core.bundle_format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, HAVE_MEDIA_TYPE,
+                                                 BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
                                                  PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
 
 from . import images as img
@@ -130,6 +132,69 @@ def load_have_file(path: str | Path) -> tuple[set[str], str]:
         if not bundle_format.is_digest(d):
             raise BuildError(f"have-file {path}: blobs[{i}] = {d!r} is not a 'sha256:<64 hex>' digest")
     return set(doc["blobs"]), "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileInput:
+    """One ``--file NAME[@VERSION]/ARCH=PATH``: a binary carried for the site's file tree."""
+    spec: str
+    name: str
+    version: str
+    arch: str
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.arch}"
+
+
+FILE_SYNTAX = "NAME[@VERSION]/ARCH=PATH (e.g. k3s@v1.30.2+k3s1/amd64=./k3s)"
+
+
+def parse_file_spec(spec: str, arches: list[str], default_version: str) -> FileInput:
+    """Parse and check one ``--file`` value. ``arches``: the architectures of ``--platform``;
+    ``default_version``: the release's version, used when the spec names none."""
+    def bad(what: str) -> BuildError:
+        return BuildError(f"--file {spec!r}: {what}")
+
+    target, sep, path_text = spec.partition("=")
+    if not sep or not path_text:
+        raise bad(f"expected {FILE_SYNTAX}")
+    ident, slash, arch = target.rpartition("/")
+    if not slash:
+        raise bad(f"no architecture: expected {FILE_SYNTAX}")
+    name, at, version = ident.partition("@")
+    if not FILE_NAME_RE.match(name):
+        raise bad(f"name {name!r} must be lowercase letters, digits and '-' (max 40), starting and ending with "
+                  "a letter or digit (the component-name rule)")
+    if at and not FILE_VERSION_RE.match(version):
+        raise bad(f"version {version!r} must start with a letter or digit and hold only letters, digits and "
+                  ". + _ ~ - (max 128)")
+    if arch not in arches:
+        raise bad(f"architecture {arch!r} is not one of the --platform architectures ({', '.join(arches)}); "
+                  "add its platform or fix the architecture")
+    path = Path(path_text)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise bad(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise bad(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise bad(f"{path} is not readable by this user")
+    return FileInput(spec=spec, name=name, version=version if at else default_version, arch=arch, path=path)
+
+
+def parse_file_specs(specs: list[str], arches: list[str], default_version: str) -> list[FileInput]:
+    """Every ``--file``, sorted by ``<name>/<arch>``; one version per name and architecture."""
+    seen: dict[str, FileInput] = {}
+    for spec in specs:
+        f = parse_file_spec(spec, arches, default_version)
+        if f.key in seen:
+            raise BuildError(f"--file {spec!r} and --file {seen[f.key].spec!r} both give {f.key}: a bundle "
+                             "carries one version of a file per architecture")
+        seen[f.key] = f
+    return [seen[k] for k in sorted(seen)]
 
 
 def _base_delta(base: str | Path, base_pub: list[bytes] | None) -> tuple[set[str], dict[str, Any]]:
@@ -373,11 +438,12 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
                  have: str | Path | None = None, volume_size: int | str | None = None,
                  progress: Progress | None = None, base_pub: list[bytes] | None = None,
                  packages: list[str] | None = None, package_profiles: list[str] | None = None,
-                 package_cache: str | Path | None = None) -> BuildResult:
+                 package_cache: str | Path | None = None, files: list[str] | None = None) -> BuildResult:
     """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
     Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with.
     ``packages``: distro releases (e.g. ``debian-12``) whose OS package closures to carry for every
-    platform's architecture (``package_profiles``: which profiles; None: all of the distro's)."""
+    platform's architecture (``package_profiles``: which profiles; None: all of the distro's). ``files``:
+    ``--file`` specs (``NAME[@VERSION]/ARCH=PATH``) carried for the site's file tree."""
     if base is not None and have is not None:
         raise BuildError("give either a base bundle or a have-file, not both")
     model = load_app_model(model_path)
@@ -389,6 +455,7 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
     out = Path(out_dir)
     if not out.is_dir():
         raise BuildError(f"output directory {out} does not exist")
+    file_inputs = parse_file_specs(files or [], sorted({p.architecture for p in wanted}), model["version"])
 
     sources: list[img.ImageSource] = []
     try:
@@ -399,10 +466,11 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
         resolved = img.resolve(list(app_model.image_refs(model).values()), wanted, sources)
         plan, model_blob, images_section = _plan(model, wanted, resolved)
         packages_section = _plan_packages(plan, packages or [], package_profiles, wanted, package_cache, progress)
+        files_section = _plan_files(plan, file_inputs)
         omit, delta = _delta(base, have, base_pub)
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
-        return _write(model, plan, model_blob, images_section, packages_section, wanted, omit, delta, key, out,
-                      vsize, progress)
+        return _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
+                      delta, key, out, vsize, progress)
     except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError) as exc:
         raise BuildError(str(exc)) from None
     finally:
@@ -446,8 +514,26 @@ def _plan_packages(plan: _Plan, distros: list[str], profiles: list[str] | None, 
     return section
 
 
+def _plan_files(plan: _Plan, inputs: list[FileInput]) -> dict[str, Any]:
+    """Add each ``--file`` as a blob (hashed now; the copy re-checks it) and return the manifest's ``files``."""
+    section: dict[str, Any] = {}
+    for f in inputs:
+        try:
+            digest = "sha256:" + bundle_format.sha256_file(f.path)
+            st = f.path.stat()
+        except OSError as exc:
+            raise BuildError(f"--file {f.spec!r}: cannot read {f.path}: {exc.strerror}") from None
+        # Only the executable bit travels: the same bytes give the same manifest whoever built them.
+        mode = "0755" if st.st_mode & 0o111 else "0644"
+        plan.add(img.Blob(digest, st.st_size, FILE_MEDIA_TYPE, opener=lambda path=f.path: open(path, "rb")),
+                 f"files:{f.key}")
+        section[f.key] = {"name": f.name, "version": f.version, "arch": f.arch, "digest": digest,
+                          "size": st.st_size, "mode": mode}
+    return section
+
+
 def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_section: dict[str, Any],
-           packages_section: dict[str, Any], platforms: list[img.Platform], omit: set[str],
+           packages_section: dict[str, Any], files_section: dict[str, Any], platforms: list[img.Platform], omit: set[str],
            delta: dict[str, Any] | None, key: Any, out: Path, volume_size: int | None,
            progress: Progress | None) -> BuildResult:
     descriptors = [bundle_format.blob_descriptor(d, p.blob.size, p.blob.media_type, sorted(p.used_by),
@@ -457,7 +543,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
         builder={"name": BUILDER_NAME, "version": BUILDER_VERSION},
         platforms=[str(p) for p in platforms],
         model={"digest": model_blob.digest, "size": model_blob.size, "mediaType": model_blob.media_type},
-        images=images_section, blobs=descriptors, delta=delta, packages=packages_section)
+        images=images_section, blobs=descriptors, delta=delta, packages=packages_section, files=files_section)
     manifest_bytes = canonical_json(manifest)
     final = out / f"{model['name']}-{model['version']}.bundle"
     bundled = [plan.blobs[d["digest"]] for d in descriptors if d["bundled"]]

@@ -122,7 +122,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             sign_key=None if args.unsigned else args.sign_key, base=args.base, have=args.have,
             volume_size=args.volume_size, progress=make_progress(args.json),
             base_pub=_load_pubs(args.base_pub) if args.base_pub else None,
-            packages=args.packages, package_profiles=_comma_list(args.package_profiles) or None)
+            packages=args.packages, package_profiles=_comma_list(args.package_profiles) or None,
+            files=args.file)
     except (build.BuildError, signing.SigningError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -187,6 +188,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, pset in summary["packages"].items():
         lines.append(f"  {key}: {pset['files']} files ({human_size(pset['bytes'])}), profiles "
                      f"{', '.join(pset['profiles'])}")
+    lines.append("files:" + ("" if summary["files"] else "      none"))
+    for key, f in summary["files"].items():
+        lines.append(f"  {key}: {f['name']} {f['version']} ({human_size(f['size'])}, mode {f['mode']}) {f['digest']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
@@ -265,6 +269,7 @@ def bundle_diff(old_path: str, new_path: str) -> dict[str, Any]:
             fields.extend(f"image@{p}" for p in per if f"image@{p}" not in fields)
     result["unchanged"] = sorted(c for c in result["unchanged"] if c not in result["changed"])
     result["images"] = image_changes
+    result["files"] = files_diff(old_head.manifest.get("files", {}), new_head.manifest.get("files", {}))
     old_digests = {b["digest"] for b in old_head.manifest["blobs"]}
     model_digest = new_head.manifest["model"]["digest"]
     carried = [b for b in new_head.manifest["blobs"] if b["digest"] not in old_digests or b["digest"] == model_digest]
@@ -276,6 +281,25 @@ def bundle_diff(old_path: str, new_path: str) -> dict[str, Any]:
     result["new"] = {"name": new_head.manifest["name"], "version": new_head.manifest["version"],
                      "manifest_digest": new_head.manifest_digest}
     return result
+
+
+def files_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Carried files (``<name>/<arch>``) added, removed and changed (version or bytes) between two manifests."""
+    def short(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: entry[k] for k in ("version", "digest", "size")}
+
+    return {"added": {k: short(new[k]) for k in sorted(set(new) - set(old))},
+            "removed": {k: short(old[k]) for k in sorted(set(old) - set(new))},
+            "changed": {k: {"old": short(old[k]), "new": short(new[k])} for k in sorted(set(old) & set(new))
+                        if short(old[k]) != short(new[k])}}
+
+
+def _files_lines(files: dict[str, Any]) -> list[str]:
+    lines = [f"file {k}: added {v['version']} ({v['digest']})" for k, v in files["added"].items()]
+    lines += [f"file {k}: removed {v['version']} ({v['digest']})" for k, v in files["removed"].items()]
+    lines += [f"file {k}: {c['old']['version']} -> {c['new']['version']} ({c['old']['digest']} -> {c['new']['digest']})"
+              for k, c in files["changed"].items()]
+    return lines
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -296,6 +320,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for comp, per in sorted(d["images"].items()):
         for plat, change in per.items():
             lines.append(f"image {comp} {plat}: {change['old']} -> {change['new']}")
+    lines.extend(_files_lines(d["files"]))
     lines.append(f"a delta of the new bundle against the old carries {d['delta']['blobs']} blobs, "
                  f"{human_size(d['delta']['bytes'])} (full bundle: {d['delta']['full_blobs']} blobs, "
                  f"{human_size(d['delta']['full_bytes'])})")
@@ -339,6 +364,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "architecture (e.g. debian-12; repeatable; see docs/packages.md)")
     s.add_argument("--package-profiles", action="append", default=[], metavar="P1,P2",
                    help="which package profiles (base, compose, repo, systemd; default: all of the distro's)")
+    s.add_argument("--file", action="append", default=[], metavar="NAME[@VERSION]/ARCH=PATH",
+                   help="carry a binary for the site's file tree (http://<repo>:8080/files/NAME/VERSION/ARCH/NAME), "
+                        "e.g. k3s@v1.30.2+k3s1/amd64=./k3s; ARCH is one of the --platform architectures, VERSION "
+                        "defaults to the release's version; repeatable (see docs/k3s.md)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
     s.set_defaults(func=cmd_build)
 

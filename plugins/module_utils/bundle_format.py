@@ -22,10 +22,13 @@ names, mode 0644 (a PAX ``size`` record precedes members of 8 GiB or more), then
                             "manifests": {platform: <digest of that platform's image manifest>}}},
      "blobs": [{"digest", "size", "mediaType", "usedBy": [..], "bundled": true|false}, ..],
      "delta": null | {"base": {"name", "version", "manifest": <base manifest digest>}}
-                   | {"have": {"digest": <have-file digest>, "file": <its name>, "blobs": <count>}}}
+                   | {"have": {"digest": <have-file digest>, "file": <its name>, "blobs": <count>}},
+     "files": {"<name>/<arch>": {"name", "version", "arch", "digest", "size", "mode": "0755"|"0644"}}}
+                                                       # present only when the release carries files
 
-``usedBy`` holds ``model``, the component name (its index) or ``<component>@<platform>`` (manifest,
-config, layers). Blobs are listed in first-use order: model, then per component (sorted) its index and per
+``usedBy`` holds ``model``, the component name (its index), ``<component>@<platform>`` (manifest,
+config, layers), ``packages:<distro>/<arch>[/<profile>]`` or ``files:<name>/<arch>`` (a carried binary).
+Blobs are listed in first-use order: model, then per component (sorted) its index and per
 platform its manifest, config and layers. ``manifest.sig``: ``{"alg": "ed25519", "keyid": <hex sha256 of
 the raw public key>, "sig": <base64 signature of the manifest.json bytes>}``.
 
@@ -150,9 +153,11 @@ def blob_descriptor(digest: str, size: int, media_type: str, used_by: list[str] 
 
 def build_manifest(*, name: str, version: str, builder: dict[str, str], platforms: list[str],
                    model: dict[str, Any], images: dict[str, Any], blobs: list[dict[str, Any]],
-                   delta: dict[str, Any] | None, packages: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Assemble and validate a manifest (raises BundleError on an inconsistent one)."""
-    manifest = {
+                   delta: dict[str, Any] | None, packages: dict[str, Any] | None = None,
+                   files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Assemble and validate a manifest (raises BundleError on an inconsistent one). ``files`` is written
+    only when there are some, so a release without files keeps the manifest bytes it always had."""
+    manifest: dict[str, Any] = {
         "packages": packages or {},
         "mediaType": MEDIA_TYPE,
         "schemaVersion": 1,
@@ -165,6 +170,8 @@ def build_manifest(*, name: str, version: str, builder: dict[str, str], platform
         "blobs": blobs,
         "delta": delta,
     }
+    if files:
+        manifest["files"] = files
     validate_manifest(manifest)
     return manifest
 
@@ -193,7 +200,7 @@ def _check_descriptor(d: object, where: str) -> None:
 
 _BLOB_KEYS = {"digest", "size", "mediaType", "usedBy", "bundled"}
 _TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platforms", "model", "images",
-             "blobs", "delta", "packages"}
+             "blobs", "delta", "packages", "files"}
 _PACKAGE_SET_KEYS = {"distro", "arch", "profiles", "packages", "index"}
 _PACKAGE_KEYS = {"package", "version", "architecture", "filename", "digest", "size", "profiles"}
 # A .deb file name as Debian's archive spells it (epoch colon as %3a); never a path.
@@ -275,6 +282,7 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
     _check_images(manifest.get("images"), by_digest, platforms)
     _check_delta(manifest.get("delta"), by_digest)
     _check_packages(manifest.get("packages", {}), by_digest)
+    _check_files(manifest.get("files", {}), by_digest, platforms)
     return manifest
 
 
@@ -300,6 +308,39 @@ def _check_packages(packages: object, by_digest: dict[str, dict[str, Any]]) -> N
             desc = by_digest.get(entry["digest"])
             _need(desc is not None and desc["size"] == entry["size"], f"{ew}.digest",
                   "must be the digest of a listed blob of the same size")
+
+
+FILE_MEDIA_TYPE = "application/vnd.offline-delivery.file.v1"
+# A carried file's name: the component-name rule (it is also the file's name on the site, no extension).
+FILE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+# Its version: starts alphanumeric (never "." or ".."), no "/" - it is a directory name on the site.
+FILE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}$")
+FILE_MODES = ("0644", "0755")
+_FILE_KEYS = {"name", "version", "arch", "digest", "size", "mode"}
+
+
+def _check_files(files: object, by_digest: dict[str, dict[str, Any]], platforms: list[str]) -> None:
+    """``{"<name>/<arch>": {name, version, arch, digest, size, mode}}``: binaries carried for the site's
+    file tree, one version per name and architecture; each is a listed blob used by ``files:<name>/<arch>``."""
+    files = _need_type(files, dict, "files", "must be an object (<name>/<arch> -> file)")
+    arches = sorted({p.split("/")[1] for p in platforms})
+    for key, entry in files.items():
+        where = f"files.{key}"
+        entry = _need_type(entry, dict, where, "must be an object")
+        _need(set(entry) == _FILE_KEYS, where, f"must have exactly the fields {sorted(_FILE_KEYS)}")
+        name, version, arch = entry["name"], entry["version"], entry["arch"]
+        _need(isinstance(name, str) and bool(FILE_NAME_RE.match(name)), f"{where}.name",
+              "must be lowercase letters, digits and '-' (max 40), starting and ending alphanumeric")
+        _need(isinstance(version, str) and bool(FILE_VERSION_RE.match(version)), f"{where}.version",
+              "must start with a letter or digit and hold only letters, digits and . + _ ~ - (max 128)")
+        _need(arch in arches, f"{where}.arch", f"must be one of the bundle's architectures {arches}")
+        _need(key == f"{name}/{arch}", where, "key must be '<name>/<arch>' of the entry")
+        _need(entry["mode"] in FILE_MODES, f"{where}.mode", f"must be one of {list(FILE_MODES)}")
+        desc = by_digest.get(entry["digest"]) if isinstance(entry["digest"], str) else None
+        _need(desc is not None and type(entry["size"]) is int and desc["size"] == entry["size"], f"{where}.digest",
+              "must be the digest of a listed blob of the same size")
+        assert desc is not None
+        _need(f"files:{key}" in desc["usedBy"], f"{where}.digest", f"its blob must list 'files:{key}' in usedBy")
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
@@ -342,6 +383,8 @@ def summarize_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "packages": {key: {"profiles": pset["profiles"], "files": len(pset["packages"]),
                            "bytes": sum(p["size"] for p in pset["packages"])}
                      for key, pset in sorted(manifest.get("packages", {}).items())},
+        "files": {key: {k: entry[k] for k in ("name", "version", "arch", "digest", "size", "mode")}
+                  for key, entry in sorted(manifest.get("files", {}).items())},
     }
 
 
