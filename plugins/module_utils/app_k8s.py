@@ -16,7 +16,8 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from .app_model import ModelError, effective_env, references, render_config, start_order
 from .registry_client import RegistryError, split_reference
@@ -111,7 +112,7 @@ def image_for(component: str, reference: str, *, registry: str, digest: Optional
     return "%s/%s%s@%s" % (registry.rstrip("/"), repository, ":" + tag if tag else "", pinned)
 
 
-def _secret_env_keys(model: dict, component: str, overrides: Mapping[str, object]) -> set:
+def _template_secret_keys(model: dict, component: str, overrides: Mapping[str, object]) -> Set[str]:
     """Env keys whose winning value (same precedence as ``effective_env``) references a secret."""
     comps = model["components"]
     templates: Dict[str, str] = {}
@@ -120,6 +121,11 @@ def _secret_env_keys(model: dict, component: str, overrides: Mapping[str, object
     templates.update(comps[component]["env"])
     templates.update({k: str(v) for k, v in overrides.items()})
     return {key for key, text in templates.items() if any(kind == "secrets" for kind, _n in references(text))}
+
+
+def _holds_secret(value: str, secret_values: Iterable[str]) -> bool:
+    """A resolved value holding a secret's value (also catches a site override that pastes one in)."""
+    return any(secret and secret in value for secret in secret_values)
 
 
 def _b64(text: str) -> str:
@@ -137,23 +143,21 @@ def _cpu_request(cpus: str) -> str:
     return "%dm" % millis
 
 
-def _resources(comp: dict) -> dict:
+def _resources(resources: Mapping[str, Any]) -> dict:
     limits: Dict[str, str] = {}
     requests: Dict[str, str] = {}
-    if comp["resources"]["cpus"] is not None:
-        limits["cpu"] = comp["resources"]["cpus"]
-        requests["cpu"] = _cpu_request(comp["resources"]["cpus"])
-    if comp["resources"]["memory"] is not None:
-        limits["memory"] = comp["resources"]["memory"]
-        requests["memory"] = comp["resources"]["memory"]
-    out: Dict[str, dict] = {}
-    if limits:
-        out["limits"] = limits
-        out["requests"] = requests
-    return out
+    if resources.get("cpus") is not None:
+        limits["cpu"] = str(resources["cpus"])
+        requests["cpu"] = _cpu_request(str(resources["cpus"]))
+    if resources.get("memory") is not None:
+        limits["memory"] = str(resources["memory"])
+        requests["memory"] = str(resources["memory"])
+    if not limits:
+        return {}
+    return {"limits": limits, "requests": requests}
 
 
-def _probe_action(comp: dict) -> dict:
+def _probe_action(comp: Mapping[str, Any]) -> dict:
     health = comp["health"]
     port_names = {p["port"]: p["name"] for p in comp["ports"] if p["protocol"] == "tcp"}
     if health.get("http"):
@@ -161,10 +165,10 @@ def _probe_action(comp: dict) -> dict:
         return {"httpGet": {"path": http.get("path") or "/", "port": port_names[http["port"]], "scheme": "HTTP"}}
     if health.get("tcp"):
         return {"tcpSocket": {"port": port_names[health["tcp"]["port"]]}}
-    return {"exec": {"command": list(health["exec"])}}
+    return {"exec": {"command": [str(a) for a in health["exec"]]}}
 
 
-def _probes(comp: dict) -> dict:
+def _probes(comp: Mapping[str, Any]) -> dict:
     """startup/readiness/liveness from the model's health; start_period is covered by the startup probe."""
     health = comp["health"]
     if not health:
@@ -180,8 +184,7 @@ def _probes(comp: dict) -> dict:
     return json.loads(json.dumps(probes))  # no shared sub-objects between the three probes
 
 
-def _security_context(name: str, comp: dict) -> dict:
-    user = comp["user"]
+def _security_context(name: str, user: Optional[str]) -> dict:
     if user is None:
         return {}
     match = NUMERIC_USER_RE.match(user)
@@ -194,126 +197,163 @@ def _security_context(name: str, comp: dict) -> dict:
     return ctx
 
 
-class _Component:
-    """Everything rendered for one component (kept together so its fingerprint covers all of it)."""
+@dataclass(frozen=True)
+class RenderOptions:
+    """Site choices for the k8s target (docs/kubernetes.md)."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.objects: List[dict] = []
+    namespace: str
+    registry: str = ""
+    storage_class: Optional[str] = None
+    volume_sizes: Mapping[str, str] = field(default_factory=dict)   # volume name -> storage request
+    publish_type: str = "NodePort"                                  # or LoadBalancer
+    node_port_range: Tuple[int, int] = DEFAULT_NODE_PORT_RANGE
+    labels: Mapping[str, str] = field(default_factory=dict)         # extra labels on every object
+
+    def check(self) -> None:
+        if not DNS1123_LABEL_RE.match(self.namespace) or len(self.namespace) > 63:
+            raise K8sRenderError("namespace %r is not a DNS-1123 label (lowercase letters, digits, '-', at most "
+                                 "63)" % self.namespace)
+        if self.publish_type not in ("NodePort", "LoadBalancer"):
+            raise K8sRenderError("publish_type %r: use NodePort or LoadBalancer" % self.publish_type)
+        for key, value in self.labels.items():
+            if key.startswith("app.kubernetes.io/"):
+                raise K8sRenderError("labels: %s is set by the renderer; use another key" % key)
+            if not LABEL_VALUE_RE.match(str(value)) or len(str(value)) > 63:
+                raise K8sRenderError("labels.%s: %r is not a valid label value" % (key, value))
 
 
-def _meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict:
-    return {"name": name, "namespace": namespace, "labels": dict(sorted(labels.items()))}
+@dataclass
+class ComponentInput:
+    """One component with everything resolved: what both the model path and the deploy engine's
+    ``ComponentSpec`` path hand to the renderer."""
+
+    name: str
+    app: str
+    version: str
+    image: str                                  # <registry>/<repository>[:tag]@<digest>
+    env: Dict[str, str]                         # resolved; may hold secrets
+    secret_env: Set[str]                        # keys that go to the component's Secret
+    files: List[Dict[str, str]]                 # [{path, mode, content}], resolved
+    secret_files: Set[int]                      # indexes of files that go to a Secret
+    ports: List[dict]
+    volumes: List[dict]
+    health: Optional[dict]
+    entrypoint: Optional[List[str]] = None
+    command: Optional[List[str]] = None
+    user: Optional[str] = None
+    replicas: int = 1
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    group: Optional[str] = None
+    description: str = ""
 
 
-def _render_component(model: dict, name: str, *, namespace: str, secrets: Mapping[str, str],
-                      overrides: Mapping[str, object], hosts: Mapping[str, str], image: str,
-                      storage_class: Optional[str], volume_sizes: Mapping[str, str],
-                      publish_type: str, node_port_range: Tuple[int, int]) -> List[dict]:
-    comp = model["components"][name]
-    app = model["name"]
-    kname = object_name(name)
-    labels = pod_labels(app, name)
-    try:
-        env = effective_env(model, name, secrets=secrets, hosts=hosts, overrides=overrides)
-        files = [render_config(model, name, i, env=env, secrets=secrets) for i in range(len(comp["config_files"]))]
-    except ModelError as exc:
-        raise K8sRenderError(str(exc)) from exc
-    secret_keys = _secret_env_keys(model, name, overrides)
-    objects: List[dict] = []
-
-    env_secret = {k: env[k] for k in sorted(secret_keys) if k in env}
-    if env_secret:
-        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(kname + "-env", namespace, labels),
-                        "type": "Opaque", "data": {k: _b64(v) for k, v in env_secret.items()}})
-    container_env = []
-    for key in sorted(env):
-        if key in env_secret:
-            container_env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": kname + "-env", "key": key}}})
+def _env_list(inp: ComponentInput, kname: str) -> List[dict]:
+    out = []
+    for key in sorted(inp.env):
+        if key in inp.secret_env:
+            out.append({"name": key, "valueFrom": {"secretKeyRef": {"name": kname + "-env", "key": key}}})
         else:
-            container_env.append({"name": key, "value": env[key]})
+            out.append({"name": key, "value": inp.env[key]})
+    return out
 
+
+def _file_objects(inp: ComponentInput, kname: str, namespace: str, labels: Mapping[str, str]
+                  ) -> Tuple[List[dict], List[dict], List[dict]]:
+    """ConfigMap/Secret holding the config files, the pod volumes and the read-only subPath mounts."""
+    objects: List[dict] = []
     volumes: List[dict] = []
     mounts: List[dict] = []
-    plain = [(i, f) for i, f in enumerate(comp["config_files"])
-             if not any(kind == "secrets" for kind, _n in references(f["content"]))]
-    secret_files = [(i, f) for i, f in enumerate(comp["config_files"]) if (i, f) not in plain]
-    for kind, suffix, vol_name, group in (("ConfigMap", "-config", "config-files", plain),
-                                          ("Secret", "-files", "secret-files", secret_files)):
+    plain = [i for i in range(len(inp.files)) if i not in inp.secret_files]
+    hidden = [i for i in range(len(inp.files)) if i in inp.secret_files]
+    for kind, obj_name, vol_name, group in (("ConfigMap", kname + "-config", "config-files", plain),
+                                            ("Secret", kname + "-files", "secret-files", hidden)):
         if not group:
             continue
-        if any(v["name"] == vol_name for v in comp["volumes"]):
+        if any(v["name"] == vol_name for v in inp.volumes):
             raise K8sRenderError("components.%s.volumes: the name %s is used by the k8s target for the "
-                                 "component's config files; rename the volume" % (name, vol_name))
-        obj_name = kname + suffix
-        data = {_config_key(i, f["path"]): files[i] for i, f in group}
+                                 "component's config files; rename the volume" % (inp.name, vol_name))
+        keys = {i: _config_key(i, inp.files[i]["path"]) for i in group}
         obj: Dict[str, Any] = {"apiVersion": "v1", "kind": kind, "metadata": _meta(obj_name, namespace, labels)}
         if kind == "Secret":
             obj["type"] = "Opaque"
-            obj["data"] = {k: _b64(v) for k, v in sorted(data.items())}
+            obj["data"] = {keys[i]: _b64(inp.files[i]["content"]) for i in sorted(group, key=keys.get)}
         else:
-            obj["data"] = dict(sorted(data.items()))
+            obj["data"] = {keys[i]: inp.files[i]["content"] for i in sorted(group, key=keys.get)}
         objects.append(obj)
-        items = [{"key": _config_key(i, f["path"]), "path": _config_key(i, f["path"]), "mode": int(f["mode"], 8)}
-                 for i, f in group]
-        source = ({"configMap": {"name": obj_name, "items": items}} if kind == "ConfigMap"
-                  else {"secret": {"secretName": obj_name, "items": items}})
-        volumes.append(dict({"name": vol_name}, **source))
-        for i, f in group:
-            mounts.append({"name": vol_name, "mountPath": f["path"], "subPath": _config_key(i, f["path"]),
-                           "readOnly": True})
-    for vol in comp["volumes"]:
-        mounts.append({"name": vol["name"], "mountPath": vol["path"]})
+        items = [{"key": keys[i], "path": keys[i], "mode": int(inp.files[i]["mode"], 8)} for i in group]
+        volumes.append({"name": vol_name, "configMap": {"name": obj_name, "items": items}} if kind == "ConfigMap"
+                       else {"name": vol_name, "secret": {"secretName": obj_name, "items": items}})
+        mounts.extend({"name": vol_name, "mountPath": inp.files[i]["path"], "subPath": keys[i], "readOnly": True}
+                      for i in group)
+    return objects, volumes, mounts
 
-    if comp["ports"]:
-        objects.append(_service(kname, namespace, labels, comp["ports"]))
-    published = [p for p in comp["ports"] if p["publish"] is not None]
-    if published:
-        objects.append(_published_service(kname, namespace, labels, published, publish_type, node_port_range))
 
-    container: Dict[str, Any] = {"name": kname, "image": image, "imagePullPolicy": "IfNotPresent"}
-    if comp["entrypoint"] is not None:
-        container["command"] = list(comp["entrypoint"])
-    if comp["command"] is not None:
-        container["args"] = list(comp["command"])
-    if container_env:
-        container["env"] = container_env
-    if comp["ports"]:
+def _container(inp: ComponentInput, kname: str, mounts: List[dict]) -> dict:
+    container: Dict[str, Any] = {"name": kname, "image": inp.image, "imagePullPolicy": "IfNotPresent"}
+    if inp.entrypoint is not None:
+        container["command"] = [str(a) for a in inp.entrypoint]
+    if inp.command is not None:
+        container["args"] = [str(a) for a in inp.command]
+    env = _env_list(inp, kname)
+    if env:
+        container["env"] = env
+    if inp.ports:
         container["ports"] = [{"name": p["name"], "containerPort": p["port"], "protocol": p["protocol"].upper()}
-                              for p in comp["ports"]]
-    container.update(_probes(comp))
-    resources = _resources(comp)
+                              for p in inp.ports]
+    container.update(_probes({"health": inp.health, "ports": inp.ports}))
+    resources = _resources(inp.resources)
     if resources:
         container["resources"] = resources
-    security = _security_context(name, comp)
+    security = _security_context(inp.name, inp.user)
     if security:
         container["securityContext"] = security
-    if mounts:
-        container["volumeMounts"] = sorted(mounts, key=lambda m: m["mountPath"])
+    all_mounts = mounts + [{"name": v["name"], "mountPath": v["path"]} for v in inp.volumes]
+    if all_mounts:
+        container["volumeMounts"] = sorted(all_mounts, key=lambda m: m["mountPath"])
+    return container
 
+
+def render_component(inp: ComponentInput, opts: RenderOptions) -> List[dict]:
+    """The objects of one component, without release metadata or fingerprint (see ``stamp``)."""
+    kname = object_name(inp.name)
+    labels = pod_labels(inp.app, inp.name)
+    ns = opts.namespace
+    objects: List[dict] = []
+    secret_env = {k: inp.env[k] for k in sorted(inp.secret_env) if k in inp.env}
+    if secret_env:
+        objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": _meta(kname + "-env", ns, labels),
+                        "type": "Opaque", "data": {k: _b64(v) for k, v in secret_env.items()}})
+    file_objects, volumes, mounts = _file_objects(inp, kname, ns, labels)
+    objects.extend(file_objects)
+    if inp.ports:
+        objects.append(_service(kname, ns, labels, inp.ports))
+    published = [p for p in inp.ports if p.get("publish") is not None]
+    if published:
+        objects.append(_published_service(kname, ns, labels, published, opts.publish_type, opts.node_port_range))
     pod_spec: Dict[str, Any] = {
         # Service links would inject API_PORT=tcp://... style variables that clash with exports.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "containers": [container],
+        "containers": [_container(inp, kname, mounts)],
     }
     if volumes:
         pod_spec["volumes"] = volumes
-    if comp["placement"]["group"]:
-        pod_spec["nodeSelector"] = {GROUP_LABEL_PREFIX + comp["placement"]["group"]: "true"}
-    template = {"metadata": {"labels": dict(sorted(labels.items()))}, "spec": pod_spec}
-    kind = "StatefulSet" if comp["volumes"] else "Deployment"
-    workload: Dict[str, Any] = {"apiVersion": "apps/v1", "kind": kind, "metadata": _meta(kname, namespace, labels),
-                                "spec": {"replicas": comp["replicas"],
-                                         "selector": {"matchLabels": selector_labels(app, name)},
-                                         "template": template}}
+    if inp.group:
+        pod_spec["nodeSelector"] = {GROUP_LABEL_PREFIX + inp.group: "true"}
+    kind = "StatefulSet" if inp.volumes else "Deployment"
+    spec: Dict[str, Any] = {"replicas": inp.replicas, "selector": {"matchLabels": selector_labels(inp.app, inp.name)},
+                            "template": {"metadata": {"labels": dict(sorted(labels.items()))}, "spec": pod_spec}}
     if kind == "StatefulSet":
-        workload["spec"]["serviceName"] = kname
-        workload["spec"]["volumeClaimTemplates"] = [
-            _claim(vol["name"], labels, storage_class, volume_sizes.get(vol["name"], DEFAULT_VOLUME_SIZE))
-            for vol in comp["volumes"]]
-    objects.append(workload)
-    return objects
+        spec["serviceName"] = kname
+        spec["volumeClaimTemplates"] = [
+            _claim(v["name"], labels, opts.storage_class, opts.volume_sizes.get(v["name"], DEFAULT_VOLUME_SIZE))
+            for v in inp.volumes]
+    objects.append({"apiVersion": "apps/v1", "kind": kind, "metadata": _meta(kname, ns, labels), "spec": spec})
+    return sorted(objects, key=lambda o: (KIND_ORDER.index(o["kind"]), o["metadata"]["name"]))
+
+
+def _meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict:
+    return {"name": name, "namespace": namespace, "labels": dict(sorted(labels.items()))}
 
 
 def _service(kname: str, namespace: str, labels: Mapping[str, str], ports: List[dict]) -> dict:
@@ -346,37 +386,48 @@ def _claim(name: str, labels: Mapping[str, str], storage_class: Optional[str], s
 
 
 def fingerprint(objects: Iterable[dict]) -> str:
-    """sha256 of the canonical JSON of a component's rendered objects (before release-only metadata)."""
+    """sha256 of the canonical JSON of a component's rendered objects (before release-only metadata).
+    Secret values go in hashed, which reveals nothing of a random 8+ character value."""
     text = json.dumps(list(objects), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _stamp(objects: List[dict], *, app: str, version: str, component: str, description: str,
-           extra_labels: Mapping[str, str], digest: str) -> None:
-    """Add release-only metadata (version label, description) and the fingerprint; none of it rolls pods
-    except the fingerprint on the pod template, which changes exactly when the component's spec does."""
+def stamp(objects: List[dict], inp: ComponentInput, opts: RenderOptions, digest: str) -> None:
+    """Add release-only metadata (version label, release and description annotations) and the fingerprint.
+    Only the fingerprint goes on the pod template, so a pod rolls exactly when the component's spec changes."""
     for obj in objects:
         meta = obj["metadata"]
-        meta["labels"] = dict(sorted(object_labels(app, version, component, extra_labels).items()))
-        annotations = {FINGERPRINT_ANNOTATION: digest, RELEASE_ANNOTATION: "%s-%s" % (app, version)}
-        if description:
-            annotations[DESCRIPTION_ANNOTATION] = description
+        meta["labels"] = dict(sorted(object_labels(inp.app, inp.version, inp.name, opts.labels).items()))
+        annotations = {FINGERPRINT_ANNOTATION: digest, RELEASE_ANNOTATION: "%s-%s" % (inp.app, inp.version)}
+        if inp.description:
+            annotations[DESCRIPTION_ANNOTATION] = inp.description
         meta["annotations"] = dict(sorted(annotations.items()))
         if obj["kind"] in ("Deployment", "StatefulSet"):
             obj["spec"]["template"]["metadata"]["annotations"] = {FINGERPRINT_ANNOTATION: digest}
 
 
-def _check_options(model: dict, namespace: str, publish_type: str, extra_labels: Mapping[str, str]) -> None:
-    if not DNS1123_LABEL_RE.match(namespace) or len(namespace) > 63:
-        raise K8sRenderError("namespace %r is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)"
-                             % namespace)
-    if publish_type not in ("NodePort", "LoadBalancer"):
-        raise K8sRenderError("publish_type %r: use NodePort or LoadBalancer" % publish_type)
-    for key, value in extra_labels.items():
-        if key.startswith("app.kubernetes.io/"):
-            raise K8sRenderError("labels: %s is set by the renderer; use another key" % key)
-        if not LABEL_VALUE_RE.match(str(value)) or len(str(value)) > 63:
-            raise K8sRenderError("labels.%s: %r is not a valid label value" % (key, value))
+def model_input(model: dict, name: str, *, secrets: Mapping[str, str], overrides: Mapping[str, object],
+                image: str) -> ComponentInput:
+    """A component of a normalised model, resolved: ``${host}`` of a dependency = its Service name."""
+    comp = model["components"][name]
+    hosts = {other: object_name(other) for other in model["components"]}
+    try:
+        env = effective_env(model, name, secrets=secrets, hosts=hosts, overrides=overrides)
+        files = [{"path": f["path"], "mode": f["mode"], "content": render_config(model, name, i, env=env, secrets=secrets)}
+                 for i, f in enumerate(comp["config_files"])]
+    except ModelError as exc:
+        raise K8sRenderError(str(exc)) from exc
+    values = list(secrets.values())
+    secret_env = _template_secret_keys(model, name, overrides) | {k for k, v in env.items() if _holds_secret(v, values)}
+    secret_files = {i for i, f in enumerate(comp["config_files"])
+                    if any(kind == "secrets" for kind, _n in references(f["content"]))
+                    or _holds_secret(files[i]["content"], values)}
+    return ComponentInput(name=name, app=model["name"], version=model["version"], image=image, env=env,
+                          secret_env=secret_env, files=files, secret_files=secret_files, ports=comp["ports"],
+                          volumes=comp["volumes"], health=comp["health"], entrypoint=comp["entrypoint"],
+                          command=comp["command"], user=comp["user"], replicas=comp["replicas"],
+                          resources=comp["resources"], group=comp["placement"]["group"],
+                          description=comp["description"])
 
 
 def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
@@ -393,28 +444,26 @@ def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
     ``volume_sizes``: volume name -> storage request (default 1Gi; the model has no sizes).
     """
     overrides = overrides or {}
-    extra = dict(labels or {})
-    _check_options(model, namespace, publish_type, extra)
+    opts = RenderOptions(namespace=namespace, registry=registry, storage_class=storage_class,
+                         volume_sizes=dict(volume_sizes or {}), publish_type=publish_type,
+                         node_port_range=node_port_range, labels=dict(labels or {}))
+    opts.check()
     unknown = sorted(set(overrides) - set(model["components"]))
     if unknown:
         raise K8sRenderError("overrides: no component %s in %s %s" % (", ".join(unknown), model["name"], model["version"]))
-    hosts = {name: object_name(name) for name in model["components"]}
     out: List[dict] = []
     if include_namespace:
         out.append({"apiVersion": "v1", "kind": "Namespace",
                     "metadata": {"name": namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}}})
     for level in start_order(model):
         for name in level:
-            comp = model["components"][name]
-            image = image_for(name, comp["image"], registry=registry, digest=image_digests.get(name))
-            objects = _render_component(model, name, namespace=namespace, secrets=secrets,
-                                        overrides=overrides.get(name, {}), hosts=hosts, image=image,
-                                        storage_class=storage_class, volume_sizes=volume_sizes or {},
-                                        publish_type=publish_type, node_port_range=node_port_range)
-            _stamp(objects, app=model["name"], version=model["version"], component=name,
-                   description=comp["description"], extra_labels=extra, digest=fingerprint(objects))
-            out.extend(sorted(objects, key=lambda o: (KIND_ORDER.index(o["kind"]), o["metadata"]["name"])))
-    return out
+            image = image_for(name, model["components"][name]["image"], registry=registry,
+                              digest=image_digests.get(name))
+            inp = model_input(model, name, secrets=secrets, overrides=overrides.get(name) or {}, image=image)
+            objects = render_component(inp, opts)
+            stamp(objects, inp, opts, fingerprint(objects))
+            out.extend(objects)
+    return json.loads(json.dumps(out))
 
 
 def component_of(obj: Mapping[str, Any]) -> Optional[str]:
