@@ -486,3 +486,199 @@ def redact(objects: Iterable[dict]) -> List[dict]:
             obj["data"] = {k: "<redacted: %d bytes>" % len(base64.b64decode(v)) for k, v in obj.get("data", {}).items()}
         out.append(obj)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-object checks: what a per-object JSON schema (kubernetes-validate) cannot see
+# ---------------------------------------------------------------------------------------------------
+
+LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# A StatefulSet's pods get a controller-revision-hash label "<name>-<10 chars>" that must fit 63.
+MAX_STATEFULSET_NAME = 52
+
+
+def _where(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return "%s %s/%s" % (obj.get("kind"), meta.get("namespace", ""), meta.get("name"))
+
+
+def _pod_spec(obj: Mapping[str, Any]) -> Optional[dict]:
+    if obj.get("kind") in ("Deployment", "StatefulSet"):
+        return ((obj.get("spec") or {}).get("template") or {}).get("spec")
+    return None
+
+
+def _template_labels(obj: Mapping[str, Any]) -> Dict[str, str]:
+    return (((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+
+
+def _check_names(objects: List[dict], problems: List[str]) -> None:
+    seen: Set[Tuple[str, str, str]] = set()
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        name = str(meta.get("name", ""))
+        key = (str(obj.get("kind")), str(meta.get("namespace", "")), name)
+        if key in seen:
+            problems.append("%s: defined twice" % _where(obj))
+        seen.add(key)
+        if not DNS1123_SUBDOMAIN_RE.match(name) or len(name) > 253:
+            problems.append("%s: name %r is not a DNS-1123 subdomain" % (_where(obj), name))
+        if obj.get("kind") == "Service" and (not DNS1035_LABEL_RE.match(name) or len(name) > 63):
+            problems.append("%s: a Service name must be a DNS-1035 label (start with a letter, at most 63)"
+                            % _where(obj))
+        if obj.get("kind") == "StatefulSet" and len(name) > MAX_STATEFULSET_NAME:
+            problems.append("%s: a StatefulSet name longer than %d breaks its pods' controller-revision-hash "
+                            "label" % (_where(obj), MAX_STATEFULSET_NAME))
+        for where, labels in (("labels", meta.get("labels") or {}), ("pod labels", _template_labels(obj))):
+            for lkey, value in labels.items():
+                if not LABEL_KEY_RE.match(lkey) or len(lkey.rsplit("/", 1)[-1]) > 63:
+                    problems.append("%s: %s key %r is not a valid label key" % (_where(obj), where, lkey))
+                if not isinstance(value, str) or not LABEL_VALUE_RE.match(value) or len(value) > 63:
+                    problems.append("%s: %s %s=%r is not a valid label value" % (_where(obj), where, lkey, value))
+
+
+def _check_selectors(objects: List[dict], problems: List[str]) -> None:
+    for obj in objects:
+        if _pod_spec(obj) is None:
+            continue
+        selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        labels = _template_labels(obj)
+        if not selector:
+            problems.append("%s: empty selector (it would adopt every pod in the namespace)" % _where(obj))
+        for key, value in selector.items():
+            if labels.get(key) != value:
+                problems.append("%s: selector %s=%s does not match the pod template (%s=%s)"
+                                % (_where(obj), key, value, key, labels.get(key)))
+
+
+def _matching_workloads(service: dict, objects: List[dict]) -> List[dict]:
+    selector = (service.get("spec") or {}).get("selector") or {}
+    namespace = service.get("metadata", {}).get("namespace")
+    return [o for o in objects if _pod_spec(o) is not None and o.get("metadata", {}).get("namespace") == namespace
+            and selector and all(_template_labels(o).get(k) == v for k, v in selector.items())]
+
+
+def _check_services(objects: List[dict], problems: List[str]) -> None:
+    for svc in (o for o in objects if o.get("kind") == "Service"):
+        workloads = _matching_workloads(svc, objects)
+        if not workloads:
+            problems.append("%s: its selector %s selects no pod of these manifests"
+                            % (_where(svc), (svc.get("spec") or {}).get("selector")))
+            continue
+        container_ports = [p for w in workloads for c in _pod_spec(w)["containers"] for p in c.get("ports") or []]
+        for port in (svc.get("spec") or {}).get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            protocol = port.get("protocol", "TCP")
+            found = [p for p in container_ports if (p.get("name") == target if isinstance(target, str)
+                                                    else p.get("containerPort") == target)]
+            if not found:
+                problems.append("%s: port %s targets %r, which no selected container declares (container ports: %s)"
+                                % (_where(svc), port.get("name"), target,
+                                   ", ".join("%s=%s" % (p.get("name"), p.get("containerPort")) for p in container_ports)
+                                   or "none"))
+            elif all(p.get("protocol", "TCP") != protocol for p in found):
+                problems.append("%s: port %s is %s but the container port %r is %s"
+                                % (_where(svc), port.get("name"), protocol, target, found[0].get("protocol", "TCP")))
+    for sts in (o for o in objects if o.get("kind") == "StatefulSet"):
+        name = (sts.get("spec") or {}).get("serviceName")
+        if name and not any(o.get("kind") == "Service" and o["metadata"].get("name") == name for o in objects):
+            problems.append("%s: serviceName %s names no Service of these manifests" % (_where(sts), name))
+
+
+def _check_probes(obj: dict, container: dict, problems: List[str]) -> None:
+    names = [p.get("name") for p in container.get("ports") or [] if p.get("name")]
+    if len(names) != len(set(names)):
+        problems.append("%s: container %s declares a port name twice" % (_where(obj), container.get("name")))
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container.get(probe_name) or {}
+        for action in ("httpGet", "tcpSocket"):
+            port = (probe.get(action) or {}).get("port")
+            if isinstance(port, str) and port not in names:
+                problems.append("%s: container %s %s.%s.port %r is not one of its port names (%s)"
+                                % (_where(obj), container.get("name"), probe_name, action, port,
+                                   ", ".join(names) or "none"))
+
+
+def _data_keys(objects: List[dict], kind: str, namespace: str, name: str) -> Optional[Set[str]]:
+    for obj in objects:
+        meta = obj.get("metadata") or {}
+        if obj.get("kind") == kind and meta.get("name") == name and meta.get("namespace") == namespace:
+            return set(obj.get("data") or {}) | set(obj.get("stringData") or {})
+    return None
+
+
+def _check_ref(objects: List[dict], obj: dict, kind: str, name: str, key: Optional[str], what: str,
+               problems: List[str]) -> None:
+    keys = _data_keys(objects, kind, obj["metadata"].get("namespace", ""), name)
+    if keys is None:
+        problems.append("%s: %s names %s %s, which is not in these manifests" % (_where(obj), what, kind, name))
+    elif key is not None and key not in keys:
+        problems.append("%s: %s names key %s of %s %s, which has only: %s"
+                        % (_where(obj), what, key, kind, name, ", ".join(sorted(keys)) or "no keys"))
+
+
+def _check_env(objects: List[dict], obj: dict, container: dict, problems: List[str]) -> None:
+    for env in container.get("env") or []:
+        source = env.get("valueFrom") or {}
+        for ref_key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+            ref = source.get(ref_key)
+            if ref and not ref.get("optional"):
+                _check_ref(objects, obj, kind, ref.get("name", ""), ref.get("key"), "env %s" % env.get("name"), problems)
+    for env_from in container.get("envFrom") or []:
+        for ref_key, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
+            ref = env_from.get(ref_key)
+            if ref and not ref.get("optional"):
+                _check_ref(objects, obj, kind, ref.get("name", ""), None, "envFrom", problems)
+
+
+def _check_volumes(objects: List[dict], obj: dict, pod: dict, problems: List[str]) -> None:
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    if len(volumes) != len(pod.get("volumes") or []):
+        problems.append("%s: a pod volume name is used twice" % _where(obj))
+    claims = {c.get("metadata", {}).get("name") for c in (obj.get("spec") or {}).get("volumeClaimTemplates") or []}
+    for name in set(volumes) & claims:
+        problems.append("%s: %s is both a pod volume and a volumeClaimTemplate" % (_where(obj), name))
+    for vol in volumes.values():
+        for src_key, kind, name_key in (("configMap", "ConfigMap", "name"), ("secret", "Secret", "secretName")):
+            src = vol.get(src_key)
+            if src is None or src.get("optional"):
+                continue
+            for item in src.get("items") or [None]:
+                _check_ref(objects, obj, kind, src.get(name_key, ""), item and item.get("key"),
+                           "volume %s" % vol.get("name"), problems)
+    for container in pod.get("containers") or []:
+        for mount in container.get("volumeMounts") or []:
+            name = mount.get("name")
+            if name not in volumes and name not in claims:
+                problems.append("%s: container %s mounts %r, which is neither a pod volume nor a "
+                                "volumeClaimTemplate (have: %s)" % (_where(obj), container.get("name"), name,
+                                                                    ", ".join(sorted(set(volumes) | claims)) or "none"))
+                continue
+            vol = volumes.get(name) or {}
+            src = vol.get("configMap") or vol.get("secret") or {}
+            paths = [item.get("path") for item in src.get("items") or []]
+            if mount.get("subPath") and paths and mount["subPath"] not in paths:
+                problems.append("%s: container %s mounts subPath %r of volume %s, which projects only: %s"
+                                % (_where(obj), container.get("name"), mount["subPath"], name, ", ".join(paths)))
+
+
+def check_manifests(objects: Iterable[dict]) -> List[str]:
+    """Problems across objects, one line each (empty = fine): names and labels, workload selectors vs pod
+    labels, Services vs the pods and ports they select, probe port names, env Secret/ConfigMap references,
+    volume mounts vs volumes. ``kubernetes-validate --strict`` checks each object's schema; this checks the
+    rest."""
+    objects = list(objects)
+    problems: List[str] = []
+    _check_names(objects, problems)
+    _check_selectors(objects, problems)
+    _check_services(objects, problems)
+    for obj in objects:
+        pod = _pod_spec(obj)
+        if pod is None:
+            continue
+        for container in pod.get("containers") or []:
+            _check_probes(obj, container, problems)
+            _check_env(objects, obj, container, problems)
+        _check_volumes(objects, obj, pod, problems)
+    return problems
