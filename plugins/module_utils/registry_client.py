@@ -35,7 +35,7 @@ import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from .bundle_format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, digest_hex, is_digest
 from .site_repo import SiteRepo
@@ -334,6 +334,90 @@ class RegistryClient:
             raise RegistryError(f"registry {self.registry}: {what}: the answer has no valid "
                                 f"Docker-Content-Digest header ({got!r})")
         return got
+
+
+    # -- read side (the systemd target unpacks images itself) ------------------------------------------
+
+    def get_manifest(self, repository: str, digest: str) -> tuple[bytes, str]:
+        """``GET`` a manifest or index by digest; returns (exact bytes, media type), proven to have ``digest``."""
+        if not is_digest(digest):
+            raise RegistryError(f"manifest {digest!r} in {repository}: not a sha256:<64 hex> digest")
+        what = f"manifest {digest} in {repository}"
+        resp = self._request("GET", f"/v2/{repository}/manifests/{digest}", what,
+                             headers={"Accept": MANIFEST_ACCEPT})
+        if resp.status == 404:
+            raise self._fail(resp, what, "the image is not published in the site registry: run the import "
+                                         "(registry_publish) for this release")
+        if resp.status != 200:
+            raise self._fail(resp, what)
+        if hashlib.sha256(resp.body).hexdigest() != digest_hex(digest):
+            raise RegistryError(f"registry {self.registry}: {what}: the bytes served do not match the digest; "
+                                "the registry storage is damaged: publish the release again")
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+        return resp.body, media_type
+
+    def copy_blob(self, repository: str, digest: str, out: BinaryIO, *, size: int | None = None,
+                  max_redirects: int = 3) -> int:
+        """Stream blob ``digest`` into ``out`` through sha256 (bounded memory); returns the byte count.
+
+        Raises when the bytes do not match ``digest`` (or ``size``): the caller discards what was written.
+        A redirect (a registry with a storage middleware) is followed without the registry's headers."""
+        if not is_digest(digest):
+            raise RegistryError(f"blob {digest!r} in {repository}: not a sha256:<64 hex> digest")
+        what = f"blob {digest} in {repository}"
+        url = urllib.parse.urljoin(self.base_url + "/", f"/v2/{repository}/blobs/{digest}")
+        for _hop in range(max_redirects + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https"):
+                raise RegistryError(f"registry {self.registry}: {what}: unsupported URL {url!r}")
+            conn = self._stream_connection(parts.scheme, parts.netloc)
+            try:
+                conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+                resp = conn.getresponse()
+                if resp.status in (301, 302, 303, 307, 308) and resp.getheader("location"):
+                    url = urllib.parse.urljoin(url, resp.getheader("location"))
+                    continue
+                if resp.status != 200:
+                    body = resp.read(MAX_ERROR_BODY)
+                    hint = "the image is not published in the site registry" if resp.status == 404 else ""
+                    raise self._fail(_Response(resp.status, {}, body), f"GET {what}", hint)
+                return self._hash_into(resp, out, digest, size, what)
+            except socket.timeout:
+                raise RegistryError(f"registry {self.registry}: {what}: no data for {self.timeout:.0f}s; check "
+                                    "the registry service and the network") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise RegistryError(f"registry {self.registry}: {what}: {exc}; is the registry running at "
+                                    f"{parts.netloc}?") from None
+            finally:
+                conn.close()
+        raise RegistryError(f"registry {self.registry}: {what}: more than {max_redirects} redirects")
+
+    def _stream_connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        """A connection of its own for one streamed body (the shared one must never hold a half-read body)."""
+        if scheme == "https":
+            return http.client.HTTPSConnection(netloc, timeout=self.timeout,
+                                               context=self._ssl or ssl.create_default_context())
+        return http.client.HTTPConnection(netloc, timeout=self.timeout)
+
+    def _hash_into(self, resp: http.client.HTTPResponse, out: BinaryIO, digest: str, size: int | None,
+                   what: str) -> int:
+        hasher = hashlib.sha256()
+        total = 0
+        while True:
+            chunk = resp.read(UPLOAD_BLOCK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            out.write(chunk)
+            total += len(chunk)
+            if size is not None and total > size:
+                raise RegistryError(f"registry {self.registry}: {what}: more than the {size} bytes the manifest "
+                                    "says; the registry storage is damaged: publish the release again")
+        if (size is not None and total != size) or hasher.hexdigest() != digest_hex(digest):
+            raise RegistryError(f"registry {self.registry}: {what}: the {total} bytes served do not match the "
+                                "digest (and size) the manifest names; the registry storage is damaged: publish "
+                                "the release again")
+        return total
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,620 @@
+# Copyright: offline.delivery contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The systemd target: each component is a systemd service over its image's unpacked root filesystem.
+
+No container runtime on the host. Per component ``<c>`` of app ``<a>``:
+
+- root filesystem ``<apps_dir>/<a>/images/<manifest hex>/rootfs`` (image_rootfs.py, shared by releases);
+- unit ``/etc/systemd/system/od-<a>-<c>.service`` with ``RootDirectory=``, ``MountAPIVFS=yes``,
+  ``PrivateTmp=yes`` (a fresh /tmp per start, as a container has), the host's /etc/hosts and
+  /etc/resolv.conf bind-mounted read-only, each config file rendered to ``<apps_dir>/<a>/config/<c>/<path>``
+  and bind-mounted read-only, each volume ``<apps_dir>/<a>/volumes/<volume>`` bind-mounted read-write
+  (seeded from the image on first use, as Docker does for a fresh named volume);
+- environment ``<state_dir>/apps/<a>/env/<c>.env`` (0600 root; image Env, then the spec's env).
+
+The spec's fingerprint is a comment line of the unit (``# offline-delivery fingerprint: sha256:...``):
+systemd ignores it, ``observe`` reads it back. A unit file is written only by ``start``, which then restarts
+that unit, so the fingerprint in the file is what runs once the unit is active.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .app_model import parse_memory
+from .app_runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from .image_rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from .registry_client import RegistryClient, RegistryError, split_reference
+
+UNIT_DIR = "/etc/systemd/system"
+UNIT_PREFIX = "od-"
+MARK = "# offline-delivery"
+FINGERPRINT_MARK = MARK + " fingerprint: "
+APP_MARK = MARK + " app: "
+COMPONENT_MARK = MARK + " component: "
+SYSTEMCTL_TIMEOUT = 120         # a restart waits for the old process to stop (TimeoutStopSec below)
+STOP_TIMEOUT = 30
+START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")   # what a path in a unit may hold unquoted
+
+
+class SystemdRuntime(Runtime):
+    """Runs an app's components as systemd services. ``registry`` (host:port) defaults to the one in each
+    spec's ``image``; ``zstd`` is the command unpacking zstd layers."""
+
+    kind = "systemd"
+
+    def __init__(self, app: str, *, apps_dir: str, state_dir: str,
+                 run: Callable[[List[str]], Tuple[int, str, str]], registry: Optional[str] = None,
+                 unit_dir: str = UNIT_DIR, zstd: str = "zstd", registry_timeout: float = 120.0,
+                 log: Callable[[str], None] = lambda _msg: None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run)
+        self.registry = registry
+        self.unit_dir = unit_dir
+        self.zstd = zstd
+        self.registry_timeout = registry_timeout
+        self.log = log
+        self.sleep = sleep
+
+    # -- layout ---------------------------------------------------------------------------------------
+
+    @property
+    def app_dir(self) -> str:
+        return os.path.join(self.apps_dir, self.app)
+
+    @property
+    def images_dir(self) -> str:
+        return os.path.join(self.app_dir, "images")
+
+    def unit_name(self, component: str) -> str:
+        return f"{UNIT_PREFIX}{self.app}-{component}.service"
+
+    def unit_path(self, component: str) -> str:
+        return os.path.join(self.unit_dir, self.unit_name(component))
+
+    def env_path(self, component: str) -> str:
+        return os.path.join(self.state_dir, "apps", self.app, "env", f"{component}.env")
+
+    def config_dir(self, component: str) -> str:
+        return os.path.join(self.app_dir, "config", component)
+
+    def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:
+        return {v["name"]: os.path.join(self.app_dir, "volumes", v["name"]) for v in spec.volumes}
+
+    # -- observe --------------------------------------------------------------------------------------
+
+    def observe(self) -> Dict[str, Observed]:
+        found: Dict[str, Observed] = {}
+        for component, path in self._app_units().items():
+            marks = read_marks(path)
+            props = self._show(self.unit_name(component))
+            running = props.get("ActiveState") == "active"
+            detail = "%s/%s" % (props.get("ActiveState", "?"), props.get("SubState", "?"))
+            if props.get("NeedDaemonReload") == "yes":
+                detail += "; the unit file changed since systemd loaded it"
+            found[component] = Observed(fingerprint=marks.get("fingerprint"), running=running,
+                                        started_at=props.get("ActiveEnterTimestamp") or None, detail=detail)
+        return found
+
+    def _app_units(self) -> Dict[str, str]:
+        """Component -> unit file of this app (by the marks in the file, not just the name)."""
+        prefix = f"{UNIT_PREFIX}{self.app}-"
+        units: Dict[str, str] = {}
+        try:
+            names = sorted(os.listdir(self.unit_dir))
+        except FileNotFoundError:
+            return units
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(".service")):
+                continue
+            path = os.path.join(self.unit_dir, name)
+            marks = read_marks(path)
+            if marks.get("app") == self.app and marks.get("component"):
+                units[marks["component"]] = path
+        return units
+
+    def _show(self, unit: str) -> Dict[str, str]:
+        rc, out, err = self.run(["systemctl", "show", unit, "--property",
+                                 "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,"
+                                 "ExecMainStatus,LoadState"])
+        if rc != 0:
+            raise DeployError(f"systemctl show {unit} failed (rc {rc}): {err.strip() or out.strip()}; is systemd "
+                              "running on this host?")
+        props: Dict[str, str] = {}
+        for line in out.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                props[key] = value
+        return props
+
+    # -- prepare --------------------------------------------------------------------------------------
+
+    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        for spec in specs:
+            self._check_spec(spec)
+        done: Dict[str, Rootfs] = {}
+        for spec in specs:
+            if spec.manifest_digest not in done:
+                done[spec.manifest_digest] = self.rootfs(spec)
+
+    def _check_spec(self, spec: ComponentSpec) -> None:
+        if spec.replicas != 1:
+            raise DeployError(f"component {spec.name}: replicas {spec.replicas}: the systemd target runs one "
+                              "instance per host (every component shares the host network); set replicas: 1 "
+                              "or place it on more hosts")
+        for volume in spec.volumes:
+            unit_path(volume["path"], f"component {spec.name}: volume {volume['name']} path")
+        for item in spec.config_files:
+            unit_path(item["path"], f"component {spec.name}: config file path")
+
+    def rootfs(self, spec: ComponentSpec) -> Rootfs:
+        """The component's unpacked image (fetched from the site registry the first time)."""
+        existing = load_rootfs(self.images_dir, spec.manifest_digest)
+        if existing is not None:
+            return existing
+        registry = self.registry or spec.image.split("/", 1)[0]
+        try:
+            repository = split_reference(spec.reference)[0]
+            with RegistryClient(registry, insecure=True, timeout=self.registry_timeout) as client:
+                os.makedirs(self.app_dir, mode=0o750, exist_ok=True)
+                started = time.monotonic()
+                rootfs = ensure_rootfs(client, repository, spec.manifest_digest, self.images_dir, zstd=self.zstd,
+                                       log=self.log)
+                self.log(f"component {spec.name}: unpacked {spec.reference} ({spec.platform}) in "
+                         f"{time.monotonic() - started:.1f}s")
+                return rootfs
+        except (ImageError, RegistryError) as exc:
+            raise DeployError(f"component {spec.name}: image {spec.reference} ({spec.platform}, "
+                              f"{spec.manifest_digest}): {exc}") from None
+        except OSError as exc:
+            raise DeployError(f"component {spec.name}: unpacking {spec.reference} into {self.images_dir} failed: "
+                              f"{exc}; check free disk space there") from None
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
+        for spec in specs:
+            self._check_spec(spec)
+            self._check_owner(spec.name)
+        for spec in specs:
+            self.write_component(spec)
+        self._systemctl(["daemon-reload"], "reload the unit files")
+        units = [self.unit_name(s.name) for s in specs]
+        if units:
+            self._systemctl(["enable", "--quiet", *units], "enable " + ", ".join(units))
+        for spec in specs:
+            self._systemctl(["restart", self.unit_name(spec.name)], f"start component {spec.name}",
+                            component=spec.name)
+        if specs:
+            self.sleep(START_SETTLE)
+        for spec in specs:
+            props = self._show(self.unit_name(spec.name))
+            if props.get("ActiveState") not in ("active", "activating", "reloading"):
+                raise DeployError(
+                    f"component {spec.name}: unit {self.unit_name(spec.name)} is {props.get('ActiveState')}/"
+                    f"{props.get('SubState')} (result {props.get('Result')}, exit status "
+                    f"{props.get('ExecMainStatus')}) right after the start; see journalctl -u "
+                    f"{self.unit_name(spec.name)}. Last lines:\n{self.logs(spec.name, 15)}")
+
+    def _check_owner(self, component: str) -> None:
+        """Refuse to overwrite a unit of the same name that another app wrote (od-<a>-<b-c> = od-<a-b>-<c>)."""
+        path = self.unit_path(component)
+        if not os.path.exists(path):
+            return
+        marks = read_marks(path)
+        if marks.get("app") != self.app or marks.get("component") != component:
+            raise DeployError(f"component {component}: {path} exists and belongs to app {marks.get('app')!r} "
+                              f"component {marks.get('component')!r}; rename the app or component so the unit "
+                              "names differ, or remove that unit")
+
+    def write_component(self, spec: ComponentSpec) -> None:
+        """Every file the unit needs: rootfs, config files, volumes, env file, then the unit itself."""
+        rootfs = self.rootfs(spec)
+        configs = self._write_configs(spec)
+        volumes = self._ensure_volumes(spec, rootfs)
+        self._write_env(spec, rootfs)
+        text = render_unit(spec, rootfs, app=self.app, env_file=self.env_path(spec.name), configs=configs,
+                           volumes=volumes, unit_name=self.unit_name)
+        _write_atomic(self.unit_path(spec.name), text.encode("utf-8"), 0o644)
+
+    def _write_configs(self, spec: ComponentSpec) -> List[Tuple[str, str]]:
+        """Rendered config files (host path, path in the root). The directory is root-only: files may hold
+        secrets; the service sees them through the bind mount with the model's mode."""
+        base = self.config_dir(spec.name)
+        if os.path.isdir(base):
+            shutil.rmtree(base)  # files the model no longer lists must go
+        os.makedirs(base, mode=0o700)
+        os.chmod(base, 0o700)
+        mounts = []
+        for item in spec.config_files:
+            rel = item["path"].lstrip("/")
+            host = os.path.join(base, rel)
+            os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
+            _write_atomic(host, item["content"].encode("utf-8"), int(item["mode"], 8))
+            mounts.append((host, item["path"]))
+        return mounts
+
+    def _ensure_volumes(self, spec: ComponentSpec, rootfs: Rootfs) -> List[Tuple[str, str]]:
+        mounts = []
+        dirs = self.volume_dirs(spec)
+        for volume in spec.volumes:
+            host = dirs[volume["name"]]
+            if not os.path.isdir(host):
+                self._seed_volume(spec, volume, host, rootfs)
+            mounts.append((host, volume["path"]))
+        return mounts
+
+    def _seed_volume(self, spec: ComponentSpec, volume: Mapping[str, str], host: str, rootfs: Rootfs) -> None:
+        """A fresh volume gets the image's content at its path, owners and modes kept (as Docker does);
+        built beside and renamed, so a half-copied volume is never used."""
+        parent = os.path.dirname(host)
+        os.makedirs(parent, mode=0o750, exist_ok=True)
+        seed = host + ".seeding"
+        shutil.rmtree(seed, ignore_errors=True)
+        try:
+            source = resolve_in_root(rootfs.path, volume["path"])
+        except ImageError:
+            source = ""
+        if source:
+            rc, out, err = self.run(["cp", "-a", "--", source, seed])
+            if rc != 0:
+                shutil.rmtree(seed, ignore_errors=True)
+                raise DeployError(f"component {spec.name}: seeding volume {volume['name']} from the image's "
+                                  f"{volume['path']} into {seed} failed: {err.strip() or out.strip()}")
+        else:
+            os.mkdir(seed, 0o755)
+        os.rename(seed, host)
+
+    def _write_env(self, spec: ComponentSpec, rootfs: Rootfs) -> None:
+        env: Dict[str, str] = {}
+        for item in rootfs.config.get("Env") or []:
+            key, sep, value = str(item).partition("=")
+            if sep:
+                env[key] = value
+        env.setdefault("PATH", DEFAULT_PATH)
+        env.update(spec.env)
+        path = self.env_path(spec.name)
+        for directory in (os.path.join(self.state_dir, "apps"), os.path.join(self.state_dir, "apps", self.app),
+                          os.path.dirname(path)):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chmod(directory, 0o700)
+        try:
+            text = render_env_file(env)
+        except ValueError as exc:
+            raise DeployError(f"component {spec.name}: {exc}") from None
+        _write_atomic(path, text.encode("utf-8"), 0o600)
+
+    # -- remove / uninstall ---------------------------------------------------------------------------
+
+    def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
+        units = self._app_units()
+        present = [n for n in names if n in units]
+        for name in present:
+            unit = self.unit_name(name)
+            self._systemctl(["disable", "--quiet", "--now", unit], f"stop component {name}", component=name)
+        for name in present:
+            os.unlink(units[name])
+            _unlink(self.env_path(name))
+            shutil.rmtree(self.config_dir(name), ignore_errors=True)
+        if present:
+            self._systemctl(["daemon-reload"], "reload the unit files")
+            self.run(["systemctl", "reset-failed", *[self.unit_name(n) for n in present]])
+
+    def uninstall(self, *, keep_data: bool) -> List[str]:
+        units = self._app_units()
+        self.remove(sorted(units), all_specs=[])
+        removed = [self.unit_name(n) for n in sorted(units)]
+        for path in (os.path.join(self.app_dir, "config"), self.images_dir,
+                     os.path.join(self.state_dir, "apps", self.app, "env")):
+            if os.path.exists(path):
+                shutil.rmtree(path)
+                removed.append(path)
+        volumes = os.path.join(self.app_dir, "volumes")
+        if not keep_data and os.path.exists(volumes):
+            shutil.rmtree(volumes)
+            removed.append(volumes)
+        if os.path.isdir(self.app_dir) and not os.listdir(self.app_dir):
+            os.rmdir(self.app_dir)
+            removed.append(self.app_dir)
+        return removed
+
+    # -- probe / logs ---------------------------------------------------------------------------------
+
+    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        unit = self.unit_name(spec.name)
+        props = self._show(unit)
+        if props.get("ActiveState") != "active":
+            return False, (f"unit {unit} is {props.get('ActiveState')}/{props.get('SubState')} (result "
+                           f"{props.get('Result')}); see journalctl -u {unit}")
+        health = spec.health
+        if not health:
+            return True, ""
+        timeout = float(health.get("timeout") or 3)
+        if "http" in health:
+            return http_probe(LOCAL_ADDRESS, int(health["http"]["port"]), health["http"].get("path", "/"), timeout)
+        if "tcp" in health:
+            return tcp_probe(LOCAL_ADDRESS, int(health["tcp"]["port"]), timeout)
+        return self._exec_probe(spec, list(health["exec"]), timeout)
+
+    def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float) -> Tuple[bool, str]:
+        """The health command inside the component's root, as the component's user, bounded in time."""
+        rootfs = self.rootfs(spec)
+        props = ["RootDirectory=" + rootfs.path, "MountAPIVFS=yes", "PrivateTmp=yes",
+                 "EnvironmentFile=" + self.env_path(spec.name), "RuntimeMaxSec=%d" % max(1, int(timeout))]
+        user = resolve_user(spec.user or rootfs.config.get("User") or "", rootfs.path)
+        if user:
+            props += ["User=%d" % user[0], "Group=%d" % user[1]]
+        command = ["timeout", "-k", "2", str(max(1, int(timeout)) + 5), "systemd-run", "--wait", "--pipe", "--quiet",
+                   "--collect", "--service-type=exec"]
+        for prop in props:
+            command += ["-p", prop]
+        rc, out, err = self.run(command + ["--", *argv])
+        if rc == 0:
+            return True, ""
+        text = (err.strip() or out.strip())[-300:]
+        if rc == 124:
+            return False, f"exec {' '.join(argv)} did not finish within {timeout:.0f}s"
+        return False, f"exec {' '.join(argv)} exited {rc}" + (f": {text}" if text else "")
+
+    def logs(self, name: str, lines: int = 30) -> str:
+        rc, out, err = self.run(["journalctl", "-u", self.unit_name(name), "-n", str(int(lines)), "--no-pager",
+                                 "-o", "short-iso"])
+        return out.strip() if rc == 0 else f"(journalctl failed: {err.strip()})"
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _systemctl(self, args: List[str], what: str, component: Optional[str] = None) -> None:
+        rc, out, err = self.run(["timeout", "-k", "5", str(SYSTEMCTL_TIMEOUT), "systemctl", *args])
+        if rc == 0:
+            return
+        where = f"component {component}: " if component else ""
+        unit = self.unit_name(component) if component else "the app's units"
+        tail = f"\n{self.logs(component, 15)}" if component else ""
+        late = f" (no answer within {SYSTEMCTL_TIMEOUT}s)" if rc == 124 else ""
+        raise DeployError(f"{where}systemctl {' '.join(args)} failed to {what}{late}: "
+                          f"{err.strip() or out.strip()}; see systemctl status {unit} and journalctl -u {unit}"
+                          + tail)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering (pure functions)
+
+
+def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
+                configs: Sequence[Tuple[str, str]], volumes: Sequence[Tuple[str, str]],
+                unit_name: Callable[[str], str]) -> str:
+    """The unit file of one component."""
+    config = rootfs.config
+    argv = exec_argv(spec, config, rootfs.path)
+    deps = " ".join(unit_name(d) for d in spec.local_deps)
+    lines = [
+        f"{FINGERPRINT_MARK}{spec.fingerprint}",
+        f"{APP_MARK}{app}",
+        f"{COMPONENT_MARK}{spec.name}",
+        f"# Written by offline.delivery (systemd target); changed by the next deploy, not by hand.",
+        "[Unit]",
+        f"Description={escape_specifiers(f'{app} {spec.version}: {spec.name} ({spec.reference})')}",
+    ]
+    if deps:
+        lines += [f"After=network-online.target {deps}", f"Wants=network-online.target {deps}"]
+    else:
+        lines += ["After=network-online.target", "Wants=network-online.target"]
+    lines += [
+        "",
+        "[Service]",
+        "Type=exec",
+        f"RootDirectory={unit_path(rootfs.path, 'root filesystem')}",
+        "MountAPIVFS=yes",
+        "PrivateTmp=yes",
+        "BindReadOnlyPaths=/etc/hosts /etc/resolv.conf",
+    ]
+    for host, inside in configs:
+        lines.append(f"BindReadOnlyPaths={unit_path(host, 'config file')}:{unit_path(inside, 'config file')}")
+    for host, inside in volumes:
+        lines.append(f"BindPaths={unit_path(host, 'volume')}:{unit_path(inside, 'volume')}")
+    lines.append(f"EnvironmentFile={unit_path(env_file, 'environment file')}")
+    workdir = config.get("WorkingDir") or "/"
+    lines.append(f"WorkingDirectory={unit_path(workdir, 'image WorkingDir')}")
+    lines.append("ExecStart=" + " ".join(quote_arg(a) for a in argv))
+    user = resolve_user(spec.user or config.get("User") or "", rootfs.path)
+    if user:
+        lines += [f"User={user[0]}", f"Group={user[1]}"]
+    lines.append(f"KillSignal={kill_signal(config.get('StopSignal'))}")
+    lines += ["Restart=on-failure", "RestartSec=2s", f"TimeoutStopSec={STOP_TIMEOUT}s"]
+    lines += resource_lines(spec.resources)
+    lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
+    return "\n".join(lines)
+
+
+def exec_argv(spec: ComponentSpec, config: Mapping[str, Any], root: str) -> List[str]:
+    """Docker's rule: the model's entrypoint replaces the image's (and drops the image's Cmd); the model's
+    command replaces the Cmd. A bare program name is looked up in the image's PATH inside the root."""
+    if spec.entrypoint is not None:
+        argv = list(spec.entrypoint) + list(spec.command or [])
+    else:
+        argv = list(config.get("Entrypoint") or []) + list(
+            spec.command if spec.command is not None else (config.get("Cmd") or []))
+    if not argv:
+        raise DeployError(f"component {spec.name}: neither the model nor the image {spec.reference} says what to "
+                          "run (no entrypoint or command); set entrypoint in the model")
+    if not argv[0].startswith("/"):
+        argv[0] = find_program(argv[0], config, root, spec.name)
+    return argv
+
+
+def find_program(name: str, config: Mapping[str, Any], root: str, component: str) -> str:
+    path = DEFAULT_PATH
+    for item in config.get("Env") or []:
+        if str(item).startswith("PATH="):
+            path = str(item)[5:]
+    for directory in path.split(":"):
+        if not directory.startswith("/"):
+            continue
+        candidate = f"{directory.rstrip('/')}/{name}"
+        parent, _sep, base = candidate.strip("/").rpartition("/")
+        try:
+            host = os.path.join(resolve_in_root(root, parent), base)
+        except ImageError:
+            continue
+        if os.path.exists(host) or os.path.islink(host):
+            return candidate
+    raise DeployError(f"component {component}: program {name!r} is not in the image's PATH ({path}); give an "
+                      "absolute path in the model's entrypoint")
+
+
+def quote_arg(arg: str) -> str:
+    """One ExecStart argument: double-quoted with C escapes, ``%`` and ``$`` doubled so systemd expands
+    neither specifiers nor variables."""
+    if "\x00" in arg:
+        raise DeployError(f"argument {arg!r} holds a NUL byte")
+    out = []
+    for ch in arg:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "$":
+            out.append("$$")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append("\\x%02x" % ord(ch))
+        else:
+            out.append(ch)
+    return '"%s"' % "".join(out)
+
+
+def escape_specifiers(text: str) -> str:
+    return text.replace("%", "%%").replace("\n", " ")
+
+
+def unit_path(path: str, what: str) -> str:
+    """A path as a unit setting holds it; refuses what would need quoting there (spaces, ':', quotes, ...)."""
+    if not _PLAIN_PATH.match(path) or "/../" in path + "/":
+        raise DeployError(f"{what} {path!r}: a path in a systemd unit must be absolute and use only letters, "
+                          "digits and ._+@/- (no spaces, ':' or quotes)")
+    return path
+
+
+def render_env_file(env: Mapping[str, str]) -> str:
+    """An EnvironmentFile: each value single-quoted (systemd takes it literally: no escapes, no ``$``
+    expansion); a value holding a ``'`` is double-quoted with ``\\``, ``"``, ``$`` and backquote escaped."""
+    lines = []
+    for key, value in env.items():
+        if not _ENV_NAME.match(key):
+            raise ValueError(f"environment variable name {key!r} is not [A-Za-z_][A-Za-z0-9_]*")
+        if "\x00" in value:
+            raise ValueError(f"environment variable {key} holds a NUL byte")
+        if "'" not in value:
+            lines.append(f"{key}='{value}'")
+        else:
+            escaped = "".join("\\" + ch if ch in '"\\`$' else ch for ch in value)
+            lines.append(f'{key}="{escaped}"')
+    return "".join(line + "\n" for line in lines)
+
+
+def kill_signal(stop_signal: Optional[str]) -> str:
+    """The image's StopSignal as systemd's KillSignal= (``SIGQUIT``, ``3`` or ``QUIT``); SIGTERM by default."""
+    if not stop_signal:
+        return "SIGTERM"
+    text = str(stop_signal).strip().upper()
+    if text.isdigit():
+        try:
+            return signal.Signals(int(text)).name
+        except ValueError:
+            raise DeployError(f"image StopSignal {stop_signal!r} is not a signal number") from None
+    name = text if text.startswith("SIG") else "SIG" + text
+    if name.startswith("SIGRTMIN") or name.startswith("SIGRTMAX") or name in signal.Signals.__members__:
+        return name
+    raise DeployError(f"image StopSignal {stop_signal!r} is not a signal name")
+
+
+def resource_lines(resources: Mapping[str, Any]) -> List[str]:
+    lines = []
+    if resources.get("cpus"):
+        lines.append("CPUQuota=%d%%" % round(float(resources["cpus"]) * 100))
+    if resources.get("memory"):
+        lines.append("MemoryMax=%d" % parse_memory(str(resources["memory"])))
+    return lines
+
+
+def resolve_user(user: str, root: str) -> Optional[Tuple[int, int]]:
+    """``uid[:gid]`` or ``name[:group]`` -> numbers, names looked up in the image's /etc/passwd and /etc/group
+    (the host's would not know the image's users). None when no user is set (the service runs as root)."""
+    if not user:
+        return None
+    name, _sep, group = user.partition(":")
+    passwd = _db(read_in_root(root, "etc/passwd"))
+    if name.isdigit():
+        uid = int(name)
+        gid = next((int(f[3]) for f in passwd.values() if f[2] == name), 0)
+    elif name in passwd:
+        uid, gid = int(passwd[name][2]), int(passwd[name][3])
+    else:
+        raise DeployError(f"user {name!r} is not in the image's /etc/passwd; give a numeric uid in the model")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            groups = _db(read_in_root(root, "etc/group"))
+            if group not in groups:
+                raise DeployError(f"group {group!r} is not in the image's /etc/group; give a numeric gid")
+            gid = int(groups[group][2])
+    return uid, gid
+
+
+def _db(data: Optional[bytes]) -> Dict[str, List[str]]:
+    entries: Dict[str, List[str]] = {}
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[0] and fields[2].isdigit():
+            entries.setdefault(fields[0], fields)
+    return entries
+
+
+def read_marks(path: str) -> Dict[str, str]:
+    """The offline-delivery comment lines at the top of a unit file."""
+    marks: Dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.startswith(MARK):
+                    break
+                key, sep, value = line[len(MARK):].strip().partition(": ")
+                if sep:
+                    marks[key] = value.strip()
+    except FileNotFoundError:
+        pass
+    return marks
+
+
+def _write_atomic(path: str, data: bytes, mode: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
