@@ -16,10 +16,15 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar
+
+T = TypeVar("T")
 
 from .app_model import ModelError, effective_env, references, render_config, start_order
+from .app_runtime import ComponentSpec, DeployError, Observed, Runtime
+from .k8s_client import K8sClient, K8sError, wait_for
 from .registry_client import RegistryError, split_reference
 
 MANAGED_BY = "offline-delivery"
@@ -682,3 +687,285 @@ def check_manifests(objects: Iterable[dict]) -> List[str]:
             _check_env(objects, obj, container, problems)
         _check_volumes(objects, obj, pod, problems)
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runtime: the deploy engine's seam (app_runtime.Runtime) for a cluster
+# ---------------------------------------------------------------------------------------------------
+
+WORKLOAD_KINDS = ("StatefulSet", "Deployment")
+# What uninstall/remove delete, in this order (workloads first so no pod restarts against a deleted Secret).
+OWNED_KINDS = ("Deployment", "StatefulSet", "Service", "ConfigMap", "Secret")
+
+
+def spec_input(spec: ComponentSpec, *, secret_values: Iterable[str], group: Optional[str] = None,
+               description: str = "") -> ComponentInput:
+    """A deploy engine ``ComponentSpec`` (env and files already resolved, ``${host}`` = Service names because
+    ``K8sRuntime.local_address`` says so) as renderer input; secrets are recognised by value."""
+    values = [v for v in secret_values if v]
+    files = [dict(f) for f in spec.config_files]
+    return ComponentInput(
+        name=spec.name, app=spec.app, version=spec.version, image=spec.image, env=dict(spec.env),
+        secret_env={k for k, v in spec.env.items() if _holds_secret(v, values)}, files=files,
+        secret_files={i for i, f in enumerate(files) if _holds_secret(f["content"], values)},
+        ports=list(spec.ports), volumes=list(spec.volumes), health=spec.health, entrypoint=spec.entrypoint,
+        command=spec.command, user=spec.user, replicas=spec.replicas, resources=dict(spec.resources or {}),
+        group=group, description=description)
+
+
+def pod_problem(pod: Mapping[str, Any]) -> str:
+    """Why a pod is not Ready, from its container statuses and conditions (the first informative reason)."""
+    name = pod.get("metadata", {}).get("name", "?")
+    status = pod.get("status") or {}
+    for cstat in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cstat.get("state") or {}).get("waiting") or {}
+        last = (cstat.get("lastState") or {}).get("terminated") or {}
+        if waiting.get("reason"):
+            text = "pod %s: container %s %s" % (name, cstat.get("name"), waiting["reason"])
+            if waiting.get("message"):
+                text += ": " + waiting["message"]
+            if last:
+                text += " (last exit %s %s, restarts %s)" % (last.get("exitCode"), last.get("reason", ""),
+                                                            cstat.get("restartCount", 0))
+            return text
+        terminated = (cstat.get("state") or {}).get("terminated") or {}
+        if terminated:
+            return "pod %s: container %s exited %s %s" % (name, cstat.get("name"), terminated.get("exitCode"),
+                                                           terminated.get("reason", ""))
+        if cstat.get("started") and not cstat.get("ready"):
+            return "pod %s: container %s is running but not ready (its readiness probe fails; restarts %s)" % (
+                name, cstat.get("name"), cstat.get("restartCount", 0))
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True" and (cond.get("reason") or cond.get("message")):
+            return "pod %s: %s %s: %s" % (name, cond.get("type"), cond.get("reason", ""), cond.get("message", ""))
+    return "pod %s: phase %s" % (name, status.get("phase", "unknown"))
+
+
+def rollout_problem(workload: Mapping[str, Any]) -> str:
+    """"" when the workload's current spec is fully rolled out and available, else what is missing."""
+    meta, spec, status = workload.get("metadata") or {}, workload.get("spec") or {}, workload.get("status") or {}
+    want = spec.get("replicas", 1)
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return "the controller has not seen generation %s yet" % meta.get("generation")
+    if workload.get("kind") == "StatefulSet":
+        if status.get("updateRevision") and status.get("currentRevision") != status.get("updateRevision"):
+            return "%s of %s pods updated to the new revision" % (status.get("updatedReplicas", 0), want)
+    elif status.get("updatedReplicas", 0) < want:
+        return "%s of %s pods updated" % (status.get("updatedReplicas", 0), want)
+    elif status.get("replicas", 0) > want:
+        return "%s pods of the previous spec still run beside the %s updated ones (the new ones are not " \
+               "ready yet, or the old ones are terminating)" % (status.get("replicas", 0) - want, want)
+    if status.get("readyReplicas", 0) < want:
+        return "%s of %s pods ready" % (status.get("readyReplicas", 0), want)
+    if workload.get("kind") == "Deployment" and status.get("availableReplicas", 0) < want:
+        return "%s of %s pods available" % (status.get("availableReplicas", 0), want)
+    return ""
+
+
+class K8sRuntime(Runtime):
+    """Runs an app's components as Kubernetes objects in one namespace (the "host" is the cluster).
+
+    ``start`` renders each spec, applies it with server-side apply (dependencies first, as the engine
+    orders them) and waits, bounded, until the controller has seen it; ``probe`` is healthy when the
+    rollout is complete and every pod is Ready, else names the pod and the reason. ``observe`` reads the
+    fingerprint annotation, which holds the engine's ``ComponentSpec.fingerprint``.
+    """
+
+    kind = "k8s"
+
+    def __init__(self, app: str, *, client: K8sClient, options: RenderOptions, secret_values: Iterable[str] = (),
+                 groups: Optional[Mapping[str, Optional[str]]] = None, apply_timeout: float = 60.0,
+                 remove_timeout: float = 120.0, poll: float = 2.0, apps_dir: str = "", state_dir: str = "",
+                 run: Optional[Callable[[List[str]], Tuple[int, str, str]]] = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run or _no_commands)
+        options.check()
+        self.client = client
+        self.options = options
+        self.namespace = options.namespace
+        self.secret_values = list(secret_values)
+        self.groups = dict(groups or {})
+        self.apply_timeout = apply_timeout
+        self.remove_timeout = remove_timeout
+        self.poll = poll
+        self.clock = clock
+        self.sleep = sleep
+
+    def local_address(self, component: str) -> str:
+        """``${host}`` of a component: its Service name (same namespace, resolved by cluster DNS)."""
+        return object_name(component)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def _call(self, what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return func(*args, **kwargs)
+        except K8sError as exc:
+            raise DeployError("%s: %s" % (what, exc)) from exc
+
+    def _workloads(self) -> List[dict]:
+        out: List[dict] = []
+        for kind in WORKLOAD_KINDS:
+            out += self._call("list %ss of %s" % (kind, self.app), self.client.list, kind, self.namespace,
+                              label_selector=app_selector(self.app))
+        return out
+
+    def _pods(self, component: str) -> List[dict]:
+        selector = ",".join("%s=%s" % kv for kv in sorted(selector_labels(self.app, component).items()))
+        return self._call("list pods of %s" % component, self.client.list, "Pod", self.namespace,
+                          label_selector=selector)
+
+    def observe(self) -> Dict[str, Observed]:
+        observed: Dict[str, Observed] = {}
+        for workload in self._workloads():
+            name = component_of(workload)
+            if not name:
+                continue
+            meta = workload.get("metadata") or {}
+            starts = sorted(p.get("status", {}).get("startTime", "") for p in self._pods(name)
+                            if p.get("status", {}).get("startTime"))
+            observed[name] = Observed(
+                fingerprint=(meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION),
+                running=(workload.get("spec") or {}).get("replicas", 1) > 0,
+                started_at=starts[0] if starts else None,
+                detail="%s %s" % (workload.get("kind"), meta.get("name")))
+        return observed
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def objects_for(self, spec: ComponentSpec) -> List[dict]:
+        """The objects ``start`` applies for a spec (stamped with the engine's fingerprint)."""
+        inp = spec_input(spec, secret_values=self.secret_values, group=self.groups.get(spec.name))
+        objects = render_component(inp, self.options)
+        stamp(objects, inp, self.options, spec.fingerprint)
+        return json.loads(json.dumps(objects))
+
+    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        """Render everything first (a render error stops before anything is applied) and make sure the
+        namespace exists."""
+        for spec in specs:
+            try:
+                self.objects_for(spec)
+            except K8sRenderError as exc:
+                raise DeployError("%s: %s" % (spec.name, exc)) from exc
+        if self._call("read namespace %s" % self.namespace, self.client.get, "Namespace", self.namespace) is None:
+            self._call("create namespace %s" % self.namespace, self.client.apply,
+                       {"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": self.namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}}})
+
+    def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
+        applied: List[Tuple[str, dict]] = []
+        for spec in specs:
+            for obj in self.objects_for(spec):
+                result = self._call("%s: apply %s %s" % (spec.name, obj["kind"], obj["metadata"]["name"]),
+                                    self.client.apply, obj)
+                if obj["kind"] in WORKLOAD_KINDS:
+                    applied.append((spec.name, result))
+        for name, result in applied:
+            self._wait_observed(name, result)
+
+    def _wait_observed(self, name: str, applied: Mapping[str, Any]) -> None:
+        """Bounded wait until the controller has seen the applied generation (the rollout has begun)."""
+        kind, meta = applied.get("kind", "Deployment"), applied.get("metadata") or {}
+        generation = meta.get("generation", 0)
+
+        def seen() -> Tuple[bool, str]:
+            current = self._call("read %s %s" % (kind, meta.get("name")), self.client.get, kind,
+                                 meta.get("name", ""), self.namespace)
+            if current is None:
+                return False, "%s %s is gone" % (kind, meta.get("name"))
+            got = (current.get("status") or {}).get("observedGeneration", 0)
+            return got >= generation, "observedGeneration %s < %s" % (got, generation)
+
+        try:
+            wait_for(seen, timeout=self.apply_timeout, interval=min(self.poll, 1.0),
+                     what="the %s controller to pick up %s" % (kind, name), clock=self.clock, sleep=self.sleep)
+        except K8sError as exc:
+            raise DeployError("%s: %s (is kube-controller-manager running?)" % (name, exc)) from exc
+
+    def wait_rollout(self, spec: ComponentSpec, timeout: float) -> None:
+        """Bounded wait until ``probe(spec)`` is healthy; DeployError with the last reason otherwise."""
+        try:
+            wait_for(lambda: self.probe(spec), timeout=timeout, interval=self.poll,
+                     what="the rollout of %s" % spec.name, clock=self.clock, sleep=self.sleep)
+        except K8sError as exc:
+            raise DeployError("%s: %s" % (spec.name, exc)) from exc
+
+    def _delete_component_objects(self, selector: str, kinds: Sequence[str]) -> List[str]:
+        removed = []
+        for kind in kinds:
+            for obj in self._call("list %ss" % kind, self.client.list, kind, self.namespace, label_selector=selector):
+                name = obj["metadata"]["name"]
+                if self._call("delete %s %s" % (kind, name), self.client.delete, kind, name, self.namespace):
+                    removed.append("%s/%s" % (kind, name))
+        return removed
+
+    def _wait_pods_gone(self, selector: str, what: str) -> None:
+        def gone() -> Tuple[bool, str]:
+            pods = self._call("list pods", self.client.list, "Pod", self.namespace, label_selector=selector)
+            return not pods, ", ".join(p["metadata"]["name"] for p in pods) + " still there"
+
+        try:
+            wait_for(gone, timeout=self.remove_timeout, interval=self.poll, what=what, clock=self.clock,
+                     sleep=self.sleep)
+        except K8sError as exc:
+            raise DeployError(str(exc)) from exc
+
+    def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
+        """Delete the components' workloads, Services, ConfigMaps and Secrets; their PVCs stay."""
+        for name in names:
+            selector = "%s,app.kubernetes.io/component=%s" % (app_selector(self.app), name)
+            self._delete_component_objects(selector, OWNED_KINDS)
+            self._wait_pods_gone(selector, "the pods of %s to stop" % name)
+
+    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        kname = object_name(spec.name)
+        kind = "StatefulSet" if spec.volumes else "Deployment"
+        workload = self._call("read %s %s" % (kind, kname), self.client.get, kind, kname, self.namespace)
+        if workload is None:
+            return False, "%s %s/%s does not exist" % (kind, self.namespace, kname)
+        have = ((workload.get("metadata") or {}).get("annotations") or {}).get(FINGERPRINT_ANNOTATION)
+        if have != spec.fingerprint:
+            return False, "%s %s runs another spec (%s)" % (kind, kname, have)
+        problem = rollout_problem(workload)
+        if not problem:
+            return True, ""
+        pods = [p for p in self._pods(spec.name)
+                if (p.get("metadata", {}).get("annotations") or {}).get(FINGERPRINT_ANNOTATION) == spec.fingerprint]
+        reasons = [pod_problem(p) for p in pods if not _pod_ready(p)]
+        return False, "%s %s: %s%s" % (kind, kname, problem, ("; " + reasons[0]) if reasons else "")
+
+    def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:
+        """None: a component's data lives in PersistentVolumeClaims on the cluster, not in host directories
+        (snapshots of the k8s target are the storage system's job; see docs/kubernetes.md)."""
+        return {}
+
+    def uninstall(self, *, keep_data: bool) -> List[str]:
+        selector = app_selector(self.app)
+        removed = self._delete_component_objects(selector, OWNED_KINDS)
+        self._wait_pods_gone(selector, "the pods of %s to stop" % self.app)
+        if not keep_data:
+            removed += self._delete_component_objects(selector, ("PersistentVolumeClaim",))
+        return removed
+
+    def logs(self, name: str, lines: int = 30) -> str:
+        """The output of a not-ready pod of the component (its previous run when it is crash-looping)."""
+        try:
+            pods = self._pods(name)
+            for pod in sorted(pods, key=_pod_ready):
+                restarted = any(c.get("restartCount", 0) for c in pod.get("status", {}).get("containerStatuses") or [])
+                text = self.client.pod_log(self.namespace, pod["metadata"]["name"], lines=lines, previous=restarted)
+                if text:
+                    return text
+        except (K8sError, DeployError):
+            return ""
+        return ""
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _no_commands(argv: List[str]) -> Tuple[int, str, str]:
+    raise DeployError("the k8s runtime runs no host commands (asked for %s)" % " ".join(argv))

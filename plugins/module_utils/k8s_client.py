@@ -174,8 +174,9 @@ class K8sClient:
 
     def request(self, method: str, path: str, *, body: Optional[Mapping[str, Any]] = None,
                 query: Optional[Mapping[str, str]] = None, content_type: str = "application/json",
-                what: str = "") -> Tuple[int, Dict[str, Any]]:
-        """Send one request; returns (status, decoded JSON body). Raises K8sError when unreachable."""
+                what: str = "", raw: bool = False) -> Tuple[int, Dict[str, Any]]:
+        """Send one request; returns (status, decoded JSON body, or {"text": body} when ``raw``).
+        Raises K8sError when the server cannot be reached."""
         url = self.base_path + path
         if query:
             url += "?" + urllib.parse.urlencode(sorted(query.items()))
@@ -194,17 +195,19 @@ class K8sClient:
         try:
             conn.request(method, url, body=data, headers=headers)
             resp = conn.getresponse()
-            raw = resp.read()
+            data_in = resp.read()
             status = resp.status
         except (OSError, http.client.HTTPException) as exc:
             raise K8sError("%s %s: cannot reach the API server %s: %s; check the kubeconfig's server and "
                            "that the cluster is up" % (method, what or path, self.server, exc)) from exc
         finally:
             conn.close()
+        if raw:
+            return status, {"text": data_in.decode("utf-8", "replace")}
         try:
-            decoded = json.loads(raw.decode("utf-8")) if raw else {}
+            decoded = json.loads(data_in.decode("utf-8")) if data_in else {}
         except ValueError:
-            decoded = {"message": raw[:300].decode("utf-8", "replace")}
+            decoded = {"message": data_in[:300].decode("utf-8", "replace")}
         return status, decoded if isinstance(decoded, dict) else {"items": decoded}
 
     def _checked(self, method: str, path: str, what: str, ok: Tuple[int, ...] = (200, 201), **kwargs: Any
@@ -253,6 +256,15 @@ class K8sClient:
             query["dryRun"] = "All"
         return self._checked("PATCH", path, "apply %s %s/%s" % (kind, namespace or "", name), body=obj,
                              query=query, content_type=APPLY_CONTENT_TYPE)[1]
+
+    def pod_log(self, namespace: str, pod: str, *, lines: int = 30, previous: bool = False) -> str:
+        """The last ``lines`` of a pod's (first container's) output; "" when there is none."""
+        path = resource_path("Pod", namespace=namespace, name=pod) + "/log"
+        query = {"tailLines": str(lines)}
+        if previous:
+            query["previous"] = "true"
+        status, body = self.request("GET", path, query=query, what="log of pod %s/%s" % (namespace, pod), raw=True)
+        return body.get("text", "") if status == 200 else ""
 
     def delete(self, kind: str, name: str, namespace: Optional[str] = None, *,
                propagation: str = "Background") -> bool:
