@@ -112,8 +112,8 @@ def image_for(component: str, reference: str, *, registry: str, digest: Optional
                              "rebuild the bundle or fix the reference" % (component, ref_digest, digest))
     pinned = digest or ref_digest
     if not pinned:
-        raise K8sRenderError("components.%s.image: no index digest for %s; "
-                             "digests of the release from the site repo" % (component, reference, "?"))
+        raise K8sRenderError("components.%s.image: no index digest for %s; give the index digest of each "
+                             "component's image in the site registry (the release's images)" % (component, reference))
     return "%s/%s%s@%s" % (registry.rstrip("/"), repository, ":" + tag if tag else "", pinned)
 
 
