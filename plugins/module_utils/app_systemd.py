@@ -347,13 +347,15 @@ class SystemdRuntime(Runtime):
         return self._exec_probe(spec, list(health["exec"]), timeout)
 
     def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float) -> Tuple[bool, str]:
-        """The health command inside the component's root, as the component's user, bounded in time."""
-        rootfs = self.rootfs(spec)
-        props = ["RootDirectory=" + rootfs.path, "MountAPIVFS=yes", "PrivateTmp=yes",
-                 "EnvironmentFile=" + self.env_path(spec.name), "RuntimeMaxSec=%d" % max(1, int(timeout))]
-        user = resolve_user(spec.user or rootfs.config.get("User") or "", rootfs.path)
-        if user:
-            props += ["User=%d" % user[0], "Group=%d" % user[1]]
+        """The health command inside the component's root, as its user, bounded in time. Root, user and
+        environment come from the unit as written (what runs), so a spec without image details probes too."""
+        settings = unit_settings(self.unit_path(spec.name))
+        props = ["MountAPIVFS=yes", "PrivateTmp=yes", "RuntimeMaxSec=%d" % max(1, int(timeout))]
+        for key in ("RootDirectory", "EnvironmentFile", "User", "Group"):
+            if key in settings:
+                props.append(f"{key}={settings[key]}")
+        if "RootDirectory" not in settings:
+            return False, f"{self.unit_path(spec.name)} has no RootDirectory=: not a unit this runtime wrote"
         command = ["timeout", "-k", "2", str(max(1, int(timeout)) + 5), "systemd-run", "--wait", "--pipe", "--quiet",
                    "--collect", "--service-type=exec"]
         for prop in props:
@@ -598,6 +600,24 @@ def read_marks(path: str) -> Dict[str, str]:
     except FileNotFoundError:
         pass
     return marks
+
+
+def unit_settings(path: str) -> Dict[str, str]:
+    """``key -> value`` of the [Service] section of a unit file this runtime wrote (one value per key)."""
+    settings: Dict[str, str] = {}
+    section = ""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                line = line.strip()
+                if line.startswith("["):
+                    section = line
+                elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                    key, _sep, value = line.partition("=")
+                    settings.setdefault(key, value)
+    except FileNotFoundError:
+        pass
+    return settings
 
 
 def _write_atomic(path: str, data: bytes, mode: int) -> None:
