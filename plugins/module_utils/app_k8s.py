@@ -795,6 +795,10 @@ class K8sRuntime(Runtime):
         """``${host}`` of a component: its Service name (same namespace, resolved by cluster DNS)."""
         return object_name(component)
 
+    def host_ports(self, spec: ComponentSpec) -> List[int]:
+        """None on the host running the deploy: published ports are NodePorts/LoadBalancers of the cluster."""
+        return []
+
     # -- reading ------------------------------------------------------------------------------------
 
     def _call(self, what: str, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
