@@ -1,0 +1,294 @@
+"""SystemdRuntime without systemd: unit rendering (quoting, specifiers, users, signals, limits) and the files
+a start writes, with systemctl/journalctl answered by a recorder. The real services run in
+tests/e2e/test_app_systemd_runtime.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from offline_delivery_core.app_runtime import ComponentSpec, DeployError
+from offline_delivery_core.app_systemd import (SystemdRuntime, exec_argv, kill_signal, quote_arg, read_marks,
+                                               render_env_file, resolve_user, unit_path, unit_settings)
+from offline_delivery_core.image_rootfs import load_rootfs
+
+MANIFEST = "sha256:" + "ab" * 32
+ROOT = os.geteuid() == 0
+
+
+def make_spec(**changes: object) -> ComponentSpec:
+    data: Dict[str, object] = dict(
+        name="db", app="shop", version="1.0.0", image="10.0.0.2:5000/shop/db@sha256:" + "cd" * 32,
+        reference="shop/db:1.0.0", index_digest="sha256:" + "cd" * 32, manifest_digest=MANIFEST,
+        platform="linux/amd64", entrypoint=None, command=None, user=None,
+        env={"POSTGRES_PASSWORD": "s3cr'et $HOME %i", "PGDATA": "/var/lib/postgresql/data"},
+        config_files=[{"path": "/etc/shop/app.conf", "content": "password=x\n", "mode": "0640"}],
+        volumes=[{"name": "pgdata", "path": "/var/lib/postgresql/data"}], ports=[], health=None,
+        depends_on={}, local_deps=[], replicas=1, resources={"cpus": "0.5", "memory": "64Mi"},
+        fingerprint="sha256:" + "ef" * 32)
+    data.update(changes)
+    return ComponentSpec(**data)  # type: ignore[arg-type]
+
+
+class Systemd:
+    """Answers the runtime's commands like systemd would; ``cp`` really runs (volume seeding)."""
+
+    def __init__(self) -> None:
+        self.calls: List[List[str]] = []
+        self.state: Dict[str, str] = {}   # unit -> ActiveState
+
+    def __call__(self, argv: List[str]) -> Tuple[int, str, str]:
+        self.calls.append(argv)
+        args = argv[argv.index("systemctl") + 1:] if "systemctl" in argv else argv
+        if argv[0] == "cp":
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            return proc.returncode, proc.stdout, proc.stderr
+        if argv[0] == "journalctl":
+            return 0, "2026-11-22T02:00:00+0000 node2 shop-db[1]: FATAL: something\n", ""
+        if args[0] == "show":
+            active = self.state.get(args[1], "inactive")
+            return 0, (f"ActiveState={active}\nSubState={'running' if active == 'active' else 'dead'}\n"
+                       f"ActiveEnterTimestamp={'Sun 2026-11-22 02:00:00 UTC' if active == 'active' else ''}\n"
+                       "NeedDaemonReload=no\nResult=success\nExecMainStatus=0\nLoadState=loaded\n"), ""
+        if args[0] == "restart":
+            self.state.setdefault(args[1], "active")
+        return 0, "", ""
+
+    def commands(self) -> List[str]:
+        return [" ".join(c[c.index("systemctl"):]) for c in self.calls if "systemctl" in c]
+
+
+@pytest.fixture()
+def host(tmp_path: Path):
+    """apps/state/unit dirs and an unpacked image with users, a seeded volume path and an nginx binary."""
+    apps, state, units = tmp_path / "apps", tmp_path / "state", tmp_path / "units"
+    units.mkdir()
+    image = apps / "shop" / "images" / MANIFEST.split(":")[1]
+    root = image / "rootfs"
+    for d in ("etc", "usr/bin", "var/lib/postgresql/data", "usr/share/empty"):
+        (root / d).mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "usr/bin/postgres").write_text("")
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\npostgres:x:105:110::/var/lib/postgresql:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\npostgres:x:110:\nssl-cert:x:111:postgres\n")
+    (root / "var/lib/postgresql/data/seed").write_text("from the image")
+    if ROOT:
+        os.chown(root / "var/lib/postgresql/data", 105, 110)
+    os.chmod(root / "var/lib/postgresql/data", 0o700)
+    (image / "image.json").write_text(json.dumps({"config": {
+        "Entrypoint": ["postgres"], "Cmd": ["-c", "listen_addresses=*"], "Env": ["PATH=/usr/bin:/bin", "PGDATA=/x"],
+        "WorkingDir": "/var/lib/postgresql", "User": None, "StopSignal": "SIGINT"}}))
+    systemd = Systemd()
+    runtime = SystemdRuntime("shop", apps_dir=str(apps), state_dir=str(state), run=systemd, unit_dir=str(units),
+                             sleep=lambda _s: None)
+    return runtime, systemd, tmp_path
+
+
+# -- quoting ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arg, want", [
+    ("plain", '"plain"'),
+    ("with space", '"with space"'),
+    ("100%", '"100%%"'),
+    ("$HOME ${X}", '"$$HOME $${X}"'),
+    ('say "hi" \\o/', '"say \\"hi\\" \\\\o/"'),
+    ("a\nb\tc\x01", '"a\\nb\\tc\\x01"'),
+    ("'single'", '"\'single\'"'),
+    (";", '";"'),
+])
+def test_exec_arguments_quoted_for_systemd(arg: str, want: str) -> None:
+    assert quote_arg(arg) == want
+
+
+def test_env_file_values_taken_literally() -> None:
+    text = render_env_file({"A": "plain", "B": "$HOME %i \\n", "C": "it's \"$x\" `y` \\", "D": ""})
+    assert text.splitlines() == ["A='plain'", "B='$HOME %i \\n'", 'C="it\'s \\"\\$x\\" \\`y\\` \\\\"', "D=''"]
+    with pytest.raises(ValueError, match="not \\[A-Za-z_\\]"):
+        render_env_file({"BAD-NAME": "x"})
+    with pytest.raises(ValueError, match="NUL"):
+        render_env_file({"A": "x\x00"})
+
+
+@pytest.mark.parametrize("path", ["/srv/with space", "/srv/a:b", "relative", "/srv/%i", "/srv/../etc"])
+def test_paths_needing_quotes_refused(path: str) -> None:
+    with pytest.raises(DeployError, match="must be absolute"):
+        unit_path(path, "volume")
+
+
+@pytest.mark.parametrize("given, want", [(None, "SIGTERM"), ("SIGQUIT", "SIGQUIT"), ("quit", "SIGQUIT"),
+                                         ("2", "SIGINT"), ("SIGRTMIN+3", "SIGRTMIN+3")])
+def test_kill_signal(given, want) -> None:
+    assert kill_signal(given) == want
+
+
+def test_unknown_stop_signal_refused() -> None:
+    with pytest.raises(DeployError, match="not a signal name"):
+        kill_signal("SIGNOPE")
+
+
+# -- users and argv -----------------------------------------------------------------------------------
+
+
+def test_users_resolved_in_the_image(host) -> None:
+    runtime, _systemd, _tmp = host
+    root = load_rootfs(runtime.images_dir, MANIFEST).path
+    assert resolve_user("postgres", root) == (105, 110)
+    assert resolve_user("postgres:ssl-cert", root) == (105, 111)
+    assert resolve_user("105", root) == (105, 110)
+    assert resolve_user("65534:65534", root) == (65534, 65534)
+    assert resolve_user("4000", root) == (4000, 0)
+    assert resolve_user("", root) is None
+    with pytest.raises(DeployError, match="'nobody' is not in the image's /etc/passwd"):
+        resolve_user("nobody", root)
+
+
+def test_argv_follows_dockers_rules(host) -> None:
+    runtime, _systemd, _tmp = host
+    rootfs = load_rootfs(runtime.images_dir, MANIFEST)
+    assert exec_argv(make_spec(), rootfs.config, rootfs.path) == ["/usr/bin/postgres", "-c", "listen_addresses=*"]
+    assert exec_argv(make_spec(command=["-p", "1"]), rootfs.config, rootfs.path) == ["/usr/bin/postgres", "-p", "1"]
+    assert exec_argv(make_spec(entrypoint=["/bin/sh"]), rootfs.config, rootfs.path) == ["/bin/sh"]
+    with pytest.raises(DeployError, match="'nope' is not in the image's PATH"):
+        exec_argv(make_spec(entrypoint=["nope"]), rootfs.config, rootfs.path)
+    with pytest.raises(DeployError, match="neither the model nor the image"):
+        exec_argv(make_spec(), {}, rootfs.path)
+
+
+# -- start, observe, probe, remove ---------------------------------------------------------------------
+
+
+def test_start_writes_unit_env_config_and_volume(host) -> None:
+    runtime, systemd, tmp = host
+    spec = make_spec(user="postgres", local_deps=["redis"], command=["-c", "x=100% $y"])
+    runtime.prepare([spec])
+    runtime.start([spec], all_specs=[spec])
+    unit = (tmp / "units" / "od-shop-db.service").read_text()
+    root = f"{tmp}/apps/shop/images/{MANIFEST.split(':')[1]}/rootfs"
+    assert read_marks(str(tmp / "units" / "od-shop-db.service")) == {
+        "fingerprint": spec.fingerprint, "app": "shop", "component": "db"}
+    settings = unit_settings(str(tmp / "units" / "od-shop-db.service"))
+    assert settings["RootDirectory"] == root and settings["MountAPIVFS"] == "yes"
+    assert settings["EnvironmentFile"] == f"{tmp}/state/apps/shop/env/db.env"
+    assert settings["ExecStart"] == '"/usr/bin/postgres" "-c" "x=100%% $$y"'
+    assert settings["WorkingDirectory"] == "/var/lib/postgresql"
+    assert (settings["User"], settings["Group"], settings["KillSignal"]) == ("105", "110", "SIGINT")
+    assert (settings["CPUQuota"], settings["MemoryMax"], settings["Restart"]) == ("50%", str(64 << 20), "on-failure")
+    assert f"BindPaths={tmp}/apps/shop/volumes/pgdata:/var/lib/postgresql/data\n" in unit
+    assert f"BindReadOnlyPaths={tmp}/apps/shop/config/db/etc/shop/app.conf:/etc/shop/app.conf\n" in unit
+    assert "BindReadOnlyPaths=/etc/hosts /etc/resolv.conf\n" in unit
+    assert "After=network-online.target od-shop-redis.service\n" in unit
+    assert "Wants=network-online.target od-shop-redis.service\n" in unit
+    assert "s3cr" not in unit and "password=x" not in unit
+    # environment: the image's first, then the spec's (which wins), 0600 in a 0700 directory
+    env = tmp / "state/apps/shop/env/db.env"
+    assert env.read_text().splitlines() == ["PATH='/usr/bin:/bin'", "PGDATA='/var/lib/postgresql/data'",
+                                            'POSTGRES_PASSWORD="s3cr\'et \\$HOME %i"']
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600 and stat.S_IMODE(env.parent.stat().st_mode) == 0o700
+    config = tmp / "apps/shop/config/db/etc/shop/app.conf"
+    assert config.read_text() == "password=x\n" and stat.S_IMODE(config.stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp / "apps/shop/config/db").stat().st_mode) == 0o700
+    # the fresh volume is seeded from the image, owner and mode kept
+    volume = tmp / "apps/shop/volumes/pgdata"
+    assert (volume / "seed").read_text() == "from the image" and stat.S_IMODE(volume.stat().st_mode) == 0o700
+    if ROOT:
+        assert (volume.stat().st_uid, volume.stat().st_gid) == (105, 110)
+    assert systemd.commands()[-4:] == ["systemctl daemon-reload", "systemctl enable --quiet od-shop-db.service",
+                                       "systemctl restart od-shop-db.service",
+                                       "systemctl show od-shop-db.service --property "
+                                       "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,"
+                                       "ExecMainStatus,LoadState"]
+    observed = runtime.observe()
+    assert list(observed) == ["db"] and observed["db"].fingerprint == spec.fingerprint
+    assert observed["db"].running and observed["db"].started_at == "Sun 2026-11-22 02:00:00 UTC"
+    # a volume with data is never reseeded
+    (volume / "seed").write_text("changed by the app")
+    runtime.start([spec], all_specs=[spec])
+    assert (volume / "seed").read_text() == "changed by the app"
+
+
+def test_volume_without_image_content_starts_empty(host) -> None:
+    runtime, _systemd, tmp = host
+    spec = make_spec(volumes=[{"name": "cache", "path": "/var/cache/none"}])
+    runtime.start([spec], all_specs=[spec])
+    assert os.listdir(tmp / "apps/shop/volumes/cache") == []
+
+
+def test_a_unit_that_dies_at_once_is_an_error_naming_it(host) -> None:
+    runtime, systemd, _tmp = host
+    systemd.state["od-shop-db.service"] = "failed"
+    with pytest.raises(DeployError) as err:
+        runtime.start([make_spec()], all_specs=[])
+    text = str(err.value)
+    assert "component db: unit od-shop-db.service is failed/dead" in text
+    assert "journalctl -u od-shop-db.service" in text and "FATAL: something" in text
+
+
+def test_failing_systemctl_names_component_and_unit(host) -> None:
+    runtime, systemd, _tmp = host
+
+    def failing(argv: List[str]) -> Tuple[int, str, str]:
+        if "restart" in argv:
+            return 1, "", "Job for od-shop-db.service failed."
+        return systemd(argv)
+    runtime.run = failing
+    with pytest.raises(DeployError, match=r"component db: systemctl restart od-shop-db.service failed to start "
+                                          r"component db: Job for od-shop-db.service failed.; see systemctl status"):
+        runtime.start([make_spec()], all_specs=[])
+
+
+def test_unit_of_another_app_with_the_same_name_is_not_overwritten(host) -> None:
+    runtime, _systemd, tmp = host
+    other = tmp / "units" / "od-shop-db.service"
+    other.write_text("# offline-delivery fingerprint: x\n# offline-delivery app: shop-db\n"
+                     "# offline-delivery component: x\n[Service]\n")
+    with pytest.raises(DeployError, match="belongs to app 'shop-db'"):
+        runtime.start([make_spec()], all_specs=[])
+    assert runtime.observe() == {}   # not this app's unit
+
+
+def test_replicas_refused(host) -> None:
+    runtime, _systemd, _tmp = host
+    with pytest.raises(DeployError, match="replicas 2: the systemd target runs one instance"):
+        runtime.prepare([make_spec(replicas=2)])
+
+
+def test_probes(host) -> None:
+    runtime, systemd, tmp = host
+    spec = make_spec(health={"exec": ["pg_isready", "-h", "127.0.0.1"], "timeout": 3, "interval": 5,
+                             "retries": 3, "start_period": 0})
+    ok, reason = runtime.probe(spec)
+    assert not ok and "unit od-shop-db.service is inactive" in reason
+    runtime.start([spec], all_specs=[spec])
+    assert runtime.probe(spec) == (True, "")
+    probe = systemd.calls[-1]
+    assert probe[:4] == ["timeout", "-k", "2", "8"] and "systemd-run" in probe
+    root = f"{tmp}/apps/shop/images/{MANIFEST.split(':')[1]}/rootfs"
+    assert f"RootDirectory={root}" in probe and f"EnvironmentFile={tmp}/state/apps/shop/env/db.env" in probe
+    assert probe[probe.index("--"):] == ["--", "pg_isready", "-h", "127.0.0.1"]
+    # a tcp probe on a port nobody listens on fails with the address
+    ok, reason = runtime.probe(make_spec(health={"tcp": {"port": 1}, "timeout": 1}))
+    assert not ok and "TCP 127.0.0.1:1" in reason
+
+
+def test_remove_and_uninstall_keep_volumes(host) -> None:
+    runtime, systemd, tmp = host
+    db = make_spec()
+    web = make_spec(name="web", volumes=[], config_files=[], fingerprint="sha256:" + "01" * 32)
+    runtime.start([db, web], all_specs=[db, web])
+    runtime.remove(["web", "not-there"], all_specs=[db])
+    assert sorted(os.listdir(tmp / "units")) == ["od-shop-db.service"]
+    assert not (tmp / "state/apps/shop/env/web.env").exists()
+    assert "systemctl disable --quiet --now od-shop-web.service" in systemd.commands()
+    removed = runtime.uninstall(keep_data=True)
+    assert removed[0] == "od-shop-db.service" and f"{tmp}/apps/shop/images" in removed
+    assert os.listdir(tmp / "units") == [] and (tmp / "apps/shop/volumes/pgdata/seed").exists()
+    assert runtime.volume_dirs(db) == {"pgdata": f"{tmp}/apps/shop/volumes/pgdata"}
+    runtime.uninstall(keep_data=False)
+    assert not (tmp / "apps/shop").exists()
