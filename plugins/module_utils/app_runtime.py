@@ -156,6 +156,15 @@ def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, pl
     return ComponentSpec(**{**asdict(spec), "fingerprint": fingerprint(data)})
 
 
+def probe_spec(model: dict, name: str) -> ComponentSpec:
+    """Enough of a spec to probe a running component's health (no env, no secrets needed)."""
+    comp = model["components"][name]
+    return ComponentSpec(name=name, app=model["name"], version=model["version"], image="", reference=comp["image"],
+                         index_digest="", manifest_digest="", platform="", entrypoint=None, command=None, user=None,
+                         env={}, config_files=[], volumes=list(comp["volumes"]), ports=list(comp["ports"]),
+                         health=comp.get("health"))
+
+
 def strip_registry(reference: str) -> str:
     """``registry.example:5000/shop/api:1`` -> ``shop/api:1``: the site registry holds references as written,
     minus any registry host (docs/architecture.md)."""
@@ -184,6 +193,10 @@ class Runtime(abc.ABC):
     def local_address(self, component: str) -> str:
         """How a component reaches a dependency on the same host."""
         return LOCAL_ADDRESS
+
+    def host_ports(self, spec: ComponentSpec) -> List[int]:
+        """TCP ports the component takes on the host itself (compose: the published ones)."""
+        return sorted(p["publish"] for p in spec.ports if p.get("publish") and p["protocol"] == "tcp")
 
     @abc.abstractmethod
     def observe(self) -> Dict[str, Observed]:
@@ -246,6 +259,22 @@ def http_probe(address: str, port: int, path: str, timeout: float) -> Tuple[bool
     if len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400:
         return True, ""
     return False, "HTTP GET http://%s:%d%s answered %r" % (address, port, path, head or "nothing")
+
+
+def listening_tcp_ports(proc: str = "/proc/net") -> set:
+    """Ports something listens on (any address), from the kernel's socket tables."""
+    ports = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open("%s/%s" % (proc, name)) as fh:
+                next(fh, None)
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except FileNotFoundError:
+            continue
+    return ports
 
 
 def health_budget(health: Optional[Mapping[str, Any]], cap: float) -> float:

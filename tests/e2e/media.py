@@ -61,8 +61,8 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def build_shop_bundles(out: Path) -> dict[str, Path]:
-    """shop 1.0.0 (full) and 1.1.0 (delta) with Debian 12 packages, a tampered and an untrusted 1.1.0,
-    built once per session. Each in its own directory, as media are carried."""
+    """shop 1.0.0 (full) and 1.1.0 and the broken 1.2.0 (deltas) with Debian 12 packages, a tampered and an
+    untrusted 1.1.0, built once per session. Each in its own directory, as media are carried."""
     oci = build_shop_images(("amd64", "arm64"))
     shop = repo_root() / "examples" / "shop"
     for who in ("vendor", "other"):
@@ -72,6 +72,8 @@ def build_shop_bundles(out: Path) -> dict[str, Path]:
                    "--sign-key", str(out / "vendor.key"))
     base = ["--base", str(out / "shop-1.0.0" / "shop-1.0.0.bundle"), "--base-pub", str(out / "vendor.pub")]
     bundle_builder("build", str(shop / "app-1.1.0.yml"), "-o", str(out / "shop-1.1.0"), *common, *base,
+                   "--sign-key", str(out / "vendor.key"))
+    bundle_builder("build", str(shop / "app-1.2.0.yml"), "-o", str(out / "shop-1.2.0"), *common, *base,
                    "--sign-key", str(out / "vendor.key"))
     bundle_builder("build", str(shop / "app-1.1.0.yml"), "-o", str(out / "untrusted"), *common, *base,
                    "--sign-key", str(out / "other.key"))

@@ -1,0 +1,270 @@
+# Copyright: offline.delivery contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""The compose target: an app as a Docker Compose project, one service per component.
+
+The project lives in ``<apps_dir>/<app>/compose.yaml`` (project name ``od-<app>``), so on-site staff can run
+``docker compose ps`` / ``logs`` there. The file holds no secret: each service reads its env from
+``<state_dir>/apps/<app>/env/<component>.env`` (0600) and its config files are bind-mounted read-only from
+``<state_dir>/apps/<app>/config/<component>/`` (0700 directory). Each container carries the component's
+fingerprint as a label; the engine starts only the services whose fingerprint changed, one level at a time,
+with ``--no-deps`` so nothing else is recreated. Health is the model's probe run from the host against the
+container's address on the project network (no probe tool is needed in the image). Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Sequence, Tuple
+
+from .app_model import parse_memory
+from .app_runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from .app_state import app_dir, ensure_private_dir, write_private
+
+LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
+LABEL_APP = "io.offline-delivery.app"
+COMMAND_TIMEOUT = 600
+
+
+def env_file_text(env: Dict[str, str]) -> str:
+    """A Docker env file: KEY=VALUE per line, taken literally (no quotes, no expansion).
+
+    The model refuses newlines in resolved values (app_model), so a line can never be split."""
+    return "".join("%s=%s\n" % (key, env[key]) for key in sorted(env))
+
+
+def _write_public(path: str, data: bytes, mode: int = 0o644) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            if fh.read() == data and os.stat(path).st_mode & 0o777 == mode:
+                return False
+    except FileNotFoundError:
+        pass
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+class ComposeRuntime(Runtime):
+    kind = "compose"
+
+    def __init__(self, app: str, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.project = "od-%s" % app
+        self.project_dir = os.path.join(self.apps_dir, app)
+        self.compose_file = os.path.join(self.project_dir, "compose.yaml")
+        self.private_dir = app_dir(self.state_dir, app)
+
+    def local_address(self, component: str) -> str:
+        return component  # the service name on the project network
+
+    # -- docker ------------------------------------------------------------------------------------------
+
+    def _docker(self, args: List[str], what: str) -> str:
+        rc, out, err = self.run(["docker"] + args)
+        if rc != 0:
+            raise DeployError("%s: docker %s failed (rc %d): %s" % (what, " ".join(args[:3]), rc,
+                                                                    (err or out).strip()[-2000:]))
+        return out
+
+    def _compose(self, args: List[str], what: str) -> str:
+        return self._docker(["compose", "-p", self.project, "-f", self.compose_file,
+                             "--project-directory", self.project_dir] + args, what)
+
+    def _containers(self) -> List[Dict[str, Any]]:
+        ids = self._docker(["ps", "-aq", "--no-trunc", "--filter", "label=%s=%s" % (LABEL_APP, self.app)],
+                           "listing the containers of %s" % self.app).split()
+        if not ids:
+            return []
+        return json.loads(self._docker(["inspect"] + ids, "inspecting the containers of %s" % self.app))
+
+    # -- Runtime -----------------------------------------------------------------------------------------
+
+    def observe(self) -> Dict[str, Observed]:
+        seen: Dict[str, Observed] = {}
+        for info in self._containers():
+            labels = info["Config"].get("Labels") or {}
+            name = labels.get("com.docker.compose.service")
+            if not name:
+                continue
+            state = info["State"]
+            item = Observed(fingerprint=labels.get(LABEL_FINGERPRINT), running=bool(state.get("Running")),
+                            started_at=state.get("StartedAt"), detail=state.get("Status", ""))
+            # Replicas: the component runs only if every container does, and all carry one fingerprint.
+            if name in seen:
+                prev = seen[name]
+                item.running = item.running and prev.running
+                if prev.fingerprint != item.fingerprint:
+                    item.fingerprint = None
+                item.started_at = min(filter(None, [prev.started_at, item.started_at]), default=None)
+            seen[name] = item
+        return seen
+
+    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        for spec in specs:
+            rc, dummy, dummy2 = self.run(["docker", "image", "inspect", "--format", "{{.Id}}", spec.image])
+            if rc != 0:
+                self._docker(["pull", "--quiet", spec.image],
+                             "pulling the image of %s (%s) from the site registry" % (spec.name, spec.reference))
+
+    def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
+        self._write_project(all_specs)
+        names = [s.name for s in specs]
+        self._compose(["up", "--detach", "--no-deps", "--force-recreate", "--no-build", "--pull", "never"] + names,
+                      "starting %s" % ", ".join(names))
+
+    def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
+        doomed = [c["Id"] for c in self._containers()
+                  if (c["Config"].get("Labels") or {}).get("com.docker.compose.service") in names]
+        if doomed:
+            self._docker(["rm", "--force", "--volumes=false"] + doomed, "removing %s" % ", ".join(names))
+        for name in names:
+            for sub in ("config", "env"):
+                path = os.path.join(self.private_dir, sub, name + (".env" if sub == "env" else ""))
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        self._write_project(all_specs)
+
+    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        containers = [c for c in self._containers()
+                      if (c["Config"].get("Labels") or {}).get("com.docker.compose.service") == spec.name]
+        if not containers:
+            return False, "no container"
+        for info in containers:
+            if not info["State"].get("Running"):
+                return False, "container %s is %s (exit code %s)" % (info["Name"].lstrip("/"),
+                                                                     info["State"].get("Status"),
+                                                                     info["State"].get("ExitCode"))
+            health = spec.health
+            if not health:
+                continue
+            timeout = float(health["timeout"])
+            if "exec" in health:
+                rc, out, err = self.run(["timeout", str(int(timeout) + 1), "docker", "exec", info["Id"]]
+                                        + list(health["exec"]))
+                ok, reason = rc == 0, "%s exited %d: %s" % (health["exec"][0], rc, (err or out).strip()[-300:])
+            else:
+                address = self._address(info)
+                if not address:
+                    return False, "container %s has no address on the project network" % info["Name"].lstrip("/")
+                if "http" in health:
+                    ok, reason = http_probe(address, health["http"]["port"], health["http"]["path"], timeout)
+                else:
+                    ok, reason = tcp_probe(address, health["tcp"]["port"], timeout)
+            if not ok:
+                return False, reason
+        return True, ""
+
+    @staticmethod
+    def _address(info: Dict[str, Any]) -> str:
+        for net in sorted((info.get("NetworkSettings") or {}).get("Networks", {}).values(),
+                          key=lambda n: n.get("IPAddress") or ""):
+            if net.get("IPAddress"):
+                return net["IPAddress"]
+        return ""
+
+    def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:
+        dirs = {}
+        for vol in spec.volumes:
+            out = self._docker(["volume", "inspect", "--format", "{{.Mountpoint}}", self._volume(vol["name"])],
+                               "finding the data of volume %s" % vol["name"])
+            dirs[vol["name"]] = out.strip()
+        return dirs
+
+    def uninstall(self, *, keep_data: bool) -> List[str]:
+        removed = sorted(self.observe())
+        if os.path.exists(self.compose_file):
+            self._compose(["down", "--remove-orphans"] + ([] if keep_data else ["--volumes"]),
+                          "removing %s" % self.app)
+        elif removed:
+            self.remove(removed, all_specs=[])
+        for sub in ("config", "env"):
+            shutil.rmtree(os.path.join(self.private_dir, sub), ignore_errors=True)
+        if os.path.isdir(self.project_dir):
+            shutil.rmtree(self.project_dir)
+        return removed
+
+    def logs(self, name: str, lines: int = 30) -> str:
+        ids = [c["Id"] for c in self._containers()
+               if (c["Config"].get("Labels") or {}).get("com.docker.compose.service") == name]
+        if not ids:
+            return ""
+        rc, out, err = self.run(["docker", "logs", "--tail", str(lines), ids[0]])
+        return (out + err).strip()[-3000:]
+
+    # -- the project files -------------------------------------------------------------------------------
+
+    def _volume(self, name: str) -> str:
+        return "%s_%s" % (self.project, name)
+
+    def _write_project(self, specs: Sequence[ComponentSpec]) -> None:
+        os.makedirs(self.project_dir, mode=0o755, exist_ok=True)
+        ensure_private_dir(self.private_dir)
+        services = {}
+        volumes = {}
+        for spec in specs:
+            services[spec.name] = self._service(spec)
+            for vol in spec.volumes:
+                volumes[vol["name"]] = {"name": self._volume(vol["name"])}
+        project = {"name": self.project, "services": services}
+        if volumes:
+            project["volumes"] = volumes
+        text = ("# Written by offline.delivery from the app model; changes here are overwritten by the next "
+                "deploy.\n# JSON is YAML: docker compose reads it as is.\n"
+                + json.dumps(project, indent=2, sort_keys=True) + "\n")
+        _write_public(self.compose_file, text.encode("utf-8"))
+
+    def _service(self, spec: ComponentSpec) -> Dict[str, Any]:
+        env_path = os.path.join(self.private_dir, "env", spec.name + ".env")
+        write_private(env_path, env_file_text(spec.env).encode("utf-8"))
+        service: Dict[str, Any] = {
+            "image": spec.image,
+            "env_file": [env_path],
+            "restart": "unless-stopped",
+            "labels": {LABEL_APP: spec.app, LABEL_FINGERPRINT: spec.fingerprint},
+            "pull_policy": "never",
+        }
+        if spec.entrypoint is not None:
+            service["entrypoint"] = list(spec.entrypoint)
+        if spec.command is not None:
+            service["command"] = list(spec.command)
+        if spec.user:
+            service["user"] = spec.user
+        mounts = [{"type": "volume", "source": vol["name"], "target": vol["path"]} for vol in spec.volumes]
+        for index, cfg in enumerate(spec.config_files):
+            host_path = os.path.join(self.private_dir, "config", spec.name,
+                                     "%d-%s" % (index, os.path.basename(cfg["path"])))
+            write_config(host_path, cfg["content"].encode("utf-8"), int(cfg["mode"], 8))
+            mounts.append({"type": "bind", "source": host_path, "target": cfg["path"], "read_only": True})
+        if mounts:
+            service["volumes"] = mounts
+        published = [{"target": p["port"], "published": str(p["publish"]), "protocol": p["protocol"]}
+                     for p in spec.ports if p.get("publish")]
+        if published:
+            service["ports"] = published
+        if spec.local_deps:
+            # The engine orders and health-gates the start itself; this keeps a manual `docker compose up` sane.
+            service["depends_on"] = {d: {"condition": "service_started"} for d in spec.local_deps}
+        limits = {}
+        if spec.resources.get("cpus"):
+            limits["cpus"] = spec.resources["cpus"]
+        if spec.resources.get("memory"):
+            limits["memory"] = parse_memory(spec.resources["memory"])
+        if limits or spec.replicas != 1:
+            service["deploy"] = {"replicas": spec.replicas}
+            if limits:
+                service["deploy"]["resources"] = {"limits": limits}
+        return service
+
+
+def write_config(path: str, data: bytes, mode: int) -> bool:
+    """A rendered config file: may hold secrets, so it lives in a 0700 directory; its own mode is the model's
+    (the process in the container reads it as its own user)."""
+    ensure_private_dir(os.path.dirname(path))
+    return _write_public(path, data, mode)

@@ -1,0 +1,94 @@
+# Copyright: offline.delivery contributors
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""A release as the lifecycle needs it, read from the site repository: its model and its images, and the
+site's secrets for the app, kept beside the repository on the repo host. Standard library only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .app_model import SEMVER_RE, ModelError, generate_secret, load_model
+from .app_state import app_dir, write_private
+from .bundle_format import BundleError, parse_manifest
+from .site_repo import RepoError, SiteRepo
+
+
+def semver_key(version: str) -> Tuple[Any, ...]:
+    """Order by Semantic Versioning precedence: a pre-release sorts before its release."""
+    match = SEMVER_RE.match(version)
+    if not match:
+        return (-1, version)
+    major, minor, patch, pre = match.group(1), match.group(2), match.group(3), match.group(4)
+    pre_key: Tuple[Any, ...] = (1,) if pre is None else (0,) + tuple(
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (int(major), int(minor), int(patch), pre_key)
+
+
+def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Dict[str, Any]:
+    """``{name, version, model, images, platforms, manifest_digest}`` of an imported release; ``version``
+    None picks the newest imported one. Every byte read is checked against the digest that names it."""
+    releases = [r for r in repo.catalog()["releases"] if r["name"] == name]
+    if not releases:
+        raise RepoError("no release of %s in the site repository %s; import its bundle first "
+                        "(playbook offline.delivery.import)" % (name, repo.root))
+    if version is None:
+        version = max((r["version"] for r in releases), key=semver_key)
+    record = next((r for r in releases if r["version"] == version), None)
+    if record is None:
+        raise RepoError("%s %s is not in the site repository %s (imported: %s); import its bundle first" %
+                        (name, version, repo.root, ", ".join(sorted((r["version"] for r in releases), key=semver_key))))
+    manifest_path = os.path.join(repo.releases_dir, name, version, "manifest.json")
+    with open(manifest_path, "rb") as fh:
+        raw = fh.read()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if record["manifestDigest"] != digest:
+        raise RepoError("%s does not match the catalog's digest %s: the repository was changed by hand; "
+                        "import the bundle again" % (manifest_path, record["manifestDigest"]))
+    try:
+        manifest = parse_manifest(raw)
+    except BundleError as exc:
+        raise RepoError("%s: %s" % (manifest_path, exc)) from None
+    model_desc = manifest["model"]
+    model_bytes = _blob(repo, model_desc["digest"], model_desc["size"])
+    try:
+        model = load_model(json.loads(model_bytes.decode("utf-8")), source="%s %s (site repository)" % (name, version))
+    except (ValueError, ModelError) as exc:
+        raise RepoError("the model of %s %s in the site repository is invalid: %s" % (name, version, exc)) from None
+    return {"name": name, "version": version, "model": model, "images": manifest["images"],
+            "platforms": manifest["platforms"], "manifest_digest": digest}
+
+
+def _blob(repo: SiteRepo, digest: str, size: int) -> bytes:
+    path = repo.blob_file(digest)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(size + 1)
+    except FileNotFoundError:
+        raise RepoError("blob %s is missing from %s; import the release's bundle again" % (digest, repo.root)) from None
+    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise RepoError("blob %s in %s is damaged (size or sha256 differ); import the release's bundle again"
+                        % (digest, repo.root))
+    return data
+
+
+def ensure_secrets(state_dir: str, app: str, specs: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, str], list]:
+    """The site's secrets of ``app`` (generated on first need, then kept for good, also when a release stops
+    naming one, so a rollback finds it): returns (all secrets, names generated now). File 0600 in a 0700 dir."""
+    path = os.path.join(app_dir(state_dir, app), "secrets.json")
+    try:
+        with open(path, "rb") as fh:
+            secrets = json.loads(fh.read().decode("utf-8"))
+    except FileNotFoundError:
+        secrets = {}
+    except (OSError, ValueError) as exc:
+        raise RepoError("%s cannot be read (%s); restore it from a backup: generating new secrets would lock "
+                        "the running components out of their data" % (path, exc)) from None
+    generated = sorted(name for name in specs if name not in secrets)
+    for name in generated:
+        secrets[name] = generate_secret(specs[name])
+    if generated or not os.path.exists(path):
+        write_private(path, json.dumps(secrets, sort_keys=True, indent=1).encode("utf-8") + b"\n")
+    return secrets, generated

@@ -1,0 +1,280 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: app_deploy
+short_description: Install, upgrade or roll back an application release on one host, health-gated
+version_added: 0.2.0
+description:
+  - Makes this host run its components of a release - as a Docker Compose project (O(target=compose)) or as
+    systemd services over unpacked image root filesystems (O(target=systemd)).
+  - Plans first by comparing each component's fingerprint (image, env, config files, ports, volumes, health)
+    with what runs; only added and changed components are started, level by level in dependency order, each
+    level waited on with the model's health checks. Unchanged components keep running untouched.
+  - When a health check fails, the release that ran before is put back (O(auto_rollback)), and the module fails
+    naming the component and why. Volumes (data) are never removed.
+  - Records the current and previous release, the site overrides, and a history (when, by whom, what changed)
+    in C(<state_dir>/apps/<app>/state.json) (0600).
+author:
+  - offline.delivery developers (@offline-delivery)
+extends_documentation_fragment:
+  - offline.delivery.attributes
+attributes:
+  check_mode:
+    support: full
+    details: Returns the plan (components added, changed, removed, unchanged; model changes) and changes nothing.
+  diff_mode:
+    support: full
+    details: The components with their image and fingerprint before and after.
+  idempotent:
+    support: full
+options:
+  app:
+    description: Application name.
+    type: str
+    required: true
+  action:
+    description:
+      - V(deploy) installs or upgrades to O(version) with O(model) and O(images).
+      - V(rollback) goes back to O(version), or when omitted to the release that ran before; its model and
+        images come from this host's state.
+    type: str
+    choices: [deploy, rollback]
+    default: deploy
+  version:
+    description: The release version. Required for O(action=deploy).
+    type: str
+  model:
+    description: The release's normalised model (from M(offline.delivery.app_release)). Required for O(action=deploy).
+    type: dict
+  images:
+    description: The release's images (from M(offline.delivery.app_release)). Required for O(action=deploy).
+    type: dict
+  target:
+    description: How this host runs components.
+    type: str
+    choices: [compose, systemd]
+    required: true
+  host:
+    description: This host's name in O(placement).
+    type: str
+    required: true
+  platform:
+    description: This host's platform, for example V(linux/amd64).
+    type: str
+    required: true
+  placement:
+    description:
+      - Component name to the list of hosts that run it. Required for O(action=deploy); a rollback reuses the
+        placement the release was deployed with.
+    type: dict
+  addresses:
+    description: Host name to the address other hosts reach it at (for dependencies placed on other hosts).
+    type: dict
+    default: {}
+  secrets:
+    description: The site's secrets of the app (from M(offline.delivery.app_secrets)).
+    type: dict
+    default: {}
+  overrides:
+    description:
+      - Site overrides of env values, component name to C({VAR: value}). Omitted, the overrides recorded at the
+        last deploy are kept.
+    type: dict
+  registry:
+    description: The site registry, C(host:port).
+    type: str
+    required: true
+  state_dir:
+    description: The host's state directory.
+    type: path
+    default: /var/lib/offline-delivery
+  apps_dir:
+    description: Where application trees live.
+    type: path
+    default: /srv/offline-delivery-apps
+  health_timeout:
+    description: Upper bound in seconds on the wait for one component to become healthy.
+    type: int
+    default: 300
+  snapshot:
+    description:
+      - Before an upgrade that changes anything, stop the components with volumes and snapshot their volumes
+        into C(<state_dir>/apps/<app>/snapshots/<running version>/).
+    type: bool
+    default: false
+  restore_snapshot:
+    description: With O(action=rollback), restore the volumes from the snapshot of the release rolled back to.
+    type: bool
+    default: false
+  auto_rollback:
+    description: On a failed health gate, put back the release that ran before.
+    type: bool
+    default: true
+  actor:
+    description: Who runs the change, recorded in the history.
+    type: str
+    default: ansible
+seealso:
+  - module: offline.delivery.app_release
+  - module: offline.delivery.app_secrets
+  - module: offline.delivery.app_status
+"""
+
+EXAMPLES = r"""
+- name: Deploy shop 1.1.0 on this compose host
+  offline.delivery.app_deploy:
+    app: shop
+    version: "{{ shop_release.release.version }}"
+    model: "{{ shop_release.release.model }}"
+    images: "{{ shop_release.release.images }}"
+    target: compose
+    host: "{{ inventory_hostname }}"
+    platform: linux/amd64
+    placement: {db: [node1], redis: [node1], api: [node1], gateway: [node1]}
+    registry: 10.0.0.2:5000
+    secrets: "{{ shop_secrets.secrets }}"
+  no_log: true
+"""
+
+RETURN = r"""
+action:
+  description: V(deploy) or V(rollback) (also after an automatic rollback, the module fails instead).
+  returned: always
+  type: str
+version:
+  description: The release this host runs now (in check mode, would run).
+  returned: always
+  type: str
+version_before:
+  description: The release that ran before.
+  returned: always
+  type: str
+plan:
+  description: Component names by what the deploy does with them.
+  returned: always
+  type: dict
+  contains:
+    added:
+      description: New components.
+      type: list
+      elements: str
+    changed:
+      description: Components whose fingerprint changed; restarted.
+      type: list
+      elements: str
+    unchanged:
+      description: Left running untouched.
+      type: list
+      elements: str
+    removed:
+      description: Components the release no longer has here; stopped, data kept.
+      type: list
+      elements: str
+    restarted:
+      description: Unchanged but not running; started again.
+      type: list
+      elements: str
+components:
+  description: Per component on this host, its image reference and fingerprint.
+  returned: always
+  type: dict
+model_diff:
+  description: What changed between the models of the two releases (see docs/app-model.md).
+  returned: when another release ran before
+  type: dict
+health:
+  description: Component to V(healthy) after the gate.
+  returned: success, not in check mode
+  type: dict
+"""
+
+import getpass
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.app_engine import Engine, Target
+from ..module_utils.app_model import ModelError
+from ..module_utils.app_runtime import DeployError
+from ..module_utils.app_state import AppState, StateError
+from ..module_utils.app_targets import runtime_for
+
+
+def _diff(engine: Engine, result: dict) -> dict:
+    before_rec = engine.state.current
+    before = ""
+    if before_rec:
+        kept = engine.state.release(before_rec["version"]) or {"images": {}}
+        before = "release: %s\n" % before_rec["version"] + "".join(
+            "%s: %s %s\n" % (name, kept["images"].get(name, {}).get("reference", "?"), fp[:19])
+            for name, fp in sorted(before_rec["fingerprints"].items()))
+    after = "release: %s\n" % result["version"] + "".join(
+        "%s: %s %s\n" % (name, c["image"], c["fingerprint"][:19]) for name, c in sorted(result["components"].items()))
+    return {"before": before, "after": after, "before_header": "state.json", "after_header": "release"}
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "app": {"type": "str", "required": True},
+            "action": {"type": "str", "choices": ["deploy", "rollback"], "default": "deploy"},
+            "version": {"type": "str"},
+            "model": {"type": "dict"},
+            "images": {"type": "dict"},
+            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "host": {"type": "str", "required": True},
+            "platform": {"type": "str", "required": True},
+            "placement": {"type": "dict"},
+            "addresses": {"type": "dict", "default": {}},
+            "secrets": {"type": "dict", "default": {}, "no_log": True},
+            "overrides": {"type": "dict"},
+            "registry": {"type": "str", "required": True},
+            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
+            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
+            "health_timeout": {"type": "int", "default": 300},
+            "snapshot": {"type": "bool", "default": False},
+            "restore_snapshot": {"type": "bool", "default": False},
+            "auto_rollback": {"type": "bool", "default": True},
+            "actor": {"type": "str", "default": "ansible"},
+        },
+        required_if=[("action", "deploy", ("version", "model", "images", "placement"))],
+        supports_check_mode=True,
+    )
+    p = module.params
+
+    def run(argv):
+        return module.run_command(argv, check_rc=False)
+
+    try:
+        state = AppState(p["state_dir"], p["app"])
+        if state.data["target"] not in (None, p["target"]):
+            module.fail_json(msg="%s runs on %s as target %s, not %s: uninstall it first to change the target"
+                             % (p["app"], p["host"], state.data["target"], p["target"]))
+        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"], run=run)
+        target = Target(host=p["host"], platform=p["platform"], placement=p["placement"], addresses=p["addresses"],
+                        registry=p["registry"], secrets=p["secrets"])
+        engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
+                        actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
+        overrides = p["overrides"]
+        if overrides is None:
+            overrides = (state.current or {}).get("overrides") or {}
+        if p["action"] == "deploy":
+            result = engine.deploy(version=p["version"], model=p["model"], images=p["images"], overrides=overrides,
+                                   snapshot=p["snapshot"], auto_rollback=p["auto_rollback"],
+                                   action="upgrade" if state.current else "install")
+        else:
+            result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
+    except (DeployError, ModelError, StateError, OSError) as exc:
+        module.fail_json(msg=str(exc), messages=engine.messages if "engine" in locals() else [])
+    if module._diff:
+        result["diff"] = _diff(engine, result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: app_status
+short_description: Report what release of an application a host runs and how each component is doing
+version_added: 0.2.0
+description:
+  - Reads the host's state of the app (current and previous release, overrides, history) and checks each
+    component once - present, running, as deployed (same fingerprint), healthy by the model's health check.
+  - Changes nothing.
+author:
+  - offline.delivery developers (@offline-delivery)
+extends_documentation_fragment:
+  - offline.delivery.attributes
+attributes:
+  check_mode:
+    support: full
+    details: Reads only.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+options:
+  app:
+    description: Application name.
+    type: str
+    required: true
+  target:
+    description: How this host runs components.
+    type: str
+    choices: [compose, systemd]
+    required: true
+  state_dir:
+    description: The host's state directory.
+    type: path
+    default: /var/lib/offline-delivery
+  apps_dir:
+    description: Where application trees live.
+    type: path
+    default: /srv/offline-delivery-apps
+  history:
+    description: How many of the latest history entries to return.
+    type: int
+    default: 10
+seealso:
+  - module: offline.delivery.app_deploy
+"""
+
+EXAMPLES = r"""
+- name: How is the shop doing here
+  offline.delivery.app_status:
+    app: shop
+    target: compose
+  register: shop_status
+"""
+
+RETURN = r"""
+status:
+  description: The host's view of the app.
+  returned: always
+  type: dict
+  contains:
+    installed:
+      description: Whether a release of the app runs here.
+      type: bool
+    version:
+      description: The current release.
+      type: str
+    previous_version:
+      description: The release before it.
+      type: str
+    healthy:
+      description: Every component present, running, as deployed and healthy.
+      type: bool
+    components:
+      description: Per component - running, started_at, as_deployed, healthy, reason.
+      type: dict
+    history:
+      description: The latest changes (when, by whom, action, from, to, result).
+      type: list
+      elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.app_engine import host_status
+from ..module_utils.app_runtime import DeployError
+from ..module_utils.app_state import AppState, StateError
+from ..module_utils.app_targets import runtime_for
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "app": {"type": "str", "required": True},
+            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
+            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
+            "history": {"type": "int", "default": 10},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
+                                        run=lambda argv: module.run_command(argv, check_rc=False))
+        status = host_status(runtime, AppState(p["state_dir"], p["app"]), history=p["history"])
+    except (DeployError, StateError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(changed=False, status=status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: offline.delivery developers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: app_uninstall
+short_description: Remove an application's components from a host, keeping its data unless asked
+version_added: 0.2.0
+description:
+  - Stops and removes every component of the app on this host (containers or systemd units and their files).
+    Volumes stay unless O(remove_data=true). The host's state keeps the history and the kept releases, and the
+    site's secrets stay on the repo host, so a later install finds its data and passwords again.
+author:
+  - offline.delivery developers (@offline-delivery)
+extends_documentation_fragment:
+  - offline.delivery.attributes
+attributes:
+  check_mode:
+    support: full
+    details: Reports what would be removed.
+  diff_mode:
+    support: none
+  idempotent:
+    support: full
+options:
+  app:
+    description: Application name.
+    type: str
+    required: true
+  target:
+    description: How this host runs components.
+    type: str
+    choices: [compose, systemd]
+    required: true
+  remove_data:
+    description: Also delete the app's volumes on this host. Cannot be undone.
+    type: bool
+    default: false
+  state_dir:
+    description: The host's state directory.
+    type: path
+    default: /var/lib/offline-delivery
+  apps_dir:
+    description: Where application trees live.
+    type: path
+    default: /srv/offline-delivery-apps
+  actor:
+    description: Who runs the change, recorded in the history.
+    type: str
+    default: ansible
+seealso:
+  - module: offline.delivery.app_deploy
+"""
+
+EXAMPLES = r"""
+- name: Remove the shop from this host, keeping its data
+  offline.delivery.app_uninstall:
+    app: shop
+    target: compose
+"""
+
+RETURN = r"""
+removed:
+  description: The components removed.
+  returned: always
+  type: list
+  elements: str
+data_removed:
+  description: Whether the volumes were deleted.
+  returned: always
+  type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.app_engine import uninstall
+from ..module_utils.app_runtime import DeployError
+from ..module_utils.app_state import AppState, StateError
+from ..module_utils.app_targets import runtime_for
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "app": {"type": "str", "required": True},
+            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "remove_data": {"type": "bool", "default": False},
+            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
+            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
+            "actor": {"type": "str", "default": "ansible"},
+        },
+        supports_check_mode=True,
+    )
+    p = module.params
+    try:
+        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
+                              run=lambda argv: module.run_command(argv, check_rc=False))
+        result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
+                           actor=p["actor"], check_mode=module.check_mode)
+    except (DeployError, StateError, OSError) as exc:
+        module.fail_json(msg=str(exc))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

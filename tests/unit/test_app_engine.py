@@ -1,0 +1,222 @@
+"""The deploy engine's decisions (plan, order, gate, rollback, state) against an in-memory runtime.
+
+The runtime here is a recorder, not a container engine: it proves what the engine asks for and in which
+order. The real runtimes are proven on world hosts (tests/e2e/test_lifecycle.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from offline_delivery_core.app_engine import Engine, HealthGateError, Target, make_plan, start_levels, uninstall
+from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app_runtime import DeployError, Observed, Runtime, desired_specs
+from offline_delivery_core.app_state import AppState
+
+SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"
+HOST = "node1"
+PLATFORM = "linux/amd64"
+SECRETS = {"db_password": "d" * 32, "redis_password": "r" * 32}
+
+
+def model(version: str) -> dict:
+    return load_model(yaml.safe_load((SHOP / f"app-{version}.yml").read_text()))
+
+
+def images(m: dict) -> dict:
+    out = {}
+    for name, comp in m["components"].items():
+        tag = comp["image"].replace("/", "-").replace(":", "-")
+        out[name] = {"reference": comp["image"], "index": "sha256:" + tag.ljust(64, "0")[:64],
+                     "manifests": {PLATFORM: "sha256:" + ("m" + tag).ljust(64, "1")[:64]}}
+    return out
+
+
+class FakeRuntime(Runtime):
+    """Keeps 'running' components in memory; `unhealthy` names components whose probe fails."""
+
+    kind = "compose"
+
+    def __init__(self) -> None:
+        super().__init__("shop", apps_dir="/nonexistent", state_dir="/nonexistent", run=lambda argv: (0, "", ""))
+        self.running: dict[str, Observed] = {}
+        self.calls: list[tuple[str, list[str]]] = []
+        self.unhealthy: set[str] = set()
+        self.fingerprints: dict[str, str] = {}
+        self.clock = 0
+
+    def observe(self):
+        return {n: Observed(o.fingerprint, o.running, o.started_at) for n, o in self.running.items()}
+
+    def prepare(self, specs):
+        self.calls.append(("prepare", [s.name for s in specs]))
+
+    def start(self, specs, *, all_specs):
+        self.calls.append(("start", [s.name for s in specs]))
+        for s in specs:
+            self.clock += 1
+            self.running[s.name] = Observed(s.fingerprint, True, "t%d" % self.clock)
+            self.fingerprints[s.name] = s.image
+
+    def remove(self, names, *, all_specs):
+        self.calls.append(("remove", list(names)))
+        for n in names:
+            self.running.pop(n, None)
+
+    def probe(self, spec):
+        if spec.name in self.unhealthy and self.fingerprints.get(spec.name, "").find(":1.2.0@") >= 0:
+            return False, "HTTP 500"
+        return True, ""
+
+    def volume_dirs(self, spec):
+        return {}
+
+    def uninstall(self, *, keep_data):
+        names = sorted(self.running)
+        self.running.clear()
+        return names
+
+
+def engine(tmp_path: Path, rt: FakeRuntime, check: bool = False) -> Engine:
+    placement = {n: [HOST] for n in model("1.0.0")["components"]}
+    target = Target(host=HOST, platform=PLATFORM, registry="repo:5000", secrets=SECRETS, placement=placement,
+                    addresses={HOST: "10.0.0.3"})
+    return Engine(rt, AppState(str(tmp_path), "shop"), target, health_cap=1, actor="tester", check_mode=check)
+
+
+def deploy(tmp_path: Path, rt: FakeRuntime, version: str, overrides=None, check: bool = False) -> dict:
+    m = model(version)
+    return engine(tmp_path, rt, check).deploy(version=version, model=m, images=images(m), overrides=overrides or {},
+                                              snapshot=False, auto_rollback=True,
+                                              action="install" if version == "1.0.0" else "upgrade")
+
+
+def test_install_starts_in_dependency_order_and_records_state(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    result = deploy(tmp_path, rt, "1.0.0")
+    assert result["changed"] and result["plan"]["added"] == ["db", "redis", "api", "gateway"]
+    assert [c for c in rt.calls if c[0] == "start"] == [("start", ["db", "redis"]), ("start", ["api"]),
+                                                         ("start", ["gateway"])]
+    state = json.loads((tmp_path / "apps" / "shop" / "state.json").read_text())
+    assert state["current"]["version"] == "1.0.0" and state["current"]["by"] == "tester"
+    assert oct(os.stat(tmp_path / "apps" / "shop" / "state.json").st_mode & 0o777) == "0o600"
+    assert "d" * 32 not in (tmp_path / "apps" / "shop" / "state.json").read_text()
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    rt.calls.clear()
+    result = deploy(tmp_path, rt, "1.0.0")
+    assert not result["changed"] and result["plan"]["unchanged"] == ["db", "redis", "api", "gateway"]
+    assert [c for c in rt.calls if c[0] in ("start", "remove")] == []
+
+
+def test_upgrade_restarts_only_the_changed_component(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    before = dict(rt.running)
+    result = deploy(tmp_path, rt, "1.1.0")
+    assert result["plan"]["changed"] == ["api"]
+    assert result["model_diff"]["env_defaults"]["api"]["SHOP_PAGE_SIZE"] == {"old": "20", "new": "50"}
+    for name in ("db", "redis", "gateway"):
+        assert rt.running[name].started_at == before[name].started_at
+
+
+def test_check_mode_plans_without_touching(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    rt.calls.clear()
+    result = deploy(tmp_path, rt, "1.1.0", check=True)
+    assert result["changed"] and result["plan"]["changed"] == ["api"]
+    assert rt.calls == []
+    assert json.loads((tmp_path / "apps" / "shop" / "state.json").read_text())["current"]["version"] == "1.0.0"
+
+
+def test_failed_gate_rolls_back_and_names_the_component(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.unhealthy.add("api")
+    deploy(tmp_path, rt, "1.0.0")
+    deploy(tmp_path, rt, "1.1.0")
+    with pytest.raises(HealthGateError) as err:
+        deploy(tmp_path, rt, "1.2.0")
+    assert "component api failed its health check: HTTP 500" in str(err.value)
+    assert "rolled back to 1.1.0" in str(err.value)
+    assert ":1.1.0@" in rt.fingerprints["api"]
+    state = AppState(str(tmp_path), "shop")
+    assert state.current["version"] == "1.1.0"
+    last = state.data["history"][-1]
+    assert last["result"] == "failed" and last["component"] == "api" and last["rolled_back_to"] == "1.1.0"
+
+
+def test_rollback_to_previous_keeps_overrides(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0", overrides={"api": {"SHOP_CURRENCY": "CHF"}})
+    deploy(tmp_path, rt, "1.1.0", overrides={"api": {"SHOP_CURRENCY": "CHF"}})
+    result = engine(tmp_path, rt).rollback(version=None, restore=False)
+    assert result["version"] == "1.0.0" and result["plan"]["changed"] == ["api"]
+    state = AppState(str(tmp_path), "shop")
+    assert state.current["overrides"] == {"api": {"SHOP_CURRENCY": "CHF"}}
+    assert state.previous["version"] == "1.1.0"
+    again = engine(tmp_path, rt).rollback(version="1.0.0", restore=False)
+    assert not again["changed"]
+
+
+def test_rollback_to_a_release_never_installed_is_refused(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    with pytest.raises(DeployError, match="1.1.0 was never installed on node1"):
+        engine(tmp_path, rt).rollback(version="1.1.0", restore=False)
+
+
+def test_failed_first_install_is_removed(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    rt.unhealthy.add("api")
+    with pytest.raises(HealthGateError, match="failed first install was removed"):
+        deploy(tmp_path, rt, "1.2.0")
+    assert rt.running == {}
+
+
+def test_port_taken_by_another_program_is_refused_before_any_change(tmp_path: Path, monkeypatch) -> None:
+    import offline_delivery_core.app_engine as eng
+    monkeypatch.setattr(eng, "listening_tcp_ports", lambda: {8080})
+    rt = FakeRuntime()
+    with pytest.raises(DeployError, match=r"port\(s\) 8080 \(gateway\) already in use on node1"):
+        deploy(tmp_path, rt, "1.0.0")
+    assert rt.calls == []
+
+
+def test_uninstall_keeps_history(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    result = uninstall(rt, AppState(str(tmp_path), "shop"), keep_data=True, actor="t", check_mode=False)
+    assert result["removed"] == ["api", "db", "gateway", "redis"]
+    state = AppState(str(tmp_path), "shop")
+    assert state.current is None and state.data["history"][-1]["action"] == "uninstall"
+    assert not uninstall(rt, state, keep_data=True, actor="t", check_mode=False)["changed"]
+
+
+def test_plan_and_levels() -> None:
+    m = model("1.0.0")
+    specs = desired_specs(m, images(m), host=HOST, platform=PLATFORM, placement={n: [HOST] for n in m["components"]},
+                          addresses={}, secrets=SECRETS, overrides={}, registry="repo:5000")
+    assert [[s.name for s in level] for level in start_levels(specs)] == [["db", "redis"], ["api"], ["gateway"]]
+    seen = {"db": Observed(specs[0].fingerprint, True), "api": Observed("sha256:old", True),
+            "redis": Observed(specs[1].fingerprint, False), "old": Observed("x", True)}
+    plan = make_plan(specs, seen)
+    assert plan.as_dict() == {"added": ["gateway"], "changed": ["api"], "unchanged": ["db"], "removed": ["old"],
+                              "restarted": ["redis"]}
+
+
+def test_dependency_on_another_host_resolves_to_its_address() -> None:
+    m = model("1.0.0")
+    placement = {"db": ["dbhost"], "redis": [HOST], "api": [HOST], "gateway": [HOST]}
+    specs = desired_specs(m, images(m), host=HOST, platform=PLATFORM, placement=placement,
+                          addresses={"dbhost": "10.0.0.9"}, secrets=SECRETS, overrides={}, registry="repo:5000")
+    api = next(s for s in specs if s.name == "api")
+    assert api.env["DB_HOST"] == "10.0.0.9" and api.env["REDIS_HOST"] == "127.0.0.1"
+    assert api.local_deps == ["redis"] and "db" not in [s.name for s in specs]
