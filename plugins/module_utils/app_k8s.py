@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -973,3 +974,52 @@ def _pod_ready(pod: Mapping[str, Any]) -> bool:
 
 def _no_commands(argv: List[str]) -> Tuple[int, str, str]:
     raise DeployError("the k8s runtime runs no host commands (asked for %s)" % " ".join(argv))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A manifest directory (what `kubectl apply -f DIR` or a GitOps tool reads)
+# ---------------------------------------------------------------------------------------------------
+
+MANIFEST_FILE_RE = re.compile(r"^\d{3}-[a-z]+-[a-z0-9.-]+\.json$")
+
+
+def manifest_files(objects: Sequence[dict]) -> List[Tuple[str, bytes]]:
+    """(file name, content) per object, numbered in apply order; JSON (which every YAML reader accepts)."""
+    return [("%03d-%s-%s.json" % (i, obj["kind"].lower(), obj["metadata"]["name"]),
+             (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+            for i, obj in enumerate(objects)]
+
+
+def write_manifest_dir(objects: Sequence[dict], dest: str, *, check_mode: bool = False) -> Dict[str, List[str]]:
+    """Make ``dest`` hold exactly these manifests: files written only when their content differs, files of
+    an earlier render that are no longer wanted removed (other files are left alone). The directory is
+    0700 and the files 0600: Secrets are in there. Returns {written, removed, unchanged}."""
+    result: Dict[str, List[str]] = {"written": [], "removed": [], "unchanged": []}
+    wanted = dict(manifest_files(objects))
+    existing = sorted(f for f in os.listdir(dest) if MANIFEST_FILE_RE.match(f)) if os.path.isdir(dest) else []
+    if not check_mode:
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        os.chmod(dest, 0o700)
+    for name, data in wanted.items():
+        path = os.path.join(dest, name)
+        try:
+            with open(path, "rb") as handle:
+                same = handle.read() == data
+        except FileNotFoundError:
+            same = False
+        if same:
+            result["unchanged"].append(name)
+            continue
+        result["written"].append(name)
+        if not check_mode:
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+    for name in existing:
+        if name not in wanted:
+            result["removed"].append(name)
+            if not check_mode:
+                os.unlink(os.path.join(dest, name))
+    return result
