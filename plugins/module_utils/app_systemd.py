@@ -88,6 +88,11 @@ class SystemdRuntime(Runtime):
     def config_dir(self, component: str) -> str:
         return os.path.join(self.app_dir, "config", component)
 
+    def host_ports(self, spec: ComponentSpec) -> List[int]:
+        """Every TCP port of the component: services share the host's network and listen on their own port
+        (``publish`` is a compose mapping; nothing is mapped here)."""
+        return sorted({int(p["port"]) for p in spec.ports if p.get("protocol", "tcp") == "tcp"})
+
     def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:
         return {v["name"]: os.path.join(self.app_dir, "volumes", v["name"]) for v in spec.volumes}
 

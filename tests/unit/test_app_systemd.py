@@ -292,3 +292,11 @@ def test_remove_and_uninstall_keep_volumes(host) -> None:
     assert runtime.volume_dirs(db) == {"pgdata": f"{tmp}/apps/shop/volumes/pgdata"}
     runtime.uninstall(keep_data=False)
     assert not (tmp / "apps/shop").exists()
+
+
+def test_host_ports_are_every_tcp_port(host) -> None:
+    runtime, _systemd, _tmp = host
+    spec = make_spec(ports=[{"name": "http", "port": 8080, "protocol": "tcp", "publish": 8080},
+                            {"name": "pg", "port": 5432, "protocol": "tcp"},
+                            {"name": "dns", "port": 53, "protocol": "udp"}])
+    assert runtime.host_ports(spec) == [5432, 8080]
