@@ -866,8 +866,17 @@ class K8sRuntime(Runtime):
                                     self.client.apply, obj)
                 if obj["kind"] in WORKLOAD_KINDS:
                     applied.append((spec.name, result))
+                    self._drop_other_workload(spec.name, obj)
         for name, result in applied:
             self._wait_observed(name, result)
+
+    def _drop_other_workload(self, name: str, obj: Mapping[str, Any]) -> None:
+        """A component that gained (or lost) volumes changes kind: delete its workload of the other kind."""
+        other = "Deployment" if obj["kind"] == "StatefulSet" else "StatefulSet"
+        kname = obj["metadata"]["name"]
+        if self._call("read %s %s" % (other, kname), self.client.get, other, kname, self.namespace) is not None:
+            self._call("%s: delete %s %s (now a %s)" % (name, other, kname, obj["kind"]), self.client.delete,
+                       other, kname, self.namespace)
 
     def _wait_observed(self, name: str, applied: Mapping[str, Any]) -> None:
         """Bounded wait until the controller has seen the applied generation (the rollout has begun)."""

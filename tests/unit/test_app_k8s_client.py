@@ -283,6 +283,8 @@ def test_runtime_start_applies_secret_first_and_stamps_the_engine_fingerprint(se
             obj = json.loads(body)
             obj["metadata"]["generation"] = 1
             return 200, obj
+        if "/statefulsets/" in path:
+            return 404, {"kind": "Status", "reason": "NotFound"}
         return 200, {"kind": "Deployment", "metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
 
     server.answer = answer
@@ -297,6 +299,22 @@ def test_runtime_start_applies_secret_first_and_stamps_the_engine_fingerprint(se
     assert deployment["spec"]["template"]["metadata"]["annotations"][FINGERPRINT_ANNOTATION] == "sha256:" + "f" * 64
     assert b"S3cr3tS3cr3t" not in patches[-1]["body"]
     assert server.requests[-1]["method"] == "GET"   # waited for observedGeneration
+    assert not [r for r in server.requests if r["method"] == "DELETE"]
+
+
+def test_runtime_replaces_a_workload_of_the_other_kind(server: Any, pki: PKI) -> None:
+    """A component that gained a volume becomes a StatefulSet: its old Deployment is deleted."""
+    def answer(method: str, path: str, body: bytes) -> Tuple[int, Any]:
+        if method == "PATCH":
+            return 200, dict(json.loads(body), status={})
+        return 200, {"kind": "Deployment", "metadata": {"generation": 0}, "status": {}}
+
+    server.answer = answer
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, token="t"))
+    runtime = K8sRuntime("shop", client=client, options=RenderOptions(namespace="shop"))
+    runtime.start([spec(env={}, volumes=[{"name": "data", "path": "/data"}])], all_specs=[])
+    deletes = [r["path"] for r in server.requests if r["method"] == "DELETE"]
+    assert deletes == ["/apis/apps/v1/namespaces/shop/deployments/api"]
 
 
 def test_runtime_errors_are_deploy_errors_naming_the_component(server: Any, pki: PKI) -> None:
