@@ -32,6 +32,7 @@ KINDS: Dict[str, Tuple[str, str, bool]] = {
     "ConfigMap": ("v1", "configmaps", True),
     "Service": ("v1", "services", True),
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims", True),
+    "PersistentVolume": ("v1", "persistentvolumes", False),
     "Pod": ("v1", "pods", True),
     "Event": ("v1", "events", True),
     "Node": ("v1", "nodes", False),

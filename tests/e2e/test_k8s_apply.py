@@ -1,0 +1,223 @@
+"""The k8s target against a real cluster: the test world's single-node Kubernetes (tests/world/k8s, built
+from its Go modules), in the default site, pulling the shop images from the site registry.
+
+The deploy engine drives `K8sRuntime` exactly as for the other targets: install shop 1.0.0 (StatefulSet +
+PVC for PostgreSQL, Deployments, Services, Secrets; pods really running; an order placed through the
+gateway's NodePort), upgrade to 1.1.0 (only the API rolls: the other pods keep their start time; the order,
+the generated password and a site override stay), the broken 1.2.0 (the health gate fails naming the API and
+the previous release is applied again), rollback to 1.0.0, and a second run that changes nothing.
+
+Skips, naming the reason, when the cluster cannot be brought up here (e.g. its binaries are not built on
+this machine: `python -m tests.world.k8s build`, about an hour cold). Never faked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+import yaml
+
+from offline_delivery_core.app_engine import Engine, HealthGateError, Target
+from offline_delivery_core.app_k8s import FINGERPRINT_ANNOTATION, K8sRuntime, RenderOptions
+from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app_state import AppState
+from offline_delivery_core.bundle_format import read_head
+from offline_delivery_core.k8s_client import K8sClient, wait_for
+from tests.e2e.conftest import in_ci
+from tests.e2e.media import carry
+from tests.world.site import Site
+
+pytestmark = pytest.mark.world
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
+NAMESPACE = "shop"
+STORAGE_CLASS = "od-e2e-static"
+PV_DIR = "/var/lib/od-e2e-pv/pgdata"
+HEALTH_CAP = 300.0
+SECRETS = {"db_password": "K8sE2eDbPassword0123456789abcdef", "redis_password": "K8sE2eRedisPassword0123456789abc"}
+OVERRIDES = {"api": {"SHOP_CURRENCY": "CHF"}}
+
+
+@dataclass
+class Shop:
+    site: Site
+    client: K8sClient
+    engine: Engine
+    runtime: K8sRuntime
+    node_ip: str
+    releases: Dict[str, Dict[str, Any]]
+
+    def deploy(self, version: str, action: str) -> Dict[str, Any]:
+        rel = self.releases[version]
+        return self.engine.deploy(version=version, model=rel["model"], images=rel["images"], overrides=OVERRIDES,
+                                  snapshot=False, auto_rollback=True, action=action)
+
+    def gateway(self, path: str, body: Dict[str, Any] | None = None) -> Dict[str, Any]:
+        svc = self.client.get("Service", "gateway-published", NAMESPACE)
+        assert svc, "Service gateway-published missing"
+        port = svc["spec"]["ports"][0]["nodePort"]
+        url = "http://%s:%d/api%s" % (self.node_ip, port, path)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy: site network only
+        with opener.open(request, timeout=15) as resp:
+            return json.loads(resp.read().decode())
+
+    def pods(self) -> Dict[str, str]:
+        """Pod name -> start time, for every running pod of the app."""
+        return {p["metadata"]["name"]: p["status"].get("startTime", "")
+                for p in self.client.list("Pod", NAMESPACE, label_selector="app.kubernetes.io/instance=shop")
+                if p["status"].get("phase") == "Running"}
+
+    def fingerprint(self, kind: str, name: str) -> str:
+        obj = self.client.get(kind, name, NAMESPACE)
+        assert obj, "%s %s missing" % (kind, name)
+        return obj["metadata"]["annotations"][FINGERPRINT_ANNOTATION]
+
+
+def _kube_binaries_built() -> str | None:
+    """Why the cluster cannot be brought up quickly here, or None."""
+    from tests.world.k8s.build import KUBE_COMMANDS, kubernetes_build
+    out = kubernetes_build().out_dir()
+    missing = [c for c in KUBE_COMMANDS if not (out / c).exists()]
+    if missing:
+        return ("the Kubernetes binaries are not built on this machine (%s missing in %s): run "
+                "`python -m tests.world.k8s build` first (about an hour cold, docs/testing.md)"
+                % (", ".join(missing), out))
+    return None
+
+
+def _import_releases(site: Site, bundles: Dict[str, Path]) -> None:
+    carry(site, {"vendor.pub": bundles["vendor.pub"], **{"shop-%s" % v: bundles["shop-%s" % v] for v in VERSIONS}})
+    for version in VERSIONS:
+        res = site.jump(["ansible-playbook", "offline.delivery.import",
+                         "-e", "offline_delivery_bundle_src=/srv/transfer/shop-%s" % version,
+                         "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
+                        timeout=1200)
+        assert res.rc == 0, "import of shop %s failed:\n%s" % (version, res.output[-5000:])
+
+
+def _releases(bundles: Dict[str, Path]) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for version in VERSIONS:
+        model = load_model(yaml.safe_load((ROOT / "examples" / "shop" / ("app-%s.yml" % version)).read_text()))
+        head = read_head(str(bundles["shop-%s" % version] / ("shop-%s.bundle" % version)))
+        out[version] = {"model": model, "images": head.manifest["images"]}
+    return out
+
+
+def _static_volume(client: K8sClient, node: str) -> None:
+    """The test cluster has no storage provisioner: a static hostPath volume bound to the db's claim, as a
+    site without a provisioner would pre-create one."""
+    client.apply({"apiVersion": "v1", "kind": "PersistentVolume",
+                  "metadata": {"name": "od-e2e-pgdata", "labels": {"od-e2e": "k8s-apply"}},
+                  "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                           "persistentVolumeReclaimPolicy": "Delete", "storageClassName": STORAGE_CLASS,
+                           "claimRef": {"namespace": NAMESPACE, "name": "pgdata-db-0"},
+                           "hostPath": {"path": PV_DIR, "type": "DirectoryOrCreate"},
+                           "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                               {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}}})
+
+
+@pytest.fixture(scope="module")
+def shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    from tests.world.k8s.cluster import Cluster
+    from tests.world.util import WorldError
+
+    problem = _kube_binaries_built()
+    if problem and not in_ci():
+        pytest.skip("no Kubernetes cluster can be brought up: " + problem)
+    # Only now the site and the bundles (expensive): a machine that cannot run the cluster skips at once.
+    world_site: Site = request.getfixturevalue("world_site")
+    shop_bundles: Dict[str, Path] = request.getfixturevalue("shop_bundles")
+    _import_releases(world_site, shop_bundles)
+    cluster = Cluster(world_site.name)
+    try:
+        info = cluster.up()
+    except WorldError as exc:
+        if in_ci():
+            raise
+        cluster.down()
+        pytest.skip("the test world's Kubernetes cluster did not come up: %s" % exc)
+    try:
+        kubeconfig = Path(info["kubeconfig"])
+        client = K8sClient.from_kubeconfig(yaml.safe_load(kubeconfig.read_text()), base_dir=str(kubeconfig.parent))
+        _static_volume(client, info["node"])
+        releases = _releases(shop_bundles)
+        model = releases["1.0.0"]["model"]
+        runtime = K8sRuntime("shop", client=client, secret_values=SECRETS.values(),
+                             options=RenderOptions(namespace=NAMESPACE, storage_class=STORAGE_CLASS))
+        state_dir = str(tmp_path_factory.mktemp("k8s-state"))
+        target = Target(host="cluster", platform="linux/amd64",
+                        placement={c: ["cluster"] for c in model["components"]}, addresses={},
+                        registry=info["registry"], secrets=SECRETS)
+        engine = Engine(runtime, AppState(state_dir, "shop"), target, health_cap=HEALTH_CAP, actor="e2e")
+        node_ip = urllib.parse.urlsplit(info["server"]).hostname or ""
+        yield Shop(world_site, client, engine, runtime, node_ip, releases)
+    finally:
+        try:
+            if "runtime" in locals():
+                runtime.uninstall(keep_data=False)
+        finally:
+            if os.environ.get("OD_WORLD_KEEP") != "1":
+                cluster.down()
+
+
+def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
+    # Install 1.0.0: every component's pods running, the gateway answering through its NodePort.
+    result = shop.deploy("1.0.0", "install")
+    assert result["changed"] and sorted(result["plan"]["added"]) == ["api", "db", "gateway", "redis"], result
+    assert shop.client.get("StatefulSet", "db", NAMESPACE)["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "pgdata"
+    assert shop.client.get("PersistentVolumeClaim", "pgdata-db-0", NAMESPACE)["status"]["phase"] == "Bound"
+    order = wait_for(lambda: _try(lambda: shop.gateway("/orders", {"item": "tea", "quantity": 2})),
+                     timeout=60, interval=3, what="the gateway to take an order")
+    listing = shop.gateway("/orders")
+    assert listing["currency"] == "CHF"       # the site override
+    assert any(o["id"] == order["id"] for o in listing["orders"])
+    secret_before = shop.client.get("Secret", "db-env", NAMESPACE)["data"]
+    pods_before = shop.pods()
+
+    # Upgrade to 1.1.0: only the API rolls.
+    result = shop.deploy("1.1.0", "upgrade")
+    assert result["plan"]["changed"] == ["api"], result["plan"]
+    assert sorted(result["plan"]["unchanged"]) == ["db", "gateway", "redis"]
+    pods_after = shop.pods()
+    kept = {n: t for n, t in pods_before.items() if not n.startswith("api-")}
+    assert kept and all(pods_after.get(n) == t for n, t in kept.items()), (pods_before, pods_after)
+    assert not set(n for n in pods_before if n.startswith("api-")) & set(pods_after)
+    assert shop.client.get("Secret", "db-env", NAMESPACE)["data"] == secret_before
+    listing = shop.gateway("/orders")
+    assert listing["currency"] == "CHF" and any(o["id"] == order["id"] for o in listing["orders"])
+    good_api = shop.fingerprint("Deployment", "api")
+
+    # The broken 1.2.0: the health gate fails naming the API; 1.1.0 is applied again and still serves.
+    with pytest.raises(HealthGateError) as info:
+        shop.deploy("1.2.0", "upgrade")
+    assert info.value.component == "api" and "rolled back to 1.1.0" in str(info.value), str(info.value)
+    assert shop.fingerprint("Deployment", "api") == good_api
+    assert wait_for(lambda: _try(lambda: shop.gateway("/orders")), timeout=120, interval=3,
+                    what="the gateway after the rollback")["currency"] == "CHF"
+
+    # Rollback to 1.0.0, data kept; then the same release again changes nothing.
+    result = shop.engine.rollback(version="1.0.0", restore=False)
+    assert result["plan"]["changed"] == ["api"], result["plan"]
+    assert any(o["id"] == order["id"] for o in shop.gateway("/orders")["orders"])
+    pods = shop.pods()
+    result = shop.deploy("1.0.0", "install")
+    assert not result["changed"] and not result["plan"]["changed"] and not result["plan"]["added"], result
+    assert shop.pods() == pods
+
+
+def _try(call):  # type: ignore[no-untyped-def]
+    """(True, value) when the call works, else (False, the error) — for wait_for."""
+    try:
+        return True, call()
+    except (OSError, ValueError) as exc:
+        return False, str(exc)
