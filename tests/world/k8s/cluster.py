@@ -220,7 +220,7 @@ class Cluster:
         ]
         docker(*args, timeout=120).check(f"starting the k8s node of site {self.site.name}")
 
-    def _exec(self, command: str, timeout: float = 120) -> Result:
+    def exec(self, command: str, timeout: float = 120) -> Result:
         return run(["docker", "exec", self.container, "timeout", "-k", "5", str(int(timeout)), "bash", "-c",
                     command], timeout=timeout + 20)
 
@@ -228,7 +228,7 @@ class Cluster:
         deadline = time.monotonic() + BOOT_TIMEOUT
         state = ""
         while time.monotonic() < deadline:
-            state = self._exec("systemctl is-system-running || true", timeout=30).stdout.strip()
+            state = self.exec("systemctl is-system-running || true", timeout=30).stdout.strip()
             if state in ("running", "degraded"):
                 return
             time.sleep(0.5)
@@ -286,7 +286,7 @@ for t in {IMAGES_DIR}/*.tar; do ctr -n k8s.io images import "$t" >/dev/null; don
 mkdir -p /root/.kube && cp /etc/kubernetes/admin.kubeconfig /root/.kube/config
 systemctl enable --now {' '.join(UNITS)}
 """
-        self._exec(script, timeout=240).check(f"setting up the cluster in {self.container}")
+        self.exec(script, timeout=240).check(f"setting up the cluster in {self.container}")
 
     def _publish(self) -> dict:
         """The admin kubeconfig for this machine and the jump host, and cluster.json."""
@@ -336,7 +336,7 @@ systemctl enable --now {' '.join(UNITS)}
         if not self._running():
             return
         for unit in ("containerd", *UNITS):
-            res = self._exec(f"journalctl -u {unit} --no-pager -n 15 -o cat 2>&1 | cut -c1-400", timeout=30)
+            res = self.exec(f"journalctl -u {unit} --no-pager -n 15 -o cat 2>&1 | cut -c1-400", timeout=30)
             log(f"--- journal of {unit} in {self.container}:\n{res.stdout.strip()}")
 
 
