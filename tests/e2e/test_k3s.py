@@ -1,0 +1,235 @@
+"""Binaries carried in a bundle reach the site's hosts, and the k3s role installs from them, in an air-gapped
+site: repo (offline_repo) + k3s1 (server) + k3s2 (agent), amd64.
+
+A small bundle (one tiny image, the debian-12 base+repo closures for the repo host's tools) carries two files
+built with `--file`: `k3s@v1.30.2+k3s1/amd64` and `k3s-airgap-images@v1.30.2+k3s1/amd64`. No k3s binary can be
+obtained on this machine, so by default these are stand-ins made here (a shell script and a tar): enough to
+prove the file tree (served, sha256 matches, hard link to the blob) and everything the role renders, fetches
+and checks, with `k3s_start=false`. Starting k3s runs only with a real binary: OD_K3S_BINARY=/path/to/k3s
+(and OD_K3S_IMAGES=/path/to/k3s-airgap-images-amd64.tar.zst) make the bundle carry those instead, and
+`test_k3s_cluster_runs_from_the_site` then starts the cluster; without them it is skipped, naming why.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.e2e.conftest import require_world
+from tests.e2e.media import bundle_builder, carry, recap
+from tests.helpers.images import TestImage, rootfs_layer, write_oci_layout
+from tests.world.site import HostSpec, Site
+from tests.world.util import Result
+
+pytestmark = pytest.mark.world
+
+VERSION = "v1.30.2+k3s1"
+REPO_ROOT = "/srv/offline-delivery"
+FILES_URL = "http://repo:8080/files/"
+PLAY_TIMEOUT = 900
+NO_BINARY = ("no k3s binary can be obtained on this machine; supply one with --file k3s/<arch>=PATH to run it "
+             "(here: OD_K3S_BINARY=/path/to/k3s and OD_K3S_IMAGES=/path/to/k3s-airgap-images-amd64.tar.zst)")
+APP = """\
+apiVersion: offline.delivery/v1
+kind: Application
+name: k3sfiles
+version: 1.0.0
+components:
+  web:
+    image: k3sfiles/web:1.0.0
+    ports: [{port: 8080}]
+"""
+
+
+def _real_k3s() -> tuple[Path, Path] | None:
+    binary, images = os.environ.get("OD_K3S_BINARY"), os.environ.get("OD_K3S_IMAGES")
+    if not binary:
+        return None
+    if not images:
+        pytest.fail("OD_K3S_BINARY is set but OD_K3S_IMAGES is not: give the airgap images tarball too")
+    return Path(binary), Path(images)
+
+
+def _stand_ins(out: Path) -> tuple[Path, Path]:
+    """Not k3s: a script that says so, and a tar holding one file. They travel and are checked like k3s would."""
+    binary = out / "k3s-stand-in"
+    binary.write_text("#!/bin/sh\necho 'stand-in for k3s (offline.delivery e2e): not the real binary' >&2\nexit 1\n")
+    binary.chmod(0o755)
+    images = out / "airgap-stand-in.tar"
+    data = b"stand-in for the k3s airgap images\n"
+    with tarfile.open(images, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("README")
+        info.size, info.mtime = len(data), 0
+        tar.addfile(info, io.BytesIO(data))
+    return binary, images
+
+
+def _site_hosts(real: bool) -> tuple[HostSpec, ...]:
+    # A real k3s needs the kernel log device in its containers; stand-ins never start.
+    extra = ("--device", "/dev/kmsg") if real and os.path.exists("/dev/kmsg") else ()
+    return (HostSpec("repo", "amd64", ("offline_repo",)),
+            HostSpec("k3s1", "amd64", ("k3s",), extra),
+            HostSpec("k3s2", "amd64", ("k3s",), extra))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("k3s-media")
+    real = _real_k3s()
+    binary, images = real or _stand_ins(out)
+    image = TestImage("k3sfiles/web:1.0.0", "amd64", [rootfs_layer({"bin/busybox": b"busybox-amd64"}, arch="amd64")])
+    write_oci_layout(out / "oci", [image])
+    (out / "app.yml").write_text(APP)
+    bundle_builder("keygen", str(out / "vendor"))
+    bundle_builder("build", str(out / "app.yml"), "-o", str(out / "k3sfiles-1.0.0"), "--images-from", f"oci:{out / 'oci'}",
+                   "--platform", "linux/amd64", "--sign-key", str(out / "vendor.key"), "--packages", "debian-12",
+                   "--package-profiles", "base,repo", "--file", f"k3s@{VERSION}/amd64={binary}",
+                   "--file", f"k3s-airgap-images@{VERSION}/amd64={images}")
+    return {"k3sfiles-1.0.0": out / "k3sfiles-1.0.0", "vendor.pub": out / "vendor.pub", "binary": binary,
+            "images": images}
+
+
+@pytest.fixture(scope="module")
+def site(media: dict[str, Path]) -> Iterator[Site]:
+    hosts = _site_hosts(_real_k3s() is not None)
+    require_world(h.arch for h in hosts)
+    s = Site(os.environ.get("OD_E2E_K3S_SITE", "r-k3s"), hosts)
+    s.down()  # what a killed earlier run may have left
+    try:
+        s.up()
+        carry(s, {k: v for k, v in media.items() if k in ("k3sfiles-1.0.0", "vendor.pub")})
+        res = s.jump(["ansible-playbook", "offline.delivery.import", "-e", "offline_delivery_bundle_src=/srv/transfer/k3sfiles-1.0.0",
+                      "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
+                     timeout=PLAY_TIMEOUT)
+        assert res.rc == 0 and recap(res)["failed"] == 0, f"import failed:\n{res.output[-5000:]}"
+        yield s
+    finally:
+        if os.environ.get("OD_WORLD_KEEP") != "1":
+            s.down()
+
+
+def _k3s_play(site: Site, *options: str) -> Result:
+    return site.jump(["ansible-playbook", "offline.delivery.k3s", *options], timeout=PLAY_TIMEOUT)
+
+
+def _fetch_text(site: Site, host: str, url: str) -> str:
+    script = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
+    res = site.exec(host, ["python3", "-c", script, url], timeout=120)
+    assert res.rc == 0, f"GET {url} from {host} failed: {res.output[-2000:]}"
+    return res.stdout
+
+
+def _sha256_on(site: Site, host: str, path: str) -> str:
+    res = site.exec(host, ["sha256sum", path], timeout=60)
+    assert res.rc == 0, res.output
+    return res.stdout.split()[0]
+
+
+def _read(site: Site, host: str, path: str) -> str:
+    res = site.exec(host, ["cat", path], timeout=30)
+    assert res.rc == 0, f"{host}:{path}: {res.output}"
+    return res.stdout
+
+
+def _stat(site: Site, host: str, path: str) -> str:
+    res = site.exec(host, ["stat", "-c", "%a %U %i", path], timeout=30)
+    assert res.rc == 0, f"{host}:{path}: {res.output}"
+    return res.stdout.strip()
+
+
+def test_carried_files_are_served_with_matching_sha256(site: Site, media: dict[str, Path]) -> None:
+    index = json.loads(_fetch_text(site, "k3s1", FILES_URL + "index.json"))
+    by_name = {e["name"]: e for e in index["files"]}
+    assert sorted(by_name) == ["k3s", "k3s-airgap-images"] and index["schemaVersion"] == 1
+    for name, src in (("k3s", media["binary"]), ("k3s-airgap-images", media["images"])):
+        entry = by_name[name]
+        want = hashlib.sha256(src.read_bytes()).hexdigest()
+        assert entry["digest"] == f"sha256:{want}" and entry["size"] == src.stat().st_size
+        assert entry["url"] == f"{name}/{VERSION}/amd64/{name}" and entry["releases"] == ["k3sfiles 1.0.0"]
+        # fetched from a target over the site network, the bytes hash to the digest
+        res = site.exec("k3s1", ["bash", "-c", f"python3 -c 'import urllib.request,sys; sys.stdout.buffer.write("
+                                 f"urllib.request.urlopen(sys.argv[1], timeout=30).read())' '{FILES_URL}{entry['url']}'"
+                                 " | sha256sum"], timeout=120)
+        assert res.rc == 0 and res.stdout.split()[0] == want, res.output
+        # on the repo host the served file is the blob itself (a hard link, no copy)
+        served = _stat(site, "repo", f"{REPO_ROOT}/www/files/{entry['url']}").split()[2]
+        blob = _stat(site, "repo", f"{REPO_ROOT}/blobs/sha256/{want}").split()[2]
+        assert served == blob
+    assert by_name["k3s"]["mode"] == "0755"
+
+
+def test_check_mode_on_fresh_hosts_writes_nothing(site: Site) -> None:
+    res = _k3s_play(site, "--check", "-e", "k3s_start=false")
+    assert res.rc == 0, res.output[-5000:]
+    assert "Would install k3s v1.30.2+k3s1 (amd64, server)" in res.output
+    for host in ("k3s1", "k3s2"):
+        gone = site.exec(host, ["sh", "-c", "ls /usr/local/bin/k3s /etc/rancher/k3s /etc/systemd/system/k3s*.service"],
+                         timeout=30)
+        assert gone.rc != 0 and "No such file" in gone.output, f"{host}: check mode wrote {gone.stdout}"
+
+
+def test_role_installs_from_the_site(site: Site, media: dict[str, Path]) -> None:
+    res = _k3s_play(site, "-e", "k3s_start=false")
+    assert res.rc == 0, res.output[-5000:]
+    for host in ("k3s1", "k3s2"):
+        assert recap(res, host)["failed"] == 0
+        assert _sha256_on(site, host, "/usr/local/bin/k3s") == hashlib.sha256(media["binary"].read_bytes()).hexdigest()
+        assert _stat(site, host, "/usr/local/bin/k3s").split()[:2] == ["755", "root"]
+        images = "/var/lib/rancher/k3s/agent/images/k3s-airgap-images.tar.zst"
+        assert _sha256_on(site, host, images) == hashlib.sha256(media["images"].read_bytes()).hexdigest()
+        for path in ("/etc/rancher/k3s/config.yaml", "/etc/rancher/k3s/registries.yaml", "/etc/rancher/k3s/cluster-token"):
+            assert _stat(site, host, path).split()[:2] == ["600", "root"], path
+        registries = _read(site, host, "/etc/rancher/k3s/registries.yaml")
+        assert re.search(r'"docker.io":\n    endpoint:\n      - "http://[0-9.]+:5000"\n    # .*\n    rewrite:\n'
+                         r'      "\^library/\(\.\*\)": "\$1"\n', registries), registries
+        assert re.search(r'"[0-9.]+:5000":\n    endpoint:\n      - "http://[0-9.]+:5000"', registries), registries
+    ips = site.ips()
+    server = _read(site, "k3s1", "/etc/rancher/k3s/config.yaml")
+    assert "token-file: /etc/rancher/k3s/cluster-token" in server and "https-listen-port: 6443" in server
+    assert "write-kubeconfig-mode: '0600'" in server and "server:" not in server
+    agent = _read(site, "k3s2", "/etc/rancher/k3s/config.yaml")
+    assert f"server: https://{ips['k3s1']}:6443" in agent and "token-file: /etc/rancher/k3s/cluster-token" in agent
+    unit = _read(site, "k3s1", "/etc/systemd/system/k3s.service")
+    assert "ExecStart=/usr/local/bin/k3s server" in unit and "Restart=on-failure" in unit
+    agent_unit = _read(site, "k3s2", "/etc/systemd/system/k3s-agent.service")
+    assert "ExecStart=/usr/local/bin/k3s agent" in agent_unit and "Restart=on-failure" in agent_unit
+    token = _read(site, "k3s1", "/etc/rancher/k3s/cluster-token").strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and _read(site, "k3s2", "/etc/rancher/k3s/cluster-token").strip() == token
+    assert token not in res.output, "the token must never reach the play's output"
+
+
+def test_second_run_and_check_mode_change_nothing(site: Site) -> None:
+    token = _read(site, "k3s1", "/etc/rancher/k3s/cluster-token")
+    for options in ((), ("--check",)):
+        res = _k3s_play(site, "-e", "k3s_start=false", *options)
+        assert res.rc == 0, res.output[-5000:]
+        for host in ("k3s1", "k3s2"):
+            assert recap(res, host)["changed"] == 0, f"{options}: {host} changed:\n{res.output[-5000:]}"
+    assert _read(site, "k3s1", "/etc/rancher/k3s/cluster-token") == token, "the token is made once"
+
+
+def test_a_version_the_site_lacks_is_named(site: Site) -> None:
+    res = _k3s_play(site, "-e", "k3s_start=false", "-e", "k3s_version=v9.9.9+k3s1", "--limit", "k3s1")
+    assert res.rc != 0
+    assert "lists 0 k3s binaries for amd64 version v9.9.9+k3s1" in res.output
+    assert f"k3s/{VERSION}/amd64/k3s" in res.output and "--file k3s@VERSION/amd64=PATH" in res.output
+
+
+def test_k3s_cluster_runs_from_the_site(site: Site) -> None:
+    if _real_k3s() is None:
+        pytest.skip(NO_BINARY)
+    res = _k3s_play(site)
+    assert res.rc == 0, res.output[-5000:]
+    ready = site.exec("k3s1", ["bash", "-c", "for i in $(seq 60); do n=$(k3s kubectl get nodes --no-headers 2>/dev/null "
+                                             "| grep -c ' Ready '); [ \"$n\" = 2 ] && exit 0; sleep 5; done; "
+                                             "k3s kubectl get nodes; exit 1"], timeout=400)
+    assert ready.rc == 0, f"the two nodes did not become Ready: {ready.output[-3000:]}"
+    for host, unit in (("k3s1", "k3s"), ("k3s2", "k3s-agent")):
+        assert site.exec(host, ["systemctl", "is-active", unit], timeout=30).stdout.strip() == "active"
