@@ -726,13 +726,13 @@ def pod_problem(pod: Mapping[str, Any]) -> str:
             if waiting.get("message"):
                 text += ": " + waiting["message"]
             if last:
-                text += " (last exit %s %s, restarts %s)" % (last.get("exitCode"), last.get("reason", ""),
-                                                            cstat.get("restartCount", 0))
+                text += " (last exit %s %s, restarts %s)" % (
+                    last.get("exitCode"), last.get("reason", ""), cstat.get("restartCount", 0))
             return text
         terminated = (cstat.get("state") or {}).get("terminated") or {}
         if terminated:
-            return "pod %s: container %s exited %s %s" % (name, cstat.get("name"), terminated.get("exitCode"),
-                                                           terminated.get("reason", ""))
+            return "pod %s: container %s exited %s %s" % (
+                name, cstat.get("name"), terminated.get("exitCode"), terminated.get("reason", ""))
         if cstat.get("started") and not cstat.get("ready"):
             return "pod %s: container %s is running but not ready (its readiness probe fails; restarts %s)" % (
                 name, cstat.get("name"), cstat.get("restartCount", 0))

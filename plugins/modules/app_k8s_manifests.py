@@ -61,7 +61,7 @@ options:
     required: true
   overrides:
     description:
-      - Site overrides of env values, per component (C({api: {SHOP_CURRENCY: CHF}})).
+      - Site overrides of env values, per component, for example C(api) mapped to C(SHOP_CURRENCY=CHF).
     type: dict
     default: {}
   namespace:
@@ -91,7 +91,7 @@ options:
     default: NodePort
   node_port_range:
     description:
-      - The cluster's C(--service-node-port-range) as C([first, last]). A published port inside it becomes the
+      - The cluster's C(--service-node-port-range) as a list of first and last port. A published port inside it becomes the
         node port itself; outside it the cluster allocates one.
     type: list
     elements: int
