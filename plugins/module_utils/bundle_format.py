@@ -337,10 +337,11 @@ def _check_files(files: object, by_digest: dict[str, dict[str, Any]], platforms:
         _need(key == f"{name}/{arch}", where, "key must be '<name>/<arch>' of the entry")
         _need(entry["mode"] in FILE_MODES, f"{where}.mode", f"must be one of {list(FILE_MODES)}")
         desc = by_digest.get(entry["digest"]) if isinstance(entry["digest"], str) else None
-        _need(desc is not None and type(entry["size"]) is int and desc["size"] == entry["size"], f"{where}.digest",
-              "must be the digest of a listed blob of the same size")
-        assert desc is not None
-        _need(f"files:{key}" in desc["usedBy"], f"{where}.digest", f"its blob must list 'files:{key}' in usedBy")
+        size = entry["size"]
+        if desc is None or isinstance(size, bool) or not isinstance(size, int) or desc["size"] != size:
+            _need(False, f"{where}.digest", "must be the digest of a listed blob of the same size")
+        else:
+            _need(f"files:{key}" in desc["usedBy"], f"{where}.digest", f"its blob must list 'files:{key}' in usedBy")
 
 
 def parse_manifest(data: bytes) -> dict[str, Any]:
