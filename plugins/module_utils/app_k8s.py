@@ -32,6 +32,8 @@ MANAGED_BY = "offline-delivery"
 FINGERPRINT_ANNOTATION = "offline.delivery/spec-fingerprint"
 DESCRIPTION_ANNOTATION = "offline.delivery/description"
 RELEASE_ANNOTATION = "offline.delivery/release"
+# K8sRuntime only: digest of the site's k8s options the objects were rendered with.
+OPTIONS_ANNOTATION = "offline.delivery/k8s-options"
 GROUP_LABEL_PREFIX = "offline.delivery/group."
 DEFAULT_VOLUME_SIZE = "1Gi"
 # The default NodePort range of kube-apiserver (--service-node-port-range).
@@ -829,8 +831,13 @@ class K8sRuntime(Runtime):
             meta = workload.get("metadata") or {}
             starts = sorted(p.get("status", {}).get("startTime", "") for p in self._pods(name)
                             if p.get("status", {}).get("startTime"))
+            annotations = meta.get("annotations") or {}
+            have = annotations.get(FINGERPRINT_ANNOTATION)
+            if have and annotations.get(OPTIONS_ANNOTATION) != self.options_digest(name):
+                # Same spec, other site options (storage class, publish type, labels, group): re-apply it.
+                have += " (rendered with other k8s options)"
             observed[name] = Observed(
-                fingerprint=(meta.get("annotations") or {}).get(FINGERPRINT_ANNOTATION),
+                fingerprint=have,
                 running=(workload.get("spec") or {}).get("replicas", 1) > 0,
                 started_at=starts[0] if starts else None,
                 detail="%s %s" % (workload.get("kind"), meta.get("name")))
@@ -838,11 +845,26 @@ class K8sRuntime(Runtime):
 
     # -- writing ------------------------------------------------------------------------------------
 
+    def options_digest(self, component: str) -> str:
+        """What the objects depend on besides the spec: the site's k8s options (and the component's group).
+        The engine's spec fingerprint does not cover them, so ``observe`` compares this too."""
+        opts = self.options
+        data = {"namespace": opts.namespace, "storage_class": opts.storage_class,
+                "volume_sizes": dict(opts.volume_sizes), "publish_type": opts.publish_type,
+                "node_port_range": list(opts.node_port_range), "labels": dict(opts.labels),
+                "group": self.groups.get(component)}
+        raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+
     def objects_for(self, spec: ComponentSpec) -> List[dict]:
         """The objects ``start`` applies for a spec (stamped with the engine's fingerprint)."""
         inp = spec_input(spec, secret_values=self.secret_values, group=self.groups.get(spec.name))
         objects = render_component(inp, self.options)
         stamp(objects, inp, self.options, spec.fingerprint)
+        for obj in objects:
+            annotations = obj["metadata"]["annotations"]
+            annotations[OPTIONS_ANNOTATION] = self.options_digest(spec.name)
+            obj["metadata"]["annotations"] = dict(sorted(annotations.items()))
         return json.loads(json.dumps(objects))
 
     def prepare(self, specs: Sequence[ComponentSpec]) -> None:

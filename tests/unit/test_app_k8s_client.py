@@ -323,3 +323,37 @@ def test_runtime_errors_are_deploy_errors_naming_the_component(server: Any, pki:
     runtime = K8sRuntime("shop", client=client, options=RenderOptions(namespace="shop"))
     with pytest.raises(DeployError, match="api: apply Service api: .*HTTP 403 Forbidden: user cannot patch"):
         runtime.start([spec(env={})], all_specs=[])
+
+
+def test_observe_reads_the_fingerprint_and_notices_changed_site_options(server: Any, pki: PKI) -> None:
+    """observe() gives the engine's fingerprint back while the site's k8s options are the same; a changed
+    option (here the storage class) makes the component look changed, so it is applied again."""
+    applied: Dict[str, Any] = {}
+
+    def answer(method: str, path: str, body: bytes) -> Tuple[int, Any]:
+        if method == "PATCH":
+            obj = json.loads(body)
+            applied[obj["kind"]] = obj
+            return 200, dict(obj, status={})
+        if path.startswith("/apis/apps/v1/namespaces/shop/deployments?"):
+            items = [applied["Deployment"]] if "Deployment" in applied else []
+            return 200, {"items": [dict(o, spec=dict(o["spec"], replicas=1)) for o in items]}
+        if "/pods?" in path:
+            return 200, {"items": [{"metadata": {"name": "api-1"}, "status": {"startTime": "2026-01-01T00:00:00Z"}}]}
+        if "?" in path:
+            return 200, {"items": []}
+        if "/statefulsets/" in path:
+            return 404, {"kind": "Status", "reason": "NotFound"}
+        return 200, {"metadata": {"generation": 0}, "status": {}}
+
+    server.answer = answer
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, token="t"))
+    runtime = K8sRuntime("shop", client=client, options=RenderOptions(namespace="shop", storage_class="a"))
+    assert runtime.observe() == {}
+    runtime.start([spec(env={})], all_specs=[])
+    (seen,) = runtime.observe().values()
+    assert seen.fingerprint == "sha256:" + "f" * 64 and seen.running and seen.started_at == "2026-01-01T00:00:00Z"
+    other = K8sRuntime("shop", client=client, options=RenderOptions(namespace="shop", storage_class="b"))
+    assert other.observe()["api"].fingerprint != "sha256:" + "f" * 64
+    assert "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doffline-delivery%2Capp.kubernetes.io%2Finstance%3Dshop" \
+        in [r["path"] for r in server.requests if "deployments?" in r["path"]][0]
