@@ -10,18 +10,23 @@ Standard library only: it runs in ``bundle_import`` on the repo host. Layout und
     catalog.json                        the releases the site has; replaced atomically — the commit point
     staging/<manifest hex>/<hex>        blobs of an import in progress, verified, not yet published
 
-One import at a time: an flock on the root directory (no lock file).
+One import at a time: an flock on the root directory (no lock file). Everything an import writes, the
+layout included, is written while it holds the lock.
 
 An import verifies the whole bundle into ``staging`` (same filesystem), and only then moves the blobs into
 place (rename: no second copy), writes the release record, and finally replaces ``catalog.json``. A release
 therefore appears in the catalog whole or not at all, and a failed import changes nothing a reader of the
-catalog can see. Staged blobs survive an interruption, so a rerun does not write them again.
+catalog can see. Everything an import writes (staged blobs, the release record, the new catalog) is
+written before the first rename, so a full disk stops it with the repository unchanged. Staged blobs survive
+an abrupt stop (kill, power loss), and a rerun re-hashes them instead of writing them again: nothing in
+staging is trusted without proof.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -113,7 +118,7 @@ class SiteRepo:
         changed = False
         for d in (self.blobs_dir, self.releases_dir, self.staging_dir):
             if not os.path.isdir(d):
-                os.makedirs(d, mode=0o755)
+                os.makedirs(d, mode=0o755, exist_ok=True)
                 changed = True
         if not os.path.exists(self.catalog_path):
             self._write_catalog({"schemaVersion": CATALOG_SCHEMA, "releases": []})
@@ -121,27 +126,50 @@ class SiteRepo:
         return changed
 
     @contextmanager
-    def lock(self, timeout: float) -> Iterator[None]:
+    def lock(self, timeout: float) -> Iterator[bool]:
         """Hold the repository lock; wait at most ``timeout`` seconds for another import to finish.
+        Yields True when this call created the root directory.
 
         The lock is an flock on the root directory itself: no lock file, so an import that is refused or
-        has nothing to do leaves the repository byte for byte as it was.
+        has nothing to do leaves the repository byte for byte as it was. The root is created when missing.
+        A refused first import removes the root it created (holding the lock); whoever waited on that
+        directory then finds it gone and locks the new one instead.
         """
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        deadline = time.monotonic() + timeout
+        while True:
+            created = self._make_root()
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._flock(fd, deadline, timeout)
+            except BaseException:
+                os.close(fd)
+                raise
+            if _is_current_dir(fd, self.root):
+                break
+            os.close(fd)  # removed (or replaced) while we waited: lock the directory that is there now
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RepoError(f"another import holds the lock on {self.root} and did not finish "
-                                        f"within {timeout:.0f}s; wait for it and run again") from None
-                    time.sleep(0.2)
-            yield
+            yield created
         finally:
             os.close(fd)  # closing drops the flock
+
+    def _make_root(self) -> bool:
+        os.makedirs(os.path.dirname(self.root), exist_ok=True)
+        try:
+            os.mkdir(self.root, 0o755)
+            return True
+        except FileExistsError:
+            return False
+
+    def _flock(self, fd: int, deadline: float, timeout: float) -> None:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepoError(f"another import holds the lock on {self.root} and did not finish "
+                                    f"within {timeout:.0f}s; wait for it and run again") from None
+                time.sleep(0.2)
 
     def _write_catalog(self, doc: dict[str, Any]) -> None:
         _atomic_write(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")
@@ -151,9 +179,9 @@ class SiteRepo:
         name only once its digest has been checked (the iterator raises at its end otherwise)."""
         hexd = digest_hex(desc["digest"])
         final = os.path.join(stage, hexd)
-        if self.has_blob(desc["digest"], desc["size"]) or \
-                (os.path.exists(final) and os.path.getsize(final) == desc["size"]):
+        if self.has_blob(desc["digest"], desc["size"]) or _staged_intact(final, desc):
             return  # present already; verify_bundle still hashes the bundle's copy
+        _remove(final)  # a damaged leftover of an interrupted import: write it again
         partial = final + ".partial"
         try:
             with open(partial, "wb") as out:
@@ -167,12 +195,39 @@ class SiteRepo:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise RepoError(f"no space left on the filesystem of {self.root} while writing blob "
                                 f"{desc['digest']} ({desc['size']} bytes); free space and run the import "
-                                "again (blobs staged so far are kept)") from None
+                                "again") from None
             raise
 
     def _publish(self, stage: str, head_manifest: dict[str, Any], manifest_bytes: bytes,
                  signature: bytes | None, record: dict[str, Any]) -> tuple[int, int]:
-        """Move staged blobs into place, write the release record, then commit the catalog."""
+        """Write the release record and the new catalog aside, then move the staged blobs into place,
+        the record to its place, and commit the catalog. Nothing visible changes before every write has
+        succeeded (a full disk fails here), and from then on only renames follow."""
+        name, version = head_manifest["name"], head_manifest["version"]
+        rel_dir = os.path.join(self.releases_dir, name, version)
+        tmp_dir = os.path.join(self.releases_dir, f".tmp-{name}-{version}")
+        catalog = self.catalog()
+        catalog["releases"] = [r for r in catalog["releases"]
+                               if not (r["name"] == name and r["version"] == version)] + [record]
+        catalog["releases"].sort(key=lambda r: (r["name"], r["importedAt"], r["version"]))
+        self._remove_leftovers()
+        catalog_tmp = f"{self.catalog_path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(tmp_dir, mode=0o755)
+            _atomic_write(os.path.join(tmp_dir, "manifest.json"), manifest_bytes)
+            if signature is not None:
+                _atomic_write(os.path.join(tmp_dir, SIGNATURE_NAME), signature)
+            _atomic_write(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n")
+            _write_synced(catalog_tmp, json.dumps(catalog, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+            os.makedirs(os.path.dirname(rel_dir), mode=0o755, exist_ok=True)
+        except OSError as exc:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            _remove(catalog_tmp)
+            if exc.errno == errno.ENOSPC:
+                raise RepoError(f"no space left on the filesystem of {self.root} while writing the release "
+                                f"record of {name} {version}; free space and run the import again") from None
+            raise
+
         new_blobs = new_bytes = 0
         for desc in head_manifest["blobs"]:
             if not desc["bundled"]:
@@ -187,27 +242,23 @@ class SiteRepo:
                 new_blobs += 1
                 new_bytes += desc["size"]
         _fsync_dir(self.blobs_dir)
-
-        name, version = head_manifest["name"], head_manifest["version"]
-        rel_dir = os.path.join(self.releases_dir, name, version)
-        tmp_dir = os.path.join(self.releases_dir, f".tmp-{name}-{version}")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        os.makedirs(tmp_dir, mode=0o755)
-        _atomic_write(os.path.join(tmp_dir, "manifest.json"), manifest_bytes)
-        if signature is not None:
-            _atomic_write(os.path.join(tmp_dir, SIGNATURE_NAME), signature)
-        _atomic_write(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n")
-        os.makedirs(os.path.dirname(rel_dir), mode=0o755, exist_ok=True)
         if os.path.exists(rel_dir):  # left by an import interrupted after this step; not in the catalog
             shutil.rmtree(rel_dir)
         os.rename(tmp_dir, rel_dir)
-
-        catalog = self.catalog()
-        catalog["releases"] = [r for r in catalog["releases"]
-                               if not (r["name"] == name and r["version"] == version)] + [record]
-        catalog["releases"].sort(key=lambda r: (r["name"], r["importedAt"], r["version"]))
-        self._write_catalog(catalog)
+        _fsync_dir(os.path.dirname(rel_dir))
+        os.replace(catalog_tmp, self.catalog_path)  # the commit point
+        _fsync_dir(self.root)
         return new_blobs, new_bytes
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and directories of imports that were killed before their commit (only ever
+        under the lock, so none of them belongs to a running import)."""
+        for entry in os.listdir(self.root):
+            if entry.startswith(os.path.basename(self.catalog_path) + ".tmp-"):
+                _remove(os.path.join(self.root, entry))
+        for entry in os.listdir(self.releases_dir):
+            if entry.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.releases_dir, entry), ignore_errors=True)
 
 
 def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check_mode: bool = False,
@@ -220,49 +271,56 @@ def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check
     """
     if check_mode:
         return _check_only(repo, path, trusted_keys, created=not repo.exists())
-    root_existed = os.path.exists(repo.root)
-    repo.ensure_layout()
-    try:
-        with repo.lock(lock_timeout):
+    with repo.lock(lock_timeout) as created:
+        try:
+            repo.ensure_layout()
             return _import_locked(repo, path, trusted_keys, imported_by)
-    except (BundleError, RepoError, OSError):
-        if not root_existed and not repo.catalog()["releases"]:
-            shutil.rmtree(repo.root, ignore_errors=True)
-        raise
+        except (BundleError, RepoError, OSError):
+            if created and not repo.catalog()["releases"]:
+                shutil.rmtree(repo.root, ignore_errors=True)  # still locked: nobody else is inside
+            raise
 
 
 def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes], imported_by: str) -> ImportResult:
     head = read_head(path, trusted_keys)  # signature first: nothing in the manifest is trusted before
     manifest = head.manifest
     name, version = manifest["name"], manifest["version"]
+    stage = os.path.join(repo.staging_dir, digest_hex(head.manifest_digest))
     if _already_imported(repo, head):
+        # An import killed after its commit may have left its (emptied) staging directory.
+        shutil.rmtree(stage, ignore_errors=True)
         return _result(manifest, head.manifest_digest, changed=False,
                        msg=f"{name} {version} is already imported (same manifest); nothing to do")
     _require_base_blobs(repo, manifest)
 
-    stage = os.path.join(repo.staging_dir, digest_hex(head.manifest_digest))
     os.makedirs(stage, mode=0o700, exist_ok=True)
     try:
         verified = verify_bundle(path, trusted_keys,
                                  sink=lambda desc, chunks: repo._stage_blob(stage, desc, chunks))
         if verified.manifest_digest != head.manifest_digest:
             raise BundleError("the bundle changed while it was being imported; copy it again and rerun")
+        record = _release_record(head, imported_by)
+        new_blobs, new_bytes = repo._publish(stage, manifest, head.manifest_bytes, head.signature, record)
     except (BundleError, RepoError, OSError):
         shutil.rmtree(stage, ignore_errors=True)  # nothing of a refused bundle stays on the site
         raise
-    record = {
+    shutil.rmtree(stage, ignore_errors=True)
+    res = _result(manifest, head.manifest_digest, changed=True,
+                  msg=f"{name} {version} imported: {new_blobs} new blobs, {new_bytes} bytes")
+    res.blobs_new, res.bytes_new, res.bytes_verified = new_blobs, new_bytes, verified.bytes_checked
+    return res
+
+
+def _release_record(head: BundleHead, imported_by: str) -> dict[str, Any]:
+    manifest = head.manifest
+    name, version = manifest["name"], manifest["version"]
+    return {
         "name": name, "version": version, "manifestDigest": head.manifest_digest, "keyid": head.keyid,
         "importedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "importedBy": imported_by,
         "components": sorted(manifest["images"]), "platforms": manifest["platforms"],
         "blobs": len(manifest["blobs"]), "bytes": sum(b["size"] for b in manifest["blobs"]),
         "delta": manifest["delta"],
     }
-    new_blobs, new_bytes = repo._publish(stage, manifest, head.manifest_bytes, head.signature, record)
-    shutil.rmtree(stage, ignore_errors=True)
-    res = _result(manifest, head.manifest_digest, changed=True,
-                  msg=f"{name} {version} imported: {new_blobs} new blobs, {new_bytes} bytes")
-    res.blobs_new, res.bytes_new, res.bytes_verified = new_blobs, new_bytes, verified.bytes_checked
-    return res
 
 
 def _already_imported(repo: SiteRepo, head: BundleHead) -> bool:
@@ -321,16 +379,49 @@ def _result(manifest: dict[str, Any], digest: str, *, changed: bool, msg: str) -
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
+        _write_synced(tmp, data)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
     _fsync_dir(os.path.dirname(path))
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file (mode 0644) and flush it to disk."""
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, 0o644)
+    except BaseException:
+        _remove(path)
+        raise
+
+
+def _staged_intact(path: str, desc: dict[str, Any]) -> bool:
+    """True when a staged file left by an interrupted import holds exactly the blob (size and sha256)."""
+    try:
+        if os.path.getsize(path) != desc["size"]:
+            return False
+    except FileNotFoundError:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest() == desc["digest"]
+
+
+def _is_current_dir(fd: int, path: str) -> bool:
+    """True when the open directory ``fd`` is still the one at ``path`` (not removed or replaced)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
 
 def _fsync_dir(path: str) -> None:
