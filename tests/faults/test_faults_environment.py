@@ -25,7 +25,7 @@ import pytest
 
 from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
 from tests.faults import import_child
-from tests.faults.conftest import Vendor, normalized_state, site_state, state_diff
+from tests.faults.conftest import Vendor, collections_path, normalized_state, site_state, state_diff  # noqa: F401
 from tests.helpers.bundles import members
 
 SEED = 11
@@ -43,11 +43,13 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[
     return proc.returncode, (json.loads(line) if line else None)
 
 
-def clean_state(vendor: Vendor, tmp: Path, *bundles: Path) -> dict[str, str]:
-    """The normalised tree of a site that imported ``bundles`` in order without any fault."""
+def clean_state(vendor: Vendor, tmp: Path, *bundles: Path, module_last: bool = False) -> dict[str, str]:
+    """The normalised tree of a site that imported ``bundles`` in order without any fault (the last one
+    recorded as imported by the module, when ``module_last``)."""
     repo = SiteRepo(str(tmp / "clean"))
-    for bundle in bundles:
-        import_bundle(repo, str(bundle), vendor.keys)
+    for i, bundle in enumerate(bundles):
+        by = "ansible" if module_last and i == len(bundles) - 1 else "unknown"
+        import_bundle(repo, str(bundle), vendor.keys, imported_by=by)
     return normalized_state(Path(repo.root))
 
 
@@ -277,3 +279,44 @@ def test_disk_full_at_every_point_refuses_cleanly_and_the_rerun_completes(vendor
             assert got == expected, f"leave {leave}:\n{state_diff(expected, got)}"
         assert outcomes["refused"] >= 3 and outcomes["imported"] >= 1, outcomes
         assert outcomes["refused writing the record"] >= 1, outcomes
+
+
+# --------------------------------------------------------------------------------------------------------
+# The same through the module a user runs: ansible ... -m offline.delivery.bundle_import, killed, rerun
+
+
+def ansible_import(collections: Path, bundle: Path, root: Path, pub: Path) -> subprocess.Popen[str]:
+    """The bundle_import module through the ansible command, in its own process group (so the kill
+    reaches the module's process too)."""
+    args = {"path": str(bundle), "repo_root": str(root), "trusted_keys": [str(pub)]}
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=sys.executable)
+    return subprocess.Popen([str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c",
+                             "local", "-o", "-m", "offline.delivery.bundle_import", "-a", json.dumps(args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_killed_module_run_then_module_rerun_gives_the_clean_tree(vendor: Vendor, tmp_path: Path,
+                                                                  collections_path: Path) -> None:
+    expected = clean_state(vendor, tmp_path, vendor.tiny_base, vendor.larger, module_last=True)
+    started = time.monotonic()
+    proc = ansible_import(collections_path, vendor.larger, tmp_path / "timed", vendor.pub)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    duration = time.monotonic() - started
+    rng = random.Random(SEED)
+    for i in range(3):
+        root = tmp_path / f"site{i}"
+        import_bundle(SiteRepo(str(root)), str(vendor.tiny_base), vendor.keys)
+        proc = ansible_import(collections_path, vendor.larger, root, vendor.pub)
+        # the import itself is the last part of a module run: aim most kills there
+        time.sleep(max(0.0, duration - rng.uniform(0.0, 0.8)))
+        os.killpg(proc.pid, signal.SIGKILL)  # the group of the ansible process this test started
+        proc.communicate(timeout=60)
+        assert_catalog_sound(SiteRepo(str(root)), [{"0.9.0"}, {"0.9.0", "2.0.0"}])
+        rerun = ansible_import(collections_path, vendor.larger, root, vendor.pub)
+        out, err = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, out + err
+        got = normalized_state(root)
+        assert got == expected, f"module kill {i}, then rerun:\n{state_diff(expected, got)}"
