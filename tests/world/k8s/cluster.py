@@ -199,9 +199,11 @@ class Cluster:
         return ready.rc == 0 and ready.stdout.strip() == "True"
 
     def _remove_node(self) -> list[str]:
-        if docker("inspect", "--format", "{{.Id}}", self.container, timeout=30).rc != 0:
+        found = docker("inspect", "--format", "{{.Id}}", self.container, timeout=30)
+        if found.rc != 0:
             return []
         docker("rm", "-f", "-v", self.container, timeout=180).check(f"removing the k8s node {self.container}")
+        _remove_cgroups(found.stdout.strip())
         return [f"container {self.container}"]
 
     def _run_node(self, image: str) -> None:
@@ -269,9 +271,11 @@ class Cluster:
         script = f"""set -euo pipefail
 cg={node.cgroup_root}
 for d in /sys/fs/cgroup/*; do
-  [ -L "$d" ] && continue            # cpu and cpuacct are links to cpu,cpuacct
-  [ -d "$d$(dirname $cg)" ] || {{ echo "cgroup $d$(dirname $cg) missing: is Docker's cgroup driver cgroupfs?" >&2; exit 3; }}
-  mkdir -p "$d$cg"
+  mountpoint -q "$d" || continue    # only real hierarchies (not links or empty dirs such as cpu,cpuacct)
+  mkdir -p "$d$cg"                  # also where Docker left the node in the root cgroup (hugetlb, ...)
+done
+for d in memory cpu cpuacct cpuset pids; do
+  [ -d /sys/fs/cgroup/$d$cg ] || {{ echo "cgroup /sys/fs/cgroup/$d$(dirname $cg) of the node missing: Docker must use the cgroupfs driver on cgroup v1" >&2; exit 3; }}
 done
 # A new cgroup v1 cpuset has no CPUs or memory nodes: nothing could join it.
 for f in cpuset.cpus cpuset.mems; do
@@ -300,7 +304,8 @@ systemctl enable --now {' '.join(UNITS)}
             tmp.chmod(0o600)
             os.replace(tmp, path)
         # Also the default location, for tools in the jump host that read ~/.kube/config.
-        self.site.jump("mkdir -p /root/.kube && cp /srv/transfer/kubeconfig /root/.kube/config", timeout=30)
+        self.site.jump("mkdir -p /root/.kube && cp /srv/transfer/kubeconfig /root/.kube/config", timeout=30).check(
+            f"copying the kubeconfig to /root/.kube/config in the jump host of site {self.site.name}")
         info = {"site": self.site.name, "node": node.name, "container": self.container, "server": server,
                 "kubeconfig": str(self.kubeconfig_path), "jump_kubeconfig": self.jump_kubeconfig,
                 "version": kubernetes_build().version, "registry": f"{node.registry}:5000"}
@@ -338,6 +343,25 @@ systemctl enable --now {' '.join(UNITS)}
         for unit in ("containerd", *UNITS):
             res = self.exec(f"journalctl -u {unit} --no-pager -n 15 -o cat 2>&1 | cut -c1-400", timeout=30)
             log(f"--- journal of {unit} in {self.container}:\n{res.stdout.strip()}")
+
+
+def _remove_cgroups(container_id: str) -> None:
+    """Docker removes the node's cgroups where it made them; the pods' cgroups in the hierarchies where it
+    did not (hugetlb, perf_event, ...) are empty once the node is gone: remove them, deepest first."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        top = hierarchy / "docker" / container_id
+        if hierarchy.is_symlink() or not top.is_dir():
+            continue
+        for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            _rmdir_quietly(path)
+        _rmdir_quietly(top)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # busy or already gone: an empty cgroup left behind costs nothing
 
 
 def run_bytes(args: list[str], data: bytes, timeout: float) -> Result:
