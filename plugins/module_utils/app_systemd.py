@@ -303,7 +303,7 @@ class SystemdRuntime(Runtime):
 
     def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
         units = self._app_units()
-        present = [n for n in names if n in units]
+        present = stop_order([n for n in names if n in units], units, self.unit_name)
         for name in present:
             unit = self.unit_name(name)
             self._systemctl(["disable", "--quiet", "--now", unit], f"stop component {name}", component=name)
@@ -605,6 +605,19 @@ def read_marks(path: str) -> Dict[str, str]:
     except FileNotFoundError:
         pass
     return marks
+
+
+def stop_order(names: Sequence[str], units: Mapping[str, str], unit_name: Callable[[str], str]) -> List[str]:
+    """``names`` with dependents first (a unit is stopped before the units its ``After=`` names)."""
+    after = {n: set(unit_settings(units[n]).get("After", "").split()) for n in names}
+    remaining = sorted(names)
+    ordered: List[str] = []
+    while remaining:
+        free = [n for n in remaining if not any(unit_name(n) in after[m] for m in remaining if m != n)]
+        pick = free[0] if free else remaining[0]   # a cycle cannot be written by start(); stop it anyway
+        ordered.append(pick)
+        remaining.remove(pick)
+    return ordered
 
 
 def unit_settings(path: str) -> Dict[str, str]:

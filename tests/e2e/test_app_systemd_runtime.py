@@ -23,8 +23,10 @@ import yaml
 
 from offline_delivery_core.app_model import load_model
 from offline_delivery_core.app_runtime import desired_specs
+from offline_delivery_core.app_systemd import quote_arg, render_env_file
 from offline_delivery_core.bundle_format import read_head
 from tests.e2e.conftest import _running, require_world
+from tests.e2e.media import recap
 from tests.e2e.test_runtime import import_shop
 from tests.world.site import HostSpec, Site
 from tests.world.util import docker, repo_root
@@ -204,3 +206,46 @@ def test_shop_runs_as_systemd_services(site: Site, release: dict[str, Any], host
     assert "od-shop-gateway.service" in gone["removed"] and gone["observe"] == {}
     assert host_sh(site, host, f"ls {pgdata}/PG_VERSION && ls /etc/systemd/system | grep -c od-shop- || true") \
         .splitlines() == [f"{pgdata}/PG_VERSION", "0"]
+
+
+TRICKY = ["plain", "with space", "100%", "$HOME ${PATH}", 'say "hi" \\o/', "it's", "a\nb\tc", ";", "%i %n"]
+
+
+def test_systemd_parses_quoted_arguments_and_env_values_literally(site: Site) -> None:
+    """The quoting of ExecStart arguments and EnvironmentFile values, read back from systemd 252 itself."""
+    env = {f"V{i}": value for i, value in enumerate(TRICKY)}
+    show = "import json, os, sys; print(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items() if k[0] == 'V'}]))"
+    unit = "\n".join([
+        "[Service]", "Type=oneshot", f"EnvironmentFile={REMOTE}/quoting.env",
+        f"StandardOutput=file:{REMOTE}/quoting.out",
+        "ExecStart=" + " ".join(quote_arg(a) for a in ["/usr/bin/python3", "-c", show, *TRICKY]), ""])
+    put_file(site, "node2", f"{REMOTE}/quoting.env", render_env_file(env))
+    put_file(site, "node2", "/etc/systemd/system/od-s2s-quoting.service", unit)
+    try:
+        host_sh(site, "node2", "systemctl daemon-reload && systemctl start od-s2s-quoting.service", timeout=60)
+        argv, seen = json.loads(host_sh(site, "node2", f"cat {REMOTE}/quoting.out"))
+    finally:
+        site.exec("node2", ["sh", "-c", "rm -f /etc/systemd/system/od-s2s-quoting.service; systemctl daemon-reload"])
+    assert argv == TRICKY
+    assert seen == env
+
+
+INSTALL = ["ansible-playbook", "offline.delivery.install", "-e", "app_name=shop",
+           "-e", "offline_delivery_compose_group=no_compose_hosts", "-e", "offline_delivery_systemd_group=node2:arm1"]
+
+
+@pytest.mark.timeout(4800)
+def test_install_playbook_runs_the_shop_on_systemd_hosts(site: Site) -> None:
+    """The same through the product: `offline.delivery.install` (app role, app_deploy, SystemdRuntime) on
+    both systemd hosts (after the driver's uninstall above, which kept the data); a second run changes nothing."""
+    first = site.jump(INSTALL, timeout=3000)
+    assert first.rc == 0, f"install failed:\n{first.output[-6000:]}"
+    fetch = ("import json, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8080/api/orders', "
+             "timeout=20); print(r.status, json.dumps(json.load(r)))")
+    for host in PLATFORMS:
+        status, body = host_sh(site, host, f"python3 -c {shlex.quote(fetch)}").split(" ", 1)
+        assert status == "200" and any(o["item"] == "tea" for o in json.loads(body)["orders"]), f"{host}: {body}"
+    second = site.jump(INSTALL, timeout=1500)
+    assert second.rc == 0, second.output[-6000:]
+    for host in PLATFORMS:
+        assert recap(second, host)["changed"] == 0, f"{host}: {second.stdout[-4000:]}"

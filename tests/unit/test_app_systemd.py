@@ -282,6 +282,13 @@ def test_remove_and_uninstall_keep_volumes(host) -> None:
     db = make_spec()
     web = make_spec(name="web", volumes=[], config_files=[], fingerprint="sha256:" + "01" * 32)
     runtime.start([db, web], all_specs=[db, web])
+    api = make_spec(name="api", volumes=[], config_files=[], local_deps=["db"], fingerprint="sha256:" + "02" * 32)
+    runtime.start([api], all_specs=[db, web, api])
+    runtime.remove(["db", "api"], all_specs=[web])    # the dependent stops first
+    stops = [c for c in systemd.commands() if c.startswith("systemctl disable")]
+    assert stops == ["systemctl disable --quiet --now od-shop-api.service",
+                     "systemctl disable --quiet --now od-shop-db.service"]
+    runtime.start([db], all_specs=[db, web])
     runtime.remove(["web", "not-there"], all_specs=[db])
     assert sorted(os.listdir(tmp / "units")) == ["od-shop-db.service"]
     assert not (tmp / "state/apps/shop/env/web.env").exists()
