@@ -101,6 +101,14 @@ def registry() -> Iterator[Tuple[Registry, str]]:
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             reg.requests.append(self.path)
             digest = self.path.rsplit("/", 1)[-1]
+            if self.path.startswith("/v2/shop/redirected/blobs/"):   # a storage middleware's redirect
+                self.send_response(307)
+                self.send_header("Location", f"/storage/{digest}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if self.path.startswith("/storage/"):
+                self.path = "/v2/shop/app/blobs/" + digest
             data = reg.tamper.get(digest, reg.blobs.get(digest))
             if not self.path.startswith("/v2/shop/app/") or data is None:
                 self.send_response(404)
@@ -308,3 +316,13 @@ def test_copy_blob_refuses_a_short_body(registry):
             client.copy_blob("shop/app", digest, sink, size=11)
         sink = io.BytesIO()
         assert client.copy_blob("shop/app", digest, sink, size=10) == 10 and sink.getvalue() == b"0123456789"
+
+
+def test_copy_blob_follows_a_storage_redirect(registry):
+    reg, address = registry
+    digest = reg.add(b"redirected bytes")
+    with RegistryClient(address, timeout=10) as client:
+        sink = io.BytesIO()
+        assert client.copy_blob("shop/redirected", digest, sink, size=16) == 16
+    assert sink.getvalue() == b"redirected bytes"
+    assert reg.requests[-2:] == [f"/v2/shop/redirected/blobs/{digest}", f"/storage/{digest}"]
