@@ -1,13 +1,15 @@
 """Binaries carried in a bundle reach the site's hosts, and the k3s role installs from them, in an air-gapped
-site: repo (offline_repo) + k3s1 (server) + k3s2 (agent), amd64.
+site: repo (offline_repo) + k3s1 (server, amd64) + k3s2 (agent, amd64) + k3sarm (agent, arm64).
 
-A small bundle (one tiny image, the debian-12 base+repo closures for the repo host's tools) carries two files
-built with `--file`: `k3s@v1.30.2+k3s1/amd64` and `k3s-airgap-images@v1.30.2+k3s1/amd64`. No k3s binary can be
-obtained on this machine, so by default these are stand-ins made here (a shell script and a tar): enough to
-prove the file tree (served, sha256 matches, hard link to the blob) and everything the role renders, fetches
-and checks, with `k3s_start=false`. Starting k3s runs only with a real binary: OD_K3S_BINARY=/path/to/k3s
-(and OD_K3S_IMAGES=/path/to/k3s-airgap-images-amd64.tar.zst) make the bundle carry those instead, and
-`test_k3s_cluster_runs_from_the_site` then starts the cluster; without them it is skipped, naming why.
+A small bundle (one tiny image, the debian-12 base+repo closures for the repo host's tools) carries files built
+with `--file`: `k3s@v1.30.2+k3s1/<arch>` and `k3s-airgap-images@v1.30.2+k3s1/<arch>` for amd64 and arm64. No
+k3s binary can be obtained on this machine, so by default these are stand-ins made here (a shell script and a
+tar per arch, different bytes per arch): enough to prove the file tree (served, sha256 matches, hard link to
+the blob) and everything the role renders, fetches (per host architecture) and checks, with
+`k3s_start=false`. Starting k3s runs only with a real binary: OD_K3S_BINARY=/path/to/k3s (amd64) and
+OD_K3S_IMAGES=/path/to/k3s-airgap-images-amd64.tar.zst make the bundle carry those instead (amd64 hosts
+only), and `test_k3s_cluster_runs_from_the_site` then starts the cluster; without them it is skipped,
+naming why.
 """
 from __future__ import annotations
 
@@ -57,13 +59,14 @@ def _real_k3s() -> tuple[Path, Path] | None:
     return Path(binary), Path(images)
 
 
-def _stand_ins(out: Path) -> tuple[Path, Path]:
+def _stand_ins(out: Path, arch: str) -> tuple[Path, Path]:
     """Not k3s: a script that says so, and a tar holding one file. They travel and are checked like k3s would."""
-    binary = out / "k3s-stand-in"
-    binary.write_text("#!/bin/sh\necho 'stand-in for k3s (offline.delivery e2e): not the real binary' >&2\nexit 1\n")
+    binary = out / f"k3s-stand-in-{arch}"
+    binary.write_text(f"#!/bin/sh\necho 'stand-in for k3s {arch} (offline.delivery e2e): not the real binary' >&2\n"
+                      "exit 1\n")
     binary.chmod(0o755)
-    images = out / "airgap-stand-in.tar"
-    data = b"stand-in for the k3s airgap images\n"
+    images = out / f"airgap-stand-in-{arch}.tar"
+    data = f"stand-in for the k3s airgap images, {arch}\n".encode()
     with tarfile.open(images, "w", format=tarfile.USTAR_FORMAT) as tar:
         info = tarfile.TarInfo("README")
         info.size, info.mtime = len(data), 0
@@ -72,28 +75,37 @@ def _stand_ins(out: Path) -> tuple[Path, Path]:
 
 
 def _site_hosts(real: bool) -> tuple[HostSpec, ...]:
-    # A real k3s needs the kernel log device in its containers; stand-ins never start.
+    # A real k3s needs the kernel log device in its containers, and runs on amd64 only here (no arm64 binary
+    # given, and qemu-user cannot run a kubelet); stand-ins never start, so they also cover an arm64 agent.
     extra = ("--device", "/dev/kmsg") if real and os.path.exists("/dev/kmsg") else ()
-    return (HostSpec("repo", "amd64", ("offline_repo",)),
-            HostSpec("k3s1", "amd64", ("k3s",), extra),
-            HostSpec("k3s2", "amd64", ("k3s",), extra))
+    hosts = (HostSpec("repo", "amd64", ("offline_repo",)),
+             HostSpec("k3s1", "amd64", ("k3s",), extra),
+             HostSpec("k3s2", "amd64", ("k3s",), extra))
+    return hosts if real else hosts + (HostSpec("k3sarm", "arm64", ("k3s",)),)
+
+
+def _agents(site: Site) -> list[str]:
+    return [h.name for h in site.hosts if "k3s" in h.groups and h.name != "k3s1"]
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("k3s-media")
     real = _real_k3s()
-    binary, images = real or _stand_ins(out)
-    image = TestImage("k3sfiles/web:1.0.0", "amd64", [rootfs_layer({"bin/busybox": b"busybox-amd64"}, arch="amd64")])
-    write_oci_layout(out / "oci", [image])
+    carried = {"amd64": real} if real else {arch: _stand_ins(out, arch) for arch in ("amd64", "arm64")}
+    images = [TestImage("k3sfiles/web:1.0.0", arch, [rootfs_layer({"bin/busybox": f"busybox-{arch}".encode()}, arch=arch)])
+              for arch in carried]
+    write_oci_layout(out / "oci", images)
     (out / "app.yml").write_text(APP)
+    files = [x for arch, (binary, tarball) in carried.items()
+             for x in ("--file", f"k3s@{VERSION}/{arch}={binary}", "--file", f"k3s-airgap-images@{VERSION}/{arch}={tarball}")]
     bundle_builder("keygen", str(out / "vendor"))
     bundle_builder("build", str(out / "app.yml"), "-o", str(out / "k3sfiles-1.0.0"), "--images-from", f"oci:{out / 'oci'}",
-                   "--platform", "linux/amd64", "--sign-key", str(out / "vendor.key"), "--packages", "debian-12",
-                   "--package-profiles", "base,repo", "--file", f"k3s@{VERSION}/amd64={binary}",
-                   "--file", f"k3s-airgap-images@{VERSION}/amd64={images}")
-    return {"k3sfiles-1.0.0": out / "k3sfiles-1.0.0", "vendor.pub": out / "vendor.pub", "binary": binary,
-            "images": images}
+                   "--platform", ",".join(f"linux/{arch}" for arch in carried), "--sign-key", str(out / "vendor.key"),
+                   "--packages", "debian-12", "--package-profiles", "base,repo", *files)
+    return {"k3sfiles-1.0.0": out / "k3sfiles-1.0.0", "vendor.pub": out / "vendor.pub",
+            **{f"binary-{arch}": b for arch, (b, _) in carried.items()},
+            **{f"images-{arch}": i for arch, (_, i) in carried.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +158,15 @@ def _stat(site: Site, host: str, path: str) -> str:
 
 def test_carried_files_are_served_with_matching_sha256(site: Site, media: dict[str, Path]) -> None:
     index = json.loads(_fetch_text(site, "k3s1", FILES_URL + "index.json"))
-    by_name = {e["name"]: e for e in index["files"]}
-    assert sorted(by_name) == ["k3s", "k3s-airgap-images"] and index["schemaVersion"] == 1
-    for name, src in (("k3s", media["binary"]), ("k3s-airgap-images", media["images"])):
-        entry = by_name[name]
+    by_key = {(e["name"], e["arch"]): e for e in index["files"]}
+    arches = sorted(k.split("-", 1)[1] for k in media if k.startswith("binary-"))
+    assert sorted(by_key) == sorted((n, a) for n in ("k3s", "k3s-airgap-images") for a in arches)
+    assert index["schemaVersion"] == 1
+    for (name, arch), entry in sorted(by_key.items()):
+        src = media[f"{'binary' if name == 'k3s' else 'images'}-{arch}"]
         want = hashlib.sha256(src.read_bytes()).hexdigest()
         assert entry["digest"] == f"sha256:{want}" and entry["size"] == src.stat().st_size
-        assert entry["url"] == f"{name}/{VERSION}/amd64/{name}" and entry["releases"] == ["k3sfiles 1.0.0"]
+        assert entry["url"] == f"{name}/{VERSION}/{arch}/{name}" and entry["releases"] == ["k3sfiles 1.0.0"]
         # fetched from a target over the site network, the bytes hash to the digest
         res = site.exec("k3s1", ["bash", "-c", f"python3 -c 'import urllib.request,sys; sys.stdout.buffer.write("
                                  f"urllib.request.urlopen(sys.argv[1], timeout=30).read())' '{FILES_URL}{entry['url']}'"
@@ -162,14 +176,16 @@ def test_carried_files_are_served_with_matching_sha256(site: Site, media: dict[s
         served = _stat(site, "repo", f"{REPO_ROOT}/www/files/{entry['url']}").split()[2]
         blob = _stat(site, "repo", f"{REPO_ROOT}/blobs/sha256/{want}").split()[2]
         assert served == blob
-    assert by_name["k3s"]["mode"] == "0755"
+    assert by_key[("k3s", "amd64")]["mode"] == "0755"
 
 
 def test_check_mode_on_fresh_hosts_writes_nothing(site: Site) -> None:
     res = _k3s_play(site, "--check", "-e", "k3s_start=false")
     assert res.rc == 0, res.output[-5000:]
     assert "Would install k3s v1.30.2+k3s1 (amd64, server)" in res.output
-    for host in ("k3s1", "k3s2"):
+    if "k3sarm" in _agents(site):
+        assert "Would install k3s v1.30.2+k3s1 (arm64, agent)" in res.output
+    for host in ("k3s1", *_agents(site)):
         gone = site.exec(host, ["sh", "-c", "ls /usr/local/bin/k3s /etc/rancher/k3s /etc/systemd/system/k3s*.service"],
                          timeout=30)
         assert gone.rc != 0 and "No such file" in gone.output, f"{host}: check mode wrote {gone.stdout}"
@@ -178,12 +194,13 @@ def test_check_mode_on_fresh_hosts_writes_nothing(site: Site) -> None:
 def test_role_installs_from_the_site(site: Site, media: dict[str, Path]) -> None:
     res = _k3s_play(site, "-e", "k3s_start=false")
     assert res.rc == 0, res.output[-5000:]
-    for host in ("k3s1", "k3s2"):
+    for host in ("k3s1", *_agents(site)):
+        arch = site.host(host).arch  # each host gets its own architecture's files
         assert recap(res, host)["failed"] == 0
-        assert _sha256_on(site, host, "/usr/local/bin/k3s") == hashlib.sha256(media["binary"].read_bytes()).hexdigest()
+        assert _sha256_on(site, host, "/usr/local/bin/k3s") == hashlib.sha256(media[f"binary-{arch}"].read_bytes()).hexdigest()
         assert _stat(site, host, "/usr/local/bin/k3s").split()[:2] == ["755", "root"]
         images = "/var/lib/rancher/k3s/agent/images/k3s-airgap-images.tar.zst"
-        assert _sha256_on(site, host, images) == hashlib.sha256(media["images"].read_bytes()).hexdigest()
+        assert _sha256_on(site, host, images) == hashlib.sha256(media[f"images-{arch}"].read_bytes()).hexdigest()
         for path in ("/etc/rancher/k3s/config.yaml", "/etc/rancher/k3s/registries.yaml", "/etc/rancher/k3s/cluster-token"):
             assert _stat(site, host, path).split()[:2] == ["600", "root"], path
         registries = _read(site, host, "/etc/rancher/k3s/registries.yaml")
@@ -194,14 +211,16 @@ def test_role_installs_from_the_site(site: Site, media: dict[str, Path]) -> None
     server = _read(site, "k3s1", "/etc/rancher/k3s/config.yaml")
     assert "token-file: /etc/rancher/k3s/cluster-token" in server and "https-listen-port: 6443" in server
     assert "write-kubeconfig-mode: '0600'" in server and "server:" not in server
-    agent = _read(site, "k3s2", "/etc/rancher/k3s/config.yaml")
-    assert f"server: https://{ips['k3s1']}:6443" in agent and "token-file: /etc/rancher/k3s/cluster-token" in agent
     unit = _read(site, "k3s1", "/etc/systemd/system/k3s.service")
     assert "ExecStart=/usr/local/bin/k3s server" in unit and "Restart=on-failure" in unit
-    agent_unit = _read(site, "k3s2", "/etc/systemd/system/k3s-agent.service")
-    assert "ExecStart=/usr/local/bin/k3s agent" in agent_unit and "Restart=on-failure" in agent_unit
     token = _read(site, "k3s1", "/etc/rancher/k3s/cluster-token").strip()
-    assert re.fullmatch(r"[0-9a-f]{64}", token) and _read(site, "k3s2", "/etc/rancher/k3s/cluster-token").strip() == token
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    for agent_host in _agents(site):
+        agent = _read(site, agent_host, "/etc/rancher/k3s/config.yaml")
+        assert f"server: https://{ips['k3s1']}:6443" in agent and "token-file: /etc/rancher/k3s/cluster-token" in agent
+        agent_unit = _read(site, agent_host, "/etc/systemd/system/k3s-agent.service")
+        assert "ExecStart=/usr/local/bin/k3s agent" in agent_unit and "Restart=on-failure" in agent_unit
+        assert _read(site, agent_host, "/etc/rancher/k3s/cluster-token").strip() == token
     assert token not in res.output, "the token must never reach the play's output"
 
 
@@ -210,7 +229,7 @@ def test_second_run_and_check_mode_change_nothing(site: Site) -> None:
     for options in ((), ("--check",)):
         res = _k3s_play(site, "-e", "k3s_start=false", *options)
         assert res.rc == 0, res.output[-5000:]
-        for host in ("k3s1", "k3s2"):
+        for host in ("k3s1", *_agents(site)):
             assert recap(res, host)["changed"] == 0, f"{options}: {host} changed:\n{res.output[-5000:]}"
     assert _read(site, "k3s1", "/etc/rancher/k3s/cluster-token") == token, "the token is made once"
 
@@ -227,9 +246,10 @@ def test_k3s_cluster_runs_from_the_site(site: Site) -> None:
         pytest.skip(NO_BINARY)
     res = _k3s_play(site)
     assert res.rc == 0, res.output[-5000:]
+    nodes = 1 + len(_agents(site))
     ready = site.exec("k3s1", ["bash", "-c", "for i in $(seq 60); do n=$(k3s kubectl get nodes --no-headers 2>/dev/null "
-                                             "| grep -c ' Ready '); [ \"$n\" = 2 ] && exit 0; sleep 5; done; "
+                                             f"| grep -c ' Ready '); [ \"$n\" = {nodes} ] && exit 0; sleep 5; done; "
                                              "k3s kubectl get nodes; exit 1"], timeout=400)
-    assert ready.rc == 0, f"the two nodes did not become Ready: {ready.output[-3000:]}"
-    for host, unit in (("k3s1", "k3s"), ("k3s2", "k3s-agent")):
+    assert ready.rc == 0, f"the {nodes} nodes did not become Ready: {ready.output[-3000:]}"
+    for host, unit in [("k3s1", "k3s"), *((a, "k3s-agent") for a in _agents(site))]:
         assert site.exec(host, ["systemctl", "is-active", unit], timeout=30).stdout.strip() == "active"
