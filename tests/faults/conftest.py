@@ -155,8 +155,8 @@ class Vendor:
     tiny_base: Path          # tiny 0.9.0: what the site already holds before most cases
     unsigned: Path           # tiny 1.0.0 built --unsigned
     foreign: Path            # tiny 1.0.0 signed by other_key
-    larger: Path             # two components, two platforms, ~600 KiB
-    parts: Path              # larger, split into 100 KB parts (its .parts.json)
+    larger: Path             # two components, two platforms, ~330 KiB (17 members)
+    parts: Path              # larger, split into 100 KiB parts (4 parts; its .parts.json)
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +169,8 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
               for v in ("0.9.0", "1.0.0", "1.1.0")]
     for arch in ("amd64", "arm64"):
         base = rootfs_layer({"bin/blob": pseudo_random(120_000, arch)}, arch=arch)
-        images += [TestImage("big/api:2.0.0", arch, [base, rootfs_layer({"app/api": b"v2\n"}, size=30_000)]).for_arch(arch),
+        api_top = rootfs_layer({"app/api": b"v2\n"}, size=30_000)
+        images += [TestImage("big/api:2.0.0", arch, [base, api_top]).for_arch(arch),
                    TestImage("big/web:2.0.0", arch, [base, rootfs_layer({"app/web": b"w\n"})]).for_arch(arch)]
     layout = write_oci_layout(d / "oci", images)
     tiny = {v: write_app(d / f"tiny-{v}.yml", "tiny", v, {"app": f"tiny/app:{v}"}) for v in ("0.9.0", "1.0.0", "1.1.0")}

@@ -179,7 +179,8 @@ def test_a_blob_swapped_for_another_valid_blob_is_refused(vendor: Vendor, site: 
     for victim, donor in pairs:
         if victim.size == donor.size:
             bad = bytearray(data)
-            bad[victim.data_offset:victim.data_offset + victim.size] = data[donor.data_offset:donor.data_offset + donor.size]
+            donor_bytes = data[donor.data_offset:donor.data_offset + donor.size]
+            bad[victim.data_offset:victim.data_offset + victim.size] = donor_bytes
             expect = victim.name
         else:  # rename the member: the reader meets a listed blob out of its place
             bad = bytearray(data)

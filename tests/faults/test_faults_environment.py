@@ -25,7 +25,7 @@ import pytest
 
 from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
 from tests.faults import import_child
-from tests.faults.conftest import Vendor, collections_path, normalized_state, site_state, state_diff  # noqa: F401
+from tests.faults.conftest import Vendor, normalized_state, site_state, state_diff
 from tests.helpers.bundles import members
 
 SEED = 11
@@ -272,7 +272,8 @@ def test_disk_full_at_every_point_refuses_cleanly_and_the_rerun_completes(vendor
                 outcomes["refused writing the record"] += "release record" in str(exc)
                 assert "no space left" in str(exc).lower() and "free space" in str(exc), exc
                 after = site_state(root)
-                assert after == before, f"leave {leave}: the failed import changed the site:\n{state_diff(before, after)}"
+                assert after == before, \
+                    f"leave {leave}: the failed import changed the site:\n{state_diff(before, after)}"
                 (mnt / "filler").unlink()
                 import_bundle(repo, str(vendor.larger), vendor.keys)
             got = normalized_state(root)
