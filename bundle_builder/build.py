@@ -1,4 +1,5 @@
-"""Bundle writer: app model + images -> one signed, content-addressed tar (or split parts).
+"""Bundle writer: app model + images (+ OS packages, + carried files) -> one signed, content-addressed tar
+(or split parts).
 
 Every blob is stored once (dedup by digest), copied in chunks while its sha256 is checked against the digest
 the manifest claims, and the output appears atomically (temp file, then rename). The same inputs give the
