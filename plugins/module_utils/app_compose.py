@@ -255,7 +255,7 @@ class ComposeRuntime(Runtime):
         if spec.resources.get("cpus"):
             limits["cpus"] = spec.resources["cpus"]
         if spec.resources.get("memory"):
-            limits["memory"] = parse_memory(spec.resources["memory"])
+            limits["memory"] = str(parse_memory(spec.resources["memory"]))
         if limits or spec.replicas != 1:
             service["deploy"] = {"replicas": spec.replicas}
             if limits:
