@@ -14,7 +14,7 @@ One import at a time: an flock on the root directory (no lock file). Everything 
 layout included, is written while it holds the lock.
 
 An import verifies the whole bundle into ``staging`` (same filesystem), and only then moves the blobs into
-place (rename: no second copy), writes the release record, and finally replaces ``catalog.json``. A release
+place (rename: no second copy), renames the release record into place, and finally replaces ``catalog.json``. A release
 therefore appears in the catalog whole or not at all, and a failed import changes nothing a reader of the
 catalog can see. Everything an import writes (staged blobs, the release record, the new catalog) is
 written before the first rename, so a full disk stops it with the repository unchanged. Staged blobs survive
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
-                            verify_bundle)
+                            sha256_file, verify_bundle)
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
@@ -407,11 +406,7 @@ def _staged_intact(path: str, desc: dict[str, Any]) -> bool:
             return False
     except FileNotFoundError:
         return False
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1024 * 1024), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest() == desc["digest"]
+    return "sha256:" + sha256_file(path) == desc["digest"]
 
 
 def _is_current_dir(fd: int, path: str) -> bool:
