@@ -261,12 +261,13 @@ def main() -> None:
         engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
                         actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
         overrides = p["overrides"]
-        if overrides is None:
-            overrides = (state.current or {}).get("overrides") or {}
+        if overrides is None:  # kept from the last deploy, also across an uninstall
+            overrides = (state.current or state.previous or {}).get("overrides") or {}
         if p["action"] == "deploy":
+            running = (state.current or {}).get("version")
+            action = "install" if not running else "upgrade" if running != p["version"] else "reconfigure"
             result = engine.deploy(version=p["version"], model=p["model"], images=p["images"], overrides=overrides,
-                                   snapshot=p["snapshot"], auto_rollback=p["auto_rollback"],
-                                   action="upgrade" if state.current else "install")
+                                   snapshot=p["snapshot"], auto_rollback=p["auto_rollback"], action=action)
         else:
             result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
     except (DeployError, ModelError, StateError, OSError) as exc:

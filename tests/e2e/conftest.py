@@ -82,7 +82,8 @@ def require_world(arches: Iterable[str]) -> None:
     pytest.skip(f"test world unavailable on this machine: {problem}")
 
 
-def _running(site: Site) -> Iterator[Site]:
+def running_site(site: Site) -> Iterator[Site]:
+    """Bring `site` up for a fixture's lifetime (removing leftovers of a killed run first), then down."""
     site.down()  # what an earlier, killed run may have left under this name
     try:
         site.up()
@@ -96,14 +97,14 @@ def _running(site: Site) -> Iterator[Site]:
 def world_site() -> Iterator[Site]:
     """The default site, up for the whole session."""
     require_world(h.arch for h in DEFAULT_HOSTS)
-    yield from _running(Site(os.environ.get("OD_E2E_SITE", "e2e-a"), DEFAULT_HOSTS))
+    yield from running_site(Site(os.environ.get("OD_E2E_SITE", "e2e-a"), DEFAULT_HOSTS))
 
 
 @pytest.fixture(scope="session")
 def world_site_b(world_site: Site) -> Iterator[Site]:
     """A second site, up at the same time as `world_site` (distinct name, network and subnet)."""
     require_world(h.arch for h in SITE_B_HOSTS)
-    yield from _running(Site(os.environ.get("OD_E2E_SITE_B", "e2e-b"), SITE_B_HOSTS))
+    yield from running_site(Site(os.environ.get("OD_E2E_SITE_B", "e2e-b"), SITE_B_HOSTS))
 
 
 @pytest.fixture(scope="session")
