@@ -110,6 +110,7 @@ def _go_build(build: GoBuild, names: list[str], out: Path) -> None:
             raise WorldError(f"go build succeeded but {built} is missing")
         os.replace(built, out / name)
     _record(out, names, seconds)
+    shutil.rmtree(partial, ignore_errors=True)
     log(f"built {', '.join(names)} in {seconds}s into {out}")
 
 

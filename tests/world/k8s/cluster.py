@@ -29,7 +29,7 @@ from ..site import SYSTEMD_RUN_FLAGS, Site
 from ..util import IMAGE_REPO, LABEL, Result, WorldError, docker, file_lock, log, run
 from .addons import coredns_manifests
 from .build import KUBE_COMMANDS, coredns_build, ensure_etcd, ensure_go_build, kubernetes_build
-from .config import API_PORT, SERVICE_IP, Node, kubeconfig, node_files
+from .config import API_PORT, SERVICE_IP, TUNABLES_DIR, Node, kubeconfig, node_files
 from .images import coredns_image, ensure_image_archives
 from .pki import make_pki
 
@@ -140,7 +140,10 @@ class Cluster:
         art = ensure_artifacts()
         if self._running() and self._healthy():
             log(f"cluster of site {self.site.name} already up")
-            return self._publish()
+            info = self._publish()
+            self._apply(coredns_manifests(coredns_image()))  # server-side apply: no change when present
+            self._wait_dns()
+            return info
         self._remove_node()
         image = ensure_node_image(art, self.site.suite)
         try:
@@ -164,10 +167,12 @@ class Cluster:
     def down(self) -> list[str]:
         """Remove the node container (its volumes with it) and the cluster's state and kubeconfigs."""
         removed = self._remove_node()
-        for path in (self.site.transfer_dir / KUBECONFIG_NAME,):
-            if path.exists():
-                path.unlink()
-                removed.append(str(path))
+        path = self.site.transfer_dir / KUBECONFIG_NAME
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+            # The copy made for tools reading ~/.kube/config (a missing jump host has nothing to clean).
+            self.site.jump("rm -f /root/.kube/config", timeout=30)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
             removed.append(str(self.state_dir))
@@ -283,6 +288,10 @@ for f in cpuset.cpus cpuset.mems; do
   [ -n "$(cat $c/$f)" ] || cat "$(dirname $c)/$f" > "$c/$f"
 done
 mount --make-rshared /
+for f in {TUNABLES_DIR}/*; do                  # what the kubelet expects to read (config.KUBELET_TUNABLES)
+  target=/proc/sys/$(basename "$f" | tr . /)
+  mountpoint -q "$target" || mount --bind -o ro "$f" "$target"
+done
 systemctl daemon-reload
 systemctl restart containerd
 for i in $(seq 1 60); do ctr version >/dev/null 2>&1 && break; sleep 0.5; done

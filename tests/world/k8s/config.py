@@ -25,8 +25,9 @@ PAUSE_IMAGE = "od-world.local/pause:1.0"
 REGISTRY_PORT = 5000
 
 # Kernel tunables the kubelet insists on (it writes them when they differ and dies when it cannot). They are
-# global to the VM, and the node container's /proc/sys is read-only: the kubelet's unit sees these values
-# through read-only bind mounts instead (docs/kubernetes-cluster.md, "What differs from a real node").
+# global to the VM, and the node container's /proc/sys is read-only: the node's mount namespace sees these
+# values through read-only bind mounts instead (docs/kubernetes-cluster.md, "What differs from a real node").
+# Not in a private namespace of the kubelet unit: the kubelet's volume mounts must reach containerd.
 KUBELET_TUNABLES = {
     "vm/overcommit_memory": "1", "vm/panic_on_oom": "0", "kernel/panic": "10", "kernel/panic_on_oops": "1",
     "kernel/keys/root_maxkeys": "1000000", "kernel/keys/root_maxbytes": "25000000",
@@ -62,7 +63,7 @@ def kubeconfig(pki: Path, user: str, server: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _unit(description: str, exec_start: list[str], after: str, extra: str = "") -> str:
+def _unit(description: str, exec_start: list[str], after: str) -> str:
     cmd = " \\\n    ".join(exec_start)
     return f"""[Unit]
 Description={description} (offline-delivery test cluster)
@@ -73,7 +74,7 @@ Wants={after}
 ExecStart={cmd}
 Restart=always
 RestartSec=2
-{extra}
+
 [Install]
 WantedBy=multi-user.target
 """
@@ -118,8 +119,6 @@ def units(node: Node) -> dict[str, str]:
         f"{BIN}/kubelet", "--config=/etc/kubernetes/kubelet.yaml", "--kubeconfig=/etc/kubernetes/kubelet.kubeconfig",
         f"--node-ip={node.ip}", f"--hostname-override={node.name}",
     ]
-    binds = "\n".join(f"BindReadOnlyPaths={TUNABLES_DIR}/{k.replace('/', '.')}:/proc/sys/{k}"
-                      for k in KUBELET_TUNABLES)
     proxy = [f"{BIN}/kube-proxy", "--config=/etc/kubernetes/kube-proxy.yaml", f"--hostname-override={node.name}"]
     return {
         "od-etcd.service": _unit("etcd", etcd, "network-online.target"),
@@ -127,7 +126,7 @@ def units(node: Node) -> dict[str, str]:
         "kube-controller-manager.service": _unit("Kubernetes controller manager", controller_manager,
                                                  "kube-apiserver.service"),
         "kube-scheduler.service": _unit("Kubernetes scheduler", scheduler, "kube-apiserver.service"),
-        "kubelet.service": _unit("Kubernetes node agent", kubelet, "containerd.service", binds + "\n"),
+        "kubelet.service": _unit("Kubernetes node agent", kubelet, "containerd.service"),
         "kube-proxy.service": _unit("Kubernetes service proxy", proxy, "kubelet.service"),
     }
 
