@@ -114,15 +114,32 @@ class SiteRepo:
 
     def ensure_layout(self) -> bool:
         """Create the directories and an empty catalog; True when something was created."""
-        changed = False
-        for d in (self.blobs_dir, self.releases_dir, self.staging_dir):
+        created: list[str] = []
+        self._create_layout(created)
+        return bool(created)
+
+    def _create_layout(self, created: list[str]) -> None:
+        """Create what is missing of the layout, appending each path created to ``created`` as it goes
+        (so a failure half-way still says what to undo)."""
+        for d in (os.path.dirname(self.blobs_dir), self.blobs_dir, self.releases_dir, self.staging_dir):
             if not os.path.isdir(d):
                 os.makedirs(d, mode=0o755, exist_ok=True)
-                changed = True
+                created.append(d)
         if not os.path.exists(self.catalog_path):
             self._write_catalog({"schemaVersion": CATALOG_SCHEMA, "releases": []})
-            changed = True
-        return changed
+            created.append(self.catalog_path)
+
+    def _undo_layout(self, created_root: bool, created: list[str]) -> None:
+        """After a refused import into a repository without releases: remove what this import created
+        (the root, or the layout inside a root that was there, e.g. a mount point). Holding the lock."""
+        if created_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for path in created:
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _remove(path)
 
     @contextmanager
     def lock(self, timeout: float) -> Iterator[bool]:
@@ -265,18 +282,19 @@ def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check
     """Verify a bundle and publish it into ``repo`` (see the module docstring for the guarantees).
 
     A refused bundle leaves nothing behind: its staged blobs are discarded, and a repository this call
-    created is removed again. Only an abrupt stop (kill, power loss) leaves staged blobs, which the next
+    created (the root, or the layout inside an existing root such as a mount point) is removed again. Only an abrupt stop (kill, power loss) leaves staged blobs, which the next
     run of the same import reuses instead of writing them again.
     """
     if check_mode:
         return _check_only(repo, path, trusted_keys, created=not repo.exists())
-    with repo.lock(lock_timeout) as created:
+    with repo.lock(lock_timeout) as created_root:
+        created: list[str] = []
         try:
-            repo.ensure_layout()
+            repo._create_layout(created)
             return _import_locked(repo, path, trusted_keys, imported_by)
         except (BundleError, RepoError, OSError):
-            if created and not repo.catalog()["releases"]:
-                shutil.rmtree(repo.root, ignore_errors=True)  # still locked: nobody else is inside
+            if (created_root or created) and not repo.catalog()["releases"]:
+                repo._undo_layout(created_root, created)  # still locked: nobody else is inside
             raise
 
 

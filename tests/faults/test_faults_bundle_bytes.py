@@ -87,6 +87,7 @@ def flip_positions(bundle: Path, positions: list[int], keys: list[bytes], scratc
     return problems
 
 
+@pytest.mark.slow
 def test_every_single_byte_flip_of_a_small_bundle_is_refused(vendor: Vendor, tmp_path: Path) -> None:
     """Exhaustive: each of the ~11 000 bytes (manifest, signature, each blob, headers, padding, end marker)."""
     size = vendor.tiny.stat().st_size

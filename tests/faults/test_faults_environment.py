@@ -83,6 +83,7 @@ def forked_import(root: Path, bundle: Path, keys: list[bytes], kill_at: int | No
     return status, int(counted or 0)
 
 
+@pytest.mark.slow
 def test_kill_at_every_step_then_rerun_gives_the_clean_tree(vendor: Vendor, tmp_path: Path) -> None:
     """SIGKILL before each filesystem step of an import (fresh repository, then one holding a release)."""
     for label, preload in (("fresh", []), ("holding 0.9.0", [vendor.tiny_base])):
@@ -298,6 +299,7 @@ def ansible_import(collections: Path, bundle: Path, root: Path, pub: Path) -> su
                             start_new_session=True)
 
 
+@pytest.mark.slow
 def test_killed_module_run_then_module_rerun_gives_the_clean_tree(vendor: Vendor, tmp_path: Path,
                                                                   collections_path: Path) -> None:
     expected = clean_state(vendor, tmp_path, vendor.tiny_base, vendor.larger, module_last=True)
@@ -321,3 +323,18 @@ def test_killed_module_run_then_module_rerun_gives_the_clean_tree(vendor: Vendor
         assert rerun.returncode == 0, out + err
         got = normalized_state(root)
         assert got == expected, f"module kill {i}, then rerun:\n{state_diff(expected, got)}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_mount_point_as_the_root_stays_as_it_was_when_the_first_import_does_not_fit(vendor: Vendor,
+                                                                                       tmp_path: Path) -> None:
+    """The repo root is the (empty) tmpfs itself: a refused first import removes the layout it made,
+    never the mount point, and a bundle that fits imports afterwards."""
+    with small_tmpfs(tmp_path / "root", "192k") as root:
+        before = site_state(root)
+        repo = SiteRepo(str(root))
+        with pytest.raises(RepoError, match="no space left .* free space and run the import again"):
+            import_bundle(repo, str(vendor.larger), vendor.keys)
+        assert site_state(root) == before and os.path.ismount(root)
+        assert import_bundle(repo, str(vendor.tiny), vendor.keys).changed
+        assert os.path.ismount(root)
