@@ -88,6 +88,7 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: redis, namespace: {NS}, labels: {{app: redis}}}}
 spec:
+  enableServiceLinks: false   # a Service named redis would inject REDIS_PORT=tcp://..., which the image reads
   containers:
   - name: redis
     image: repo:5000/shop/redis:1.0.0
@@ -106,6 +107,7 @@ apiVersion: v1
 kind: Pod
 metadata: {{name: client, namespace: {NS}}}
 spec:
+  enableServiceLinks: false
   terminationGracePeriodSeconds: 1
   containers:
   - name: client
