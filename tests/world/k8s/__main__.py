@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("status", "print cluster.json and the nodes")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("site")
+        if name == "up":
+            cmd.add_argument("--keep-on-failure", action="store_true", help="leave a failed node for debugging")
     build = sub.add_parser("build", help="build (or reuse) the binaries and the node image")
     build.add_argument("--suite", default=DEFAULT_SUITE)
     return p
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             print(ensure_node_image(ensure_artifacts(), args.suite))
         elif args.cmd == "up":
-            info = Cluster(args.site).up()
+            info = Cluster(args.site).up(keep_on_failure=args.keep_on_failure)
             print(json.dumps(info, indent=2))
             print(f"try: KUBECONFIG={info['kubeconfig']} kubectl get nodes   "
                   f"(in the jump host: KUBECONFIG={info['jump_kubeconfig']})")

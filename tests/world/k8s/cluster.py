@@ -134,8 +134,9 @@ class Cluster:
         return f"/srv/transfer/{KUBECONFIG_NAME}"
 
     # ---- lifecycle --------------------------------------------------------------------------------
-    def up(self) -> dict:
-        """Bring the cluster up (idempotent: a healthy cluster is left as it is)."""
+    def up(self, keep_on_failure: bool = False) -> dict:
+        """Bring the cluster up (idempotent: a healthy cluster is left as it is). On failure the units'
+        journals are logged and the node is removed, unless `keep_on_failure` (to look inside)."""
         started = time.monotonic()
         art = ensure_artifacts()
         if self._running() and self._healthy():
@@ -159,6 +160,8 @@ class Cluster:
             self._wait_dns()
         except BaseException:
             self._diagnose()
+            if not keep_on_failure:
+                self._remove_node()
             raise
         log(f"cluster of site {self.site.name} up in {time.monotonic() - started:.0f}s; kubeconfig "
             f"{self.kubeconfig_path} (jump host: {self.jump_kubeconfig})")
