@@ -282,8 +282,9 @@ def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check
     """Verify a bundle and publish it into ``repo`` (see the module docstring for the guarantees).
 
     A refused bundle leaves nothing behind: its staged blobs are discarded, and a repository this call
-    created (the root, or the layout inside an existing root such as a mount point) is removed again. Only an abrupt stop (kill, power loss) leaves staged blobs, which the next
-    run of the same import reuses instead of writing them again.
+    created (the root, or the layout inside an existing root such as a mount point) is removed again.
+    Only an abrupt stop (kill, power loss) leaves staged blobs, which the next run of the same import
+    re-hashes and reuses instead of writing them again.
     """
     if check_mode:
         return _check_only(repo, path, trusted_keys, created=not repo.exists())
