@@ -338,3 +338,18 @@ def test_a_mount_point_as_the_root_stays_as_it_was_when_the_first_import_does_no
         assert site_state(root) == before and os.path.ismount(root)
         assert import_bundle(repo, str(vendor.tiny), vendor.keys).changed
         assert os.path.ismount(root)
+
+
+def test_two_module_runs_at_once(vendor: Vendor, tmp_path: Path, collections_path: Path) -> None:
+    """Two ``ansible … bundle_import`` runs of the same release into a fresh root: one imports, the other
+    waits for the lock and then finds nothing to do; the tree is that of one clean import."""
+    root = tmp_path / "site"
+    procs = [ansible_import(collections_path, vendor.larger, root, vendor.pub) for dummy in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    results = [json.loads(out.split("=> ", 1)[1]) for out, dummy in outs]
+    assert sorted(r["changed"] for r in results) == [False, True], results
+    assert "already imported" in next(r["msg"] for r in results if not r["changed"])
+    got = normalized_state(root)
+    expected = clean_state(vendor, tmp_path, vendor.larger, module_last=True)
+    assert got == expected, state_diff(expected, got)
