@@ -137,3 +137,20 @@ def test_without_waves_all_targets_run_in_one_batch(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     waves = batches(res.stdout, WAVE_PLAYS["install.yml"])
     assert len(waves) == 1 and sorted(waves[0]) == sorted(SITE_A_TARGETS + SITE_B_TARGETS)
+
+
+# AWX lists a project file as a playbook only when a line matches this (awx/main/utils/ansible.py,
+# valid_playbook_re); a job template can select nothing else.
+AWX_PLAYBOOK_LINE = re.compile(r"^\s*?-?\s*?(?:hosts|include|import_playbook):\s*?.*?$")
+LIFECYCLE = ["import.yml", "runtime.yml", "install.yml", "upgrade.yml", "rollback.yml", "status.yml",
+             "uninstall.yml", "verify.yml"]
+
+
+@pytest.mark.parametrize("playbook", [
+    pytest.param(p, marks=pytest.mark.xfail(
+        strict=True, reason="upgrade.yml holds only `ansible.builtin.import_playbook:`, which AWX's scan does "
+                            "not match (asked of the lead in briefs/status.md; drop this mark once fixed)"))
+    if p == "upgrade.yml" else p for p in LIFECYCLE])
+def test_awx_lists_the_lifecycle_playbook(playbook: str) -> None:
+    lines = (REPO / "playbooks" / playbook).read_text(encoding="utf-8").splitlines()
+    assert any(AWX_PLAYBOOK_LINE.match(line) for line in lines), f"AWX would not offer playbooks/{playbook}"

@@ -51,9 +51,10 @@ def site_label(site: Site) -> str:
     return group_name(site.name)
 
 
-def merged_inventory(controller: Site, sites: Sequence[Site]) -> dict:
-    """One inventory holding every site (host names `<site>-<host>`), as the controller's jump host sees it."""
-    keys = {s.name: f"{WORLD_MOUNT}/{s.name}/{s.key_path.name}" for s in sites}
+def merged_inventory(sites: Sequence[Site], local: bool = False) -> dict:
+    """One inventory holding every site (host names `<site>-<host>`): key paths as a jump host sees them, or
+    with `local` as this machine does (it reaches the internal networks' IPs too, e.g. for ansible-runner)."""
+    keys = {s.name: str(s.key_path) if local else f"{WORLD_MOUNT}/{s.name}/{s.key_path.name}" for s in sites}
     doc = inventory(list(sites), keys, prefix_hosts=True)
     children = doc["all"]["children"]
     for site in sites:
@@ -71,5 +72,5 @@ def merged_inventory(controller: Site, sites: Sequence[Site]) -> dict:
 def write_merged_inventory(controller: Site, sites: Sequence[Site]) -> str:
     """Write the merged inventory into the controller site's state dir; return its path in the jump host."""
     path: Path = controller.state_dir / MERGED_INVENTORY
-    path.write_text(yaml.safe_dump(merged_inventory(controller, sites), sort_keys=False))
+    path.write_text(yaml.safe_dump(merged_inventory(sites), sort_keys=False))
     return f"{WORLD_MOUNT}/{controller.name}/{MERGED_INVENTORY}"
