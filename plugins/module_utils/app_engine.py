@@ -204,7 +204,8 @@ class Engine:
                           plan=plan)
             raise
         self.state.record(version=version, model=model, images=images, overrides=overrides,
-                          placement=placement, addresses=addresses, fingerprints={s.name: s.fingerprint for s in specs}, target=self.runtime.kind,
+                          placement=placement, addresses=addresses,
+                          fingerprints={s.name: s.fingerprint for s in specs}, target=self.runtime.kind,
                           by=self.actor, at=at)
         if plan.has_changes or state_changes:
             self.state.add_history({"at": at, "by": self.actor, "action": action, "result": "ok",
@@ -212,7 +213,8 @@ class Engine:
                                     "plan": plan.as_dict(), "snapshot": snapshot_sizes or None})
         saved = self.state.save()
         return self._result(changed=plan.has_changes or saved, action=action, version=version, before=before,
-                            plan=plan, specs=specs, model_diff=model_diff, health=health, snapshot=snapshot_sizes or None)
+                            plan=plan, specs=specs, model_diff=model_diff, health=health,
+                            snapshot=snapshot_sizes or None)
 
     def _snapshot(self, version: str, specs: Sequence[ComponentSpec]) -> Dict[str, int]:
         """Snapshot the volumes of the components about to change, while they are stopped."""

@@ -215,6 +215,9 @@ def _diff(engine: Engine, result: dict) -> dict:
             for name, fp in sorted(before_rec["fingerprints"].items()))
     after = "release: %s\n" % result["version"] + "".join(
         "%s: %s %s\n" % (name, c["image"], c["fingerprint"][:19]) for name, c in sorted(result["components"].items()))
+    for comp, changes in sorted((result.get("model_diff") or {}).get("env_defaults", {}).items()):
+        for key, change in sorted(changes.items()):
+            after += "env default %s.%s: %s -> %s\n" % (comp, key, change["old"], change["new"])
     return {"before": before, "after": after, "before_header": "state.json", "after_header": "release"}
 
 
