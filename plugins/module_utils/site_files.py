@@ -6,7 +6,8 @@
 Standard library only: it runs in ``repo_files_publish`` on the repo host. Layout under ``www/files``::
 
     <name>/<version>/<arch>/<name>      a hard link to blobs/sha256/<hex> (a copy only across file systems)
-    index.json                          every file: name, version, arch, digest, size, mode, url, releases
+    index.json                          every file: name, version, arch, digest, size, mode, url, releases,
+                                        importedAt (the newest import of a release carrying it)
 
 Everything is derived from the catalog (every imported release), so the tree is the same whatever order the
 releases came in. Nothing is written when nothing differs; links no release carries any more are removed.
@@ -43,6 +44,7 @@ class SiteFile:
     size: int
     mode: str
     releases: list[str] = field(default_factory=list)  # "name version" of every release carrying it
+    imported_at: str = ""  # import time of the newest release carrying it: clients pick the newest version
 
     @property
     def rel_path(self) -> str:
@@ -51,7 +53,8 @@ class SiteFile:
 
     def as_index(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "arch": self.arch, "digest": self.digest,
-                "size": self.size, "mode": self.mode, "url": self.rel_path, "releases": sorted(self.releases)}
+                "size": self.size, "mode": self.mode, "url": self.rel_path, "releases": sorted(self.releases),
+                "importedAt": self.imported_at}
 
 
 @dataclass
@@ -107,13 +110,15 @@ def site_files(repo_root: str) -> list[SiteFile]:
             name, version, arch, digest, size, mode = _checked(entry, f"{path}: files.{key}")
             known = found.get((name, version, arch))
             if known is None:
-                found[(name, version, arch)] = SiteFile(name, version, arch, digest, size, mode, [label])
+                found[(name, version, arch)] = SiteFile(name, version, arch, digest, size, mode, [label],
+                                                        rel["importedAt"])
             elif (known.digest, known.mode) != (digest, mode):
                 raise FilesError(f"file {name} {version} for {arch} differs between {', '.join(known.releases)} "
                                  f"({known.digest}, mode {known.mode}) and {label} ({digest}, mode {mode}): one "
                                  "URL cannot serve two files; the vendor must give one of them another version")
             else:
                 known.releases.append(label)
+                known.imported_at = rel["importedAt"]  # releases come oldest first
     return [found[k] for k in sorted(found)]
 
 

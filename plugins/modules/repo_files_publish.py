@@ -14,8 +14,8 @@ description:
   - Makes O(www_dir)C(/files/<name>/<version>/<arch>/<name>) for every file (manifest section C(files), from
     C(bundle-builder build --file)) of every release in the site repository's catalog, as a hard link to its
     blob (a copy only when O(www_dir) is on another file system), and writes O(www_dir)C(/files/index.json)
-    listing name, version, arch, digest, size, mode, url (relative to C(index.json)) and the releases
-    carrying each file.
+    listing name, version, arch, digest, size, mode, url (relative to C(index.json)), the releases
+    carrying each file and the import time of the newest of them (C(importedAt)).
   - Links no imported release carries any more are removed. Nothing is written when nothing differs.
   - The same name, version and arch with other bytes in two releases is an error naming both releases.
   - Standard library only.
@@ -82,6 +82,9 @@ files:
       description: Releases (C(name version)) carrying this file.
       type: list
       elements: str
+    importedAt:
+      description: Import time (UTC, ISO 8601) of the newest release carrying this file; clients pick the newest version by it.
+      type: str
 links_changed:
   description: Paths under C(files/) added, replaced or removed.
   returned: success

@@ -33,6 +33,7 @@ from tests.world.util import Result
 pytestmark = pytest.mark.world
 
 VERSION = "v1.30.2+k3s1"
+NEWER = "v1.31.0+k3s1"
 REPO_ROOT = "/srv/offline-delivery"
 FILES_URL = "http://repo:8080/files/"
 PLAY_TIMEOUT = 900
@@ -59,14 +60,14 @@ def _real_k3s() -> tuple[Path, Path] | None:
     return Path(binary), Path(images)
 
 
-def _stand_ins(out: Path, arch: str) -> tuple[Path, Path]:
+def _stand_ins(out: Path, arch: str, version: str = VERSION) -> tuple[Path, Path]:
     """Not k3s: a script that says so, and a tar holding one file. They travel and are checked like k3s would."""
-    binary = out / f"k3s-stand-in-{arch}"
-    binary.write_text(f"#!/bin/sh\necho 'stand-in for k3s {arch} (offline.delivery e2e): not the real binary' >&2\n"
-                      "exit 1\n")
+    binary = out / f"k3s-stand-in-{version}-{arch}"
+    binary.write_text(f"#!/bin/sh\necho 'stand-in for k3s {version} {arch} (offline.delivery e2e): not the real binary' "
+                      ">&2\nexit 1\n")
     binary.chmod(0o755)
-    images = out / f"airgap-stand-in-{arch}.tar"
-    data = f"stand-in for the k3s airgap images, {arch}\n".encode()
+    images = out / f"airgap-stand-in-{version}-{arch}.tar"
+    data = f"stand-in for the k3s airgap images, {version} {arch}\n".encode()
     with tarfile.open(images, "w", format=tarfile.USTAR_FORMAT) as tar:
         info = tarfile.TarInfo("README")
         info.size, info.mtime = len(data), 0
@@ -104,9 +105,22 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bundle_builder("build", str(out / "app.yml"), "-o", str(out / "k3sfiles-1.0.0"), "--images-from", f"oci:{out / 'oci'}",
                    "--platform", ",".join(f"linux/{arch}" for arch in carried), "--sign-key", str(out / "vendor.key"),
                    "--packages", "debian-12", "--package-profiles", "base,repo", *files)
-    return {"k3sfiles-1.0.0": out / "k3sfiles-1.0.0", "vendor.pub": out / "vendor.pub",
-            **{f"binary-{arch}": b for arch, (b, _) in carried.items()},
-            **{f"images-{arch}": i for arch, (_, i) in carried.items()}}
+    found = {"k3sfiles-1.0.0": out / "k3sfiles-1.0.0", "vendor.pub": out / "vendor.pub",
+             **{f"binary-{arch}": b for arch, (b, _) in carried.items()},
+             **{f"images-{arch}": i for arch, (_, i) in carried.items()}}
+    if real is None:
+        # 1.1.0 carries a newer k3s (stand-ins again) for every arch: the role must move to it, or stay pinned
+        newer = {arch: _stand_ins(out, arch, NEWER) for arch in carried}
+        (out / "app-1.1.0.yml").write_text(APP.replace("version: 1.0.0", "version: 1.1.0"))
+        bundle_builder("build", str(out / "app-1.1.0.yml"), "-o", str(out / "k3sfiles-1.1.0"), "--images-from",
+                       f"oci:{out / 'oci'}", "--platform", ",".join(f"linux/{arch}" for arch in carried),
+                       "--sign-key", str(out / "vendor.key"),
+                       *[x for arch, (binary, tarball) in newer.items()
+                         for x in ("--file", f"k3s@{NEWER}/{arch}={binary}",
+                                   "--file", f"k3s-airgap-images@{NEWER}/{arch}={tarball}")])
+        found["k3sfiles-1.1.0"] = out / "k3sfiles-1.1.0"
+        found.update({f"newer-binary-{arch}": b for arch, (b, _) in newer.items()})
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +131,7 @@ def site(media: dict[str, Path]) -> Iterator[Site]:
     s.down()  # what a killed earlier run may have left
     try:
         s.up()
-        carry(s, {k: v for k, v in media.items() if k in ("k3sfiles-1.0.0", "vendor.pub")})
+        carry(s, {k: v for k, v in media.items() if k.startswith("k3sfiles-") or k == "vendor.pub"})
         res = s.jump(["ansible-playbook", "offline.delivery.import", "-e", "offline_delivery_bundle_src=/srv/transfer/k3sfiles-1.0.0",
                       "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
                      timeout=PLAY_TIMEOUT)
@@ -238,8 +252,35 @@ def test_second_run_and_check_mode_change_nothing(site: Site) -> None:
 def test_a_version_the_site_lacks_is_named(site: Site) -> None:
     res = _k3s_play(site, "-e", "k3s_start=false", "-e", "k3s_version=v9.9.9+k3s1", "--limit", "k3s1")
     assert res.rc != 0
-    assert "lists 0 k3s binaries for amd64 version v9.9.9+k3s1" in res.output
+    assert "index.json has no k3s v9.9.9+k3s1 for amd64 (k3s_version)" in res.output, res.output[-3000:]
     assert f"k3s/{VERSION}/amd64/k3s" in res.output and "--file k3s@VERSION/amd64=PATH" in res.output
+
+
+def test_a_newer_import_moves_every_host_and_k3s_version_pins(site: Site, media: dict[str, Path]) -> None:
+    if "k3sfiles-1.1.0" not in media:
+        pytest.skip("with a real k3s binary given there is no second k3s build to move to")
+    res = site.jump(["ansible-playbook", "offline.delivery.import", "-e", "offline_delivery_bundle_src=/srv/transfer/k3sfiles-1.1.0",
+                     "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
+                    timeout=PLAY_TIMEOUT)
+    assert res.rc == 0, f"import of 1.1.0 failed:\n{res.output[-5000:]}"
+    hosts = ("k3s1", *_agents(site))
+
+    def installed(host: str) -> str:
+        return _sha256_on(site, host, "/usr/local/bin/k3s")
+
+    def digest(key: str) -> str:
+        return hashlib.sha256(media[key].read_bytes()).hexdigest()
+
+    res = _k3s_play(site, "-e", "k3s_start=false")  # no k3s_version: the newest import's version, on every arch
+    assert res.rc == 0, res.output[-5000:]
+    for host in hosts:
+        arch = site.host(host).arch
+        assert installed(host) == digest(f"newer-binary-{arch}"), host
+        assert recap(res, host)["changed"] > 0
+    res = _k3s_play(site, "-e", "k3s_start=false", "-e", f"k3s_version={VERSION}")  # pinned back
+    assert res.rc == 0, res.output[-5000:]
+    for host in hosts:
+        assert installed(host) == digest(f"binary-{site.host(host).arch}"), host
 
 
 def test_k3s_cluster_runs_from_the_site(site: Site) -> None:

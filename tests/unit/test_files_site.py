@@ -85,7 +85,10 @@ def test_publish_links_blobs_and_writes_the_index(vendor: Vendor) -> None:
     blob = vendor.repo / blob_path(digest)
     assert served.read_bytes() == k3s.read_bytes()
     assert os.stat(served).st_ino == os.stat(blob).st_ino, "a hard link to the blob, not a copy"
-    assert _index(vendor) == {"schemaVersion": 1, "files": [
+    index = _index(vendor)
+    imported_at = json.loads((vendor.repo / "catalog.json").read_bytes())["releases"][0]["importedAt"]
+    assert [e.pop("importedAt") for e in index["files"]] == [imported_at, imported_at]
+    assert index == {"schemaVersion": 1, "files": [
         {"name": "k3s", "version": "v1.30.2+k3s1", "arch": "amd64", "digest": digest, "size": 14, "mode": "0755",
          "url": "k3s/v1.30.2+k3s1/amd64/k3s", "releases": ["demo 1.0.0"]},
         {"name": "k3s-airgap-images", "version": "v1.30.2+k3s1", "arch": "amd64",
@@ -105,11 +108,18 @@ def test_releases_share_a_file_and_a_version_replaced_drops_its_link(vendor: Ven
     vendor.release("1.0.0", [f"k3s@v1/amd64={k3s1}", f"k3s@v1/arm64={k3s1}"])
     publish_files(str(vendor.repo), str(vendor.www))
     vendor.release("1.1.0", [f"k3s@v1/amd64={k3s1}"])
+    catalog = json.loads((vendor.repo / "catalog.json").read_bytes())  # imports a month apart, not one second
+    for rel in catalog["releases"]:
+        rel["importedAt"] = {"1.0.0": "2026-01-01T00:00:00Z", "1.1.0": "2026-02-01T00:00:00Z"}[rel["version"]]
+    (vendor.repo / "catalog.json").write_text(json.dumps(catalog))
     result = publish_files(str(vendor.repo), str(vendor.www))
     assert result.links_changed == [] and result.index_changed  # the index now names both releases
     entries = {(e["version"], e["arch"]): e for e in _index(vendor)["files"]}
     assert entries[("v1", "amd64")]["releases"] == ["demo 1.0.0", "demo 1.1.0"]
     assert entries[("v1", "arm64")]["releases"] == ["demo 1.0.0"]
+    # importedAt: the newest import carrying the file (what a client picks the newest version by)
+    assert entries[("v1", "amd64")]["importedAt"] == "2026-02-01T00:00:00Z"
+    assert entries[("v1", "arm64")]["importedAt"] == "2026-01-01T00:00:00Z"
 
     # the catalog forgets 1.0.0 (as a removal of the release would): its only file goes, empty dirs too
     catalog = json.loads((vendor.repo / "catalog.json").read_bytes())
