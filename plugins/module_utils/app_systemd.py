@@ -21,6 +21,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ COMPONENT_MARK = MARK + " component: "
 SYSTEMCTL_TIMEOUT = 120         # a restart waits for the old process to stop (TimeoutStopSec below)
 STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
+SHOW_PROPERTIES = "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,ExecMainStatus,LoadState"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")   # what a path in a unit may hold unquoted
@@ -108,7 +110,7 @@ class SystemdRuntime(Runtime):
             if props.get("NeedDaemonReload") == "yes":
                 detail += "; the unit file changed since systemd loaded it"
             found[component] = Observed(fingerprint=marks.get("fingerprint"), running=running,
-                                        started_at=props.get("ActiveEnterTimestamp") or None, detail=detail)
+                                        started_at=iso_time(props.get("ActiveEnterTimestamp", "")), detail=detail)
         return found
 
     def _app_units(self) -> Dict[str, str]:
@@ -129,9 +131,10 @@ class SystemdRuntime(Runtime):
         return units
 
     def _show(self, unit: str) -> Dict[str, str]:
-        rc, out, err = self.run(["systemctl", "show", unit, "--property",
-                                 "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,"
-                                 "ExecMainStatus,LoadState"])
+        command = ["systemctl", "show", unit, "--timestamp=unix", "--property", SHOW_PROPERTIES]
+        rc, out, err = self.run(command)
+        if rc != 0 and "timestamp" in err:   # systemd older than 251: local time as text
+            rc, out, err = self.run(command[:3] + command[4:])
         if rc != 0:
             raise DeployError(f"systemctl show {unit} failed (rc {rc}): {err.strip() or out.strip()}; is systemd "
                               "running on this host?")
@@ -605,6 +608,16 @@ def read_marks(path: str) -> Dict[str, str]:
     except FileNotFoundError:
         pass
     return marks
+
+
+def iso_time(value: str) -> Optional[str]:
+    """systemd's ``@<unix seconds>`` as ISO 8601 UTC (the other text as it is; empty/``n/a``: None)."""
+    value = value.strip()
+    if not value or value == "n/a":
+        return None
+    if value.startswith("@") and value[1:].isdigit():
+        return datetime.datetime.fromtimestamp(int(value[1:]), datetime.timezone.utc).isoformat()
+    return value
 
 
 def stop_order(names: Sequence[str], units: Mapping[str, str], unit_name: Callable[[str], str]) -> List[str]:

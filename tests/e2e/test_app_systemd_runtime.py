@@ -25,8 +25,8 @@ from offline_delivery_core.app_model import load_model
 from offline_delivery_core.app_runtime import desired_specs
 from offline_delivery_core.app_systemd import quote_arg, render_env_file
 from offline_delivery_core.bundle_format import read_head
-from tests.e2e.conftest import _running, require_world
-from tests.e2e.media import recap
+from tests.e2e.conftest import require_world, running_site
+from tests.e2e.media import carry, recap
 from tests.e2e.test_runtime import import_shop
 from tests.world.site import HostSpec, Site
 from tests.world.util import docker, repo_root
@@ -96,7 +96,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def site(shop_bundles: dict[str, Path]) -> Iterator[Site]:
     require_world(h.arch for h in HOSTS)
-    for world_site in _running(Site(SITE, HOSTS)):
+    for world_site in running_site(Site(SITE, HOSTS)):
         import_shop(world_site, shop_bundles)
         res = world_site.jump(["ansible-playbook", "offline.delivery.runtime",
                                "-e", "offline_delivery_compose_group=no_compose_hosts",
@@ -249,3 +249,53 @@ def test_install_playbook_runs_the_shop_on_systemd_hosts(site: Site) -> None:
     assert second.rc == 0, second.output[-6000:]
     for host in PLATFORMS:
         assert recap(second, host)["changed"] == 0, f"{host}: {second.stdout[-4000:]}"
+
+
+GROUPS = ["-e", "offline_delivery_compose_group=no_compose_hosts", "-e", "offline_delivery_systemd_group=node2:arm1"]
+UNITS = [f"od-shop-{c}.service" for c in ("db", "redis", "api", "gateway")]
+
+
+def unit_starts(site: Site, host: str) -> dict[str, str]:
+    out = host_sh(site, host, "systemctl show -p ActiveEnterTimestamp --value " + " ".join(UNITS))
+    return dict(zip(UNITS, out.splitlines()))
+
+
+def image_dirs(site: Site, host: str) -> set[str]:
+    return set(host_sh(site, host, f"ls {APPS_DIR}/shop/images").split())
+
+
+@pytest.mark.timeout(3600)
+def test_upgrade_restarts_only_the_api_and_rollback_reuses_its_images(site: Site,
+                                                                      shop_bundles: dict[str, Path]) -> None:
+    """After the install above: 1.1.0 changes only the API (image and an env default), so only its unit
+    restarts and one image is added; the rollback to 1.0.0 unpacks nothing (the 1.0.0 tree is still there)."""
+    carry(site, {"shop-1.1.0": shop_bundles["shop-1.1.0"], "vendor.pub": shop_bundles["vendor.pub"]})
+    res = site.jump(["ansible-playbook", "offline.delivery.import", "-e",
+                     "offline_delivery_bundle_src=/srv/transfer/shop-1.1.0",
+                     "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
+                    timeout=1200)
+    assert res.rc == 0, f"import of shop 1.1.0 failed:\n{res.output[-5000:]}"
+    before = {h: unit_starts(site, h) for h in PLATFORMS}
+    images = {h: image_dirs(site, h) for h in PLATFORMS}
+    up = site.jump(["ansible-playbook", "offline.delivery.upgrade", "-e", "app_name=shop", "-e", "app_version=1.1.0",
+                    *GROUPS], timeout=2400)
+    assert up.rc == 0, f"upgrade failed:\n{up.output[-6000:]}"
+    for host in PLATFORMS:
+        after = unit_starts(site, host)
+        changed = sorted(u for u in UNITS if after[u] != before[host][u])
+        assert changed == ["od-shop-api.service"], f"{host}: restarted {changed}"
+        assert len(image_dirs(site, host) - images[host]) == 1, f"{host}: {image_dirs(site, host)}"
+        assert "SHOP_PAGE_SIZE='50'" in host_sh(site, host, f"cat {STATE_DIR}/apps/shop/env/api.env")
+    upgraded = {h: (unit_starts(site, h), image_dirs(site, h)) for h in PLATFORMS}
+    back = site.jump(["ansible-playbook", "offline.delivery.rollback", "-e", "app_name=shop", *GROUPS], timeout=2400)
+    assert back.rc == 0, f"rollback failed:\n{back.output[-6000:]}"
+    fetch = ("import json, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8080/api/orders', "
+             "timeout=20); print(json.dumps(json.load(r)))")
+    for host in PLATFORMS:
+        starts, dirs = upgraded[host]
+        after = unit_starts(site, host)
+        assert sorted(u for u in UNITS if after[u] != starts[u]) == ["od-shop-api.service"], host
+        assert image_dirs(site, host) == dirs, f"{host}: the rollback unpacked an image again"
+        assert "SHOP_PAGE_SIZE='20'" in host_sh(site, host, f"cat {STATE_DIR}/apps/shop/env/api.env")
+        orders = json.loads(host_sh(site, host, f"python3 -c {shlex.quote(fetch)}"))["orders"]
+        assert any(o["item"] == "tea" for o in orders), f"{host}: {orders}"

@@ -14,8 +14,8 @@ from typing import Dict, List, Tuple
 import pytest
 
 from offline_delivery_core.app_runtime import ComponentSpec, DeployError
-from offline_delivery_core.app_systemd import (SystemdRuntime, exec_argv, kill_signal, quote_arg, read_marks,
-                                               render_env_file, resolve_user, unit_path, unit_settings)
+from offline_delivery_core.app_systemd import (SystemdRuntime, exec_argv, iso_time, kill_signal, quote_arg,
+                                               read_marks, render_env_file, resolve_user, unit_path, unit_settings)
 from offline_delivery_core.image_rootfs import load_rootfs
 
 MANIFEST = "sha256:" + "ab" * 32
@@ -54,7 +54,7 @@ class Systemd:
         if args[0] == "show":
             active = self.state.get(args[1], "inactive")
             return 0, (f"ActiveState={active}\nSubState={'running' if active == 'active' else 'dead'}\n"
-                       f"ActiveEnterTimestamp={'Sun 2026-11-22 02:00:00 UTC' if active == 'active' else ''}\n"
+                       f"ActiveEnterTimestamp={'@1795312800' if active == 'active' else ''}\n"
                        "NeedDaemonReload=no\nResult=success\nExecMainStatus=0\nLoadState=loaded\n"), ""
         if args[0] == "restart":
             self.state.setdefault(args[1], "active")
@@ -201,12 +201,12 @@ def test_start_writes_unit_env_config_and_volume(host) -> None:
         assert (volume.stat().st_uid, volume.stat().st_gid) == (105, 110)
     assert systemd.commands()[-4:] == ["systemctl daemon-reload", "systemctl enable --quiet od-shop-db.service",
                                        "systemctl restart od-shop-db.service",
-                                       "systemctl show od-shop-db.service --property "
+                                       "systemctl show od-shop-db.service --timestamp=unix --property "
                                        "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,"
                                        "ExecMainStatus,LoadState"]
     observed = runtime.observe()
     assert list(observed) == ["db"] and observed["db"].fingerprint == spec.fingerprint
-    assert observed["db"].running and observed["db"].started_at == "Sun 2026-11-22 02:00:00 UTC"
+    assert observed["db"].running and observed["db"].started_at == "2026-11-22T02:00:00+00:00"
     # a volume with data is never reseeded
     (volume / "seed").write_text("changed by the app")
     runtime.start([spec], all_specs=[spec])
@@ -307,3 +307,17 @@ def test_host_ports_are_every_tcp_port(host) -> None:
                             {"name": "pg", "port": 5432, "protocol": "tcp"},
                             {"name": "dns", "port": 53, "protocol": "udp"}])
     assert runtime.host_ports(spec) == [5432, 8080]
+
+
+def test_start_times_iso_and_older_systemd_text(host) -> None:
+    runtime, systemd, _tmp = host
+    assert iso_time("@0") == "1970-01-01T00:00:00+00:00" and iso_time("") is None and iso_time("n/a") is None
+    runtime.start([make_spec()], all_specs=[])
+
+    def old_systemd(argv: List[str]) -> Tuple[int, str, str]:
+        if "--timestamp=unix" in argv:
+            return 1, "", "systemctl: unrecognized option '--timestamp=unix'"
+        rc, out, err = systemd(argv)
+        return rc, out.replace("@1795312800", "Sun 2026-11-22 03:00:00 CET"), err
+    runtime.run = old_systemd
+    assert runtime.observe()["db"].started_at == "Sun 2026-11-22 03:00:00 CET"
