@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: repo_files_publish
 short_description: Publish the binaries carried in the imported releases as the site's file tree
-version_added: 0.1.0
+version_added: 0.2.0
 description:
   - Makes O(www_dir)C(/files/<name>/<version>/<arch>/<name>) for every file (manifest section C(files), from
     C(bundle-builder build --file)) of every release in the site repository's catalog, as a hard link to its
