@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import carry, recap
@@ -132,8 +132,8 @@ def test_each_site_pulls_from_its_own_repo(sites: tuple[Site, Site], installed: 
         repo_ip = site.ips()["repo"]
         running = images(site)
         assert running and all(i.startswith(f"{repo_ip}:5000/shop/") for i in running), (site.name, running)
-        compose = site.exec("node1", f"cat {COMPOSE_FILE}").stdout
-        refs = re.findall(r"image:\s*(\S+)", compose)
+        compose = yaml.safe_load(site.exec("node1", f"cat {COMPOSE_FILE}").stdout)  # YAML or JSON
+        refs = [service["image"] for service in compose["services"].values()]
         assert refs and all(r.startswith(f"{repo_ip}:5000/") for r in refs), (site.name, refs)
 
 
