@@ -231,7 +231,8 @@ def _apply_layer(client: RegistryClient, repository: str, desc: Dict[str, Any], 
     media_type = desc["mediaType"]
     what = f"{where}: layer {desc['digest']} ({media_type})"
     if NONDISTRIBUTABLE in media_type or media_type not in LAYER_TAR + LAYER_GZIP + LAYER_ZSTD:
-        raise ImageError(f"{what}: unsupported layer media type; supported: {', '.join(LAYER_TAR + LAYER_GZIP + LAYER_ZSTD)}")
+        supported = ", ".join(LAYER_TAR + LAYER_GZIP + LAYER_ZSTD)
+        raise ImageError(f"{what}: unsupported layer media type; supported: {supported}")
     blob = os.path.join(partial, "layer.blob")
     try:
         with open(blob, "wb") as out:

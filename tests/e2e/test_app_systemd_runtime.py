@@ -214,7 +214,8 @@ TRICKY = ["plain", "with space", "100%", "$HOME ${PATH}", 'say "hi" \\o/', "it's
 def test_systemd_parses_quoted_arguments_and_env_values_literally(site: Site) -> None:
     """The quoting of ExecStart arguments and EnvironmentFile values, read back from systemd 252 itself."""
     env = {f"V{i}": value for i, value in enumerate(TRICKY)}
-    show = "import json, os, sys; print(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items() if k[0] == 'V'}]))"
+    show = ("import json, os, sys; "
+            "print(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items() if k[0] == 'V'}]))")
     unit = "\n".join([
         "[Service]", "Type=oneshot", f"EnvironmentFile={REMOTE}/quoting.env",
         f"StandardOutput=file:{REMOTE}/quoting.out",
