@@ -326,3 +326,11 @@ def test_copy_blob_follows_a_storage_redirect(registry):
         assert client.copy_blob("shop/redirected", digest, sink, size=16) == 16
     assert sink.getvalue() == b"redirected bytes"
     assert reg.requests[-2:] == [f"/v2/shop/redirected/blobs/{digest}", f"/storage/{digest}"]
+
+
+def test_unsupported_layer_media_type_refused(registry, tmp_path):
+    reg, _ = registry
+    manifest = reg.image([(layer(("file", "x", b"1")), "application/vnd.oci.image.layer.nondistributable.v1.tar")])
+    with pytest.raises(ImageError, match="unsupported layer media type"):
+        unpack(registry, tmp_path / "images", manifest)
+    _no_leftovers(tmp_path / "images")
