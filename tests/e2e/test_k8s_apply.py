@@ -71,10 +71,11 @@ class Shop:
             return json.loads(resp.read().decode())
 
     def pods(self) -> Dict[str, str]:
-        """Pod name -> start time, for every running pod of the app."""
+        """Pod name -> start time, for every running pod of the app that is not terminating (a replaced pod
+        stays in phase Running for its grace period after the rollout is complete)."""
         return {p["metadata"]["name"]: p["status"].get("startTime", "")
                 for p in self.client.list("Pod", NAMESPACE, label_selector="app.kubernetes.io/instance=shop")
-                if p["status"].get("phase") == "Running"}
+                if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")}
 
     def fingerprint(self, kind: str, name: str) -> str:
         obj = self.client.get(kind, name, NAMESPACE)
@@ -139,13 +140,21 @@ def shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     shop_bundles: Dict[str, Path] = request.getfixturevalue("shop_bundles")
     _import_releases(world_site, shop_bundles)
     cluster = Cluster(world_site.name)
-    try:
-        info = cluster.up()
-    except WorldError as exc:
+    info = None
+    failures = []
+    # Two bounded attempts: on a machine this busy (2 cores, several sites) the node can miss the
+    # bring-up's 240 s readiness window once; a second miss is a real problem and is reported.
+    for _attempt in range(2):
+        try:
+            info = cluster.up()
+            break
+        except WorldError as exc:
+            failures.append(str(exc))
+            cluster.down()
+    if info is None:
         if in_ci():
-            raise
-        cluster.down()
-        pytest.skip("the test world's Kubernetes cluster did not come up: %s" % exc)
+            raise AssertionError("the test world's Kubernetes cluster did not come up: %s" % " / ".join(failures))
+        pytest.skip("the test world's Kubernetes cluster did not come up: %s" % " / ".join(failures))
     try:
         kubeconfig = Path(info["kubeconfig"])
         client = K8sClient.from_kubeconfig(yaml.safe_load(kubeconfig.read_text()), base_dir=str(kubeconfig.parent))
