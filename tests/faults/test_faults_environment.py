@@ -225,7 +225,9 @@ def small_tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=False, timeout=30)
+        if subprocess.run(["umount", str(mountpoint)], check=False, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False, timeout=30)  # busy: detach it
+        assert not os.path.ismount(mountpoint), f"could not unmount {mountpoint}"
 
 
 def free_bytes(path: Path) -> int:
