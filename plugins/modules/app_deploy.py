@@ -83,8 +83,8 @@ options:
     default: {}
   overrides:
     description:
-      - Site overrides of env values, component name to C({VAR: value}). Omitted, the overrides recorded at the
-        last deploy are kept.
+      - Site overrides of env values - component name to a mapping of variable name to value. Omitted, the
+        overrides recorded at the last deploy are kept.
     type: dict
   registry:
     description: The site registry, C(host:port).
