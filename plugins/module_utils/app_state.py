@@ -145,7 +145,7 @@ class AppState:
 
     def _trim_releases(self) -> None:
         keep = {r["version"] for r in (self.data["current"], self.data["previous"]) if r}
-        by_age = sorted(self.data["releases"], key=lambda v: self._last_seen(v))
+        by_age = sorted(self.data["releases"], key=self._last_seen)
         for version in by_age:
             if len(self.data["releases"]) <= KEPT_RELEASES:
                 break
@@ -223,4 +223,3 @@ def _extract_all(tar: tarfile.TarFile, directory: str) -> None:
         if name.startswith("..") or os.path.isabs(name) or member.isdev():
             raise StateError("snapshot member %r would leave %s" % (member.name, directory))
     tar.extractall(directory, numeric_owner=True)
-

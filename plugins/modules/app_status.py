@@ -109,7 +109,7 @@ def main() -> None:
     p = module.params
     try:
         runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                                        run=lambda argv: module.run_command(argv, check_rc=False))
+                              run=lambda argv: module.run_command(argv, check_rc=False))
         status = host_status(runtime, AppState(p["state_dir"], p["app"]), history=p["history"])
     except (DeployError, StateError, OSError) as exc:
         module.fail_json(msg=str(exc))
