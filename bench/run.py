@@ -201,16 +201,18 @@ def _startup_row(ctx: Context) -> Row:
                                f"{_secs([c.cpu_seconds for c in children])}")
 
 
-def _floor_row(nbytes: int, floor: list[tuple[float, float]], runs: list[ChildRun]) -> Row:
-    """Build from an OCI layout against read + sha256 + write + fsync done by the bench itself."""
+def _floor_row(nbytes: int, floor: list[tuple[float, float]], runs: list[ChildRun], prefix: str = "build.floor",
+               what: str = "build from an OCI layout vs the copy floor (no goal)",
+               why: str = "a build must write its bundle, the limit does not: this is the write's share") -> Row:
+    """A step against read + sha256 + write + fsync of the same bytes, done by the bench itself."""
     walls = [w for w, _ in floor]
-    return Row("build.floor", "build from an OCI layout vs the copy floor (no goal)",
+    return Row(prefix, what,
                _mbps(nbytes, median([r.seconds for r in runs])), "MB/s",
                "floor: read+sha256+write+fsync", _mbps(nbytes, median(walls)), "MB/s",
                median([w / r.seconds for w, r in zip(walls, runs)]), runs=[_mbps(nbytes, w) for w in walls],
                note=f"floor wall s: {_secs(walls)}; CPU s: {_secs([c for _, c in floor])}; "
                     f"ratio in CPU time {median([c / r.cpu_seconds for (_, c), r in zip(floor, runs)]):.2f} x; "
-                    "a build must write its bundle, the limit does not: this is the write's share")
+                    + why)
 
 
 def measure_build(ctx: Context) -> list[Row]:
@@ -399,10 +401,13 @@ def measure_import(ctx: Context) -> list[Row]:
     bundle, size = ctx.bundle, ctx.bundle.stat().st_size
     repo = ctx.work / "repo"
     peaks: list[int] = []
+    floor: list[tuple[float, float]] = []
 
     def do_import(i: int) -> ChildRun:
         shutil.rmtree(repo, ignore_errors=True)
         repo.mkdir(parents=True)
+        _, wall, cpu = measure.copy_files([bundle], ctx.work / "floor-import.bin")
+        floor.append((wall, cpu))
         with measure.PeakSampler(repo) as sampler:
             run = run_child([sys.executable, "-m", "bench.import_child", str(repo), str(bundle), str(ctx.pub)],
                             cwd=REPO_ROOT)
@@ -415,6 +420,9 @@ def measure_import(ctx: Context) -> list[Row]:
 
     limit, runs = _interleaved(ctx, lambda: [bundle], do_import)
     rows = _throughput_rows("import", what, size, limit, runs, "limit (read+sha256 of the bundle)")
+    rows.append(_floor_row(size, floor, runs, "import.floor", "import vs the copy floor (no goal)",
+                           "an import must write every blob to disk and fsync it before it publishes, the limit "
+                           "writes nothing: the floor's write + fsync is the disk's share"))
     extra = max(peaks) / size
     rows.append(check_at_most(Row("import.disk", "import: peak disk used in the repository / bundle size",
                                   extra, "x", "bundle size", size / MB, "MB", extra,

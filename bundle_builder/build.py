@@ -365,29 +365,8 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-class _BufferRing:
-    """Read buffers used over and over: a fresh 1 MiB ``bytes`` per chunk costs page faults on every read.
-    A buffer is handed out again only once the hash lane that got its previous content is done with it."""
-
-    def __init__(self, count: int = 16, size: int = CHUNK) -> None:
-        self._buffers = [bytearray(size) for dummy in range(count)]
-        self._busy: list[concurrent.futures.Future[None] | None] = [None] * count
-        self._next = 0
-
-    def take(self) -> tuple[int, bytearray]:
-        slot = self._next
-        self._next = (slot + 1) % len(self._buffers)
-        busy = self._busy[slot]
-        if busy is not None:
-            busy.result()
-        return slot, self._buffers[slot]
-
-    def hold(self, slot: int, until: concurrent.futures.Future[None]) -> None:
-        self._busy[slot] = until
-
-
 def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
-               lanes: bundle_format.HashLanes, ring: _BufferRing) -> Callable[[], None]:
+               lanes: bundle_format.HashLanes, ring: bundle_format.BufferRing) -> Callable[[], None]:
     """Stream one blob into the bundle. Its size is checked now; its sha256 runs on a hash lane while
     the next blobs are copied. Returns the digest check, to run before the bundle is published."""
     blob = planned.blob
@@ -558,7 +537,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
 
     pool = bundle_format.hash_pool(2)  # part and whole-file hashes of a split bundle
     lanes = bundle_format.HashLanes()
-    ring = _BufferRing()
+    ring = bundle_format.BufferRing()
     output = _Output(final, volume_size, pool)
     try:
         _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)

@@ -156,6 +156,11 @@ class ImageSource(abc.ABC):
     def find(self, reference: str) -> list[Found]:
         """Every candidate this source holds for ``reference`` (any platform)."""
 
+    def prepare(self, chosen: list[Found]) -> None:
+        """Told once, before the first ``load``, every candidate of this source the build will load: a
+        source that must export images (the Docker engine) exports them all at once."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -426,8 +431,10 @@ class OciLayoutSource(ImageSource):
 
 
 class DockerEngineSource(ImageSource):
-    """The local Docker engine, through the docker SDK: ``images.get(ref).save()`` spooled to a temp file
-    (only for images whose platform is wanted), then read like a ``docker save`` archive."""
+    """The local Docker engine, through the docker SDK: every image the build needs (only those whose
+    platform is wanted) exported in one ``docker save`` (Engine API ``GET /images/get?names=..``) spooled to
+    a temp file, then read like a ``docker save`` archive. One export writes a layer shared by N images
+    once, where an export per image would write (and spool) it N times."""
 
     label = "docker"
 
@@ -436,6 +443,9 @@ class DockerEngineSource(ImageSource):
         self._spool_parent = spool_dir
         self._spool: str | None = None
         self._archives: list[DockerArchiveSource] = []
+        self._images: dict[str, Any] = {}          # reference -> docker image, as find() saw it
+        self._wanted: list[str] = []                # image ids prepare() was told the build loads
+        self._shared: DockerArchiveSource | None = None
 
     def _docker(self) -> Any:
         if self._client is None:
@@ -458,17 +468,54 @@ class DockerEngineSource(ImageSource):
             raise ImageError(f"docker: looking up {reference} failed: {exc}") from None
         attrs = image.attrs
         platform = Platform.make(attrs.get("Os", ""), attrs.get("Architecture", ""), attrs.get("Variant"))
+        self._images[reference] = image
         return [Found(reference, platform, self.label, lambda: self._save(image, reference))]
 
-    def _save(self, image: Any, reference: str) -> ResolvedImage:
+    def prepare(self, chosen: list[Found]) -> None:
+        ids = [self._images[f.reference].id for f in chosen if f.source == self.label and f.reference in self._images]
+        self._wanted = list(dict.fromkeys(ids))
+
+    def _spool_path(self) -> str:
         if self._spool is None:
             self._spool = tempfile.mkdtemp(prefix="bundle-builder-docker-", dir=self._spool_parent)
-        path = os.path.join(self._spool, f"image-{len(self._archives)}.tar")
-        with open(path, "wb") as fh:
-            for chunk in image.save(named=False):
-                fh.write(chunk)
+        return os.path.join(self._spool, f"images-{len(self._archives)}.tar")
+
+    def _export(self, names: list[str], path: str) -> None:
+        """``docker save NAME..`` into ``path``: one archive, each layer once, by image id (no tags)."""
+        import docker.errors
+        api = self._docker().api
+        try:
+            if len(names) == 1:
+                stream = api.get_image(names[0])
+            else:
+                # The SDK's get_image takes one name; the Engine API takes several (as `docker save` does).
+                res = api._get(api._url("/images/get"), params={"names": names}, stream=True)  # pylint: disable=protected-access
+                api._raise_for_status(res)  # pylint: disable=protected-access
+                stream = api._stream_raw_result(res, 2 * 1024 * 1024, False)  # pylint: disable=protected-access
+            with open(path, "wb") as fh:
+                for chunk in stream:
+                    fh.write(chunk)
+        except docker.errors.APIError as exc:
+            raise ImageError(f"docker: exporting {len(names)} image(s) ({', '.join(n[:19] for n in names)}) "
+                             f"failed: {exc}") from None
+
+    def _archive_for(self, image: Any, reference: str) -> DockerArchiveSource:
+        """The shared export when prepare() listed this image (made on first use), else one of its own."""
+        if image.id in self._wanted:
+            if self._shared is None:
+                path = self._spool_path()
+                self._export(self._wanted, path)
+                self._shared = DockerArchiveSource(path, label=f"docker ({len(self._wanted)} images)")
+                self._archives.append(self._shared)
+            return self._shared
+        path = self._spool_path()
+        self._export([image.id], path)
         archive = DockerArchiveSource(path, label=f"docker ({reference})")
         self._archives.append(archive)
+        return archive
+
+    def _save(self, image: Any, reference: str) -> ResolvedImage:
+        archive = self._archive_for(image, reference)
         resolved = archive.find_config(image.id, reference)
         if resolved is None:
             raise ImageError(f"docker: the saved archive of {reference} does not hold image {image.id}")
@@ -510,18 +557,31 @@ def resolve(references: list[str], platforms: list[Platform], sources: list[Imag
     """For each (reference, platform), the image from the first source that has it. Raises one ImageError
     listing every reference/platform that could not be resolved and why."""
     result = Resolution()
+    found_by_ref: dict[str, list[Found]] = {}
     for reference in sorted(set(references)):
         found: list[Found] = []
+        found_by_ref[reference] = found
         for source in sources:
             try:
                 found.extend(source.find(reference))
             except ImageError as exc:
                 result.errors.append(str(exc))
+    # Every candidate that will be loaded, first: a source that exports (the engine) does it once for all.
+    picks = (_first(found, platform) for found in found_by_ref.values() for platform in platforms)
+    chosen = [cand for cand in picks if cand is not None]
+    for source in sources:
+        source.prepare(chosen)
+    for reference, found in found_by_ref.items():
         for platform in platforms:
             _pick(reference, platform, found, sources, result)
     if result.errors:
         raise ImageError("\n".join(result.errors))
     return result.images
+
+
+def _first(found: list[Found], platform: Platform) -> Found | None:
+    """The candidate ``_pick`` takes: sources were searched in order, so the first match wins."""
+    return next((cand for cand in found if cand.platform == platform), None)
 
 
 def _pick(reference: str, platform: Platform, found: list[Found], sources: list[ImageSource],

@@ -533,6 +533,36 @@ class LaneHasher:
         return "sha256:" + self._hash.hexdigest()
 
 
+class BufferRing:
+    """Read buffers used over and over: a fresh 1 MiB ``bytes`` per chunk costs an allocation and page
+    faults on every read. A buffer is handed out again only once the consumer that got its previous
+    content (a hash lane) is done with it; buffers are allocated on first use, so a short stream stays small.
+    """
+
+    def __init__(self, count: int = 16, size: int = CHUNK_SIZE) -> None:
+        self._size = size
+        self._buffers: list[bytearray | None] = [None] * count
+        self._busy: list[concurrent.futures.Future[None] | None] = [None] * count
+        self._next = 0
+
+    def take(self) -> tuple[int, bytearray]:
+        """A free buffer (waiting for its last consumer when needed) and its slot for ``hold``."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        busy = self._busy[slot]
+        if busy is not None:
+            busy.result()
+            self._busy[slot] = None
+        buf = self._buffers[slot]
+        if buf is None:
+            buf = self._buffers[slot] = bytearray(self._size)
+        return slot, buf
+
+    def hold(self, slot: int, until: concurrent.futures.Future[None]) -> None:
+        """Keep ``slot`` from being handed out again before ``until`` is done."""
+        self._busy[slot] = until
+
+
 # --------------------------------------------------------------------------------------------------------
 # Byte sources: one file, or a split set of parts read as one stream
 
@@ -626,6 +656,13 @@ class PartsReader:
             self._finish_part()
         return bytes(out)
 
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` from the stream (fewer bytes only at its end). The part hash gets its own copy:
+        it runs in the background and the caller reuses ``view``."""
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def check_current_part(self) -> None:
         """Consume the rest of the current part so its checksum is checked (used to name a damaged part
         when a blob inside it fails its digest)."""
@@ -698,6 +735,16 @@ class FileReader:
 
     def read(self, n: int) -> bytes:
         return self._fh.read(n)
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (fewer bytes only at the end of the file), without allocating."""
+        got = 0
+        while got < len(view):
+            n = self._fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        return got
 
     def check_current_part(self) -> None:
         return None
@@ -915,6 +962,24 @@ class TarStreamReader:
         self._pending -= n
         return data
 
+    def read_view(self, ring: BufferRing, member: str) -> tuple[int, memoryview]:
+        """The next chunk of the current member's data, read into a buffer of ``ring`` (no allocation):
+        (slot, view), or (-1, empty view) at the member's end. The view is valid until the caller lets
+        the ring hand the slot out again (``ring.hold`` for a consumer that is still using it)."""
+        n = min(CHUNK_SIZE, self._pending)
+        if n == 0:
+            return -1, memoryview(b"")
+        slot, buf = ring.take()
+        view = memoryview(buf)[:n]
+        got = self.stream.readinto(view)
+        if got != n:
+            raise BundleError(f"the bundle is truncated: it ends after {self.offset + got} bytes, inside "
+                              f"member {member!r}; copy the whole file again", member=member,
+                              offset=self.offset + got)
+        self.offset += n
+        self._pending -= n
+        return slot, view
+
     def read_member(self, member: TarMember, limit: int) -> bytes:
         """Whole content of a small member (manifest, signature), refused above ``limit`` bytes."""
         if member.size > limit:
@@ -964,8 +1029,9 @@ class VerifyResult:
 
 # sink(descriptor, chunks): consumes the chunk iterator (e.g. writes to a temp file). The iterator raises
 # BundleError at its end when the blob's digest or size is wrong, so a sink must publish nothing before it
-# is exhausted without error.
-Sink = Callable[[dict[str, Any], Iterator[bytes]], None]
+# is exhausted without error. A chunk is a memoryview of a reused read buffer, valid only until the sink
+# asks for the next chunk: a sink that keeps data beyond that must copy it (``bytes(chunk)``).
+Sink = Callable[[dict[str, Any], Iterator[memoryview]], None]
 
 
 @dataclass
@@ -1009,16 +1075,18 @@ def read_head(path: str, trusted_keys: list[bytes] | None = None) -> BundleHead:
         stream.close()
 
 
-def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any],
-                 counter: list[int], pool: concurrent.futures.Executor) -> Iterator[bytes]:
-    hasher = BackgroundHasher(pool)
+def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], counter: list[int],
+                 lanes: HashLanes, ring: BufferRing) -> Iterator[memoryview]:
+    """A blob's data as views of reused buffers, hashed on a lane while the consumer uses them; the
+    digest is checked (waiting for the lane) when the data is exhausted."""
+    hasher = lanes.hasher()
     while True:
-        chunk = tar.read_chunk(CHUNK_SIZE, member.name)
-        if not chunk:
+        slot, view = tar.read_view(ring, member.name)
+        if slot < 0:
             break
-        hasher.update(chunk)
-        counter[0] += len(chunk)
-        yield chunk
+        ring.hold(slot, hasher.update(view))  # the buffer is reused only once it is hashed
+        counter[0] += len(view)
+        yield view
     _check_digest(hasher.digest(), desc, member)
 
 
@@ -1039,7 +1107,7 @@ def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, A
     return member
 
 
-def _drain(chunks: Iterator[bytes]) -> None:
+def _drain(chunks: Iterator[memoryview]) -> None:
     for dummy in chunks:
         pass
 
@@ -1052,20 +1120,23 @@ def verify_bundle(path: str, trusted_keys: list[bytes] | None, sink: Sink | None
     Raises BundleError naming the member/part and offset at fault.
     """
     stream = open_bundle(path)
-    pool = hash_pool()
     try:
-        return _verify_stream(stream, trusted_keys, sink, progress, pool)
+        return _verify_stream(stream, trusted_keys, sink, progress)
     except BundleError:
         # In a split bundle, a damaged part is the better explanation: check the part we were in.
         stream.check_current_part()
         raise
     finally:
-        pool.shutdown(wait=True)
         stream.close()
 
 
+# Read buffers of a verification: enough for the hash lanes' whole backlog, so reading never waits for a
+# buffer before it would wait for the backlog.
+VERIFY_RING = MAX_HASH_BACKLOG // CHUNK_SIZE
+
+
 def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] | None, sink: Sink | None,
-                   progress: Callable[[int, int], None] | None, pool: concurrent.futures.Executor) -> VerifyResult:
+                   progress: Callable[[int, int], None] | None) -> VerifyResult:
     tar = TarStreamReader(stream)
     head, member = _read_head(tar, trusted_keys)
     result = VerifyResult(manifest=head.manifest, manifest_digest=head.manifest_digest,
@@ -1077,18 +1148,20 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
     total = sum(b["size"] for b in blobs)
     counter = [0]
     # Without a sink nothing is published per blob, so digests may be checked after reading on: blobs are
-    # then hashed on parallel lanes. With a sink each blob is confirmed before its iterator ends.
-    lanes = HashLanes() if sink is None else None
+    # hashed on parallel lanes while the next ones are read. With a sink each blob is confirmed before its
+    # iterator ends (its chunks are hashed on a lane while the sink writes them).
+    lanes = HashLanes()
+    ring = BufferRing(VERIFY_RING)
     deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]] = []
     try:
         for desc in blobs:
             member = _next_blob(tar, member, desc, listed)
-            if lanes is not None:
-                deferred.append((_hash_member(tar, member, lanes, counter), desc, member))
+            if sink is None:
+                deferred.append((_hash_member(tar, member, lanes, ring, counter), desc, member))
                 _check_finished(deferred)
             else:
-                chunks = _blob_chunks(tar, member, desc, counter, pool)
-                sink(desc, chunks)  # type: ignore[misc]
+                chunks = _blob_chunks(tar, member, desc, counter, lanes, ring)
+                sink(desc, chunks)
                 _drain(chunks)  # the sink may stop early; the digest is checked all the same
             result.members.append(member.name)
             result.blobs_checked += 1
@@ -1103,8 +1176,7 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
         for hasher, desc, member in deferred:
             _check_digest(hasher.digest(), desc, member)
     finally:
-        if lanes is not None:
-            lanes.shutdown()
+        lanes.shutdown()
     result.bytes_checked = counter[0]
     omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
     result.blobs_omitted = len(omitted)
@@ -1112,14 +1184,15 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
     return result
 
 
-def _hash_member(tar: TarStreamReader, member: TarMember, lanes: HashLanes, counter: list[int]) -> LaneHasher:
+def _hash_member(tar: TarStreamReader, member: TarMember, lanes: HashLanes, ring: BufferRing,
+                 counter: list[int]) -> LaneHasher:
     hasher = lanes.hasher()
     while True:
-        chunk = tar.read_chunk(CHUNK_SIZE, member.name)
-        if not chunk:
+        slot, view = tar.read_view(ring, member.name)
+        if slot < 0:
             return hasher
-        hasher.update(chunk)
-        counter[0] += len(chunk)
+        ring.hold(slot, hasher.update(view))
+        counter[0] += len(view)
 
 
 def _check_finished(deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]]) -> None:
@@ -1150,8 +1223,15 @@ def read_blob(path: str, digest: str, limit: int = MAX_MANIFEST_SIZE) -> bytes:
                 if desc["size"] > limit:
                     raise BundleError(f"blob {digest} is {desc['size']} bytes, over the {limit} allowed here",
                                       member=member.name)
-                with hash_pool() as pool:
-                    return b"".join(_blob_chunks(tar, member, desc, [0], pool))
+                lanes = HashLanes(1)
+                try:
+                    # copies: each view is valid only until the next chunk is read
+                    out = bytearray()
+                    for chunk in _blob_chunks(tar, member, desc, [0], lanes, BufferRing(2)):
+                        out += chunk
+                    return bytes(out)
+                finally:
+                    lanes.shutdown()
             member = tar.next_member()
         raise BundleError(f"blob {digest} is not bundled in {path}", member=blob_path(digest))
     finally:

@@ -24,6 +24,7 @@ staging is trusted without proof.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import json
@@ -46,6 +47,48 @@ _MISSING_SHOWN = 10
 
 class RepoError(ValueError):
     """The import cannot go ahead; the message says why and what to do. The repository is unchanged."""
+
+
+class _Syncer:
+    """fsyncs staged blobs on a worker thread: the disk writes one blob back while the next is read,
+    hashed and written, instead of the import stopping for every fsync. ``wait`` returns once every
+    staged blob is on disk (raising the first failure); nothing is published before it."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync")
+        self._jobs: list[tuple[concurrent.futures.Future[None], str]] = []
+
+    def sync(self, fd: int, what: str) -> None:
+        """fsync and close ``fd`` (a duplicate of the writer's descriptor, so a write-back error is seen)."""
+        self._jobs.append((self._pool.submit(_fsync_close, fd), what))
+
+    def wait(self, root: str) -> None:
+        jobs, self._jobs = self._jobs, []
+        failed: tuple[OSError, str] | None = None
+        for job, what in jobs:
+            try:
+                job.result()
+            except OSError as exc:
+                failed = failed or (exc, what)
+        if failed is not None:
+            exc, what = failed
+            if exc.errno == errno.ENOSPC:
+                raise RepoError(f"no space left on the filesystem of {root} while writing blob {what}; free "
+                                "space and run the import again") from None
+            raise OSError(exc.errno, f"writing blob {what} to disk in {root} failed: {exc.strerror}")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for job, dummy in self._jobs:
+            if not job.cancelled():
+                job.exception()  # closed its descriptor either way
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -75,6 +118,7 @@ class SiteRepo:
         self.releases_dir = os.path.join(self.root, "releases")
         self.staging_dir = os.path.join(self.root, "staging")
         self.catalog_path = os.path.join(self.root, "catalog.json")
+        self._syncer: _Syncer | None = None  # set while an import stages blobs
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -190,9 +234,12 @@ class SiteRepo:
     def _write_catalog(self, doc: dict[str, Any]) -> None:
         _atomic_write(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")
 
-    def _stage_blob(self, stage: str, desc: dict[str, Any], chunks: Iterator[bytes]) -> None:
+    def _stage_blob(self, stage: str, desc: dict[str, Any], chunks: Iterator[memoryview]) -> None:
         """Sink for verify_bundle: write a new blob into the staging area, renamed to its final staged
-        name only once its digest has been checked (the iterator raises at its end otherwise)."""
+        name only once its digest has been checked (the iterator raises at its end otherwise). Each chunk
+        is written at once (it is valid only until the next one is read). Its fsync runs on the import's
+        syncer while the next blob streams in (a rerun re-hashes a staged file before trusting it, so a
+        rename before the fsync is safe); without one (a direct call), it fsyncs here."""
         hexd = digest_hex(desc["digest"])
         final = os.path.join(stage, hexd)
         if self.has_blob(desc["digest"], desc["size"]) or _staged_intact(final, desc):
@@ -204,7 +251,10 @@ class SiteRepo:
                 for chunk in chunks:
                     out.write(chunk)
                 out.flush()
-                os.fsync(out.fileno())
+                if self._syncer is None:
+                    os.fsync(out.fileno())
+                else:
+                    self._syncer.sync(os.dup(out.fileno()), desc["digest"])
             os.replace(partial, final)
         except BaseException as exc:
             _remove(partial)
@@ -312,16 +362,22 @@ def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes], importe
     _require_base_blobs(repo, manifest)
 
     os.makedirs(stage, mode=0o700, exist_ok=True)
+    repo._syncer = _Syncer()
     try:
         verified = verify_bundle(path, trusted_keys,
                                  sink=lambda desc, chunks: repo._stage_blob(stage, desc, chunks))
         if verified.manifest_digest != head.manifest_digest:
             raise BundleError("the bundle changed while it was being imported; copy it again and rerun")
+        repo._syncer.wait(repo.root)  # every staged blob on disk before anything is published
         record = _release_record(head, imported_by)
         new_blobs, new_bytes = repo._publish(stage, manifest, head.manifest_bytes, head.signature, record)
     except (BundleError, RepoError, OSError):
+        repo._syncer.close()
         shutil.rmtree(stage, ignore_errors=True)  # nothing of a refused bundle stays on the site
         raise
+    finally:
+        repo._syncer.close()
+        repo._syncer = None
     shutil.rmtree(stage, ignore_errors=True)
     res = _result(manifest, head.manifest_digest, changed=True,
                   msg=f"{name} {version} imported: {new_blobs} new blobs, {new_bytes} bytes")

@@ -278,11 +278,55 @@ def test_sink_receives_every_blob_in_chunks(made, trusted) -> None:  # type: ign
     got: dict[str, bytes] = {}
 
     def sink(desc: dict, chunks) -> None:  # type: ignore[no-untyped-def]
-        got[desc["digest"]] = b"".join(chunks)
+        # a chunk is valid only until the next one is read: a sink that keeps data copies it
+        got[desc["digest"]] = b"".join(bytes(chunk) for chunk in chunks)
 
     result = bf.verify_bundle(str(made["bundle"]), trusted, sink=sink)
     assert set(got) == {b["digest"] for b in result.manifest["blobs"]}
     assert all(bf.sha256_digest(data) == digest for digest, data in got.items())
+
+
+def test_sink_chunks_are_reused_buffers(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Chunks are views of a few reused read buffers (no allocation per chunk): keeping a view without
+    copying it sees later data, which is why the sink contract says a chunk is valid only during the call."""
+    blob = bytes(range(256)) * (5 * bf.CHUNK_SIZE // 256 + 7)  # 5 chunks and a bit
+    path = tmp_path / "one.bundle"
+    with open(path, "wb") as out:
+        manifest = _one_blob_manifest(blob)
+        data = bf.canonical_json(manifest)
+        out.write(bf.tar_header(bf.MANIFEST_NAME, len(data)) + data + bf.tar_padding(len(data)))
+        for desc in manifest["blobs"]:
+            content = blob if desc["digest"] == bf.sha256_digest(blob) else _MODEL
+            out.write(bf.tar_header(bf.blob_path(desc["digest"]), len(content)) + content
+                      + bf.tar_padding(len(content)))
+        out.write(bf.TAR_END)
+    monkeypatch.setattr(bf, "VERIFY_RING", 2)  # the real ring (48 MiB) is larger than this blob
+    views: list[memoryview] = []
+    copies: list[bytes] = []
+
+    def sink(desc: dict, chunks) -> None:  # type: ignore[no-untyped-def]
+        for chunk in chunks:
+            assert isinstance(chunk, memoryview)
+            views.append(chunk)
+            copies.append(bytes(chunk))
+
+    bf.verify_bundle(str(path), None, sink=sink)
+    assert b"".join(copies) == _MODEL + blob
+    buffers = {id(v.obj) for v in views}
+    assert len(buffers) == 2 < len(views), "read buffers are reused across chunks"
+
+
+_MODEL = b'{"name":"one"}'
+
+
+def _one_blob_manifest(blob: bytes) -> dict:
+    model = {"digest": bf.sha256_digest(_MODEL), "size": len(_MODEL), "mediaType": bf.MODEL_MEDIA_TYPE}
+    return bf.build_manifest(
+        name="one", version="1.0.0", builder={"name": "bundle-builder", "version": "test"},
+        platforms=["linux/amd64"], model=model, images={},
+        blobs=[bf.blob_descriptor(model["digest"], len(_MODEL), bf.MODEL_MEDIA_TYPE, ["model"]),
+               bf.blob_descriptor(bf.sha256_digest(blob), len(blob), "application/octet-stream", ["c@linux/amd64"])],
+        delta=None)
 
 
 def test_sink_sees_the_error_before_finishing_a_bad_blob(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
