@@ -184,6 +184,19 @@ class _Section:
         self._left -= len(data)
         return data
 
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """Fill ``buf`` from the window (fewer bytes only at its end): the builder's reused buffers, no
+        fresh ``bytes`` per chunk."""
+        view = memoryview(buf)[:min(len(buf), self._left)]
+        got = 0
+        while got < len(view):
+            n = self._fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self._left -= got
+        return got
+
     def close(self) -> None:
         self._fh.close()
 
