@@ -36,6 +36,11 @@ PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 PORT_NAME_MAX = 15
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 MODE_RE = re.compile(r"^0?[0-7]{3}$")
+# Container paths go into separator-based formats (compose "src:dst:mode", systemd BindPaths=, "%" specifiers,
+# "$" interpolation): each path segment is limited to characters none of them give a meaning to.
+PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._@+-]+$")
+# Control characters (C0, DEL, C1) end or split a unit-file line, a YAML scalar or a terminal line.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 CPUS_RE = re.compile(r"^\d+(\.\d{1,3})?$")
 MEMORY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 MEMORY_UNITS = {
@@ -411,8 +416,29 @@ def _load_argv(data: object, path: str, errors: _Errors, allow_empty: bool = Tru
         if "\x00" in item:
             errors.add(item_path, "argument contains a NUL byte")
             continue
+        if _has_control(item, item_path, errors, "argument"):
+            continue
         argv.append(item)
     return argv
+
+
+def _has_control(text: str, path: str, errors: _Errors, what: str) -> bool:
+    """True (and an error naming the field) when ``text`` holds a control character: a newline in an argv
+    item or a description would start a new line in a systemd unit (ExecStart=, Description=)."""
+    found = CONTROL_RE.search(text)
+    if found is None:
+        return False
+    errors.add(path, "%s contains the control character %r at offset %d, which would break a generated unit "
+               "or compose file; write it on one line without control characters (a multi-line script belongs "
+               "in a config file run by the command)" % (what, found.group(), found.start()))
+    return True
+
+
+def _load_description(data: Mapping, path: str, errors: _Errors) -> str:
+    description = data.get("description", "")
+    if _string(description, path, errors) is None or _has_control(description, path, errors, "description"):
+        return ""
+    return description
 
 
 def _load_port(data: object, path: str, errors: _Errors) -> Optional[dict]:
@@ -541,6 +567,12 @@ def _absolute_path(value: object, path: str, errors: _Errors) -> Optional[str]:
         return None
     if ".." in text.split("/"):
         errors.add(path, "%r contains '..': write the normalised path" % text)
+        return None
+    bad = [seg for seg in text.split("/") if seg and not PATH_SEGMENT_RE.match(seg)]
+    if bad:
+        errors.add(path, "%r: the part %r has a character outside [A-Za-z0-9._@+-] (':', spaces, '%%' and '$' "
+                   "would be read as separators, specifiers or variables by compose or systemd); rename the "
+                   "path inside the image" % (text, bad[0]))
         return None
     normal = posixpath.normpath(text)
     if normal.startswith("//"):
@@ -750,9 +782,7 @@ def _load_component(data: object, path: str, errors: _Errors) -> Optional[dict]:
         problem = check_image_ref(image) if image is not None else None
         if problem:
             errors.add(_join(path, "image"), problem)
-    description = mapping.get("description", "")
-    if _string(description, _join(path, "description"), errors) is None:
-        description = ""
+    description = _load_description(mapping, _join(path, "description"), errors)
     return {
         "image": image,
         "description": description,
@@ -950,9 +980,7 @@ def load_model(data: object, source: str = "app.yml") -> dict:
         errors.add("name", "required: the application name, e.g. shop")
     name = _check_name(top.get("name"), "name", errors, "application name") if "name" in top else None
     version = _load_version(top, errors)
-    description = top.get("description", "")
-    if _string(description, "description", errors) is None:
-        description = ""
+    description = _load_description(top, "description", errors)
     secret_specs = _load_secrets(top.get("secrets"), errors)
     components = _load_components(top.get("components"), errors)
     secret_names = _declared_names(top.get("secrets"))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
+import stat
 
 __all__ = ["verify", "load_public_key_pem", "public_key_id", "Ed25519KeyError"]
 
@@ -136,11 +138,24 @@ def load_public_key_files(paths: list[str]) -> list[bytes]:
     for path in paths:
         try:
             with open(path, encoding="ascii", errors="replace") as fh:
+                # fstat the open file (not the path): the checked file is the one read, even if the path
+                # is swapped between the check and the read.
+                _refuse_writable_key(path, os.fstat(fh.fileno()).st_mode)
                 text = fh.read()
         except OSError as exc:
             raise Ed25519KeyError(f"cannot read public key {path}: {exc.strerror}") from None
         keys.append(load_public_key_pem(text, source=str(path)))
     return keys
+
+
+def _refuse_writable_key(path: str, mode: int) -> None:
+    """Whoever can write a trusted-key file can make the site trust their own key: refuse a key file that
+    is writable by its group or by everyone."""
+    if stat.S_IMODE(mode) & 0o022:
+        raise Ed25519KeyError(
+            f"trusted public key {path} is writable by {'everyone' if mode & 0o002 else 'its group'} "
+            f"(mode {stat.S_IMODE(mode):04o}): anyone who can write it could make this site trust their key; "
+            f"check its content, then run: chmod 644 {path}")
 
 
 # Algorithm OIDs (DER content bytes) we can name in an error message.
