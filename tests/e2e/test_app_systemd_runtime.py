@@ -257,8 +257,12 @@ UNITS = [f"od-shop-{c}.service" for c in ("db", "redis", "api", "gateway")]
 
 
 def unit_starts(site: Site, host: str) -> dict[str, str]:
-    out = host_sh(site, host, "systemctl show -p ActiveEnterTimestamp --value " + " ".join(UNITS))
-    return dict(zip(UNITS, out.splitlines()))
+    """Unit -> when it last became active (monotonic microseconds: a restart always changes it)."""
+    out = host_sh(site, host, "for u in %s; do echo $u $(systemctl show -p ActiveEnterTimestampMonotonic --value $u);"
+                              " done" % " ".join(UNITS))
+    starts = dict(line.split(" ", 1) for line in out.splitlines())
+    assert all(v.strip() not in ("", "0") for v in starts.values()), f"{host}: a unit is not running: {starts}"
+    return starts
 
 
 def image_dirs(site: Site, host: str) -> set[str]:
