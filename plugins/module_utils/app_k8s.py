@@ -734,9 +734,11 @@ def pod_problem(pod: Mapping[str, Any]) -> str:
         if terminated:
             return "pod %s: container %s exited %s %s" % (
                 name, cstat.get("name"), terminated.get("exitCode"), terminated.get("reason", ""))
-        if cstat.get("started") and not cstat.get("ready"):
-            return "pod %s: container %s is running but not ready (its readiness probe fails; restarts %s)" % (
-                name, cstat.get("name"), cstat.get("restartCount", 0))
+        running = "running" in (cstat.get("state") or {})
+        if running and not cstat.get("ready"):
+            probe = "readiness probe fails" if cstat.get("started") else "health check has not passed yet (startup probe)"
+            return "pod %s: container %s is running but not ready: its %s; restarts %s" % (
+                name, cstat.get("name"), probe, cstat.get("restartCount", 0))
     for cond in status.get("conditions") or []:
         if cond.get("status") != "True" and (cond.get("reason") or cond.get("message")):
             return "pod %s: %s %s: %s" % (name, cond.get("type"), cond.get("reason", ""), cond.get("message", ""))

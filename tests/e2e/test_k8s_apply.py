@@ -210,6 +210,9 @@ def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     with pytest.raises(HealthGateError) as info:
         shop.deploy("1.2.0", "upgrade")
     assert info.value.component == "api" and "rolled back to 1.1.0" in str(info.value), str(info.value)
+    # The reason comes from the new pod's own status, as the API server reports it.
+    assert "Deployment api:" in info.value.reason and "pod api-" in info.value.reason, info.value.reason
+    print("health gate:", info.value)
     assert shop.fingerprint("Deployment", "api") == good_api
     assert wait_for(lambda: _try(lambda: shop.gateway("/orders")), timeout=120, interval=3,
                     what="the gateway after the rollback")["currency"] == "CHF"

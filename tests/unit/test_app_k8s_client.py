@@ -255,7 +255,15 @@ def test_pod_problem_reasons() -> None:
     assert pod_problem(crash) == "pod api-1: container api CrashLoopBackOff: back-off (last exit 1 Error, restarts 3)"
     unready = {"metadata": {"name": "api-2"}, "status": {"containerStatuses": [
         {"name": "api", "started": True, "ready": False, "restartCount": 0, "state": {"running": {}}}]}}
-    assert "running but not ready (its readiness probe fails" in pod_problem(unready)
+    assert pod_problem(unready) == "pod api-2: container api is running but not ready: its readiness probe fails; restarts 0"
+    # As the API server reports the broken shop 1.2.0 API while its startup probe keeps failing.
+    starting = {"metadata": {"name": "api-3"}, "status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                        "message": "containers with unready status: [api]"}],
+        "containerStatuses": [{"name": "api", "started": False, "ready": False, "restartCount": 1,
+                               "state": {"running": {"startedAt": "2026-11-22T02:59:00Z"}}}]}}
+    assert pod_problem(starting) == ("pod api-3: container api is running but not ready: its health check has not "
+                                     "passed yet (startup probe); restarts 1")
     pending = {"metadata": {"name": "db-0"}, "status": {"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
          "message": "0/1 nodes are available: 1 Insufficient cpu."}]}}
