@@ -7,8 +7,8 @@ Leftovers of an earlier killed run with the same name are removed first.
 
 Skips happen only when the machine cannot run the world (not root, no Docker engine, no mmdebstrap, no
 qemu binfmt for arm64); with CI=true those become failures, so CI never passes by skipping.
-Env: OD_E2E_SITE / OD_E2E_SITE_B (site names), OD_WORLD_KEEP=1 (leave the sites up for poking at),
-OD_SHOP_BUNDLES=DIR (reuse the bundles an earlier `build_shop_bundles(DIR)` made, to skip the build in dev loops).
+Env: OD_E2E_SITE / OD_E2E_SITE_B (site names), OD_WORLD_KEEP=1 (leave the sites up for poking at).
+The shop bundles are cached in ${OD_CACHE}/bundles/ under a hash of every input (tests/e2e/media.py).
 """
 from __future__ import annotations
 
@@ -112,8 +112,5 @@ def world_site_b(world_site: Site) -> Iterator[Site]:
 def shop_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """shop 1.0.0 (full) and 1.1.0 (delta) with Debian 12 packages, a tampered and an untrusted 1.1.0,
     built once per session for every e2e test module."""
-    from tests.e2e.media import build_shop_bundles
-    reuse = os.environ.get("OD_SHOP_BUNDLES")  # a directory an earlier build_shop_bundles filled (dev loops)
-    if reuse:
-        return {p.name: p for p in Path(reuse).iterdir()}
-    return build_shop_bundles(tmp_path_factory.mktemp("shop-bundles"))
+    from tests.e2e.media import cached_shop_bundles
+    return cached_shop_bundles()

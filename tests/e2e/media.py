@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from tests.world.shop_images import build_shop_images
 from tests.world.site import Site
-from tests.world.util import Result, repo_root
+from tests.world.util import Result, cache_dir, repo_root
 
 BUILD_TIMEOUT = 1800
 
@@ -40,7 +42,8 @@ def flip_byte_in_layer(src: Path, dest: Path) -> str:
 
 
 def carry(site: Site, bundles: dict[str, Path]) -> None:
-    """Put the media into the site's drop box (/srv/transfer in the jump host)."""
+    """Put the media into the site's drop box (/srv/transfer in the jump host). Files are hard links to the
+    bundle cache where possible: replace a carried file to change it, never write into it."""
     for name, path in bundles.items():
         dest = site.transfer_dir / name
         if path.is_dir():
@@ -80,6 +83,47 @@ def build_shop_bundles(out: Path) -> dict[str, Path]:
     (out / "tampered").mkdir()
     flip_byte_in_layer(out / "shop-1.1.0" / "shop-1.1.0.bundle", out / "tampered" / "shop-1.1.0.bundle")
     return {p.name: p for p in out.iterdir()}
+
+
+def _bundle_inputs(oci: Path) -> list[Path]:
+    """Everything the shop bundles are made from: the images' index, the models, the builder and the core."""
+    root = repo_root()
+    return sorted([oci / "index.json", Path(__file__), *root.glob("examples/shop/app-*.yml"),
+                   *root.glob("bundle_builder/*.py"), *root.glob("plugins/module_utils/*.py")])
+
+
+def _stamp(directory: Path) -> str:
+    """Size and mtime of every file: carry() hard-links these files into sites, so an in-place write shows."""
+    return "".join(f"{p.relative_to(directory)} {p.stat().st_size} {p.stat().st_mtime_ns}\n"
+                   for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.startswith("."))
+
+
+def cached_shop_bundles() -> dict[str, Path]:
+    """build_shop_bundles, cached in ${OD_CACHE}/bundles/<key> (the key hashes every input, so any change to
+    the images, the models or the code builds anew); concurrent test runs wait for one build."""
+    oci = build_shop_images(("amd64", "arm64"))
+    digest = hashlib.sha256()
+    for path in _bundle_inputs(oci):
+        digest.update(str(path.relative_to(path.anchor)).encode() + b"\0" + path.read_bytes() + b"\0")
+    base = cache_dir() / "bundles"
+    dest = base / digest.hexdigest()[:24]
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / ".complete").exists() and (dest / ".complete").read_text() != _stamp(dest):
+            shutil.rmtree(dest)  # a carried hard link was written to in place: never trust that set again
+        if not (dest / ".complete").exists():
+            work = base / f".tmp-{os.getpid()}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            build_shop_bundles(work)
+            (work / ".complete").write_text(_stamp(work))
+            shutil.rmtree(dest, ignore_errors=True)
+            work.rename(dest)
+            for old in base.iterdir():  # one set is enough: drop bundles of older inputs
+                if old.is_dir() and old != dest:
+                    shutil.rmtree(old, ignore_errors=True)
+    return {p.name: p for p in dest.iterdir() if not p.name.startswith(".")}
 
 
 def recap(result: Result, host: str = "repo") -> dict[str, int]:
