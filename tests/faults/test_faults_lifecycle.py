@@ -67,6 +67,19 @@ def fatal(res: Result, what: str) -> Result:
     return res
 
 
+def fatal_msg(res: Result, host: str) -> str:
+    """The msg of the first failure reported for ``host`` (-vvv prints the result as multi-line JSON)."""
+    lines = res.stdout.splitlines()
+    start = next((i for i, x in enumerate(lines) if x.startswith(f"fatal: [{host}]")), None)
+    assert start is not None, f"no failure reported for {host}"
+    first = lines[start]
+    if '"msg":' in first:
+        return first
+    msg = next((x for x in lines[start + 1:start + 400] if x.lstrip().startswith('"msg":')), "")
+    assert msg, f"no msg in the failure of {host}: {lines[start:start + 40]}"
+    return json.loads("{" + msg.strip().rstrip(",") + "}")["msg"]
+
+
 def state(site: Site, host: str) -> dict[str, Any]:
     res = site.exec(host, ["cat", STATE], timeout=30)
     assert res.rc == 0, f"{host}: {res.output}"
@@ -90,7 +103,7 @@ def running_per_component(site: Site, host: str) -> dict[str, int]:
     """How many containers/units run each component (a rerun must not leave two)."""
     if host == "node1":
         cmd = ("docker ps --filter label=io.offline-delivery.app=shop --format "
-               "'{{index .Labels \"com.docker.compose.service\"}}'")
+               "'{{.Label \"com.docker.compose.service\"}}'")
     else:
         cmd = "systemctl list-units --no-legend --plain --state=active 'od-shop-*' | awk '{print $1}'"
     res = site.exec(host, cmd, timeout=60)
@@ -282,7 +295,7 @@ def test_a_failed_health_check_rolls_back_with_the_data(broken: dict[str, Any]) 
     assert res.rc != 0
     for host in TARGETS:
         assert recap(res, host)["failed"] == 1
-        line = next(x for x in res.stdout.splitlines() if x.startswith(f"fatal: [{host}]"))
+        line = fatal_msg(res, host)
         assert f"shop 1.2.0 on {host}: component api failed its health check" in line, line[:2000]
         assert "rolled back to 1.1.0, which is healthy" in line, line[:2000]
         before, after = broken["before"][host], broken["after"][host]
@@ -330,7 +343,7 @@ def test_a_rollback_to_pruned_images_fails_before_any_change(pruned: dict[str, A
     res = pruned["run"]
     assert res.rc != 0, "a rollback whose images are gone must fail"
     for host in TARGETS:
-        line = next(x for x in res.stdout.splitlines() if x.startswith(f"fatal: [{host}]"))
+        line = fatal_msg(res, host)
         assert "shop/api:1.0.0" in line or pruned["index"] in line, line[:2000]
         before, after = pruned["before"][host], pruned["after"][host]
         assert after["times"] == before["times"], f"{host}: a component was restarted before the error"
