@@ -1,19 +1,35 @@
 # Copyright: offline.delivery contributors
 # SPDX-License-Identifier: GPL-3.0-or-later
-"""The host-level target kinds and the runtime that implements each (the k8s target runs from the
-controller against a cluster, see app_k8s). Standard library only."""
+"""Target kinds and the runtime that implements each. compose and systemd run on the host itself; a k8s
+target is a cluster, driven from where its kubeconfig is (app_k8s). Standard library only."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Mapping, Optional
 
 from .app_compose import ComposeRuntime
-from .app_runtime import Runtime
+from .app_k8s import K8sRenderError, K8sRuntime, RenderOptions
+from .app_runtime import DeployError, Runtime
 from .app_systemd import SystemdRuntime
+from .k8s_client import K8sClient, K8sError
 
-RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
-HOST_TARGETS = sorted(RUNTIMES)
+HOST_RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
+TARGETS = sorted(HOST_RUNTIMES) + ["k8s"]
 
 
-def runtime_for(kind: str, app: str, **kwargs: Any) -> Runtime:
-    return RUNTIMES[kind](app, **kwargs)
+def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Runtime:
+    """The runtime of ``kind``. For k8s, ``k8s`` holds the parsed kubeconfig (``config``) and its path
+    (``path``), ``namespace`` (default: the app's name), ``storage_class``, ``registry`` and ``secrets``."""
+    if kind != "k8s":
+        return HOST_RUNTIMES[kind](app, **kwargs)
+    if not k8s or not k8s.get("config"):
+        raise DeployError("target k8s needs a kubeconfig (host variable offline_delivery_kubeconfig)")
+    try:
+        client = K8sClient.from_kubeconfig(k8s["config"], base_dir=os.path.dirname(k8s.get("path") or ".") or ".")
+        options = RenderOptions(namespace=k8s.get("namespace") or app, registry=k8s.get("registry") or "",
+                                storage_class=k8s.get("storage_class"))
+        return K8sRuntime(app, client=client, options=options,
+                          secret_values=list((k8s.get("secrets") or {}).values()), **kwargs)
+    except (K8sError, K8sRenderError) as exc:
+        raise DeployError("k8s target (%s): %s" % (k8s.get("path") or "kubeconfig", exc)) from exc

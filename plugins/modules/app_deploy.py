@@ -58,7 +58,7 @@ options:
   target:
     description: How this host runs components.
     type: str
-    choices: [compose, systemd]
+    choices: [compose, systemd, k8s]
     required: true
   host:
     description: This host's name in O(placement).
@@ -120,6 +120,17 @@ options:
     description: Who runs the change, recorded in the history.
     type: str
     default: ansible
+  kubeconfig:
+    description:
+      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
+        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
+    type: dict
+  namespace:
+    description: With O(target=k8s), the namespace (default the app's name).
+    type: str
+  storage_class:
+    description: With O(target=k8s), the storage class of the volume claims (default the cluster's default).
+    type: str
 seealso:
   - module: offline.delivery.app_release
   - module: offline.delivery.app_secrets
@@ -229,7 +240,10 @@ def main() -> None:
             "version": {"type": "str"},
             "model": {"type": "dict"},
             "images": {"type": "dict"},
-            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
+            "kubeconfig": {"type": "dict", "no_log": True},
+            "namespace": {"type": "str"},
+            "storage_class": {"type": "str"},
             "host": {"type": "str", "required": True},
             "platform": {"type": "str", "required": True},
             "placement": {"type": "dict"},
@@ -245,7 +259,8 @@ def main() -> None:
             "auto_rollback": {"type": "bool", "default": True},
             "actor": {"type": "str", "default": "ansible"},
         },
-        required_if=[("action", "deploy", ("version", "model", "images", "placement"))],
+        required_if=[("action", "deploy", ("version", "model", "images", "placement")),
+                     ("target", "k8s", ("kubeconfig",))],
         supports_check_mode=True,
     )
     p = module.params
@@ -258,7 +273,10 @@ def main() -> None:
         if state.data["target"] not in (None, p["target"]):
             module.fail_json(msg="%s runs on %s as target %s, not %s: uninstall it first to change the target"
                              % (p["app"], p["host"], state.data["target"], p["target"]))
-        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"], run=run)
+        k8s = {"config": p["kubeconfig"], "namespace": p["namespace"], "storage_class": p["storage_class"],
+               "registry": p["registry"], "secrets": p["secrets"]}
+        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"], run=run,
+                              k8s=k8s)
         target = Target(host=p["host"], platform=p["platform"], placement=p["placement"], addresses=p["addresses"],
                         registry=p["registry"], secrets=p["secrets"])
         engine = Engine(runtime, state, target, health_cap=p["health_timeout"],

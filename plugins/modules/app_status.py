@@ -34,7 +34,7 @@ options:
   target:
     description: How this host runs components.
     type: str
-    choices: [compose, systemd]
+    choices: [compose, systemd, k8s]
     required: true
   state_dir:
     description: The host's state directory.
@@ -48,6 +48,14 @@ options:
     description: How many of the latest history entries to return.
     type: int
     default: 10
+  kubeconfig:
+    description:
+      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
+        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
+    type: dict
+  namespace:
+    description: With O(target=k8s), the namespace (default the app's name).
+    type: str
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -99,17 +107,21 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "app": {"type": "str", "required": True},
-            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
+            "kubeconfig": {"type": "dict", "no_log": True},
+            "namespace": {"type": "str"},
             "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
             "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
             "history": {"type": "int", "default": 10},
         },
+        required_if=[("target", "k8s", ("kubeconfig",))],
         supports_check_mode=True,
     )
     p = module.params
     try:
         runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                              run=lambda argv: module.run_command(argv, check_rc=False))
+                              run=lambda argv: module.run_command(argv, check_rc=False),
+                              k8s={"config": p["kubeconfig"], "namespace": p["namespace"]})
         status = host_status(runtime, AppState(p["state_dir"], p["app"]), history=p["history"])
     except (DeployError, StateError, OSError) as exc:
         module.fail_json(msg=str(exc))

@@ -34,7 +34,7 @@ options:
   target:
     description: How this host runs components.
     type: str
-    choices: [compose, systemd]
+    choices: [compose, systemd, k8s]
     required: true
   remove_data:
     description: Also delete the app's volumes on this host. Cannot be undone.
@@ -52,6 +52,14 @@ options:
     description: Who runs the change, recorded in the history.
     type: str
     default: ansible
+  kubeconfig:
+    description:
+      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
+        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
+    type: dict
+  namespace:
+    description: With O(target=k8s), the namespace (default the app's name).
+    type: str
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -87,18 +95,22 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "app": {"type": "str", "required": True},
-            "target": {"type": "str", "choices": ["compose", "systemd"], "required": True},
+            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
+            "kubeconfig": {"type": "dict", "no_log": True},
+            "namespace": {"type": "str"},
             "remove_data": {"type": "bool", "default": False},
             "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
             "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
             "actor": {"type": "str", "default": "ansible"},
         },
+        required_if=[("target", "k8s", ("kubeconfig",))],
         supports_check_mode=True,
     )
     p = module.params
     try:
         runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                              run=lambda argv: module.run_command(argv, check_rc=False))
+                              run=lambda argv: module.run_command(argv, check_rc=False),
+                              k8s={"config": p["kubeconfig"], "namespace": p["namespace"]})
         result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
                            actor=p["actor"], check_mode=module.check_mode)
     except (DeployError, StateError, OSError) as exc:

@@ -1,11 +1,13 @@
 """The k8s target against a real cluster: the test world's single-node Kubernetes (tests/world/k8s, built
 from its Go modules), in the default site, pulling the shop images from the site registry.
 
-The deploy engine drives `K8sRuntime` exactly as for the other targets: install shop 1.0.0 (StatefulSet +
-PVC for PostgreSQL, Deployments, Services, Secrets; pods really running; an order placed through the
-gateway's NodePort), upgrade to 1.1.0 (only the API rolls: the other pods keep their start time; the order,
-the generated password and a site override stay), the broken 1.2.0 (the health gate fails naming the API and
-the previous release is applied again), rollback to 1.0.0, and a second run that changes nothing.
+Through the playbooks a user runs from the jump host, with the cluster as an inventory host of group
+`k8s_clusters` (connection local on the jump host, `offline_delivery_kubeconfig` naming its kubeconfig):
+install shop 1.0.0 (StatefulSet + PVC for PostgreSQL, Deployments, Services, Secrets; pods really running; an
+order placed through the gateway's NodePort), upgrade to 1.1.0 (only the API rolls: the other pods keep their
+start time; the order, the generated password and a site override stay), the broken 1.2.0 (the health gate
+fails naming the API and the previous release is applied again), rollback to 1.0.0, and a second install that
+changes nothing.
 
 Skips, naming the reason, when the cluster cannot be brought up here (e.g. its binaries are not built on
 this machine: `python -m tests.world.k8s build`, about an hour cold). Never faked.
@@ -23,15 +25,12 @@ from typing import Any, Dict, Iterator
 import pytest
 import yaml
 
-from offline_delivery_core.app_engine import Engine, HealthGateError, Target
-from offline_delivery_core.app_k8s import FINGERPRINT_ANNOTATION, K8sRuntime, RenderOptions
-from offline_delivery_core.app_model import load_model
-from offline_delivery_core.app_state import AppState
-from offline_delivery_core.bundle_format import read_head
+from offline_delivery_core.app_k8s import FINGERPRINT_ANNOTATION
 from offline_delivery_core.k8s_client import K8sClient, wait_for
 from tests.e2e.conftest import in_ci
-from tests.e2e.media import carry
+from tests.e2e.media import carry, recap
 from tests.world.site import Site
+from tests.world.util import Result
 
 pytestmark = pytest.mark.world
 
@@ -41,23 +40,27 @@ NAMESPACE = "shop"
 STORAGE_CLASS = "od-e2e-static"
 PV_DIR = "/var/lib/od-e2e-pv/pgdata"
 HEALTH_CAP = 300.0
-SECRETS = {"db_password": "K8sE2eDbPassword0123456789abcdef", "redis_password": "K8sE2eRedisPassword0123456789abc"}
-OVERRIDES = {"api": {"SHOP_CURRENCY": "CHF"}}
+OVERRIDES = {"app_overrides": {"api": {"SHOP_CURRENCY": "CHF"}}}
+# The cluster as an inventory host: the deploy runs on the jump host, where its kubeconfig is.
+K8S_INVENTORY = {"k8s_clusters": {"hosts": {"cluster": {
+    "ansible_connection": "local", "offline_delivery_kubeconfig": "/srv/transfer/kubeconfig",
+    "offline_delivery_k8s_namespace": NAMESPACE, "offline_delivery_k8s_storage_class": STORAGE_CLASS,
+    # The node's containerd trusts the site registry by the name the site uses for it (plain HTTP).
+    "offline_delivery_repo_host": "repo"}}}}
 
 
 @dataclass
 class Shop:
     site: Site
     client: K8sClient
-    engine: Engine
-    runtime: K8sRuntime
     node_ip: str
-    releases: Dict[str, Dict[str, Any]]
 
-    def deploy(self, version: str, action: str) -> Dict[str, Any]:
-        rel = self.releases[version]
-        return self.engine.deploy(version=version, model=rel["model"], images=rel["images"], overrides=OVERRIDES,
-                                  snapshot=False, auto_rollback=True, action=action)
+    def play(self, playbook: str, *args: str) -> Result:
+        """ansible-playbook on the jump host with the site's inventory plus the cluster host."""
+        command = ('ansible-playbook -i "$ANSIBLE_INVENTORY" -i /srv/transfer/k8s-inventory.yml '
+                   "offline.delivery.%s -e app_name=shop -e offline_delivery_app_hosts=k8s_clusters %s"
+                   % (playbook, " ".join("'%s'" % a for a in args)))
+        return self.site.jump(["bash", "-c", command], timeout=1800)
 
     def gateway(self, path: str, body: Dict[str, Any] | None = None) -> Dict[str, Any]:
         svc = self.client.get("Service", "gateway-published", NAMESPACE)
@@ -90,7 +93,7 @@ def _kube_binaries_built() -> str | None:
     missing = [c for c in KUBE_COMMANDS if not (out / c).exists()]
     if missing:
         return ("the Kubernetes binaries are not built on this machine (%s missing in %s): run "
-                "`python -m tests.world.k8s build` first (about an hour cold, docs/testing.md)"
+                "`python -m tests.world.k8s build` first (about 20 min cold, docs/kubernetes-cluster.md)"
                 % (", ".join(missing), out))
     return None
 
@@ -103,15 +106,6 @@ def _import_releases(site: Site, bundles: Dict[str, Path]) -> None:
                          "-e", json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})],
                         timeout=1200)
         assert res.rc == 0, "import of shop %s failed:\n%s" % (version, res.output[-5000:])
-
-
-def _releases(bundles: Dict[str, Path]) -> Dict[str, Dict[str, Any]]:
-    out = {}
-    for version in VERSIONS:
-        model = load_model(yaml.safe_load((ROOT / "examples" / "shop" / ("app-%s.yml" % version)).read_text()))
-        head = read_head(str(bundles["shop-%s" % version] / ("shop-%s.bundle" % version)))
-        out[version] = {"model": model, "images": head.manifest["images"]}
-    return out
 
 
 def _static_volume(client: K8sClient, node: str) -> None:
@@ -128,7 +122,7 @@ def _static_volume(client: K8sClient, node: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
     from tests.world.k8s.cluster import Cluster
     from tests.world.util import WorldError
 
@@ -159,21 +153,13 @@ def shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         kubeconfig = Path(info["kubeconfig"])
         client = K8sClient.from_kubeconfig(yaml.safe_load(kubeconfig.read_text()), base_dir=str(kubeconfig.parent))
         _static_volume(client, info["node"])
-        releases = _releases(shop_bundles)
-        model = releases["1.0.0"]["model"]
-        runtime = K8sRuntime("shop", client=client, secret_values=SECRETS.values(),
-                             options=RenderOptions(namespace=NAMESPACE, storage_class=STORAGE_CLASS))
-        state_dir = str(tmp_path_factory.mktemp("k8s-state"))
-        target = Target(host="cluster", platform="linux/amd64",
-                        placement={c: ["cluster"] for c in model["components"]}, addresses={},
-                        registry=info["registry"], secrets=SECRETS)
-        engine = Engine(runtime, AppState(state_dir, "shop"), target, health_cap=HEALTH_CAP, actor="e2e")
+        (world_site.transfer_dir / "k8s-inventory.yml").write_text(yaml.safe_dump(K8S_INVENTORY))
         node_ip = urllib.parse.urlsplit(info["server"]).hostname or ""
-        yield Shop(world_site, client, engine, runtime, node_ip, releases)
+        yield Shop(world_site, client, node_ip)
     finally:
         try:
-            if "runtime" in locals():
-                runtime.uninstall(keep_data=False)
+            if "client" in locals():
+                Shop(world_site, client, "").play("uninstall", "-e", "app_remove_data=true")
         finally:
             if os.environ.get("OD_WORLD_KEEP") != "1":
                 cluster.down()
@@ -181,8 +167,9 @@ def shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     # Install 1.0.0: every component's pods running, the gateway answering through its NodePort.
-    result = shop.deploy("1.0.0", "install")
-    assert result["changed"] and sorted(result["plan"]["added"]) == ["api", "db", "gateway", "redis"], result
+    res = shop.play("install", "-e", "app_version=1.0.0", "-e", json.dumps(OVERRIDES))
+    assert res.rc == 0, res.output[-6000:]
+    assert "shop (none) -> 1.0.0: added db, redis, api, gateway" in res.stdout
     assert shop.client.get("StatefulSet", "db", NAMESPACE)["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "pgdata"
     assert shop.client.get("PersistentVolumeClaim", "pgdata-db-0", NAMESPACE)["status"]["phase"] == "Bound"
     order = wait_for(lambda: _try(lambda: shop.gateway("/orders", {"item": "tea", "quantity": 2})),
@@ -193,10 +180,13 @@ def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     secret_before = shop.client.get("Secret", "db-env", NAMESPACE)["data"]
     pods_before = shop.pods()
 
-    # Upgrade to 1.1.0: only the API rolls.
-    result = shop.deploy("1.1.0", "upgrade")
-    assert result["plan"]["changed"] == ["api"], result["plan"]
-    assert sorted(result["plan"]["unchanged"]) == ["db", "gateway", "redis"]
+    # The plan, then the upgrade to 1.1.0: only the API rolls; the override is kept without being passed again.
+    res = shop.play("upgrade", "-e", "app_version=1.1.0", "--check", "--diff")
+    assert res.rc == 0 and "changed api; removed -; unchanged db, redis, gateway" in res.stdout, res.output[-4000:]
+    assert shop.pods() == pods_before
+    res = shop.play("upgrade", "-e", "app_version=1.1.0")
+    assert res.rc == 0, res.output[-6000:]
+    assert "shop 1.0.0 -> 1.1.0: added -; changed api; removed -; unchanged db, redis, gateway" in res.stdout
     pods_after = shop.pods()
     kept = {n: t for n, t in pods_before.items() if not n.startswith("api-")}
     assert kept and all(pods_after.get(n) == t for n, t in kept.items()), (pods_before, pods_after)
@@ -207,24 +197,24 @@ def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     good_api = shop.fingerprint("Deployment", "api")
 
     # The broken 1.2.0: the health gate fails naming the API; 1.1.0 is applied again and still serves.
-    with pytest.raises(HealthGateError) as info:
-        shop.deploy("1.2.0", "upgrade")
-    assert info.value.component == "api" and "rolled back to 1.1.0" in str(info.value), str(info.value)
-    # The reason comes from the new pod's own status, as the API server reports it.
-    assert "Deployment api:" in info.value.reason and "pod api-" in info.value.reason, info.value.reason
-    print("health gate:", info.value)
+    res = shop.play("upgrade", "-e", "app_version=1.2.0")
+    assert res.rc != 0 and recap(res, "cluster")["failed"] == 1, res.output[-6000:]
+    fatal = next(line for line in res.stdout.splitlines() if line.startswith("fatal: [cluster]"))
+    assert "shop 1.2.0 on cluster: component api failed its health check" in fatal, fatal
+    assert "Deployment api:" in fatal and "rolled back to 1.1.0, which is healthy" in fatal, fatal
     assert shop.fingerprint("Deployment", "api") == good_api
     assert wait_for(lambda: _try(lambda: shop.gateway("/orders")), timeout=120, interval=3,
                     what="the gateway after the rollback")["currency"] == "CHF"
 
-    # Rollback to 1.0.0, data kept; then the same release again changes nothing.
-    result = shop.engine.rollback(version="1.0.0", restore=False)
-    assert result["plan"]["changed"] == ["api"], result["plan"]
+    # Rollback to 1.0.0, data kept; then installing the same release again changes nothing.
+    res = shop.play("rollback")
+    assert res.rc == 0 and "shop 1.1.0 -> 1.0.0: restarted api" in res.stdout, res.output[-6000:]
     assert any(o["id"] == order["id"] for o in shop.gateway("/orders")["orders"])
     pods = shop.pods()
-    result = shop.deploy("1.0.0", "install")
-    assert not result["changed"] and not result["plan"]["changed"] and not result["plan"]["added"], result
+    res = shop.play("install", "-e", "app_version=1.0.0")
+    assert res.rc == 0 and recap(res, "cluster")["changed"] == 0, res.output[-6000:]
     assert shop.pods() == pods
+    assert shop.client.get("Secret", "db-env", NAMESPACE)["data"] == secret_before
 
 
 def _try(call):  # type: ignore[no-untyped-def]
