@@ -27,11 +27,24 @@ LABEL_APP = "io.offline-delivery.app"
 COMMAND_TIMEOUT = 600
 
 
-def env_file_text(env: Dict[str, str]) -> str:
-    """A Docker env file: KEY=VALUE per line, taken literally (no quotes, no expansion).
+def env_file_text(env: Dict[str, str], component: str = "") -> str:
+    """An env file as Compose reads it: every value single-quoted, which Compose takes literally (unquoted it
+    would expand ``$``, drop `` #...`` and strip quotes and spaces).
 
-    The model refuses newlines in resolved values (app_model), so a line can never be split."""
-    return "".join("%s=%s\n" % (key, env[key]) for key in sorted(env))
+    Compose's parser has no escape inside single quotes (a ``\\'`` keeps its backslash, edge quotes are
+    trimmed), so a value holding ``'`` — or ending in a backslash — cannot pass unaltered: it is refused,
+    naming the variable. The model refuses newlines in resolved values, so a line can never be split."""
+    bad = sorted(k for k, v in env.items() if "'" in v or v.endswith("\\"))
+    if bad:
+        raise DeployError("component %s: the value of %s holds a single quote or ends in a backslash, which a "
+                          "Compose env file cannot carry unaltered; change the value (site override) or run the "
+                          "component on a systemd host" % (component or "?", ", ".join(bad)))
+    return "".join("%s='%s'\n" % (key, env[key]) for key in sorted(env))
+
+
+def compose_literal(text: str) -> str:
+    """A string Compose must not interpolate: ``$`` doubled (compose.yaml interpolation)."""
+    return text.replace("$", "$$")
 
 
 def _write_public(path: str, data: bytes, mode: int = 0o644) -> bool:
@@ -222,7 +235,7 @@ class ComposeRuntime(Runtime):
 
     def _service(self, spec: ComponentSpec) -> Dict[str, Any]:
         env_path = os.path.join(self.private_dir, "env", spec.name + ".env")
-        write_private(env_path, env_file_text(spec.env).encode("utf-8"))
+        write_private(env_path, env_file_text(spec.env, spec.name).encode("utf-8"))
         service: Dict[str, Any] = {
             "image": spec.image,
             "env_file": [env_path],
@@ -231,9 +244,9 @@ class ComposeRuntime(Runtime):
             "pull_policy": "never",
         }
         if spec.entrypoint is not None:
-            service["entrypoint"] = list(spec.entrypoint)
+            service["entrypoint"] = [compose_literal(a) for a in spec.entrypoint]
         if spec.command is not None:
-            service["command"] = list(spec.command)
+            service["command"] = [compose_literal(a) for a in spec.command]
         if spec.user:
             service["user"] = spec.user
         mounts = [{"type": "volume", "source": vol["name"], "target": vol["path"]} for vol in spec.volumes]

@@ -887,23 +887,29 @@ class TarStreamReader:
         """Header of the next member, or None at the end-of-archive marker."""
         self._skip_rest()
         pax: dict[str, str] = {}
+        pax_raw = b""
         while True:
             header_offset = self.offset
             header = self._read_exact(BLOCK, "a tar header", None)
             if header == b"\0" * BLOCK:
                 self._read_trailer(header_offset)
                 return None
-            member = self._parse_header(header, header_offset, pax)
+            member = self._parse_header(header, header_offset, pax, pax_raw)
             if member is not None:
                 return member
+            if pax_raw:
+                raise BundleError("two PAX headers in a row: bundle-builder writes at most one, before a member of "
+                                  "8 GiB or more; the bundle was altered", offset=header_offset)
             # a PAX header: read its records and loop to the member it describes
             size = _octal(header[124:136], "size", header_offset)
             if size > MAX_PAX_HEADER_SIZE:
                 raise BundleError(f"PAX header of {size} bytes is unreasonably large", offset=header_offset)
             data = self._read_exact(size, "a PAX header", None)
-            if self._read_exact(-size % BLOCK, "padding", None).count(0) != -size % BLOCK:
+            padding = self._read_exact(-size % BLOCK, "padding", None)
+            if padding.count(0) != len(padding):
                 raise BundleError("non-zero bytes in the padding of a PAX header", offset=self.offset)
             pax = _parse_pax(data, header_offset)
+            pax_raw = header + data + padding
 
     def _read_trailer(self, offset: int) -> None:
         second = self._read_exact(BLOCK, "the end-of-archive marker", None)
@@ -919,7 +925,7 @@ class TarStreamReader:
                                   offset=self.offset)
             self.offset += len(rest)
 
-    def _parse_header(self, header: bytes, offset: int, pax: dict[str, str]) -> TarMember | None:
+    def _parse_header(self, header: bytes, offset: int, pax: dict[str, str], pax_raw: bytes) -> TarMember | None:
         stored = _octal(header[148:156], "checksum", offset)
         computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
         if stored != computed:
@@ -934,7 +940,6 @@ class TarStreamReader:
             name = prefix + "/" + name
         if typeflag == b"x":
             return None
-        name = pax.get("path", name)
         if typeflag not in (b"0", b"\0"):
             kind = _TYPE_NAMES.get(typeflag, f"an entry of type {typeflag!r}")
             target = _nts(header[157:257])
@@ -949,7 +954,12 @@ class TarStreamReader:
         size = _pax_size(pax, offset) if "size" in pax else _octal(header[124:136], "size", offset)
         if name in self.seen:
             raise BundleError(f"tar member {name!r} appears twice; refuse this bundle", member=name, offset=offset)
-        if not pax and header != tar_header(name, size):
+        if pax_raw and (set(pax) != {"size"} or size < 8 ** 11 or pax_raw + header != tar_header(name, size)):
+            # The builder writes a PAX header only to carry the size of a member of 8 GiB or more.
+            raise BundleError(f"the PAX header before {name!r} is not the one bundle-builder writes (a size record "
+                              "only, for members of 8 GiB or more): the bundle was repacked or altered",
+                              member=name, offset=offset)
+        if not pax_raw and header != tar_header(name, size):
             # One header per (name, size): fields no check reads (owner, mtime, ...) cannot be altered unseen.
             raise BundleError(f"tar header of {name!r} is not the one bundle-builder writes (mode 0644, uid/gid 0, "
                               "no owner names, mtime 0): the bundle was repacked or altered", member=name,

@@ -174,7 +174,7 @@ def test_size_mismatch_refused(made, trusted, tmp_path: Path) -> None:  # type: 
     _refused(bad, trusted, f"{name} is \\d+ bytes, the manifest says \\d+")
 
 
-def test_pax_path_is_checked_like_a_name(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pax_path_is_never_honoured(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     info, data = regular("innocent", b"x")
     info.pax_headers = {"path": "../../etc/evil"}
     evil = tmp_path / "pax.bundle"
@@ -182,7 +182,7 @@ def test_pax_path_is_checked_like_a_name(made, trusted, tmp_path: Path) -> None:
         for m in tin.getmembers()[:2]:
             tout.addfile(m, tin.extractfile(m))
         tout.addfile(info, io.BytesIO(data))
-    _refused(evil, trusted, "'../../etc/evil' contains '..'")
+    _refused(evil, trusted, "tar member 'innocent' is not allowed in a bundle")  # the PAX path is ignored
 
 
 def test_non_canonical_manifest_refused(made, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
