@@ -28,7 +28,7 @@ import pytest
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import carry, recap
 from tests.world.site import HostSpec, Site
-from tests.world.util import Result
+from tests.world.util import Result, docker
 
 pytestmark = pytest.mark.world
 
@@ -255,3 +255,31 @@ def test_uninstall_keeps_data_and_a_reinstall_finds_it(site: Site, rerun: dict[s
     ok(play(site, "install", "--limit", "node2:repo", "-e", "app_version=1.0.0", step="reinstall node2"), "reinstall")
     listing = http(site, "node2", "GET", "/orders")
     assert [o["item"] for o in listing["orders"]] == ["book-node2"], "the data survived uninstall + install"
+
+
+# What systemd itself makes of the systemd target's quoting (ExecStart arguments, EnvironmentFile values): the
+# unit renderer's output is read back by systemd 252 on a world host, not by our own parser.
+TRICKY = ["plain", "with space", "100%", "$HOME ${PATH}", 'say "hi" \\o/', "it's", "a\nb\tc", ";", "%i %n"]
+
+
+def test_systemd_parses_the_systemd_targets_quoting_literally(site: Site) -> None:
+    from offline_delivery_core.app_systemd import quote_arg, render_env_file
+    env = {f"V{i}": value for i, value in enumerate(TRICKY)}
+    show = ("import json, os, sys; "
+            "print(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items() if k[0] == 'V'}]))")
+    unit = "\n".join(["[Service]", "Type=oneshot", "EnvironmentFile=/run/od-quoting.env",
+                      "StandardOutput=file:/run/od-quoting.out",
+                      "ExecStart=" + " ".join(quote_arg(a) for a in ["/usr/bin/python3", "-c", show, *TRICKY]), ""])
+    for path, text in (("/run/od-quoting.env", render_env_file(env)),
+                       ("/etc/systemd/system/od-quoting.service", unit)):
+        res = docker("exec", "-i", site.container("node3"), "sh", "-c", f"umask 077; cat > {path}", input_text=text)
+        assert res.rc == 0, res.output
+    try:
+        res = site.exec("node3", "systemctl daemon-reload && systemctl start od-quoting.service "
+                                 "&& cat /run/od-quoting.out", timeout=60)
+        assert res.rc == 0, res.output
+        argv, seen = json.loads(res.stdout)
+    finally:
+        site.exec("node3", "rm -f /etc/systemd/system/od-quoting.service /run/od-quoting.*; systemctl daemon-reload")
+    assert argv == TRICKY
+    assert seen == env
