@@ -4,6 +4,8 @@ files owned by others land. Run explicitly: pytest tests/faults/pending_test_bug
 1. bundle_format: a PAX extended header is accepted before any member, and the member header after it is
    then not compared with the one bundle-builder writes -> a bundle can be altered without detection
    (any PAX records, mode 0777, mtime, owner names; an 'x' header full of zeros).
+2. bundle_format: a re-ordered parts list is refused without naming the list entry out of place.
+3-4. app_compose: compose.yaml argv items and env_file values are interpolated/altered by Compose.
 (The writable trusted-key and the model separator cases are fixed and live in test_faults_secrets.py and
 test_faults_model.py.)
 """
