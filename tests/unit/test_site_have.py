@@ -1,0 +1,123 @@
+"""Site have-list (plugins/module_utils/site_have.py): the pure-Python signer agrees with ``cryptography``,
+the export is deterministic and idempotent, a tampered or foreign list is refused, and a bundle built with
+``--have`` against it carries only what the site lacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bundle_builder import build
+from offline_delivery_core import ed25519, site_have
+from offline_delivery_core.bundle_format import HAVE_MEDIA_TYPE, read_head
+from tests.unit.test_files_site import Vendor
+
+
+def test_sign_matches_cryptography() -> None:
+    for seed in (bytes(32), bytes(range(32)), os.urandom(32)):
+        key = Ed25519PrivateKey.from_private_bytes(seed)
+        pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert site_have.public_from_seed(seed) == pub
+        for msg in (b"", b"have", os.urandom(300)):
+            sig = site_have.sign(seed, msg)
+            assert sig == key.sign(msg)  # Ed25519 is deterministic: same bytes
+            assert ed25519.verify(pub, msg, sig)
+
+
+def test_key_is_pkcs8_0600_and_cryptography_reads_it(tmp_path: Path) -> None:
+    key_dir = tmp_path / "keys"
+    seed, created = site_have.load_or_create_key(str(key_dir))
+    assert created and seed is not None
+    key_file = key_dir / site_have.KEY_NAME
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+    loaded = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    assert loaded.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption()) == seed
+    pub = ed25519.load_public_key_pem((key_dir / site_have.PUB_NAME).read_text())
+    assert pub == site_have.public_from_seed(seed)
+    assert site_have.load_or_create_key(str(key_dir)) == (seed, False)
+    key_file.chmod(0o640)
+    with pytest.raises(site_have.HaveError, match="accessible by group/others.*chmod 600"):
+        site_have.load_or_create_key(str(key_dir))
+
+
+@pytest.fixture
+def site(sample_world, keypair, tmp_path: Path) -> Vendor:  # type: ignore[no-untyped-def]
+    v = Vendor(sample_world, keypair, tmp_path)
+    v.release("1.0.0", [])
+    return v
+
+
+def test_export_check_write_unchanged(site: Vendor, tmp_path: Path) -> None:
+    dest, keys = tmp_path / "out" / "north.have.json", tmp_path / "keys"
+    res = site_have.export_have(str(site.repo), "north", str(dest), str(keys), check_mode=True)
+    assert res.changed and res.key_created and not dest.exists() and not keys.exists()
+
+    res = site_have.export_have(str(site.repo), "north", str(dest), str(keys))
+    assert res.changed and res.key_created and res.missing == 0
+    doc = json.loads(dest.read_bytes())
+    manifest = json.loads((site.repo / "releases" / "demo" / "1.0.0" / "manifest.json").read_bytes())
+    assert doc["mediaType"] == HAVE_MEDIA_TYPE and doc["site"] == "north"
+    assert doc["blobs"] == sorted(b["digest"] for b in manifest["blobs"])
+    assert [(r["name"], r["version"]) for r in doc["releases"]] == [("demo", "1.0.0")]
+    pub = ed25519.load_public_key_pem((tmp_path / "out" / "north.have.pub").read_text())
+    assert site_have.verify_have(dest.read_bytes(), [pub])["site"] == "north"
+
+    before = dest.read_bytes()
+    for check in (True, False):
+        res = site_have.export_have(str(site.repo), "north", str(dest), str(keys), check_mode=check)
+        assert not res.changed and dest.read_bytes() == before
+
+
+def test_missing_blob_is_not_listed(site: Vendor, tmp_path: Path) -> None:
+    manifest = json.loads((site.repo / "releases" / "demo" / "1.0.0" / "manifest.json").read_bytes())
+    gone = manifest["blobs"][0]["digest"]
+    os.unlink(site.repo / "blobs" / "sha256" / gone.split(":")[1])
+    doc, missing = site_have.build_have(str(site.repo), "north")
+    assert missing == 1 and gone not in doc["blobs"]
+
+
+def test_verify_refuses_tampered_unsigned_and_foreign(site: Vendor, tmp_path: Path) -> None:
+    dest = tmp_path / "north.have.json"
+    site_have.export_have(str(site.repo), "north", str(dest), str(tmp_path / "keys"))
+    pub = ed25519.load_public_key_pem((tmp_path / "north.have.pub").read_text())
+    doc = json.loads(dest.read_bytes())
+
+    tampered = dict(doc, blobs=doc["blobs"] + ["sha256:" + "0" * 64])
+    with pytest.raises(site_have.HaveError, match="modified after the site signed it"):
+        site_have.verify_have(json.dumps(tampered).encode(), [pub], "north.have.json")
+    unsigned = {k: v for k, v in doc.items() if k != "signature"}
+    with pytest.raises(site_have.HaveError, match="carries no site signature"):
+        site_have.verify_have(json.dumps(unsigned).encode(), [pub])
+    other = site_have.public_from_seed(bytes(32))
+    with pytest.raises(site_have.HaveError, match="not the site key given"):
+        site_have.verify_have(dest.read_bytes(), [other])
+
+
+def test_bad_site_name_and_no_repo(tmp_path: Path) -> None:
+    with pytest.raises(site_have.HaveError, match="site name"):
+        site_have.build_have(str(tmp_path), "../x")
+    with pytest.raises(site_have.HaveError, match="is not a site repository"):
+        site_have.build_have(str(tmp_path / "none"), "north")
+
+
+def test_build_with_have_carries_only_new_blobs(site: Vendor, sample_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dest = tmp_path / "north.have.json"
+    site_have.export_have(str(site.repo), "north", str(dest), str(tmp_path / "keys"))
+    have = set(json.loads(dest.read_bytes())["blobs"])
+    out = tmp_path / "out-delta"
+    out.mkdir()
+    model = sample_world.write_model("app-1.1.0.yml", version="1.1.0")
+    result = build.build_bundle(model, out, image_sources=sample_world.archives, platforms=["linux/amd64"],
+                                sign_key=site.key, have=dest)
+    manifest = read_head(str(result.path)).manifest
+    bundled = {b["digest"] for b in manifest["blobs"] if b["bundled"]}
+    assert bundled == {b["digest"] for b in manifest["blobs"]} - have
+    assert bundled and len(bundled) < len(manifest["blobs"])
