@@ -107,6 +107,22 @@ def _load_pubs(paths: list[str] | None) -> list[bytes]:
         raise UsageError(str(exc)) from None
 
 
+def _check_have_signature(have: str | None, pubs: list[str]) -> None:
+    """--have-pub: the have-list must carry a valid signature by one of these (pinned) site keys."""
+    from offline_delivery_core import site_have
+
+    if not have:
+        raise UsageError("--have-pub checks the site signature of a --have file; give --have too")
+    try:
+        data = Path(have).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read have-file {have}: {exc.strerror}") from None
+    try:
+        site_have.verify_have(data, _load_pubs(pubs), source=f"have-file {have}")
+    except site_have.HaveError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from . import build, signing
 
@@ -114,6 +130,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise UsageError("give --sign-key KEY (from 'bundle-builder keygen'), or --unsigned to build without a signature")
     if args.sign_key and args.unsigned:
         raise UsageError("--sign-key and --unsigned exclude each other")
+    if args.have_pub:
+        _check_have_signature(args.have, args.have_pub)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -358,6 +376,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="previous bundle: omit the blobs it holds (delta)")
     s.add_argument("--base-pub", action="append", help="check the --base bundle's signature with this public key")
     s.add_argument("--have", help='have-file {"blobs": ["sha256:..."]}: omit the blobs a site holds (delta)')
+    s.add_argument("--have-pub", action="append", help="check the --have file's site signature with this "
+                   "(pinned) site public key, <site>.have.pub from the offline.delivery.have playbook")
     s.add_argument("--volume-size", help="split into parts of this size (e.g. 4G, 700M)")
     s.add_argument("--packages", action="append", default=[], metavar="DISTRO",
                    help="carry the OS packages site hosts need for this distro release, for every --platform "

@@ -121,3 +121,30 @@ def test_build_with_have_carries_only_new_blobs(site: Vendor, sample_world, tmp_
     bundled = {b["digest"] for b in manifest["blobs"] if b["bundled"]}
     assert bundled == {b["digest"] for b in manifest["blobs"]} - have
     assert bundled and len(bundled) < len(manifest["blobs"])
+
+
+def test_cli_build_have_pub_checks_the_site_signature(site: Vendor, sample_world, keypair, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                     capsys) -> None:
+    from bundle_builder import cli
+
+    dest = tmp_path / "north.have.json"
+    site_have.export_have(str(site.repo), "north", str(dest), str(tmp_path / "keys"))
+    pub = tmp_path / "north.have.pub"
+    model = sample_world.write_model("app-1.1.0.yml", version="1.1.0")
+    images = [a for src in sample_world.archives for a in ("--images-from", src)]
+    base = ["build", str(model), *images, "--sign-key", str(keypair[0]), "--have", str(dest)]
+
+    other = tmp_path / "other.have.pub"
+    other.write_bytes(site_have.public_key_pem(site_have.public_from_seed(bytes(32))))
+    assert cli.main([*base, "-o", str(tmp_path / "o1"), "--have-pub", str(other)]) != 0
+    assert "not the site key given" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
+
+    doc = json.loads(dest.read_bytes())
+    forged = tmp_path / "forged.have.json"
+    forged.write_text(json.dumps(dict(doc, blobs=doc["blobs"][1:])))
+    assert cli.main([*base[:-1], str(forged), "-o", str(tmp_path / "o2"), "--have-pub", str(pub)]) != 0
+    assert "modified after the site signed it" in capsys.readouterr().err
+
+    assert cli.main([*base, "-o", str(tmp_path / "o3"), "--have-pub", str(pub)]) == 0
+    assert list((tmp_path / "o3").glob("*.bundle"))
