@@ -5,6 +5,7 @@ the export is deterministic and idempotent, a tampered or foreign list is refuse
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 from pathlib import Path
@@ -148,3 +149,63 @@ def test_cli_build_have_pub_checks_the_site_signature(site: Vendor, sample_world
 
     assert cli.main([*base, "-o", str(tmp_path / "o3"), "--have-pub", str(pub)]) == 0
     assert list((tmp_path / "o3").glob("*.bundle"))
+
+
+# --------------------------------------------------------------------------------------------------------
+# offline-delivery (bundle_builder/fleet.py): argument handling; a real run is in tests/e2e/test_have.py
+
+
+def _fleet_vars(tmp_path: Path, *argv: str) -> dict:
+    from bundle_builder import fleet
+    return fleet.playbook_vars(fleet.parse_args(list(argv)), tmp_path)
+
+
+def test_fleet_arguments_become_playbook_vars(tmp_path: Path) -> None:
+    assert _fleet_vars(tmp_path, "upgrade", "-i", "inv", "--app", "shop", "--version", "1.1.0",
+                       "-e", "app_snapshot=true", "-e", "note=a b") == {
+        "app_name": "shop", "app_version": "1.1.0", "app_snapshot": True, "note": "a b"}
+    assert _fleet_vars(tmp_path, "rollback", "-i", "inv", "--app", "shop", "--version", "1.0.0") == {
+        "app_name": "shop", "app_rollback_version": "1.0.0"}
+    assert _fleet_vars(tmp_path, "import", "-i", "inv", "--bundle", "usb/shop", "--vendor-key", "usb/v.pub") == {
+        "offline_delivery_bundle_src": str(tmp_path / "usb" / "shop"),
+        "offline_delivery_vendor_keys_src": [str(tmp_path / "usb" / "v.pub")]}
+    assert _fleet_vars(tmp_path, "status", "-i", "inv", "--app", "shop")["app_report_dir"] == \
+        str(tmp_path / "offline-delivery-reports")
+    assert _fleet_vars(tmp_path, "have", "-i", "inv", "--site", "north") == {
+        "offline_delivery_site": "north", "offline_delivery_have_dest": str(tmp_path / "offline-delivery-have")}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["install", "-i", "inv"], "install needs --app NAME"),
+    (["import", "-i", "inv", "--vendor-key", "v.pub"], "import needs --bundle PATH"),
+    (["import", "-i", "inv", "--bundle", "b"], "import needs --vendor-key PUB"),
+    (["status", "-i", "inv", "--app", "shop", "--version", "1"], "--version does not apply to status"),
+    (["install", "-i", "inv", "--app", "shop", "--bundle", "b"], "--bundle does not apply to install"),
+    (["install", "-i", "inv", "--app", "shop", "-e", "novalue"], "expected KEY=VALUE"),
+    (["install", "-i", "inv", "--app", "shop", "-e", "a-b=1"], "expected KEY=VALUE"),
+])
+def test_fleet_refuses_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:
+    from bundle_builder import fleet
+    with pytest.raises(fleet.UsageError, match=re.escape(message)):
+        _fleet_vars(tmp_path, *argv)
+
+
+def test_fleet_main_exit_codes(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from bundle_builder import fleet
+    monkeypatch.chdir(tmp_path)
+    assert fleet.main(["status", "-i", "missing.yml", "--app", "shop"]) == fleet.EXIT_USAGE
+    assert f"inventory {tmp_path / 'missing.yml'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        fleet.main(["deploy", "-i", "inv"])
+    assert exc.value.code == 2 and "invalid choice: 'deploy'" in capsys.readouterr().err
+
+
+def test_fleet_summary_from_runner_stats() -> None:
+    from bundle_builder import fleet
+    s = fleet.Summary.from_stats({"ok": {"repo": 5, "node1": 3}, "changed": {"repo": 2},
+                                  "failures": {"node1": 1}, "dark": {}, "skipped": {"repo": 1}})
+    assert s.failed_hosts() == ["node1"]
+    lines = s.lines()
+    assert lines[1].split() == ["node1", "FAILED", "3", "0", "1", "0", "0"]
+    assert lines[2].split() == ["repo", "changed", "5", "2", "0", "0", "1"]
+    assert fleet.Summary.from_stats(None).lines() == ["no host ran a task (check the inventory and --limit)"]
