@@ -411,7 +411,7 @@ def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
         f"{FINGERPRINT_MARK}{spec.fingerprint}",
         f"{APP_MARK}{app}",
         f"{COMPONENT_MARK}{spec.name}",
-        f"# Written by offline.delivery (systemd target); changed by the next deploy, not by hand.",
+        "# Written by offline.delivery (systemd target); changed by the next deploy, not by hand.",
         "[Unit]",
         f"Description={escape_specifiers(f'{app} {spec.version}: {spec.name} ({spec.reference})')}",
     ]

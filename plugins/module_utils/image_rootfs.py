@@ -285,12 +285,10 @@ class _ZstdStream:
         self.what = what
 
     def read(self, size: int = -1) -> bytes:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.read(size)
+        return self.proc.stdout.read(size)  # type: ignore[union-attr]  # Popen made with stdout=PIPE
 
     def close(self) -> None:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self.proc.stdout.close()
+        self.proc.stdout.close()  # type: ignore[union-attr]  # stdout and stderr are PIPEs
         err = self.proc.stderr.read(4096).decode("utf-8", "replace").strip()
         rc = self.proc.wait(timeout=60)
         if rc != 0:

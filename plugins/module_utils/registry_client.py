@@ -335,7 +335,6 @@ class RegistryClient:
                                 f"Docker-Content-Digest header ({got!r})")
         return got
 
-
     # -- read side (the systemd target unpacks images itself) ------------------------------------------
 
     def get_manifest(self, repository: str, digest: str) -> tuple[bytes, str]:
