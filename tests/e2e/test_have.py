@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -107,3 +110,37 @@ def test_have_list_then_delta_built_against_it_imports(site: Site, shop_bundles:
     doc2 = site_have.verify_have(have_file.read_bytes(), [pub], str(have_file))
     assert [r["version"] for r in doc2["releases"]] == ["1.0.0", "1.1.0"]
     assert set(doc2["blobs"]) == set(doc["blobs"]) | {b["digest"] for b in v11["blobs"]}
+
+
+def _offline_delivery(site: Site, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `offline-delivery` command on this machine, with the site's local inventory and the checkout as
+    the collection (runner runs ansible-playbook from the venv)."""
+    collections = cwd / "collections"
+    (collections / "ansible_collections" / "offline").mkdir(parents=True, exist_ok=True)
+    link = collections / "ansible_collections" / "offline" / "delivery"
+    if not link.exists():
+        link.symlink_to(repo_root())
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections),
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    return subprocess.run([sys.executable, "-m", "bundle_builder.fleet", *args, "-i", str(site.local_inventory_path)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+def test_offline_delivery_command_runs_the_playbook_through_runner(site: Site, tmp_path: Path) -> None:
+    proc = _offline_delivery(site, tmp_path, "have", "--site", SITE)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "== Export the site's signed have-list and fetch it to the controller" in out
+    assert "   Write the signed have-list on the repo host" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith("repo "))
+    assert row.split()[:4] == ["repo", "ok", row.split()[2], "0"], out  # the list was current: nothing changed
+    artifacts = Path(re.search(r"^artifacts \(keep for support\): (.+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    assert artifacts.is_relative_to(tmp_path / "offline-delivery-runs")
+    assert (artifacts / "stdout").is_file() and any((artifacts / "job_events").iterdir())
+    fetched = tmp_path / "offline-delivery-have" / f"{SITE}.have.json"
+    assert fetched.read_bytes() == (site.transfer_dir / HAVE_DIR / f"{SITE}.have.json").read_bytes()
+
+    proc = _offline_delivery(site, tmp_path, "have", "--site", "no/such")
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert "FAILED repo: have-list of site no/such" in proc.stdout and "must be 1-63 letters" in proc.stdout
+    assert re.search(r"^repo\s+FAILED\s", proc.stdout, re.M) and "have FAILED" in proc.stdout
