@@ -5,16 +5,13 @@ files owned by others land. Run explicitly: pytest tests/faults/pending_test_bug
    then not compared with the one bundle-builder writes -> a bundle can be altered without detection
    (any PAX records, mode 0777, mtime, owner names; an 'x' header full of zeros).
 2. bundle_format: a re-ordered parts list is refused without naming the list entry out of place.
-3-4. app_compose: compose.yaml argv items and env_file values are interpolated/altered by Compose.
-(The writable trusted-key and the model separator cases are fixed and live in test_faults_secrets.py and
-test_faults_model.py.)
+(The writable trusted-key, model separator and Compose quoting cases are fixed and live in
+test_faults_secrets.py and test_faults_model.py.)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import re
 
 import pytest
 
@@ -73,59 +70,3 @@ def test_a_reordered_parts_list_is_named(vendor: Vendor, site: SiteRepo, tmp_pat
     err = refused_import(site, parts_json, vendor.keys)
     assert parts_json.name in str(err) and parts[2].name in str(err) and "order" in str(err), err
 
-
-# 3. app_compose: compose.yaml carries entrypoint/command items as written; Compose interpolates '$VAR' and
-#    '${VAR}' in them (from the environment of the process running `docker compose`) and turns '$$' into '$'
-#    (docs.docker.com/reference/compose-file/interpolation). The model accepts these items. Proposal
-#    (ComposeRuntime._service): write each item with '$' doubled: [a.replace("$", "$$") for a in argv].
-# 4. app_compose.env_file_text writes KEY=VALUE unquoted; Compose reads env_file with the .env syntax
-#    (docs.docker.com/compose/env-file/): unquoted values are interpolated, lose a ' #...' inline comment and
-#    their surrounding spaces, and a value starting with a quote is unquoted. Proposal: write every value
-#    single-quoted with ' escaped as \' (literal per that page), or use `format: raw` for env_file (Compose
-#    >= 2.30) if the site's Compose is new enough.
-
-from tests.faults.test_faults_model import (LITERAL_ARGV, LITERAL_VALUES, _compose_unescape, _spec,  # noqa: E402
-                                            compose_project)
-
-
-def test_compose_file_carries_argv_literally(tmp_path: Path) -> None:
-    dummy, doc = compose_project(tmp_path, _spec({}, LITERAL_ARGV))
-    service = doc["services"]["app"]
-    argv = [_compose_unescape(a, "entrypoint/command") for a in service["entrypoint"] + service["command"]]
-    assert argv == LITERAL_ARGV
-
-
-def compose_env_file(text: str) -> dict[str, str]:
-    """An env_file as Compose reads it (docs.docker.com/compose/env-file/), without an environment:
-    returns the values, or fails on any value Compose would interpolate."""
-    env = {}
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, _sep, raw = line.partition("=")
-        if raw[:1] == "'":
-            end, out, pos = None, [], 1
-            while pos < len(raw):
-                if raw[pos] == "\\" and raw[pos + 1:pos + 2] == "'":
-                    out.append("'")
-                    pos += 2
-                    continue
-                if raw[pos] == "'":
-                    end = pos
-                    break
-                out.append(raw[pos])
-                pos += 1
-            rest = raw[end + 1:].strip() if end is not None else "?"
-            assert rest == "" or rest.startswith("#"), f"{key}: text after the closing quote: {line!r}"
-            env[key] = "".join(out)
-            continue
-        assert raw[:1] != '"', f"{key}: a value starting with a double quote is read as a quoted value"
-        value = re.split(r"\s#", raw, maxsplit=1)[0].strip()
-        assert "$" not in value, f"{key}: Compose interpolates '$' in an unquoted value: {raw!r}"
-        env[key] = value
-    return env
-
-
-def test_compose_env_file_carries_the_values_literally(tmp_path: Path) -> None:
-    from offline_delivery_core.app_compose import env_file_text
-    assert compose_env_file(env_file_text(dict(LITERAL_VALUES))) == LITERAL_VALUES

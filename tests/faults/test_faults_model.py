@@ -160,15 +160,16 @@ def test_code_looking_values_stay_literal_from_app_yml_to_the_site(vendor: Vendo
 # Values the model accepts reach the runtimes' files literally: the compose file (JSON, read back with PyYAML
 # and compose's interpolation undone: '$$' -> '$'), the systemd unit (ExecStart= split and unquoted per
 # systemd.syntax: '%%' specifiers first, then C-style quoting, then '$$' -> '$'), and the systemd
-# EnvironmentFile (systemd's env-file quoting). The compose env file is checked in pending_test_bugs.py
-# (compose reads an env_file with the .env syntax: unquoted values are interpolated and lose a ' #' comment).
+# EnvironmentFile (systemd's env-file quoting), the Compose env file (the .env syntax of
+# docs.docker.com/compose/env-file/: unquoted values are interpolated and lose a ' #' comment, single-quoted
+# ones are literal). A value Compose cannot carry (a single quote, a trailing backslash) is refused by name.
 # Paths and argv text that no format can carry are refused by the model (the last cases).
 
 import os  # noqa: E402
 import re  # noqa: E402
 
-from offline_delivery_core.app_compose import ComposeRuntime  # noqa: E402
-from offline_delivery_core.app_runtime import ComponentSpec  # noqa: E402
+from offline_delivery_core.app_compose import ComposeRuntime, env_file_text  # noqa: E402
+from offline_delivery_core.app_runtime import ComponentSpec, DeployError  # noqa: E402
 from offline_delivery_core.app_systemd import render_env_file, render_unit  # noqa: E402
 from offline_delivery_core.image_rootfs import Rootfs  # noqa: E402
 
@@ -203,16 +204,18 @@ def compose_project(tmp_path: Path, spec: ComponentSpec) -> tuple[ComposeRuntime
     return runtime, yaml.safe_load(Path(runtime.compose_file).read_text())
 
 
+COMPOSE_VALUES = {k: v for k, v in LITERAL_VALUES.items() if "'" not in v and not v.endswith("\\")}
+
+
 def test_compose_file_carries_paths_literally_and_no_env_value(tmp_path: Path) -> None:
-    """(argv with '$' in compose.yaml: pending_test_bugs.py, compose interpolates it.)"""
-    runtime, doc = compose_project(tmp_path, _spec(dict(LITERAL_VALUES), ["/bin/app", "--serve"]))
+    runtime, doc = compose_project(tmp_path, _spec(dict(COMPOSE_VALUES), ["/bin/app", "--serve"]))
     service = doc["services"]["app"]
     assert service["entrypoint"] + service["command"] == ["/bin/app", "--serve"]
     assert [m["target"] for m in service["volumes"]] == ["/var/lib/app@1/data+x", "/etc/app.conf"]
     config = Path(service["volumes"][1]["source"])
     assert config.read_text() == LITERAL_CONFIG, "the config file is written as rendered, byte for byte"
     text = Path(runtime.compose_file).read_text()
-    assert all(v not in text for v in LITERAL_VALUES.values() if len(v) > 3), "env values stay out of compose.yaml"
+    assert all(v not in text for v in COMPOSE_VALUES.values() if len(v) > 3), "env values stay out of compose.yaml"
     assert "$" not in text and "%" not in text
 
 
@@ -324,3 +327,46 @@ def test_paths_with_every_allowed_character_are_accepted() -> None:
     _app(model)["config_files"][0]["path"] = "/etc/app@1/x+y.conf"
     loaded = load_model(model)
     assert loaded["components"]["app"]["volumes"][0]["path"] == "/var/lib/a.b_c-d@e+f/G9"
+
+
+def test_compose_file_carries_argv_literally(tmp_path: Path) -> None:
+    dummy, doc = compose_project(tmp_path, _spec({}, LITERAL_ARGV))
+    service = doc["services"]["app"]
+    argv = [_compose_unescape(a, "entrypoint/command") for a in service["entrypoint"] + service["command"]]
+    assert argv == LITERAL_ARGV
+
+
+def compose_env_file(text: str) -> dict[str, str]:
+    """An env_file as Compose reads it (docs.docker.com/compose/env-file/), without an environment:
+    returns the values, or fails on any value Compose would interpolate."""
+    env = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _sep, raw = line.partition("=")
+        if raw[:1] == "'":  # literal up to the closing quote (Compose has no escape inside single quotes)
+            end = raw.find("'", 1)
+            out = [raw[1:end]] if end > 0 else []
+            end = end if end > 0 else None
+            rest = raw[end + 1:].strip() if end is not None else "?"
+            assert rest == "" or rest.startswith("#"), f"{key}: text after the closing quote: {line!r}"
+            env[key] = "".join(out)
+            continue
+        assert raw[:1] != '"', f"{key}: a value starting with a double quote is read as a quoted value"
+        value = re.split(r"\s#", raw, maxsplit=1)[0].strip()
+        assert "$" not in value, f"{key}: Compose interpolates '$' in an unquoted value: {raw!r}"
+        env[key] = value
+    return env
+
+
+def test_compose_env_file_carries_the_values_literally(tmp_path: Path) -> None:
+    assert compose_env_file(env_file_text(dict(COMPOSE_VALUES), "app")) == COMPOSE_VALUES
+    # the check covers what Compose would otherwise change: '$', ' #', edge spaces, a leading '#'
+    assert {"SHELL_SUBST", "ESCAPED_REF", "BRACED", "SPACES", "HASH", "SPECIFIERS"} <= set(COMPOSE_VALUES)
+
+
+@pytest.mark.parametrize("value", ["it's", "ends\\", "'quoted'"])
+def test_a_value_compose_cannot_carry_is_refused_by_name(value: str) -> None:
+    with pytest.raises(DeployError) as err:
+        env_file_text({"GOOD": "x", "BAD": value}, "app")
+    assert "component app" in str(err.value) and "BAD" in str(err.value) and "GOOD" not in str(err.value)
