@@ -198,6 +198,17 @@ class Engine:
             plan = make_plan(specs, self.runtime.observe())  # the snapshot stopped the stateful components
         at = utc_now()
         try:
+            self.runtime.prepare([s for s in specs if s.name in set(plan.to_start)])
+        except DeployError as exc:
+            # Nothing was stopped or started yet: record the refusal, change nothing else.
+            self.state.add_history({"at": at, "by": self.actor, "action": action, "result": "failed",
+                                    "from": (before or {}).get("version"), "to": version, "plan": plan.as_dict(),
+                                    "error": str(exc)})
+            self.state.save()
+            exc.args = ("%s %s on %s: %s; nothing was changed" % (self.state.app, version, self.target.host,
+                                                                   exc.args[0]),)
+            raise
+        try:
             health = apply_plan(self.runtime, specs, plan, health_cap=self.health_cap, log=self.log)
         except DeployError as exc:
             self._recover(exc, version=version, before=before, auto_rollback=auto_rollback, at=at, action=action,

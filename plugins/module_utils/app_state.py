@@ -15,13 +15,15 @@ new state, never half of one. Standard library only.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import shutil
 import tarfile
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 SCHEMA = 1
 HISTORY_MAX = 100
@@ -159,6 +161,30 @@ class AppState:
     def save(self) -> bool:
         raw = json.dumps(self.data, sort_keys=True, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
         return write_private(self.path, raw)
+
+
+@contextmanager
+def app_lock(state_dir: str, app: str, host: str, timeout: float) -> Iterator[None]:
+    """One change of an app at a time on a host: an flock on its state directory (held by the running module,
+    dropped when it exits, also when it is killed). Waits at most ``timeout`` seconds for another deploy."""
+    directory = app_dir(state_dir, app)
+    ensure_private_dir(directory)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateError("another deploy, rollback or uninstall of %s is running on %s and did not "
+                                     "finish within %.0f s (e.g. one left running by a controller that was "
+                                     "stopped); wait for it to end, then run again" % (app, host, timeout)) from None
+                time.sleep(1)
+        yield
+    finally:
+        os.close(fd)
 
 
 # -- data snapshots -----------------------------------------------------------------------------------

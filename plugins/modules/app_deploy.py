@@ -131,6 +131,12 @@ options:
   storage_class:
     description: With O(target=k8s), the storage class of the volume claims (default the cluster's default).
     type: str
+  lock_timeout:
+    description:
+      - Seconds to wait for another deploy, rollback or uninstall of the app on this host to finish (one change
+        at a time per app and host; a killed controller can leave one running on the host).
+    type: int
+    default: 600
 seealso:
   - module: offline.delivery.app_release
   - module: offline.delivery.app_secrets
@@ -205,6 +211,7 @@ health:
   type: dict
 """
 
+import contextlib
 import getpass
 
 from ansible.module_utils.basic import AnsibleModule
@@ -212,7 +219,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app_engine import Engine, Target
 from ..module_utils.app_model import ModelError
 from ..module_utils.app_runtime import DeployError
-from ..module_utils.app_state import AppState, StateError
+from ..module_utils.app_state import AppState, StateError, app_lock
 from ..module_utils.app_targets import runtime_for
 
 
@@ -258,6 +265,7 @@ def main() -> None:
             "restore_snapshot": {"type": "bool", "default": False},
             "auto_rollback": {"type": "bool", "default": True},
             "actor": {"type": "str", "default": "ansible"},
+            "lock_timeout": {"type": "int", "default": 600},
         },
         required_if=[("action", "deploy", ("version", "model", "images", "placement")),
                      ("target", "k8s", ("kubeconfig",))],
@@ -269,28 +277,32 @@ def main() -> None:
         return module.run_command(argv, check_rc=False)
 
     try:
-        state = AppState(p["state_dir"], p["app"])
-        if state.data["target"] not in (None, p["target"]):
-            module.fail_json(msg="%s runs on %s as target %s, not %s: uninstall it first to change the target"
-                             % (p["app"], p["host"], state.data["target"], p["target"]))
-        k8s = {"config": p["kubeconfig"], "namespace": p["namespace"], "storage_class": p["storage_class"],
-               "registry": p["registry"], "secrets": p["secrets"]}
-        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"], run=run,
-                              k8s=k8s)
-        target = Target(host=p["host"], platform=p["platform"], placement=p["placement"], addresses=p["addresses"],
-                        registry=p["registry"], secrets=p["secrets"])
-        engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
-                        actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
-        overrides = p["overrides"]
-        if overrides is None:  # kept from the last deploy, also across an uninstall
-            overrides = (state.current or state.previous or {}).get("overrides") or {}
-        if p["action"] == "deploy":
-            running = (state.current or {}).get("version")
-            action = "install" if not running else "upgrade" if running != p["version"] else "reconfigure"
-            result = engine.deploy(version=p["version"], model=p["model"], images=p["images"], overrides=overrides,
-                                   snapshot=p["snapshot"], auto_rollback=p["auto_rollback"], action=action)
-        else:
-            result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
+        with contextlib.ExitStack() as stack:
+            if not module.check_mode:  # one change at a time; check mode only reads
+                stack.enter_context(app_lock(p["state_dir"], p["app"], p["host"], p["lock_timeout"]))
+            state = AppState(p["state_dir"], p["app"])
+            if state.data["target"] not in (None, p["target"]):
+                module.fail_json(msg="%s runs on %s as target %s, not %s: uninstall it first to change the target"
+                                 % (p["app"], p["host"], state.data["target"], p["target"]))
+            k8s = {"config": p["kubeconfig"], "namespace": p["namespace"], "storage_class": p["storage_class"],
+                   "registry": p["registry"], "secrets": p["secrets"]}
+            runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
+                                  run=run, k8s=k8s)
+            target = Target(host=p["host"], platform=p["platform"], placement=p["placement"],
+                            addresses=p["addresses"], registry=p["registry"], secrets=p["secrets"])
+            engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
+                            actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
+            overrides = p["overrides"]
+            if overrides is None:  # kept from the last deploy, also across an uninstall
+                overrides = (state.current or state.previous or {}).get("overrides") or {}
+            if p["action"] == "deploy":
+                running = (state.current or {}).get("version")
+                action = "install" if not running else "upgrade" if running != p["version"] else "reconfigure"
+                result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
+                                       overrides=overrides, snapshot=p["snapshot"], auto_rollback=p["auto_rollback"],
+                                       action=action)
+            else:
+                result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
     except (DeployError, ModelError, StateError, OSError) as exc:
         module.fail_json(msg=str(exc), messages=engine.messages if "engine" in locals() else [])
     if module._diff:

@@ -60,6 +60,12 @@ options:
   namespace:
     description: With O(target=k8s), the namespace (default the app's name).
     type: str
+  lock_timeout:
+    description:
+      - Seconds to wait for another deploy, rollback or uninstall of the app on this host to finish (one change
+        at a time per app and host; a killed controller can leave one running on the host).
+    type: int
+    default: 600
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -87,7 +93,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.app_engine import uninstall
 from ..module_utils.app_runtime import DeployError
-from ..module_utils.app_state import AppState, StateError
+from ..module_utils.app_state import AppState, StateError, app_lock
 from ..module_utils.app_targets import runtime_for
 
 
@@ -102,6 +108,7 @@ def main() -> None:
             "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
             "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
             "actor": {"type": "str", "default": "ansible"},
+            "lock_timeout": {"type": "int", "default": 600},
         },
         required_if=[("target", "k8s", ("kubeconfig",))],
         supports_check_mode=True,
@@ -111,8 +118,13 @@ def main() -> None:
         runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
                               run=lambda argv: module.run_command(argv, check_rc=False),
                               k8s={"config": p["kubeconfig"], "namespace": p["namespace"]})
-        result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
-                           actor=p["actor"], check_mode=module.check_mode)
+        if module.check_mode:
+            result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
+                               actor=p["actor"], check_mode=True)
+        else:
+            with app_lock(p["state_dir"], p["app"], "this host", p["lock_timeout"]):
+                result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
+                                   actor=p["actor"], check_mode=False)
     except (DeployError, StateError, OSError) as exc:
         module.fail_json(msg=str(exc))
     module.exit_json(**result)

@@ -191,12 +191,8 @@ def interrupted(site: Site, installed: dict[str, Any]) -> dict[str, Any]:
     thread.join(120)
     assert not thread.is_alive(), "the killed playbook did not end"
     middle = {h: state(site, h) for h in TARGETS}
-    # The deploy modules already started on the hosts outlive the controller; a rerun racing them is a product
-    # bug (no per-host deploy lock; docs/reliability.md, open item 11): let them end first (bounded).
-    deadline = time.monotonic() + 300  # a pipelined module runs as a bare `/usr/bin/python3`
-    while time.monotonic() < deadline and any(
-            site.exec(h, "pgrep -fx /usr/bin/python3 || true", timeout=30).stdout.strip() for h in TARGETS):
-        time.sleep(2)
+    # The deploy modules already started on the hosts outlive the controller: the rerun's modules wait for them
+    # on the per-app lock of each host (app_state.app_lock) instead of racing them.
     rerun = run(site, "upgrade 1.1.0 (rerun after kill)", "upgrade", "-e", "app_version=1.1.0")
     return {"before": before, "killed": box.get("res"), "middle": middle, "rerun": rerun, "after": snapshot(site)}
 
@@ -345,6 +341,7 @@ def test_a_rollback_to_pruned_images_fails_before_any_change(pruned: dict[str, A
     for host in TARGETS:
         line = fatal_msg(res, host)
         assert "shop/api:1.0.0" in line or pruned["index"] in line, line[:2000]
+        assert "nothing was changed" in line and "rolled back" not in line, line[:2000]
         before, after = pruned["before"][host], pruned["after"][host]
         assert after["times"] == before["times"], f"{host}: a component was restarted before the error"
         assert after["state"]["current"] == before["state"]["current"], f"{host}: the state moved"

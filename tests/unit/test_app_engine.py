@@ -220,3 +220,28 @@ def test_dependency_on_another_host_resolves_to_its_address() -> None:
     api = next(s for s in specs if s.name == "api")
     assert api.env["DB_HOST"] == "10.0.0.9" and api.env["REDIS_HOST"] == "127.0.0.1"
     assert api.local_deps == ["redis"] and "db" not in [s.name for s in specs]
+
+
+def test_a_failed_fetch_changes_nothing_and_says_so(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    before = dict(rt.running)
+
+    def refuse(specs):
+        raise DeployError("pulling the image of api (shop/api:1.1.0): manifest unknown")
+    rt.prepare = refuse  # type: ignore[method-assign]
+    with pytest.raises(DeployError, match="manifest unknown; nothing was changed"):
+        deploy(tmp_path, rt, "1.1.0")
+    assert rt.running == before
+    state = AppState(str(tmp_path), "shop")
+    assert state.current["version"] == "1.0.0" and state.data["history"][-1]["result"] == "failed"
+
+
+def test_one_change_at_a_time_per_app_and_host(tmp_path: Path) -> None:
+    from offline_delivery_core.app_state import StateError, app_lock
+    with app_lock(str(tmp_path), "shop", HOST, timeout=1):
+        with pytest.raises(StateError, match="another deploy, rollback or uninstall of shop is running on node1"):
+            with app_lock(str(tmp_path), "shop", HOST, timeout=1):
+                pass
+    with app_lock(str(tmp_path), "shop", HOST, timeout=1):
+        pass  # released when the holder ends
