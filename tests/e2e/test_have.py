@@ -132,13 +132,16 @@ def test_offline_delivery_command_runs_the_playbook_through_runner(site: Site, t
     out = proc.stdout
     assert "== Export the site's signed have-list and fetch it to the controller" in out
     assert "   Write the signed have-list on the repo host" in out
-    row = next(ln for ln in out.splitlines() if ln.startswith("repo "))
-    assert row.split()[:4] == ["repo", "ok", row.split()[2], "0"], out  # the list was current: nothing changed
+    row = next(ln for ln in out.splitlines() if ln.startswith("repo ")).split()
+    # the list on the repo host was current; only the fetch into this new directory changed something
+    assert row[:2] == ["repo", "changed"] and row[3:7] == ["1", "0", "0", "0"], out
     artifacts = Path(re.search(r"^artifacts \(keep for support\): (.+)$", out, re.M).group(1))  # type: ignore[union-attr]
     assert artifacts.is_relative_to(tmp_path / "offline-delivery-runs")
     assert (artifacts / "stdout").is_file() and any((artifacts / "job_events").iterdir())
     fetched = tmp_path / "offline-delivery-have" / f"{SITE}.have.json"
     assert fetched.read_bytes() == (site.transfer_dir / HAVE_DIR / f"{SITE}.have.json").read_bytes()
+    proc = _offline_delivery(site, tmp_path, "have", "--site", SITE)
+    assert proc.returncode == 0 and re.search(r"^repo\s+ok\s+\d+\s+0\s+0\s+0\s", proc.stdout, re.M), proc.stdout
 
     proc = _offline_delivery(site, tmp_path, "have", "--site", "no/such")
     assert proc.returncode == 2, proc.stdout[-4000:]
