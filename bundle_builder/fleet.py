@@ -114,7 +114,7 @@ class Summary:
         s = cls()
         for key, label in cls.KEYS:
             for host, n in ((stats or {}).get(key) or {}).items():
-                s.hosts.setdefault(host, {lbl: 0 for _, lbl in cls.KEYS})[label] = int(n)
+                s.hosts.setdefault(host, {lbl: 0 for _key, lbl in cls.KEYS})[label] = int(n)
         return s
 
     def failed_hosts(self) -> list[str]:

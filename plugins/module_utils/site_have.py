@@ -57,7 +57,7 @@ class HaveError(ValueError):
 
 
 def public_from_seed(seed: bytes) -> bytes:
-    scalar, _ = _expand(seed)
+    scalar = _expand(seed)[0]
     return ed25519._encode_point(ed25519._mul(scalar, ed25519._BASE))  # pylint: disable=protected-access
 
 

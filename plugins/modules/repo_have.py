@@ -19,7 +19,7 @@ description:
   - The site key (C(site-have.key), PKCS8 PEM, mode 0600, in O(key_dir), mode 0700) is made on first use
     and never leaves the repo host; its public half is written as C(site-have.pub) beside it and next to
     O(dest) (C(<site>.have.pub)). The vendor must pin that public key to trust the list (docs/fleet.md).
-  - No timestamps: nothing is written when the repository did not change.
+  - No timestamps, so nothing is written when the repository did not change.
   - Standard library only (the signer is pure Python).
 author:
   - offline.delivery developers (@offline-delivery)
