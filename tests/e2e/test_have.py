@@ -64,6 +64,12 @@ def test_have_list_then_delta_built_against_it_imports(site: Site, shop_bundles:
     carry(site, shop_bundles)
     import_media(site, "shop-1.0.0")
 
+    # check mode: says it would write (and make the site key), writes and fetches nothing
+    rc, counts, out = playbook(site, "have", "--check", "-e", f"offline_delivery_site={SITE}")
+    assert rc == 0 and counts["changed"] == 1 and counts["failed"] == 0 and "would write" in out, out[-5000:]
+    assert not (site.transfer_dir / HAVE_DIR).exists()
+    assert site.exec("repo", ["test", "-e", "/etc/offline-delivery/have-signing"]).rc == 1
+
     rc, counts, out = playbook(site, "have", "-e", f"offline_delivery_site={SITE}")
     assert rc == 0 and counts["failed"] == 0 and counts["changed"] >= 1, out[-5000:]
     have_file = site.transfer_dir / HAVE_DIR / f"{SITE}.have.json"
