@@ -9,7 +9,8 @@
 
 Each runs the collection's playbook of the same name (``offline.delivery.<command>``) through ansible-runner,
 prints one line per task and per failed host, then a per-host summary (ok/changed/failed/unreachable), and
-keeps ansible-runner's artifacts (events, stdout, the exact command) in a run directory it prints, for support.
+keeps ansible-runner's artifacts (events, stdout, the exact command, the variables) in a run directory of its
+own that it prints, for support.
 The playbooks stay the same for plain ``ansible-playbook`` and AWX: this only fills in their variables.
 """
 
@@ -158,8 +159,10 @@ def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) ->
     import ansible_runner  # here: argument errors need no runner installed
 
     ident = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{args.command}-{os.getpid()}"
-    private = (cwd / args.runs_dir).resolve()
-    private.mkdir(parents=True, exist_ok=True)
+    # A fresh private data dir per run: ansible-runner keeps env/extravars there and passes it to every
+    # later run in the same dir, so a shared one would leak one run's variables (e.g. a version) into the next.
+    private = (cwd / args.runs_dir).resolve() / ident
+    private.mkdir(parents=True, exist_ok=False)
     cmdline = " ".join(["--check"] * args.check)
     write(f"offline-delivery {args.command}: playbook offline.delivery.{args.command}, inventory {inventory}")
     r = ansible_runner.run(private_data_dir=str(private), ident=ident, playbook=f"offline.delivery.{args.command}",
@@ -171,7 +174,7 @@ def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) ->
     for line in summary.lines():
         write(line)
     artifacts = private / "artifacts" / ident
-    write(f"artifacts (keep for support): {artifacts}")
+    write(f"artifacts (keep for support): {private}")
     failed = summary.failed_hosts()
     if r.rc != 0 or r.status != "successful" or failed:
         write(f"{args.command} FAILED (status {r.status}, rc {r.rc})"

@@ -209,3 +209,45 @@ def test_fleet_summary_from_runner_stats() -> None:
     assert lines[1].split() == ["node1", "FAILED", "3", "0", "1", "0", "0"]
     assert lines[2].split() == ["repo", "changed", "5", "2", "0", "0", "1"]
     assert fleet.Summary.from_stats(None).lines() == ["no host ran a task (check the inventory and --limit)"]
+
+
+class _FakeRunner:
+    def __init__(self, rc: int, status: str, stats: dict) -> None:
+        self.rc, self.status, self.stats = rc, status, stats
+
+
+def test_fleet_run_gives_each_run_its_own_dir_and_reports(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import ansible_runner
+
+    from bundle_builder import fleet
+    calls: list[dict] = []
+
+    def fake_run(**kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        handler = kwargs["event_handler"]
+        handler({"event": "playbook_on_play_start", "event_data": {"play": "Install"}})
+        handler({"event": "playbook_on_task_start", "event_data": {"task": "Deploy"}})
+        handler({"event": "runner_on_failed", "event_data": {"host": "node1", "res": {"msg": "health gate\nmore"}}})
+        failed = len(calls) == 2
+        return _FakeRunner(2 if failed else 0, "failed" if failed else "successful",
+                           {"ok": {"node1": 2}, "changed": {}, "failures": {"node1": 1} if failed else {}})
+
+    monkeypatch.setattr(ansible_runner, "run", fake_run)
+    monkeypatch.setattr(fleet.os, "getpid", lambda: len(calls))  # two runs within one second: distinct names
+    (tmp_path / "inv.yml").write_text("all: {}\n")
+    lines: list[str] = []
+    args = fleet.parse_args(["upgrade", "-i", "inv.yml", "--app", "shop", "--version", "1.1.0", "--check"])
+    assert fleet.run(args, write=lines.append, cwd=tmp_path) == fleet.EXIT_OK
+    args = fleet.parse_args(["install", "-i", "inv.yml", "--app", "shop"])
+    assert fleet.run(args, write=lines.append, cwd=tmp_path) == fleet.EXIT_FAILED
+
+    first, second = calls
+    assert first["playbook"] == "offline.delivery.upgrade" and first["cmdline"] == "--check"
+    assert first["extravars"] == {"app_name": "shop", "app_version": "1.1.0"}
+    assert second["extravars"] == {"app_name": "shop"} and second["cmdline"] is None
+    assert first["private_data_dir"] != second["private_data_dir"]
+    assert Path(first["private_data_dir"]).parent == tmp_path / "offline-delivery-runs"
+    assert first["inventory"] == str(tmp_path / "inv.yml")
+    assert "== Install" in lines and "   Deploy" in lines and "   FAILED node1: health gate" in lines
+    assert "upgrade done (check mode: nothing changed)" in lines
+    assert any(ln.startswith("install FAILED (status failed, rc 2) on node1; details in ") for ln in lines)
