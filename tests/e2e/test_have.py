@@ -141,15 +141,25 @@ def test_offline_delivery_command_runs_the_playbook_through_runner(site: Site, t
     row = next(ln for ln in out.splitlines() if ln.startswith("repo ")).split()
     # the list on the repo host was current; only the fetch into this new directory changed something
     assert row[:2] == ["repo", "changed"] and row[3:7] == ["1", "0", "0", "0"], out
-    artifacts = Path(re.search(r"^artifacts \(keep for support\): (.+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    assert artifacts.is_relative_to(tmp_path / "offline-delivery-runs")
+    run_dir = Path(re.search(r"^artifacts \(keep for support\): (.+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    assert run_dir.parent == tmp_path / "offline-delivery-runs"
+    artifacts = run_dir / "artifacts" / run_dir.name
     assert (artifacts / "stdout").is_file() and any((artifacts / "job_events").iterdir())
     fetched = tmp_path / "offline-delivery-have" / f"{SITE}.have.json"
     assert fetched.read_bytes() == (site.transfer_dir / HAVE_DIR / f"{SITE}.have.json").read_bytes()
     proc = _offline_delivery(site, tmp_path, "have", "--site", SITE)
     assert proc.returncode == 0 and re.search(r"^repo\s+ok\s+\d+\s+0\s+0\s+0\s", proc.stdout, re.M), proc.stdout
+    proc = _offline_delivery(site, tmp_path, "have", "--site", SITE, "--check")
+    assert proc.returncode == 0 and "have done (check mode: nothing changed)" in proc.stdout, proc.stdout
 
     proc = _offline_delivery(site, tmp_path, "have", "--site", "no/such")
     assert proc.returncode == 2, proc.stdout[-4000:]
     assert "FAILED repo: have-list of site no/such" in proc.stdout and "must be 1-63 letters" in proc.stdout
     assert re.search(r"^repo\s+FAILED\s", proc.stdout, re.M) and "have FAILED" in proc.stdout
+
+    # every run has its own directory: no run sees another's variables (the failed run's 'no/such' site)
+    commands = [json.loads(p.read_text())["command"]
+                for p in (tmp_path / "offline-delivery-runs").glob("*/artifacts/*/command")]
+    assert len(commands) == 4 and sum("--check" in c for c in commands) == 1
+    extravars = [p.read_text() for p in (tmp_path / "offline-delivery-runs").glob("*/env/extravars")]
+    assert len(extravars) == 4 and sum("no/such" in text for text in extravars) == 1
