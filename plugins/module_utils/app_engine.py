@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from .app_model import diff_models
 from .app_runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
                           probe_spec, wait_healthy)
-from .app_state import AppState, restore_snapshot, take_snapshot, utc_now
+from .app_state import AppState, check_snapshot, restore_snapshot, take_snapshot, utc_now
 
 
 class HealthGateError(DeployError):
@@ -304,6 +304,7 @@ class Engine:
         dirs: Dict[str, str] = {}
         for spec in stateful:
             dirs.update(self.runtime.volume_dirs(spec))
+        check_snapshot(self.state.state_dir, self.state.app, version, dirs)  # before anything stops
         self.runtime.remove([s.name for s in stateful], all_specs=[s for s in specs if not s.volumes])
         restore_snapshot(self.state.state_dir, self.state.app, version, dirs)
         self.log("restored the data snapshot of %s: %s" % (version, ", ".join(sorted(dirs))))

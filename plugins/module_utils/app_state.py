@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 SCHEMA = 1
 HISTORY_MAX = 100
@@ -216,15 +216,21 @@ def take_snapshot(state_dir: str, app: str, version: str, volume_dirs: Mapping[s
     return sizes
 
 
-def restore_snapshot(state_dir: str, app: str, version: str, volume_dirs: Mapping[str, str]) -> List[str]:
-    """Replace each volume's content by the snapshot of ``version``; refuses before changing anything when a
-    snapshot is missing. The components using the volumes must be stopped."""
+def check_snapshot(state_dir: str, app: str, version: str, names: Iterable[str]) -> str:
+    """The snapshot directory of ``version``; refuses when a volume's snapshot is missing."""
     source = snapshot_dir(state_dir, app, version)
-    missing = sorted(n for n in volume_dirs if not os.path.isfile(os.path.join(source, n + ".tar")))
+    missing = sorted(n for n in names if not os.path.isfile(os.path.join(source, n + ".tar")))
     if missing:
         raise StateError("no data snapshot of %s %s for volume(s) %s in %s: snapshots are taken by an upgrade "
                          "with snapshot=true; roll back without restore_snapshot" % (app, version,
                                                                                      ", ".join(missing), source))
+    return source
+
+
+def restore_snapshot(state_dir: str, app: str, version: str, volume_dirs: Mapping[str, str]) -> List[str]:
+    """Replace each volume's content by the snapshot of ``version``; refuses before changing anything when a
+    snapshot is missing. The components using the volumes must be stopped."""
+    source = check_snapshot(state_dir, app, version, volume_dirs)
     restored = []
     for name, directory in sorted(volume_dirs.items()):
         for entry in os.listdir(directory):

@@ -706,15 +706,21 @@ def load_parts_doc(parts_json: str) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"{name} is not valid JSON ({exc})") from None
     ok = (isinstance(doc, dict) and doc.get("mediaType") == PARTS_MEDIA_TYPE and isinstance(doc.get("parts"), list)
-          and bool(doc["parts"]) and isinstance(doc.get("size"), int) and is_digest(doc.get("sha256")))
-    names: set[str] = set()
+          and bool(doc["parts"]) and isinstance(doc.get("size"), int) and is_digest(doc.get("sha256"))
+          and isinstance(doc.get("file"), str) and os.path.basename(doc["file"]) == doc["file"])
     for p in doc.get("parts", []) if ok else []:
         ok = ok and isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("size"), int)
-        ok = ok and is_digest(p.get("sha256")) and p["name"] not in names
-        # a part name is a plain file name next to parts.json: no directories, no '..'
-        ok = ok and os.path.basename(p["name"]) == p["name"] and p["name"] not in ("", ".", "..")
-        if ok:
-            names.add(p["name"])
+        ok = ok and is_digest(p.get("sha256"))
+    if ok:
+        # The builder names parts <file>.part000, .part001, ... in order (plain names next to parts.json): a list
+        # edited out of order or with a part listed twice is named here, not later by whichever blob straddles
+        # the misplaced part.
+        for index, part in enumerate(doc["parts"]):
+            expected = f"{doc['file']}.part{index:03d}"
+            if part.get("name") != expected:
+                raise BundleError(f"{name}: entry {index} of 'parts' is {str(part.get('name'))[:120]!r}, but the "
+                                  f"parts are {doc['file']}.part000, .part001, ... in order, so it must be "
+                                  f"{expected!r}: the list was edited; take it from the original media")
     if not ok:
         raise BundleError(f"{name} is not a valid parts list (mediaType {PARTS_MEDIA_TYPE}, 'parts' with name, "
                           "size, sha256 each, plus the whole file's size and sha256)")

@@ -245,3 +245,55 @@ def test_one_change_at_a_time_per_app_and_host(tmp_path: Path) -> None:
                 pass
     with app_lock(str(tmp_path), "shop", HOST, timeout=1):
         pass  # released when the holder ends
+
+
+class VolumeRuntime(FakeRuntime):
+    """FakeRuntime whose db volume is a real directory, to prove snapshot and restore on real files."""
+
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.data = data
+
+    def volume_dirs(self, spec):
+        return {v["name"]: str(self.data) for v in spec.volumes}
+
+
+def test_snapshot_before_an_upgrade_and_restore_on_rollback(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    (data / "orders").write_text("1 book\n")
+    rt = VolumeRuntime(data)
+    state_dir = tmp_path / "state"
+    target = Target(host=HOST, platform=PLATFORM, registry="repo:5000", secrets=SECRETS,
+                    placement={n: [HOST] for n in model("1.0.0")["components"]}, addresses={})
+
+    def run(version: str, **kw):
+        m = model(version)
+        return Engine(rt, AppState(str(state_dir), "shop"), target, health_cap=1, actor="t").deploy(
+            version=version, model=m, images=images(m), overrides={}, auto_rollback=True, action="upgrade", **kw)
+
+    run("1.0.0", snapshot=False)
+    result = run("1.1.0", snapshot=True)
+    assert result["snapshot"] == {"pgdata": (state_dir / "apps/shop/snapshots/1.0.0/pgdata.tar").stat().st_size}
+    assert ("remove", ["db"]) in rt.calls and rt.running["db"].running, "db stopped for the snapshot, then back"
+    (data / "orders").write_text("1 book\n2 written by 1.1.0\n")
+    (data / "new-in-1.1.0").write_text("x")
+    engine = Engine(rt, AppState(str(state_dir), "shop"), target, health_cap=1, actor="t")
+    engine.rollback(version=None, restore=True)
+    assert (data / "orders").read_text() == "1 book\n" and not (data / "new-in-1.1.0").exists()
+    assert oct((state_dir / "apps/shop/snapshots/1.0.0/pgdata.tar").stat().st_mode & 0o777) == "0o600"
+
+
+def test_restore_without_a_snapshot_is_refused_before_any_change(tmp_path: Path) -> None:
+    data = tmp_path / "pgdata"
+    data.mkdir()
+    (data / "orders").write_text("kept\n")
+    rt = VolumeRuntime(data)
+    deploy(tmp_path, rt, "1.0.0")
+    deploy(tmp_path, rt, "1.1.0")
+    rt.calls.clear()
+    from offline_delivery_core.app_state import StateError
+    with pytest.raises(StateError, match="no data snapshot of shop 1.0.0 for volume"):
+        engine(tmp_path, rt).rollback(version=None, restore=True)
+    assert (data / "orders").read_text() == "kept\n"
+    assert rt.calls == [], "nothing was stopped"

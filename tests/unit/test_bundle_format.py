@@ -410,7 +410,7 @@ def test_parts_json_with_path_in_part_name_refused(made, trusted, tmp_path: Path
     doc = json.loads(parts_json.read_text())
     doc["parts"][0]["name"] = "../" + doc["parts"][0]["name"]
     parts_json.write_text(json.dumps(doc))
-    _refused(parts_json, trusted, "not a valid parts list")
+    _refused(parts_json, trusted, "entry 0 of 'parts' is '../")
 
 
 def test_split_error_in_a_sound_part_keeps_its_own_reason(made, other_keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
