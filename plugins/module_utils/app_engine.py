@@ -205,8 +205,8 @@ class Engine:
                                     "from": (before or {}).get("version"), "to": version, "plan": plan.as_dict(),
                                     "error": str(exc)})
             self.state.save()
-            exc.args = ("%s %s on %s: %s; nothing was changed" % (self.state.app, version, self.target.host,
-                                                                   exc.args[0]),)
+            where = "%s %s on %s" % (self.state.app, version, self.target.host)
+            exc.args = ("%s: %s; nothing was changed" % (where, exc.args[0]),)
             raise
         try:
             health = apply_plan(self.runtime, specs, plan, health_cap=self.health_cap, log=self.log)
