@@ -75,11 +75,14 @@ ATTACKS: dict[str, tuple[Callable[[Path, str], bytes], str]] = {
     "sparse": (lambda e, b: header(b, type_=tarfile.GNUTYPE_SPARSE), "GNU sparse file"),
     "global-pax": (lambda e, b: _typed("pax_global_header", b"g", b"17 path=../../x\n"), "global PAX header"),
     "pax-path-dotdot": (lambda e, b: member("innocent", b"x", fmt=tarfile.PAX_FORMAT,
-                                            pax={"path": "../../escape/evil"}), r"contains '\.\.'"),
+                                            pax={"path": "../../escape/evil"}),
+                        # a PAX path is never honoured: the member is still 'innocent', which no bundle has
+                        r"'innocent' is not allowed in a bundle"),
     "pax-path-absolute": (lambda e, b: member("innocent", b"x", fmt=tarfile.PAX_FORMAT,
-                                              pax={"path": str(e / "evil")}), "has an absolute path"),
+                                              pax={"path": str(e / "evil")}), r"'innocent' is not allowed in a bundle"),
     "pax-huge-size": (lambda e, b: member(b, b"", fmt=tarfile.PAX_FORMAT, pax={"size": str(10 ** 18)}),
-                      r"is \d+ bytes, the manifest says|unexpected member|more than|not listed"),
+                      r"is \d+ bytes, the manifest says|unexpected member|more than|not listed|"
+                      r"the PAX header before .* is not the one bundle-builder writes"),
     "pax-header-too-long": (lambda e, b: member(b, b"x", fmt=tarfile.PAX_FORMAT, pax={"comment": "c" * 70_000}),
                             "unreasonably large"),
     "base256-size": (lambda e, b: _base256_size(b), "base-256"),
