@@ -17,6 +17,16 @@ from .k8s_client import K8sClient, K8sError
 HOST_RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
 TARGETS = sorted(HOST_RUNTIMES) + ["k8s"]
 
+# The options of the modules that act on an app where it runs (doc fragment offline.delivery.app_host).
+APP_HOST_OPTIONS = {
+    "app": {"type": "str", "required": True},
+    "target": {"type": "str", "choices": TARGETS, "required": True},
+    "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
+    "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
+    "kubeconfig": {"type": "dict", "no_log": True},
+    "namespace": {"type": "str"},
+}
+
 
 def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Runtime:
     """The runtime of ``kind``. For k8s, ``k8s`` holds the parsed kubeconfig (``config``) and its path

@@ -24,6 +24,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.app_host
 attributes:
   check_mode:
     support: full
@@ -34,10 +35,6 @@ attributes:
   idempotent:
     support: full
 options:
-  app:
-    description: Application name.
-    type: str
-    required: true
   action:
     description:
       - V(deploy) installs or upgrades to O(version) with O(model) and O(images).
@@ -55,11 +52,6 @@ options:
   images:
     description: The release's images (from M(offline.delivery.app_release)). Required for O(action=deploy).
     type: dict
-  target:
-    description: How this host runs components.
-    type: str
-    choices: [compose, systemd, k8s]
-    required: true
   host:
     description: This host's name in O(placement).
     type: str
@@ -90,14 +82,6 @@ options:
     description: The site registry, C(host:port).
     type: str
     required: true
-  state_dir:
-    description: The host's state directory.
-    type: path
-    default: /var/lib/offline-delivery
-  apps_dir:
-    description: Where application trees live.
-    type: path
-    default: /srv/offline-delivery-apps
   health_timeout:
     description: Upper bound in seconds on the wait for one component to become healthy.
     type: int
@@ -120,14 +104,6 @@ options:
     description: Who runs the change, recorded in the history.
     type: str
     default: ansible
-  kubeconfig:
-    description:
-      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
-        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
-    type: dict
-  namespace:
-    description: With O(target=k8s), the namespace (default the app's name).
-    type: str
   storage_class:
     description: With O(target=k8s), the storage class of the volume claims (default the cluster's default).
     type: str
@@ -220,7 +196,7 @@ from ..module_utils.app_engine import Engine, Target
 from ..module_utils.app_model import ModelError
 from ..module_utils.app_runtime import DeployError
 from ..module_utils.app_state import AppState, StateError, app_lock
-from ..module_utils.app_targets import runtime_for
+from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
 
 
 def _diff(engine: Engine, result: dict) -> dict:
@@ -242,14 +218,11 @@ def _diff(engine: Engine, result: dict) -> dict:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "app": {"type": "str", "required": True},
+            **APP_HOST_OPTIONS,
             "action": {"type": "str", "choices": ["deploy", "rollback"], "default": "deploy"},
             "version": {"type": "str"},
             "model": {"type": "dict"},
             "images": {"type": "dict"},
-            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
-            "kubeconfig": {"type": "dict", "no_log": True},
-            "namespace": {"type": "str"},
             "storage_class": {"type": "str"},
             "host": {"type": "str", "required": True},
             "platform": {"type": "str", "required": True},
@@ -258,8 +231,6 @@ def main() -> None:
             "secrets": {"type": "dict", "default": {}, "no_log": True},
             "overrides": {"type": "dict"},
             "registry": {"type": "str", "required": True},
-            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
-            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
             "health_timeout": {"type": "int", "default": 300},
             "snapshot": {"type": "bool", "default": False},
             "restore_snapshot": {"type": "bool", "default": False},

@@ -18,6 +18,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.app_host
 attributes:
   check_mode:
     support: full
@@ -27,35 +28,10 @@ attributes:
   idempotent:
     support: full
 options:
-  app:
-    description: Application name.
-    type: str
-    required: true
-  target:
-    description: How this host runs components.
-    type: str
-    choices: [compose, systemd, k8s]
-    required: true
-  state_dir:
-    description: The host's state directory.
-    type: path
-    default: /var/lib/offline-delivery
-  apps_dir:
-    description: Where application trees live.
-    type: path
-    default: /srv/offline-delivery-apps
   history:
     description: How many of the latest history entries to return.
     type: int
     default: 10
-  kubeconfig:
-    description:
-      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
-        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
-    type: dict
-  namespace:
-    description: With O(target=k8s), the namespace (default the app's name).
-    type: str
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -100,18 +76,13 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app_engine import host_status
 from ..module_utils.app_runtime import DeployError
 from ..module_utils.app_state import AppState, StateError
-from ..module_utils.app_targets import runtime_for
+from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "app": {"type": "str", "required": True},
-            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
-            "kubeconfig": {"type": "dict", "no_log": True},
-            "namespace": {"type": "str"},
-            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
-            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
+            **APP_HOST_OPTIONS,
             "history": {"type": "int", "default": 10},
         },
         required_if=[("target", "k8s", ("kubeconfig",))],

@@ -18,6 +18,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.app_host
 attributes:
   check_mode:
     support: full
@@ -27,39 +28,14 @@ attributes:
   idempotent:
     support: full
 options:
-  app:
-    description: Application name.
-    type: str
-    required: true
-  target:
-    description: How this host runs components.
-    type: str
-    choices: [compose, systemd, k8s]
-    required: true
   remove_data:
     description: Also delete the app's volumes on this host. Cannot be undone.
     type: bool
     default: false
-  state_dir:
-    description: The host's state directory.
-    type: path
-    default: /var/lib/offline-delivery
-  apps_dir:
-    description: Where application trees live.
-    type: path
-    default: /srv/offline-delivery-apps
   actor:
     description: Who runs the change, recorded in the history.
     type: str
     default: ansible
-  kubeconfig:
-    description:
-      - With O(target=k8s), the cluster's kubeconfig, parsed (the role reads the file named by the host variable
-        C(offline_delivery_kubeconfig) on the controller). Certificates and keys must be embedded (C(*-data)).
-    type: dict
-  namespace:
-    description: With O(target=k8s), the namespace (default the app's name).
-    type: str
   lock_timeout:
     description:
       - Seconds to wait for another deploy, rollback or uninstall of the app on this host to finish (one change
@@ -94,19 +70,14 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app_engine import uninstall
 from ..module_utils.app_runtime import DeployError
 from ..module_utils.app_state import AppState, StateError, app_lock
-from ..module_utils.app_targets import runtime_for
+from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "app": {"type": "str", "required": True},
-            "target": {"type": "str", "choices": ["compose", "systemd", "k8s"], "required": True},
-            "kubeconfig": {"type": "dict", "no_log": True},
-            "namespace": {"type": "str"},
+            **APP_HOST_OPTIONS,
             "remove_data": {"type": "bool", "default": False},
-            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
-            "apps_dir": {"type": "path", "default": "/srv/offline-delivery-apps"},
             "actor": {"type": "str", "default": "ansible"},
             "lock_timeout": {"type": "int", "default": 600},
         },
