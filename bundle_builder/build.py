@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from offline_delivery_core.bundle_format import (FILE_MEDIA_TYPE, FILE_NAME_RE, 
                                                  BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
                                                  PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
 
+from . import __version__
 from . import images as img
 from . import packages as pkgs
 from . import signing
@@ -36,14 +36,7 @@ BUILDER_NAME = "bundle-builder"
 APT_INDEX_MEDIA_TYPE = "application/vnd.offline-delivery.apt-packages.v1"
 
 
-def _builder_version() -> str:
-    try:
-        return importlib.metadata.version("offline-delivery")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-BUILDER_VERSION = _builder_version()
+BUILDER_VERSION = __version__
 CHUNK = 1024 * 1024
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MIN_VOLUME_SIZE = 1024
