@@ -265,10 +265,11 @@ class SiteRepo:
             raise
 
     def _publish(self, stage: str, head_manifest: dict[str, Any], manifest_bytes: bytes,
-                 signature: bytes | None, record: dict[str, Any]) -> tuple[int, int]:
+                 signature: bytes | None, record: dict[str, Any], *, bundled_only: bool = True) -> tuple[int, int]:
         """Write the release record and the new catalog aside, then move the staged blobs into place,
         the record to its place, and commit the catalog. Nothing visible changes before every write has
-        succeeded (a full disk fails here), and from then on only renames follow."""
+        succeeded (a full disk fails here), and from then on only renames follow. ``bundled_only``: an
+        import stages only the blobs its bundle carries; a sync (publish_staged) may stage any blob."""
         name, version = head_manifest["name"], head_manifest["version"]
         rel_dir = os.path.join(self.releases_dir, name, version)
         tmp_dir = os.path.join(self.releases_dir, f".tmp-{name}-{version}")
@@ -296,7 +297,7 @@ class SiteRepo:
 
         new_blobs = new_bytes = 0
         for desc in head_manifest["blobs"]:
-            if not desc["bundled"]:
+            if bundled_only and not desc["bundled"]:
                 continue
             staged = os.path.join(stage, digest_hex(desc["digest"]))
             if os.path.exists(staged):
@@ -383,6 +384,51 @@ def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes], importe
                   msg=f"{name} {version} imported: {new_blobs} new blobs, {new_bytes} bytes")
     res.blobs_new, res.bytes_new, res.bytes_verified = new_blobs, new_bytes, verified.bytes_checked
     return res
+
+
+def publish_staged(repo: SiteRepo, head: BundleHead, stage: str, *, imported_by: str,
+                   lock_timeout: float = 600.0) -> ImportResult:
+    """Publish a release whose blobs were staged by something other than a bundle tar (site_sync), through
+    the same steps as an import: record and catalog written aside, blobs renamed into place, catalog last.
+
+    ``head`` must carry a manifest whose signature the caller checked with the site's trusted keys, and
+    ``stage`` (a directory under ``repo.staging_dir``) the blobs the repository lacks, each named by its hex
+    digest and already hashed by the caller. Every blob of the manifest must be in the repository or
+    staged with its size, else nothing is published. The stage directory is removed after a publish or when
+    the release is already there. The repository must exist (an import sets it up).
+    """
+    manifest = head.manifest
+    name, version = manifest["name"], manifest["version"]
+    if not repo.exists():
+        raise RepoError(f"there is no site repository at {repo.root}; set the repo host up with a first "
+                        "import (offline.delivery.import) before publishing into it")
+    with repo.lock(lock_timeout):
+        if _already_imported(repo, head):
+            shutil.rmtree(stage, ignore_errors=True)
+            return _result(manifest, head.manifest_digest, changed=False,
+                           msg=f"{name} {version} is already in this repository (same manifest); nothing to do")
+        missing = [b["digest"] for b in manifest["blobs"] if not repo.has_blob(b["digest"], b["size"])
+                   and not _staged_size(os.path.join(stage, digest_hex(b["digest"])), b["size"])]
+        if missing:
+            shown = ", ".join(missing[:_MISSING_SHOWN]) + (f" and {len(missing) - _MISSING_SHOWN} more"
+                                                           if len(missing) > _MISSING_SHOWN else "")
+            raise RepoError(f"{name} {version}: {len(missing)} blobs are neither in {repo.root} nor staged in "
+                            f"{stage}: {shown}; nothing was published")
+        record = _release_record(head, imported_by)
+        new_blobs, new_bytes = repo._publish(stage, manifest, head.manifest_bytes, head.signature, record,
+                                             bundled_only=False)
+    shutil.rmtree(stage, ignore_errors=True)
+    res = _result(manifest, head.manifest_digest, changed=True,
+                  msg=f"{name} {version} published: {new_blobs} new blobs, {new_bytes} bytes")
+    res.blobs_new, res.bytes_new = new_blobs, new_bytes
+    return res
+
+
+def _staged_size(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _release_record(head: BundleHead, imported_by: str) -> dict[str, Any]:
