@@ -6,11 +6,14 @@
     offline-delivery rollback -i INVENTORY --app shop [--version 1.0.0]
     offline-delivery status  -i INVENTORY --app shop
     offline-delivery have    -i INVENTORY [--site north]
+    offline-delivery rollout upgrade|install|rollback -i INVENTORY --policy POLICY --app shop [--version 1.2.0]
 
 Each runs the collection's playbook of the same name (``offline.delivery.<command>``) through ansible-runner,
 prints one line per task and per failed host, then a per-host summary (ok/changed/failed/unreachable), and
 keeps ansible-runner's artifacts (events, stdout, the exact command, the variables) in a run directory of its
-own that it prints, for support.
+own that it prints, for support. ``rollout`` runs the lifecycle playbook once per wave of site groups (a
+policy file: the canary wave first), stops at the first failed wave, then runs the status playbook over every
+site and prints one row per site (wave, outcome, version(s) running, health); docs/multisite.md.
 The playbooks stay the same for plain ``ansible-playbook`` and AWX: this only fills in their variables.
 """
 
@@ -19,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import yaml
 
 COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have")
 NEEDS_APP = ("install", "upgrade", "rollback", "status")
@@ -37,7 +44,8 @@ class UsageError(ValueError):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="offline-delivery", description="Deliver apps to an offline site: runs "
-                                "the offline.delivery playbooks through ansible-runner.")
+                                "the offline.delivery playbooks through ansible-runner.",
+                                epilog="Across sites in waves: offline-delivery rollout --help")
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("-i", "--inventory", required=True, help="the site's inventory (file or directory)")
     p.add_argument("--app", help="app name (install, upgrade, rollback, status)")
@@ -134,6 +142,14 @@ class Summary:
         return out
 
 
+def failure_message(event: dict[str, Any]) -> str:
+    """The first line of a failed or unreachable task's message (the lifecycle modules put the cause there)."""
+    data = event.get("event_data") or {}
+    res = data.get("res") or {}
+    msg = str(res.get("msg") or res.get("stderr") or "").strip().splitlines()
+    return msg[0][:300] if msg else "(no message)"
+
+
 def progress_handler(write: Callable[[str], None]) -> Callable[[dict[str, Any]], bool]:
     """ansible-runner event handler: a line per play and task, and per host that fails or is unreachable."""
     def handle(event: dict[str, Any]) -> bool:
@@ -143,12 +159,55 @@ def progress_handler(write: Callable[[str], None]) -> Callable[[dict[str, Any]],
         elif kind == "playbook_on_task_start":
             write(f"   {data.get('task', '')}")
         elif kind in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
-            res = data.get("res") or {}
-            msg = str(res.get("msg") or res.get("stderr") or "").strip().splitlines()
             what = "UNREACHABLE" if kind == "runner_on_unreachable" else "FAILED"
-            write(f"   {what} {data.get('host')}: {msg[0][:300] if msg else '(no message)'}")
+            write(f"   {what} {data.get('host')}: {failure_message(event)}")
         return True  # keep the event in the artifacts
     return handle
+
+
+@dataclass
+class PlaybookRun:
+    """One ansible-runner run: its outcome, per-host counts and the failure message(s) of each failed host."""
+
+    rc: int
+    status: str
+    summary: Summary
+    failures: dict[str, list[str]]
+    private: Path
+    ident: str
+
+    @property
+    def artifacts(self) -> Path:
+        return self.private / "artifacts" / self.ident
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and self.status == "successful" and not self.summary.failed_hosts()
+
+
+def run_playbook(private: Path, ident: str, playbook: str, *, inventory: Path, extravars: dict[str, Any],
+                 limit: str | None, check: bool, verbose: int, write: Callable[[str], None]) -> PlaybookRun:
+    """Run one collection playbook in its own private data dir (which must not exist yet)."""
+    import ansible_runner  # here: argument errors need no runner installed
+
+    # A fresh private data dir per run: ansible-runner keeps env/extravars there and passes it to every
+    # later run in the same dir, so a shared one would leak one run's variables (e.g. a version) into the next.
+    private.mkdir(parents=True, exist_ok=False)
+    failures: dict[str, list[str]] = {}
+    show = progress_handler(write)
+
+    def handle(event: dict[str, Any]) -> bool:
+        data = event.get("event_data") or {}
+        if event.get("event") in ("runner_on_failed", "runner_on_unreachable") and not data.get("ignore_errors"):
+            failures.setdefault(str(data.get("host")), []).append(failure_message(event))
+        return show(event)
+
+    r = ansible_runner.run(private_data_dir=str(private), ident=ident, playbook=f"offline.delivery.{playbook}",
+                           inventory=str(inventory), extravars=extravars, limit=limit,
+                           cmdline="--check" if check else None, verbosity=verbose or None, quiet=True,
+                           event_handler=handle)
+    return PlaybookRun(int(r.rc if r.rc is not None else -1), str(r.status), Summary.from_stats(r.stats),
+                       failures, private, ident)
 
 
 def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) -> int:
@@ -156,24 +215,16 @@ def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) ->
     inventory = (cwd / args.inventory).resolve()
     if not inventory.exists():
         raise UsageError(f"inventory {inventory} does not exist")
-    import ansible_runner  # here: argument errors need no runner installed
-
     ident = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{args.command}-{os.getpid()}"
-    # A fresh private data dir per run: ansible-runner keeps env/extravars there and passes it to every
-    # later run in the same dir, so a shared one would leak one run's variables (e.g. a version) into the next.
     private = (cwd / args.runs_dir).resolve() / ident
-    private.mkdir(parents=True, exist_ok=False)
-    cmdline = " ".join(["--check"] * args.check)
     write(f"offline-delivery {args.command}: playbook offline.delivery.{args.command}, inventory {inventory}")
-    r = ansible_runner.run(private_data_dir=str(private), ident=ident, playbook=f"offline.delivery.{args.command}",
-                           inventory=str(inventory), extravars=extravars, limit=args.limit,
-                           cmdline=cmdline or None, verbosity=args.verbose or None, quiet=True,
-                           event_handler=progress_handler(write))
-    summary = Summary.from_stats(r.stats)
+    r = run_playbook(private, ident, args.command, inventory=inventory, extravars=extravars, limit=args.limit,
+                     check=args.check, verbose=args.verbose, write=write)
+    summary = r.summary
     write("")
     for line in summary.lines():
         write(line)
-    artifacts = private / "artifacts" / ident
+    artifacts = r.artifacts
     write(f"artifacts (keep for support): {private}")
     failed = summary.failed_hosts()
     if r.rc != 0 or r.status != "successful" or failed:
@@ -184,12 +235,381 @@ def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) ->
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------------------
+# offline-delivery rollout: waves by site group, a canary, a stop on failure, every site's state reported.
+
+ROLLOUT_OPERATIONS = ("install", "upgrade", "rollback")
+POLICY_KEYS = ("waves", "max_failed_sites", "target_groups")
+WAVE_KEYS = ("site_groups", "canary", "name")
+DEFAULT_TARGET_GROUPS = ("compose_hosts", "systemd_hosts", "k8s_clusters")
+NOT_STARTED, DONE, FAILED = "not started", "done", "FAILED"
+
+
+class PolicyError(UsageError):
+    """The rollout policy file is wrong: the message names the file, the field and what to write instead."""
+
+
+@dataclass(frozen=True)
+class Wave:
+    number: int  # 1-based, as printed
+    site_groups: tuple[str, ...]
+    canary: bool = False
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.number}{' canary' if self.canary else ''}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    waves: tuple[Wave, ...]
+    max_failed_sites: int = 0
+    target_groups: tuple[str, ...] = DEFAULT_TARGET_GROUPS
+
+
+@dataclass
+class Inventory:
+    """Groups and their hosts (child groups included, inventory order), as `ansible-inventory --list` says."""
+
+    groups: dict[str, list[str]]
+
+    @classmethod
+    def from_listing(cls, listing: dict[str, Any]) -> "Inventory":
+        def members(group: str, seen: tuple[str, ...] = ()) -> list[str]:
+            entry = listing.get(group) or {}
+            found = list(entry.get("hosts") or [])
+            for child in entry.get("children") or []:
+                if child not in seen:
+                    found += [h for h in members(child, seen + (group,)) if h not in found]
+            return found
+
+        names = [g for g in listing if g != "_meta"]
+        return cls({g: members(g) for g in names})
+
+    def hosts(self, group: str) -> list[str]:
+        return self.groups.get(group, [])
+
+
+def read_inventory(path: Path) -> Inventory:
+    """The inventory as Ansible reads it (any format, group_vars included) via `ansible-inventory --list`."""
+    exe = Path(sys.executable).with_name("ansible-inventory")
+    cmd = [str(exe) if exe.exists() else "ansible-inventory", "-i", str(path), "--list"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    except FileNotFoundError as exc:
+        raise UsageError("ansible-inventory not found: install ansible-core in this Python environment") from exc
+    if proc.returncode != 0:
+        raise UsageError(f"inventory {path}: ansible-inventory failed: {proc.stderr.strip()[-1000:]}")
+    return Inventory.from_listing(json.loads(proc.stdout))
+
+
+def _names(value: Any, where: str, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"{where}: expected a non-empty list of {what} (names as in the inventory), got {value!r}")
+    return tuple(value)
+
+
+def _unknown_keys(doc: dict[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(str(k) for k in doc if k not in allowed)
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})")
+
+
+def parse_policy(doc: Any, source: str) -> Policy:
+    """Check the policy's shape (no inventory needed); PolicyError names `source` and the field."""
+    if not isinstance(doc, dict):
+        raise PolicyError(f"{source}: expected a mapping with 'waves' (a list of waves), got {type(doc).__name__}")
+    _unknown_keys(doc, POLICY_KEYS, source)
+    raw_waves = doc.get("waves")
+    if not isinstance(raw_waves, list) or not raw_waves:
+        raise PolicyError(f"{source}: waves: expected a non-empty list, each wave "
+                          "{{site_groups: [GROUP, ...], canary: true|false}}")
+    waves = []
+    for i, raw in enumerate(raw_waves):
+        where = f"{source}: waves[{i}]"
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{where}: expected a mapping {{site_groups: [GROUP, ...]}}, got {raw!r}")
+        _unknown_keys(raw, WAVE_KEYS, where)
+        canary = raw.get("canary", False)
+        if not isinstance(canary, bool):
+            raise PolicyError(f"{where}.canary: expected true or false, got {canary!r}")
+        if canary and i:
+            raise PolicyError(f"{where}.canary: only the first wave can be the canary")
+        name = raw.get("name", "")
+        if not isinstance(name, str):
+            raise PolicyError(f"{where}.name: expected text, got {name!r}")
+        waves.append(Wave(i + 1, _names(raw.get("site_groups"), f"{where}.site_groups", "site groups"), canary, name))
+    first: dict[str, str] = {}
+    for wave in waves:
+        for j, group in enumerate(wave.site_groups):
+            where = f"waves[{wave.number - 1}].site_groups[{j}]"
+            if group in first:
+                raise PolicyError(f"{source}: {where}: site group {group} is already in {first[group]}; "
+                                  "a site goes in exactly one wave")
+            first[group] = where
+    limit = doc.get("max_failed_sites", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise PolicyError(f"{source}: max_failed_sites: expected a whole number >= 0, got {limit!r}")
+    targets = _names(doc.get("target_groups", list(DEFAULT_TARGET_GROUPS)), f"{source}: target_groups",
+                     "inventory groups of app targets")
+    return Policy(tuple(waves), limit, targets)
+
+
+def load_policy(path: Path) -> Policy:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PolicyError(f"policy {path}: cannot read it: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"policy {path}: not valid YAML: {exc}") from exc
+    return parse_policy(doc, str(path))
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    group: str
+    wave: Wave
+    targets: tuple[str, ...]  # its app targets, in inventory order
+    members: tuple[str, ...]  # every host of the site group (its repo host too)
+
+
+def plan_sites(policy: Policy, inventory: Inventory, source: str) -> list[SitePlan]:
+    """Each site group of the policy with its app targets; PolicyError when the inventory does not match."""
+    targets = [h for g in policy.target_groups for h in inventory.hosts(g)]
+    if not any(g in inventory.groups for g in policy.target_groups):
+        raise PolicyError(f"{source}: target_groups: none of {', '.join(policy.target_groups)} is a group of "
+                          "the inventory; name the groups that hold the app's targets")
+    sites: list[SitePlan] = []
+    owner: dict[str, str] = {}
+    for wave in policy.waves:
+        for j, group in enumerate(wave.site_groups):
+            where = f"{source}: waves[{wave.number - 1}].site_groups[{j}]"
+            if group not in inventory.groups or group in ("all", "ungrouped"):
+                known = sorted(g for g in inventory.groups if g not in ("all", "ungrouped"))
+                raise PolicyError(f"{where}: {group} is not a group of the inventory (its groups: {', '.join(known)})")
+            hosts = [h for h in inventory.hosts(group) if h in targets]
+            if not hosts:
+                raise PolicyError(f"{where}: site group {group} has no host in the target groups "
+                                  f"({', '.join(policy.target_groups)}): nothing to roll out there")
+            for host in inventory.hosts(group):
+                if host in owner and owner[host] != group:
+                    raise PolicyError(f"{where}: host {host} is in site group {group} and in {owner[host]}; "
+                                      "a site goes in exactly one wave (a host in exactly one site group)")
+                owner[host] = group
+            sites.append(SitePlan(group, wave, tuple(hosts), tuple(inventory.hosts(group))))
+    return sites
+
+
+@dataclass
+class SiteState:
+    """One site's line in the rollout report."""
+
+    group: str
+    wave: Wave
+    outcome: str = NOT_STARTED
+    detail: list[str] = field(default_factory=list)
+    versions: dict[str, list[str]] = field(default_factory=dict)  # version (or "none") -> hosts
+    unhealthy: list[str] = field(default_factory=list)  # "host: component (reason)"
+    unknown: list[str] = field(default_factory=list)  # hosts the status run could not read
+
+    @property
+    def running(self) -> str:
+        if not self.versions:
+            return "unknown"
+        if len(self.versions) == 1:
+            return next(iter(self.versions))
+        return " + ".join(f"{v} ({', '.join(hosts)})" for v, hosts in sorted(self.versions.items()))
+
+    @property
+    def health(self) -> str:
+        if self.unhealthy:
+            return "UNHEALTHY"
+        if self.unknown:
+            return "unknown"
+        return "healthy"
+
+
+COMPONENT_FAILED = re.compile(r"component (\S+) failed")
+ROLLED_BACK = re.compile(r"rolled back to (\S+?), which is healthy")
+
+
+def site_outcome(site: SitePlan, run_: PlaybookRun) -> tuple[str, list[str]]:
+    """How the wave's run went for one site: done, or FAILED with the component and the rollback if any."""
+    failed = set(run_.summary.failed_hosts()) | set(run_.failures)
+    mine = [h for h in site.members if h in failed]
+    details = [f"{host}: {msg}" for host in mine for msg in run_.failures.get(host, ["failed"])]
+    if mine:
+        text = " ".join(details)
+        parts = sorted(set(COMPONENT_FAILED.findall(text)))
+        back = sorted(set(ROLLED_BACK.findall(text)))
+        outcome = FAILED + (f" ({', '.join(parts)})" if parts else "")
+        return outcome + (f", rolled back to {', '.join(back)}" if back else ""), details
+    if not run_.ok and not run_.summary.failed_hosts():
+        return FAILED, [f"the run did not finish (status {run_.status}, rc {run_.rc}); see {run_.artifacts}/stdout"]
+    return DONE, []
+
+
+def apply_status(states: dict[str, SiteState], plans: list[SitePlan], report: dict[str, Any] | None) -> None:
+    """Fill each site's running versions and health from the status playbook's <app>-status.json."""
+    hosts = (report or {}).get("hosts") or {}
+    for plan in plans:
+        state = states[plan.group]
+        for host in plan.targets:
+            st = (hosts.get(host) or {}).get("status")
+            if not st:
+                state.unknown.append(host)
+                continue
+            version = st.get("version") or "none"
+            state.versions.setdefault(version, []).append(host)
+            for comp, item in sorted((st.get("components") or {}).items()):
+                if not item.get("healthy"):
+                    state.unhealthy.append(f"{host}: {comp} ({item.get('reason') or 'unhealthy'})")
+            if st.get("installed") and not st.get("healthy") and not st.get("components"):
+                state.unhealthy.append(f"{host}: unhealthy")
+
+
+def report_lines(states: Sequence[SiteState]) -> list[str]:
+    """The rollout report: one row per site (site, wave, outcome, running, health), then the details."""
+    header = ("SITE", "WAVE", "OUTCOME", "RUNNING", "HEALTH")
+    rows = [(s.group, s.wave.label, s.outcome, s.running, s.health) for s in states]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    for s in states:
+        for line in s.detail:
+            out.append(f"  {s.group}: {line}")
+        for line in s.unhealthy:
+            out.append(f"  {s.group}: unhealthy {line}")
+        if s.unknown:
+            out.append(f"  {s.group}: no status from {', '.join(s.unknown)} (unreachable or failed; see the status run)")
+    return out
+
+
+def parse_rollout_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="offline-delivery rollout", description="Roll a release out across sites "
+                                "in waves of site groups (canary first), stop at the first failed wave, then "
+                                "report every site's state (docs/multisite.md).")
+    p.add_argument("operation", choices=ROLLOUT_OPERATIONS)
+    p.add_argument("-i", "--inventory", required=True, help="the inventory holding every site")
+    p.add_argument("--policy", required=True, help="the rollout policy (YAML: waves of site groups)")
+    p.add_argument("--app", required=True, help="app name, e.g. shop")
+    p.add_argument("--version", dest="app_version",
+                   help="install/upgrade: the release (default the newest imported); rollback: the one to go back to")
+    p.add_argument("-e", "--extra-var", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra playbook variable (repeatable; VALUE is read as JSON when it parses, else as text)")
+    p.add_argument("--check", action="store_true", help="dry run of every wave (no health gate can fail)")
+    p.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR,
+                   help=f"where the rollout's artifacts are kept (default ./{DEFAULT_RUNS_DIR})")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more Ansible output in the artifacts")
+    return p.parse_args(list(argv))
+
+
+WAVE_VARS = ("offline_delivery_app_hosts", "offline_delivery_serial", "offline_delivery_max_fail_percentage")
+
+
+def rollout_vars(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"app_name": args.app}
+    if args.app_version:
+        out["app_rollback_version" if args.operation == "rollback" else "app_version"] = args.app_version
+    for text in args.extra_var:
+        key, value = _extra_var(text)
+        if key in WAVE_VARS:
+            raise UsageError(f"-e {key}: the rollout sets it per wave from the policy; change the policy instead")
+        out[key] = value
+    return out
+
+
+def wave_vars(base: dict[str, Any], targets: Sequence[str]) -> dict[str, Any]:
+    # Exactly this wave's targets, all at once; max_fail_percentage 100 lets every site of the wave finish
+    # (each failed host rolls itself back) — the stop decision is taken between waves, per site.
+    return {**base, "offline_delivery_app_hosts": ",".join(targets), "offline_delivery_serial": "100%",
+            "offline_delivery_max_fail_percentage": 100}
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def rollout(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) -> int:
+    base = rollout_vars(args)
+    inventory = (cwd / args.inventory).resolve()
+    if not inventory.exists():
+        raise UsageError(f"inventory {inventory} does not exist")
+    policy_path = (cwd / args.policy).resolve()
+    policy = load_policy(policy_path)
+    inv = read_inventory(inventory)
+    plans = plan_sites(policy, inv, str(policy_path))
+    states = {p.group: SiteState(p.group, p.wave) for p in plans}
+    stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-rollout-{args.operation}-{os.getpid()}"
+    top = (cwd / args.runs_dir).resolve() / stamp
+    write(f"offline-delivery rollout {args.operation}: {len(policy.waves)} wave(s), policy {policy_path}, "
+          f"inventory {inventory}")
+    stopped = _run_waves(args, policy, plans, states, base, inventory, top, write)
+    write("")
+    write("== Status of every site")
+    groups = [p.group for p in plans]
+    status = run_playbook(top / "status", "status", "status", inventory=inventory,
+                          extravars={"app_name": args.app, "app_report_dir": str(top / "report"),
+                                     "offline_delivery_app_hosts": ",".join(h for p in plans for h in p.targets)},
+                          limit=":".join(groups), check=False, verbose=args.verbose, write=write)
+    apply_status(states, plans, _read_report(top / "report" / f"{args.app}-status.json"))
+    write("")
+    for line in report_lines([states[g] for g in groups]):
+        write(line)
+    write(f"artifacts (keep for support): {top}")
+    if not status.ok:
+        write(f"the status run failed (status {status.status}, rc {status.rc}): see {status.artifacts}/stdout")
+    failed = [g for g in groups if states[g].outcome.startswith(FAILED)]
+    if stopped:
+        write(f"rollout {args.operation} STOPPED: {stopped}")
+        return EXIT_FAILED
+    if failed:
+        write(f"rollout {args.operation} finished with failed site(s): {', '.join(failed)}")
+        return EXIT_FAILED
+    write(f"rollout {args.operation} done on every site{' (check mode: nothing changed)' if args.check else ''}")
+    return EXIT_OK
+
+
+def _run_waves(args: argparse.Namespace, policy: Policy, plans: list[SitePlan], states: dict[str, SiteState],
+               base: dict[str, Any], inventory: Path, top: Path,
+               write: Callable[[str], None]) -> str:
+    """Run the waves in order; return why the rollout stopped ('' when every wave ran)."""
+    failed_sites: list[str] = []
+    for wave in policy.waves:
+        sites = [p for p in plans if p.wave == wave]
+        targets = [h for p in sites for h in p.targets]
+        write("")
+        write(f"== Wave {wave.label}{f' ({wave.name})' if wave.name else ''}: {', '.join(wave.site_groups)}")
+        # --limit keeps the run to this wave's sites (their repo hosts included), nothing of the others.
+        result = run_playbook(top / f"wave{wave.number}", f"wave{wave.number}", args.operation,
+                              inventory=inventory, extravars=wave_vars(base, targets),
+                              limit=":".join(wave.site_groups), check=args.check, verbose=args.verbose, write=write)
+        for site in sites:
+            outcome, detail = site_outcome(site, result)
+            states[site.group].outcome, states[site.group].detail = outcome, detail
+            if outcome.startswith(FAILED):
+                failed_sites.append(site.group)
+        wave_failed = [p.group for p in sites if states[p.group].outcome.startswith(FAILED)]
+        if wave.canary and wave_failed:
+            return f"the canary wave failed ({', '.join(wave_failed)}); later waves not started"
+        if len(failed_sites) > policy.max_failed_sites:
+            return (f"{len(failed_sites)} failed site(s) ({', '.join(failed_sites)}), more than max_failed_sites "
+                    f"{policy.max_failed_sites}; later waves not started")
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     def write(line: str) -> None:
         print(line, flush=True)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["rollout"]:
+            return rollout(parse_rollout_args(argv[1:]), write=write, cwd=Path.cwd())
+        args = parse_args(argv)
         return run(args, write=write, cwd=Path.cwd())
     except UsageError as exc:
         print(f"offline-delivery: error: {exc}", file=sys.stderr)
