@@ -1,4 +1,4 @@
-"""``bundle-builder``: keygen, from-compose, build, inspect, verify, diff.
+"""``bundle-builder``: keygen, from-compose, build, inspect, verify, diff, fleet.
 
 Exit codes: 0 ok, 1 a check failed (bad signature, damaged blob, ...), 2 bad usage or input.
 With ``--json`` stdout holds only the JSON document; progress and messages go to stderr.
@@ -350,6 +350,30 @@ def cmd_diff(args: argparse.Namespace) -> int:
 # Parser and entry point
 
 
+# ----------------------------------------------------------------------------------------------------------
+# fleet
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Sites' signed status reports -> the fleet table; exit 1 when a file was refused (it is not shown)."""
+    from . import fleet_table
+
+    try:
+        keys = fleet_table.load_site_keys(args.site_keys)
+        report = fleet_table.fleet(args.status, keys, latest=args.latest or [])
+    except fleet_table.FleetError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        sys.stdout.write(fleet_table.format_table(report.rows))
+    for old, newer in report.superseded:
+        _err(f"note: {old} is an older report of the same site as {newer}; not shown")
+    for path, why in report.refused:
+        _err(f"REFUSED {path}: {why}")
+    return EXIT_FAILED if report.refused else EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bundle-builder", description="Build, inspect and verify offline delivery bundles.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -408,6 +432,16 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("new")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_diff)
+
+    s = sub.add_parser("fleet", help="read sites' signed status reports and print the fleet table")
+    s.add_argument("status", nargs="+", metavar="STATUS", help="<site>.status.json from the offline.delivery."
+                   "site_status playbook")
+    s.add_argument("--site-keys", required=True, metavar="DIR", help="directory of the pinned site public keys, "
+                   "<site>.pub (or <site>.have.pub / <site>.status.pub); a file signed otherwise is refused")
+    s.add_argument("--latest", action="append", metavar="[APP=]VERSION", help="the version sites should run "
+                   "(default: the newest any file names); repeatable")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_fleet)
     return p
 
 

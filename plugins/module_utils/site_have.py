@@ -34,8 +34,9 @@ from . import ed25519
 from .bundle_format import HAVE_MEDIA_TYPE, SIGNATURE_ALG, canonical_json, is_digest
 from .site_repo import RepoError, SiteRepo
 
-__all__ = ["HaveError", "HaveResult", "build_have", "export_have", "verify_have", "sign", "public_from_seed",
-           "load_or_create_key", "DEFAULT_KEY_DIR", "KEY_NAME", "PUB_NAME"]
+__all__ = ["HaveError", "HaveResult", "build_have", "export_have", "verify_have", "verify_signed", "sign",
+           "signed_bytes", "public_from_seed", "public_key_pem", "load_or_create_key", "DEFAULT_KEY_DIR",
+           "KEY_NAME", "PUB_NAME"]
 
 DEFAULT_KEY_DIR = "/etc/offline-delivery/have-signing"
 KEY_NAME = "site-have.key"
@@ -174,6 +175,8 @@ def _release_manifest(repo: SiteRepo, name: str, version: str) -> dict[str, Any]
 
 
 def signed_bytes(doc: dict[str, Any], seed: bytes) -> bytes:
+    """Canonical JSON of ``doc`` with an embedded ``signature`` by the site key: one way of signing every
+    document a site carries back (have-list, status report)."""
     body = {k: v for k, v in doc.items() if k != "signature"}
     public = public_from_seed(seed)
     sig = {"alg": SIGNATURE_ALG, "keyid": ed25519.public_key_id(public),
@@ -250,34 +253,44 @@ def _write_if_changed(path: str, data: bytes, mode: int) -> None:
 # Vendor side
 
 
-def verify_have(data: bytes, trusted_keys: list[bytes], source: str = "have-file") -> dict[str, Any]:
-    """The have-document when its embedded signature is by one of ``trusted_keys`` (raw Ed25519 keys);
-    HaveError names the file and what is wrong otherwise."""
+def verify_signed(data: bytes, trusted_keys: list[bytes], source: str, *, media_type: str, what: str,
+                  again: str, error: type[ValueError] = HaveError) -> dict[str, Any]:
+    """A site-signed JSON document (have-list, status report) when its embedded signature is by one of
+    ``trusted_keys`` (raw Ed25519 keys); ``error`` names ``source`` and what is wrong otherwise. ``again`` says
+    how to get a fresh one ("export it again with ...")."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise HaveError(f"{source} is not JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("mediaType") != HAVE_MEDIA_TYPE:
-        raise HaveError(f"{source}: not a have-list (mediaType {HAVE_MEDIA_TYPE})")
+        raise error(f"{source} is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("mediaType") != media_type:
+        raise error(f"{source}: not a {what} (mediaType {media_type})")
     sig = doc.get("signature")
     if not isinstance(sig, dict) or sig.get("alg") != SIGNATURE_ALG or not isinstance(sig.get("sig"), str) \
             or not isinstance(sig.get("keyid"), str):
-        raise HaveError(f"{source} carries no site signature (field 'signature'); export it again with the "
-                        "offline.delivery.have playbook, or build without --have-pub if you accept it unsigned")
+        raise error(f"{source} carries no site signature (field 'signature'); {again}")
     by_id = {ed25519.public_key_id(k): k for k in trusted_keys}
     key = by_id.get(sig["keyid"])
     if key is None:
-        raise HaveError(f"{source} is signed by key {sig['keyid'][:16]}…, which is not the site key given "
-                        f"({', '.join(k[:16] + '…' for k in sorted(by_id)) or 'none'}); the site's key changed "
-                        "or the file is not from that site: confirm the new site-have.pub with the site")
+        raise error(f"{source} is signed by key {sig['keyid'][:16]}…, which is not the site key given "
+                    f"({', '.join(k[:16] + '…' for k in sorted(by_id)) or 'none'}); the site's key changed "
+                    "or the file is not from that site: confirm the new site-have.pub with the site")
     try:
         raw = base64.b64decode(sig["sig"], validate=True)
     except binascii.Error:
         raw = b""
     body = canonical_json({k: v for k, v in doc.items() if k != "signature"})
     if not ed25519.verify(key, body, raw):
-        raise HaveError(f"{source}: the site signature does not match the contents: the list was modified "
-                        "after the site signed it; get a fresh export from the site")
+        raise error(f"{source}: the site signature does not match the contents: the {what} was modified "
+                    "after the site signed it; get a fresh one from the site")
+    return doc
+
+
+def verify_have(data: bytes, trusted_keys: list[bytes], source: str = "have-file") -> dict[str, Any]:
+    """The have-document when its embedded signature is by one of ``trusted_keys`` (raw Ed25519 keys);
+    HaveError names the file and what is wrong otherwise."""
+    doc = verify_signed(data, trusted_keys, source, media_type=HAVE_MEDIA_TYPE, what="have-list",
+                        again="export it again with the offline.delivery.have playbook, or build without "
+                              "--have-pub if you accept it unsigned")
     bad = [d for d in doc.get("blobs", []) if not is_digest(d)] if isinstance(doc.get("blobs"), list) else [None]
     if bad:
         raise HaveError(f"{source}: 'blobs' must be a list of 'sha256:<64 hex>' digests (bad: {bad[0]!r})")
