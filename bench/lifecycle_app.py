@@ -187,7 +187,8 @@ def recap(stdout: str) -> dict[str, dict[str, int]]:
             for m in _RECAP.finditer(tail[1])}
 
 
-_PLAN = re.compile(r"(\S+) (\S+) -> (\S+): added ([^;]*); changed ([^;]*); removed ([^;]*); unchanged ([^\"'\n]*)")
+_PLAN = re.compile(r"(?<![\w.-])([A-Za-z0-9][\w.-]*) (\S+) -> (\S+?): "
+                   r"added ([^;]*); changed ([^;]*); removed ([^;]*); unchanged ([^\"'\n]*)")
 
 
 def _names(text: str) -> list[str]:
@@ -252,3 +253,30 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def expected_answers(count: int, version: str) -> dict[str, dict[str, str]]:
+    """What each component's /healthz must say once ``version`` runs: its image's version and its mode."""
+    comps = components(count)
+    changed = changed_component(comps)
+    out = {}
+    for comp in comps:
+        new = version == V2 and comp.name == changed.name
+        out[comp.name] = {"version": V2 if new else V1, "mode": "v2" if new else "v1"}
+    return out
+
+
+def answers_problem(seen: Mapping[str, Mapping[str, Any]], expected: Mapping[str, Mapping[str, str]],
+                    host: str) -> str | None:
+    """Why the components' answers on ``host`` are not what the release should give, or None."""
+    wrong = []
+    for name, want in sorted(expected.items()):
+        got = seen.get(name)
+        if got is None:
+            wrong.append(f"{name} did not answer")
+        elif any(got.get(k) != v for k, v in want.items()):
+            wrong.append(f"{name} says {dict((k, got.get(k)) for k in want)}, expected {dict(want)}")
+    extra = sorted(set(seen) - set(expected))
+    if extra:
+        wrong.append(f"not in the release: {', '.join(extra)}")
+    return f"{host}: " + "; ".join(wrong) if wrong else None

@@ -1,0 +1,245 @@
+"""Lifecycle benchmark: install and upgrade a 30-component app on a test-world site, as a user does.
+
+    python -m bench.lifecycle [--components 30] [--target compose|systemd|both] [--site b-lc] [--keep-site]
+
+Builds (or takes from the cache) the synthetic app's images and bundles (bench/lifecycle_images.py: no
+download when the shop's Debian layers and packages are cached), brings up a world site (a repo host and
+one target host per target kind), carries the bundles in, and times each playbook run from the jump host:
+import 1.0.0, import 1.1.0 (delta), runtime, install 1.0.0, upgrade to 1.1.0, upgrade to 1.1.0 again.
+Checks, failing the run loudly (exit 1, no result written): after the install every component answers with
+1.0.0; the upgrade restarted exactly the one changed component on each target (container id + start time,
+or unit main PID + start timestamp, of the other N-1 unchanged) and the engine's plan said so; the second
+upgrade changed nothing. Appends the result to bench/results/<date>-lifecycle.json and prints a table.
+The site is removed at the end, also on failure or Ctrl-C (unless --keep-site).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.lifecycle_app import (APP, V1, V2, answers_problem, components, expected_answers, format_table,
+                                 parse_identities, plan_lines, recap, restart_problem, restarted)
+from bench.lifecycle_images import Media, MediaError, prepare
+from bench.measure import code_state, machine_info
+from bench.report import append_result
+from tests.world.site import HostSpec, Site
+from tests.world.util import WorldError, repo_root
+
+PLAY_TIMEOUT = 1800
+TARGET_HOSTS = {"compose": HostSpec("node1", "amd64", ("compose_hosts",)),
+                "systemd": HostSpec("node2", "amd64", ("systemd_hosts",))}
+REPO_HOST = HostSpec("repo", "amd64", ("offline_repo",))
+TRANSFER = "/srv/transfer"
+
+# Each component's answer, read on the host itself: compose containers at their project-network address,
+# systemd units at 127.0.0.1 (host network). argv: kind, app, {component: port}.
+ANSWERS_SCRIPT = r"""
+import json, subprocess, sys, urllib.request
+kind, app, ports = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+addr = {}
+if kind == "compose":
+    ids = subprocess.run(["docker", "ps", "-q", "--filter", "label=io.offline-delivery.app=" + app],
+                         capture_output=True, text=True, check=True).stdout.split()
+    for info in json.loads(subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True,
+                                          check=True).stdout) if ids else []:
+        nets = info["NetworkSettings"]["Networks"].values()
+        addr[info["Config"]["Labels"]["com.docker.compose.service"]] = next(n["IPAddress"] for n in nets)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+out = {}
+for name, port in ports.items():
+    try:
+        out[name] = json.load(opener.open("http://%s:%d/healthz" % (addr.get(name, "127.0.0.1"), port), timeout=5))
+    except (OSError, ValueError, KeyError):
+        pass
+print(json.dumps(out))
+"""
+
+
+class RunFailed(RuntimeError):
+    """A step or check of the benchmark failed; the message names it and shows the evidence."""
+
+
+def identities_command(kind: str, names: list[str]) -> str:
+    """Shell for `<component> <identity>` lines: what changes exactly when a component restarts."""
+    if kind == "compose":
+        return (f"docker ps -q --filter label=io.offline-delivery.app={APP} | xargs -r docker inspect --format "
+                "'{{index .Config.Labels \"com.docker.compose.service\"}} {{.Id}} {{.State.StartedAt}}'")
+    return (f"for c in {' '.join(names)}; do echo $c $(systemctl show -p MainPID -p ActiveEnterTimestampMonotonic "
+            f"--value od-{APP}-$c.service | tr '\\n' ' '); done")
+
+
+class Bench:
+    def __init__(self, site: Site, media: Media, count: int, kinds: list[str], log: Callable[[str], None]):
+        self.site, self.media, self.count, self.kinds, self.log = site, media, count, kinds, log
+        self.targets = {kind: TARGET_HOSTS[kind].name for kind in kinds}
+        self.names = [c.name for c in components(count)]
+        self.ports = {c.name: c.port for c in components(count)}
+        self.times: dict[str, float] = {}
+        self.restarted: dict[str, list[str]] = {}
+
+    def play(self, step: str, playbook: str, *args: str) -> str:
+        """Run a playbook from the jump host, timed; its stdout, or RunFailed with the output's tail."""
+        self.log(f"{step} ...")
+        started = time.monotonic()
+        res = self.site.jump(["ansible-playbook", f"offline.delivery.{playbook}", *args], timeout=PLAY_TIMEOUT)
+        self.times[step] = round(time.monotonic() - started, 1)
+        self.log(f"{step}: {self.times[step]} s (rc {res.rc})")
+        if res.rc != 0:
+            raise RunFailed(f"{step} failed (ansible-playbook offline.delivery.{playbook} {' '.join(args)}, "
+                            f"rc {res.rc}):\n{res.output[-6000:]}")
+        return res.stdout
+
+    def app_play(self, step: str, playbook: str, version: str) -> str:
+        return self.play(step, playbook, "-e", f"app_name={APP}", "-e", f"app_version={version}")
+
+    def identities(self) -> dict[str, dict[str, str]]:
+        out = {}
+        for kind, host in self.targets.items():
+            res = self.site.exec(host, identities_command(kind, self.names), timeout=120)
+            if res.rc != 0:
+                raise RunFailed(f"{host}: reading the components' start times failed: {res.output[-2000:]}")
+            out[host] = parse_identities(res.stdout)
+        return out
+
+    def check_answers(self, version: str) -> None:
+        expected = expected_answers(self.count, version)
+        for kind, host in self.targets.items():
+            res = self.site.exec(host, ["python3", "-c", ANSWERS_SCRIPT, kind, APP, json.dumps(self.ports)],
+                                 timeout=300)
+            if res.rc != 0:
+                raise RunFailed(f"{host}: asking the components failed: {res.output[-2000:]}")
+            problem = answers_problem(json.loads(res.stdout), expected, host)
+            if problem:
+                raise RunFailed(f"after {version}: {problem}")
+
+    def check_plans(self, stdout: str, step: str, want: dict[str, list[str]]) -> None:
+        """The engine's summary line on each target says exactly ``want`` (added/changed/removed)."""
+        plans = [p for p in plan_lines(stdout) if p["to"] in (V1, V2)]
+        if len(plans) != len(self.targets):
+            raise RunFailed(f"{step}: expected one '{APP} ... -> ...' summary per target ({len(self.targets)}), "
+                            f"found {len(plans)}:\n{stdout[-4000:]}")
+        for plan in plans:
+            for field, names in want.items():
+                if sorted(plan[field]) != sorted(names):
+                    raise RunFailed(f"{step}: the engine's plan has {field} {plan[field]}, expected {names}")
+
+    def run(self) -> None:
+        keys = json.dumps({"offline_delivery_vendor_keys_src": [f"{TRANSFER}/vendor.pub"]})
+        for version in (V1, V2):
+            self.play(f"import {version}", "import", "-e", f"offline_delivery_bundle_src={TRANSFER}/{APP}-{version}",
+                      "-e", keys)
+        self.play("runtime", "runtime")
+        out = self.app_play(f"install {V1}", "install", V1)
+        self.check_plans(out, "install", {"added": self.names, "changed": [], "removed": []})
+        self.check_answers(V1)
+        before = self.identities()
+        out = self.app_play(f"upgrade {V2}", "upgrade", V2)
+        after = self.identities()
+        self.check_plans(out, "upgrade", {"added": [], "changed": [self.media.changed], "removed": []})
+        for host in self.targets.values():
+            self.restarted[host] = restarted(before[host], after[host])
+            problem = restart_problem(before[host], after[host], [self.media.changed], host)
+            if problem:
+                raise RunFailed(f"upgrade {V2}: {problem}\nbefore: {before[host]}\nafter: {after[host]}")
+        self.check_answers(V2)
+        out = self.app_play(f"upgrade {V2} again (no change)", "upgrade", V2)
+        counts = recap(out)
+        busy = {h: counts.get(h, {}).get("changed") for h in [*self.targets.values(), "repo"]
+                if counts.get(h, {}).get("changed") != 0}
+        if busy:
+            raise RunFailed(f"the second upgrade changed something (changed= per host): {busy}\n{out[-4000:]}")
+        if self.identities() != after:
+            raise RunFailed("the second upgrade restarted components")
+
+
+def _bundle_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load: tuple[float, ...]) -> dict[str, Any]:
+    """One run's record for bench/results/<date>-lifecycle.json."""
+    return {
+        "date": started, "setting": "lifecycle", "machine": machine_info(repo_root()),
+        "code": code_state(repo_root()),
+        "app": {"name": APP, "components": bench.count, "base_images": 3, "changed": media.changed,
+                "layers_1_0_0": len(media.layers), "layer_bytes_1_0_0": sum(media.layers.values()),
+                "bundle_bytes": {name: _bundle_bytes(media.bundles[name]) for name in (f"{APP}-{V1}", f"{APP}-{V2}")},
+                "bundle_1_0_0_carries": "the Debian 12 packages of the runtime playbook (amd64)"},
+        "targets": {kind: TARGET_HOSTS[kind].name for kind in kinds},
+        "steps_s": bench.times,
+        "restarted": bench.restarted,
+        "restarted_count": {h: len(v) for h, v in bench.restarted.items()},
+        "conditions": {"load_before": load, "load_after": os.getloadavg(), "media_from_cache": not media.built},
+    }
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    n, changed = doc["app"]["components"], doc["app"]["changed"]
+    hosts = ", ".join(f"{h} ({k})" for k, h in doc["targets"].items())
+    notes = {
+        f"import {V1}": f"{doc['app']['bundle_bytes'][f'{APP}-{V1}'] / 1e6:.0f} MB bundle: {n} images + Debian packages",
+        f"import {V2}": f"{doc['app']['bundle_bytes'][f'{APP}-{V2}'] / 1e6:.2f} MB delta: {changed}'s new top layer",
+        "runtime": "Docker + Compose / unpack tools from the site repo",
+        f"install {V1}": f"{n} components, level by level, each health-gated",
+        f"upgrade {V2}": "restarted: " + "; ".join(f"{h}: {', '.join(v) or '-'}" for h, v in doc["restarted"].items()),
+        f"upgrade {V2} again (no change)": "changed=0 everywhere",
+    }
+    rows = [(step, f"{secs:.1f} s", notes.get(step, "")) for step, secs in doc["steps_s"].items()]
+    print(f"lifecycle of a {n}-component app on {hosts} ({doc['date']})")
+    print(format_table(rows))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.lifecycle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--components", type=int, default=30, help="components of the app (default %(default)s)")
+    p.add_argument("--target", choices=("compose", "systemd", "both"), default="compose",
+                   help="target host kind(s) (default %(default)s)")
+    p.add_argument("--site", default="b-lc", help="world site name (default %(default)s)")
+    p.add_argument("--out", type=Path, default=repo_root() / "bench" / "results", help="results directory")
+    p.add_argument("--keep-site", action="store_true", help="leave the site up afterwards (for poking at)")
+    return p
+
+
+def _log(message: str) -> None:
+    print(f"[lifecycle {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    kinds = ["compose", "systemd"] if args.target == "both" else [args.target]
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    load = os.getloadavg()
+    try:
+        media = prepare(args.components, _log)
+        site = Site(args.site, [REPO_HOST, *(TARGET_HOSTS[k] for k in kinds)])
+        site.down()  # leftovers of a killed run under this name
+        try:
+            _log(f"bringing up site {site.name}")
+            site.up()
+            from tests.e2e.media import carry  # the e2e tests' way of carrying media into the drop box
+            carry(site, media.bundles)
+            bench = Bench(site, media, args.components, kinds, _log)
+            bench.run()
+        finally:
+            if not args.keep_site:
+                _log(f"removing site {site.name}")
+                site.down()
+    except (RunFailed, MediaError, WorldError, ValueError) as exc:
+        print(f"lifecycle benchmark FAILED: {exc}", file=sys.stderr)
+        return 1
+    doc = result_doc(bench, media, kinds, started, load)
+    path = append_result(args.out, doc)
+    print_table(doc)
+    print(f"result appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The lifecycle benchmark's pure parts: the synthetic app's shape and models, its layers, result parsing."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from bench.lifecycle_app import (APP, V1, V2, answers_problem, app_model, changed_component, components,
+                                 expected_answers, format_table, level_sizes, parse_identities, plan_lines, recap,
+                                 restart_problem, restarted)
+from offline_delivery_core.app_model import load_model
+
+
+@pytest.mark.parametrize("count", [4, 5, 10, 30, 61])
+def test_levels_add_up_and_each_level_depends_only_on_the_one_before(count: int) -> None:
+    comps = components(count)
+    assert [c.name for c in comps] == [f"c{i:02d}" for i in range(count)]
+    assert sum(level_sizes(count)) == count and min(level_sizes(count)) >= 1
+    level = {c.name: c.level for c in comps}
+    for comp in comps:
+        assert (comp.level == 0) == (not comp.deps)
+        assert all(level[d] == comp.level - 1 for d in comp.deps), comp
+        assert 1 <= len(comp.deps) <= 2 or comp.level == 0
+    assert {c.base for c in comps} == {0, 1, 2}
+    assert len({c.port for c in comps}) == count, "distinct ports: systemd components share the host network"
+
+
+def test_thirty_components_have_four_levels_and_the_changed_one_has_dependents() -> None:
+    comps = components(30)
+    assert level_sizes(30) == [3, 6, 9, 12]
+    changed = changed_component(comps)
+    assert changed.level == 2
+    assert any(changed.name in c.deps for c in comps), "its dependents must be seen to keep running"
+
+
+def test_too_few_components_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 4"):
+        components(3)
+
+
+def test_models_are_valid_and_1_1_0_changes_exactly_one_component() -> None:
+    one, two = app_model(30, V1), app_model(30, V2)
+    for model in (one, two):
+        load_model(model, source="test")
+        assert model["name"] == APP and len(model["components"]) == 30
+    differ = [n for n in one["components"] if one["components"][n] != two["components"][n]]
+    changed = changed_component(components(30)).name
+    assert differ == [changed]
+    assert two["components"][changed]["image"] == f"odlc/{changed}:1.1.0"
+    assert two["components"][changed]["env"]["ODLC_MODE"] == "v2"
+    dependents = [n for n, spec in one["components"].items() if changed in spec.get("depends_on", {})]
+    assert dependents and all(one["components"][n]["env"]["ODLC_DEPS"].split().count(changed) == 1
+                              for n in dependents)
+
+
+def test_expected_answers_and_their_check() -> None:
+    want = expected_answers(10, V2)
+    changed = changed_component(components(10)).name
+    assert want[changed] == {"version": V2, "mode": "v2"}
+    assert sum(1 for v in want.values() if v["version"] == V1) == 9
+    seen = {n: {**v, "name": n, "deps": []} for n, v in want.items()}
+    assert answers_problem(seen, want, "node1") is None
+    seen[changed] = {"version": V1, "mode": "v1"}
+    del seen["c00"]
+    problem = answers_problem(seen, want, "node1")
+    assert problem is not None and problem.startswith("node1: ")
+    assert "c00 did not answer" in problem and f"{changed} says" in problem
+
+
+def test_layers_are_deterministic_and_the_top_layer_differs_between_versions() -> None:
+    from bench.lifecycle_images import base_layer, layer_tar, top_layer
+    comp = components(30)[9]
+    assert top_layer(comp, V1) == top_layer(comp, V1)
+    assert top_layer(comp, V1) != top_layer(comp, V2)
+    assert base_layer(0) == base_layer(0) and base_layer(0) != base_layer(1)
+    with tarfile.open(fileobj=io.BytesIO(layer_tar([("opt/x/y.json", b"{}", 0o644)]))) as tar:
+        members = tar.getmembers()
+    assert [(m.name, m.isdir(), m.uid, m.mtime) for m in members] == [
+        ("opt", True, 0, members[0].mtime), ("opt/x", True, 0, members[0].mtime), ("opt/x/y.json", False, 0,
+                                                                                    members[0].mtime)]
+    with tarfile.open(fileobj=io.BytesIO(top_layer(comp, V2))) as tar:
+        conf = json.load(tar.extractfile("opt/odlc/component.json"))  # type: ignore[arg-type]
+    assert conf == {"name": comp.name, "version": V2, "port": comp.port, "base": comp.base}
+
+
+PLAY = """
+TASK [offline.delivery.app : Deploy] *******
+changed: [node1] => {"msg": "odlc 1.0.0 -> 1.1.0: added -; changed c09; removed -; unchanged c00, c01, c02"}
+changed: [node2] => {"msg": "odlc (none) -> 1.1.0: added -; changed c09; removed -; unchanged c00, c01, c02"}
+ok: [node3] => {"msg": "shop 1.0.0 -> 1.1.0: added -; changed api; removed -; unchanged db"}
+
+PLAY RECAP *********************************************************************
+node1                      : ok=12   changed=1    unreachable=0    failed=0    skipped=3    rescued=0    ignored=0
+node2                      : ok=12   changed=0    unreachable=0    failed=0    skipped=3    rescued=0    ignored=0
+repo                       : ok=5    changed=0    unreachable=0    failed=0    skipped=0    rescued=0    ignored=0
+"""
+
+
+def test_recap_and_plan_lines() -> None:
+    counts = recap(PLAY)
+    assert counts["node1"]["changed"] == 1 and counts["node2"]["changed"] == 0 and counts["repo"]["ok"] == 5
+    plans = plan_lines(PLAY)
+    assert len(plans) == 2, "only the app's own summaries"
+    assert plans[0] == {"from": V1, "to": V2, "added": [], "changed": ["c09"], "removed": [],
+                        "unchanged": ["c00", "c01", "c02"]}
+    assert plans[1]["from"] == "(none)", "a first install"
+    with pytest.raises(ValueError, match="no PLAY RECAP"):
+        recap("fatal: nothing ran")
+
+
+def test_identities_and_the_exactly_one_restart_check() -> None:
+    before = parse_identities("c00 aaa 2026-11-22T05:00:00Z\nc01 bbb 2026-11-22T05:00:01Z\nc02 ccc t\n")
+    assert before == {"c00": "aaa 2026-11-22T05:00:00Z", "c01": "bbb 2026-11-22T05:00:01Z", "c02": "ccc t"}
+    after = {**before, "c01": "ddd 2026-11-22T05:10:00Z"}
+    assert restarted(before, after) == ["c01"]
+    assert restart_problem(before, after, ["c01"], "node1") is None
+    problem = restart_problem(before, {**after, "c02": "eee later"}, ["c01"], "node1")
+    assert problem == ("node1: the upgrade restarted 2 component(s), expected exactly 1 "
+                       "(restarted although unchanged: c02)")
+    assert "not restarted although changed: c01" in (restart_problem(before, before, ["c01"], "n") or "")
+    assert "not running before and after alike: c02" in (
+        restart_problem(before, {k: v for k, v in after.items() if k != "c02"}, ["c01"], "n") or "")
+
+
+@pytest.mark.parametrize("text, match", [("c00\n", "expected '<component> <identity>'"),
+                                         ("c00 a\nc00 b\n", "listed twice")])
+def test_identities_refuse_what_hides_a_restart(text: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_identities(text)
+
+
+def test_table() -> None:
+    table = format_table([("install 1.0.0", "60.0 s", "30 components"), ("runtime", "5.0 s", "")])
+    lines = table.splitlines()
+    assert lines[0].split() == ["step", "wall", "time", "what", "it", "did"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert lines[2].startswith("install 1.0.0  60.0 s") and lines[3].rstrip().endswith("5.0 s")
