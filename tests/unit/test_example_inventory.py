@@ -98,6 +98,7 @@ def wave_playbook(tmp_path: Path, playbook: str, fail_on: str) -> Path:
         {"name": "probe", "ansible.builtin.debug": {"msg": "wave host"}},
         {"name": "health gate", "ansible.builtin.fail": {"msg": "health gate failed"},
          "when": f"inventory_hostname == '{fail_on}'"},
+        {"name": "after the gate", "ansible.builtin.debug": {"msg": "still going"}},
     ])
     path = tmp_path / playbook
     path.write_text(yaml.safe_dump([probe], sort_keys=False))
@@ -156,3 +157,24 @@ LIFECYCLE = ["import.yml", "runtime.yml", "install.yml", "upgrade.yml", "rollbac
 def test_awx_lists_the_lifecycle_playbook(playbook: str) -> None:
     lines = (REPO / "playbooks" / playbook).read_text(encoding="utf-8").splitlines()
     assert any(AWX_PLAYBOOK_LINE.match(line) for line in lines), f"AWX would not offer playbooks/{playbook}"
+
+
+# offline-delivery rollout (bundle_builder/fleet.py) runs each wave with these variables and --limit the wave's
+# site groups; the same plays as above show what Ansible makes of them.
+@pytest.mark.parametrize("playbook", sorted(WAVE_PLAYS))
+def test_a_rollout_wave_runs_exactly_its_sites_and_every_host_finishes(tmp_path: Path, playbook: str) -> None:
+    from bundle_builder import fleet
+
+    targets = ["a-node1", "a-sys1", "b-node1", "b-arm1"]  # two sites in one wave, not all of their targets
+    extra = tmp_path / "wave.json"
+    extra.write_text(json.dumps(fleet.wave_vars({"app_name": "shop"}, targets)))
+    res = ansible("ansible-playbook", "-i", str(HOSTS), str(wave_playbook(tmp_path, playbook, "a-node1")),
+                  "-e", f"@{extra}", "--limit", "site_a:site_b", "-e", "ansible_connection=local",
+                  "-e", "ansible_python_interpreter=auto_silent", "-f", "4")
+    assert res.returncode != 0 and "fatal: [a-node1]" in res.stdout
+    waves = batches(res.stdout, WAVE_PLAYS[playbook])
+    assert [sorted(w) for w in waves] == [sorted(targets)], res.stdout[-3000:]
+    # max_fail_percentage 100: the failed host does not stop the others of its wave
+    recap = dict(re.findall(r"^(\S+)\s+: ok=(\d+)", res.stdout, flags=re.M))
+    assert {h: recap.get(h) for h in targets} == {"a-node1": "1", "a-sys1": "2", "b-node1": "2", "b-arm1": "2"}
+    assert "fatal: [b-" not in res.stdout and "NO MORE HOSTS LEFT" not in res.stdout
