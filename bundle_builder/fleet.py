@@ -32,6 +32,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from .fleet_table import SiteRow, format_table
+
 COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have")
 NEEDS_APP = ("install", "upgrade", "rollback", "status")
 DEFAULT_RUNS_DIR = "offline-delivery-runs"
@@ -403,39 +405,36 @@ def plan_sites(policy: Policy, inventory: Inventory, source: str) -> list[SitePl
 
 @dataclass
 class SiteState:
-    """One site's line in the rollout report."""
+    """One site's state after the rollout: its wave's outcome, then what the status run found."""
 
     group: str
     wave: Wave
-    outcome: str = NOT_STARTED
-    detail: list[str] = field(default_factory=list)
-    versions: dict[str, list[str]] = field(default_factory=dict)  # version (or "none") -> hosts
-    unhealthy: list[str] = field(default_factory=list)  # "host: component (reason)"
+    outcome: str = NOT_STARTED  # DONE, FAILED or NOT_STARTED
+    failure: str = ""  # e.g. "api failed, rolled back to 1.0.0"
+    detail: list[str] = field(default_factory=list)  # "host: message" of each failed host
+    versions: dict[str, list[str]] = field(default_factory=dict)  # version -> hosts running it
+    healthy: int = 0
+    components: int = 0
+    unhealthy: list[str] = field(default_factory=list)  # "host/component"
+    reasons: list[str] = field(default_factory=list)  # "host/component: reason"
     unknown: list[str] = field(default_factory=list)  # hosts the status run could not read
 
-    @property
-    def running(self) -> str:
-        if not self.versions:
-            return "unknown"
-        if len(self.versions) == 1:
-            return next(iter(self.versions))
-        return " + ".join(f"{v} ({', '.join(hosts)})" for v, hosts in sorted(self.versions.items()))
-
-    @property
-    def health(self) -> str:
-        if self.unhealthy:
-            return "UNHEALTHY"
-        if self.unknown:
-            return "unknown"
-        return "healthy"
+    def row(self, app: str, latest: str | None) -> SiteRow:
+        """The site as a row of the fleet table (bundle_builder/fleet_table.py): the wave and its outcome go
+        into NOTE, the failure into LAST FAILURE, the release rolled out into LATEST (so LAG shows who is
+        not on it)."""
+        return SiteRow(site=self.group, app=app, versions=self.versions, healthy=self.healthy,
+                       components=self.components, failed=self.failure or None, latest=latest,
+                       note=f"wave {self.wave.label}: {self.outcome}", unhealthy=tuple(self.unhealthy),
+                       unreachable=tuple(self.unknown))
 
 
 COMPONENT_FAILED = re.compile(r"component (\S+) failed")
 ROLLED_BACK = re.compile(r"rolled back to (\S+?), which is healthy")
 
 
-def site_outcome(site: SitePlan, run_: PlaybookRun) -> tuple[str, list[str]]:
-    """How the wave's run went for one site: done, or FAILED with the component and the rollback if any."""
+def site_outcome(site: SitePlan, run_: PlaybookRun) -> tuple[str, str, list[str]]:
+    """How the wave's run went for one site: (outcome, failure summary, "host: message" lines)."""
     failed = set(run_.summary.failed_hosts()) | set(run_.failures)
     mine = [h for h in site.members if h in failed]
     details = [f"{host}: {msg}" for host in mine for msg in run_.failures.get(host, ["failed"])]
@@ -443,11 +442,12 @@ def site_outcome(site: SitePlan, run_: PlaybookRun) -> tuple[str, list[str]]:
         text = " ".join(details)
         parts = sorted(set(COMPONENT_FAILED.findall(text)))
         back = sorted(set(ROLLED_BACK.findall(text)))
-        outcome = FAILED + (f" ({', '.join(parts)})" if parts else "")
-        return outcome + (f", rolled back to {', '.join(back)}" if back else ""), details
+        summary = f"{', '.join(parts)} failed" if parts else f"{', '.join(mine)} failed"
+        return FAILED, summary + (f", rolled back to {', '.join(back)}" if back else ""), details
     if not run_.ok and not run_.summary.failed_hosts():
-        return FAILED, [f"the run did not finish (status {run_.status}, rc {run_.rc}); see {run_.artifacts}/stdout"]
-    return DONE, []
+        return FAILED, "the run did not finish", [
+            f"the run did not finish (status {run_.status}, rc {run_.rc}); see {run_.artifacts}/stdout"]
+    return DONE, "", []
 
 
 def apply_status(states: dict[str, SiteState], plans: list[SitePlan], report: dict[str, Any] | None) -> None:
@@ -460,26 +460,23 @@ def apply_status(states: dict[str, SiteState], plans: list[SitePlan], report: di
             if not st:
                 state.unknown.append(host)
                 continue
-            version = st.get("version") or "none"
-            state.versions.setdefault(version, []).append(host)
+            state.versions.setdefault(st.get("version") or "not installed", []).append(host)
             for comp, item in sorted((st.get("components") or {}).items()):
-                if not item.get("healthy"):
-                    state.unhealthy.append(f"{host}: {comp} ({item.get('reason') or 'unhealthy'})")
-            if st.get("installed") and not st.get("healthy") and not st.get("components"):
-                state.unhealthy.append(f"{host}: unhealthy")
+                state.components += 1
+                if item.get("healthy"):
+                    state.healthy += 1
+                else:
+                    state.unhealthy.append(f"{host}/{comp}")
+                    state.reasons.append(f"{host}/{comp}: {item.get('reason') or 'unhealthy'}")
 
 
-def report_lines(states: Sequence[SiteState]) -> list[str]:
-    """The rollout report: one row per site (site, wave, outcome, running, health), then the details."""
-    header = ("SITE", "WAVE", "OUTCOME", "RUNNING", "HEALTH")
-    rows = [(s.group, s.wave.label, s.outcome, s.running, s.health) for s in states]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+def report_lines(states: Sequence[SiteState], app: str, latest: str | None) -> list[str]:
+    """The rollout report: the fleet table (one row per site), then each failed host's message and each
+    unhealthy component's reason."""
+    out = format_table([s.row(app, latest) for s in states]).splitlines()
     for s in states:
-        for line in s.detail:
-            out.append(f"  {s.group}: {line}")
-        for line in s.unhealthy:
-            out.append(f"  {s.group}: unhealthy {line}")
+        out += [f"  {s.group}: {line}" for line in s.detail]
+        out += [f"  {s.group}: unhealthy {line}" for line in s.reasons]
         if s.unknown:
             out.append(f"  {s.group}: no status from {', '.join(s.unknown)} (unreachable or failed; see the status run)")
     return out
@@ -557,12 +554,14 @@ def rollout(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path
                           limit=":".join(groups), check=False, verbose=args.verbose, write=write)
     apply_status(states, plans, _read_report(top / "report" / f"{args.app}-status.json"))
     write("")
-    for line in report_lines([states[g] for g in groups]):
+    # LATEST = the release rolled out, when named: LAG then flags every site not on it
+    latest = args.app_version if args.operation != "rollback" else None
+    for line in report_lines([states[g] for g in groups], args.app, latest):
         write(line)
     write(f"artifacts (keep for support): {top}")
     if not status.ok:
         write(f"the status run failed (status {status.status}, rc {status.rc}): see {status.artifacts}/stdout")
-    failed = [g for g in groups if states[g].outcome.startswith(FAILED)]
+    failed = [g for g in groups if states[g].outcome == FAILED]
     if stopped:
         write(f"rollout {args.operation} STOPPED: {stopped}")
         return EXIT_FAILED
@@ -588,11 +587,11 @@ def _run_waves(args: argparse.Namespace, policy: Policy, plans: list[SitePlan], 
                               inventory=inventory, extravars=wave_vars(base, targets),
                               limit=":".join(wave.site_groups), check=args.check, verbose=args.verbose, write=write)
         for site in sites:
-            outcome, detail = site_outcome(site, result)
-            states[site.group].outcome, states[site.group].detail = outcome, detail
-            if outcome.startswith(FAILED):
+            state = states[site.group]
+            state.outcome, state.failure, state.detail = site_outcome(site, result)
+            if state.outcome == FAILED:
                 failed_sites.append(site.group)
-        wave_failed = [p.group for p in sites if states[p.group].outcome.startswith(FAILED)]
+        wave_failed = [p.group for p in sites if states[p.group].outcome == FAILED]
         if wave.canary and wave_failed:
             return f"the canary wave failed ({', '.join(wave_failed)}); later waves not started"
         if len(failed_sites) > policy.max_failed_sites:

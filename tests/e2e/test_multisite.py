@@ -9,12 +9,20 @@ names each site (`offline_delivery_site`, `offline_delivery_repo_host` in the si
              each site pulls from its own repo, has its own secrets, answers through its gateway
   canary     upgrade to 1.2.0 in the same waves: site a fails its health gate and rolls back, the rollout stops,
              site b is never touched (same containers, same start times, still 1.0.0)
+  rollouts   the same through `offline-delivery rollout` and a policy file (wave 1 = site a, the canary;
+             wave 2 = site b), run from this machine: (1) upgrade to the broken 1.2.0: the canary fails, site b
+             is not started; (2) upgrade to 1.1.0 with a site override on site b only that keeps its API from
+             starting: site a keeps 1.1.0, site b fails its gate, is back on 1.0.0 and serving; each time the
+             printed table names every site's state
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,9 +33,9 @@ import yaml
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import carry, recap
 from tests.e2e.test_lifecycle import http, ok, start_times
-from tests.world.multisite import connect_jump, disconnect_jump, site_label, write_merged_inventory
+from tests.world.multisite import connect_jump, disconnect_jump, merged_inventory, site_label, write_merged_inventory
 from tests.world.site import HostSpec, Site
-from tests.world.util import Result
+from tests.world.util import Result, repo_root
 
 pytestmark = pytest.mark.world
 
@@ -172,3 +180,115 @@ def test_the_canary_site_serves_its_previous_release(sites: tuple[Site, Site], c
         assert all(i.endswith(":1.0.0") for i in canary["after"][site.name][1]), canary["after"][site.name]
         listing = http(site, "node1", "GET", "/orders")
         assert [o["item"] for o in listing["orders"]] == [f"book-{site.name}"], "the data survived"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# offline-delivery rollout: the policy's waves by site group, a stop, every site's state in one table
+
+
+# Makes the API exit at start on the site that gets it (int("not-a-number")): its health gate fails.
+BREAK_API = {"api": {"SHOP_PAGE_SIZE": "not-a-number"}}
+
+
+def offline_delivery(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `offline-delivery` command on this machine (it reaches both sites' networks), the checkout as the
+    collection."""
+    link = work / "collections" / "ansible_collections" / "offline" / "delivery"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(repo_root())
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(work / "collections"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    return subprocess.run([sys.executable, "-m", "bundle_builder.fleet", *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=2 * PLAY_TIMEOUT, check=False)
+
+
+def rollout_table(out: str) -> dict[str, list[str]]:
+    """The report's rows by site group (the fleet table: APP VERSION HEALTH LAST-FAILURE LAG AGE NOTE)."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("SITE "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("site_"):
+            break
+        cells = re.split(r"\s{2,}", line)
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def api_image(site: Site) -> str:
+    return next(i for i in images(site) if "/shop/api:" in i)
+
+
+@pytest.fixture(scope="module")
+def rollouts(sites: tuple[Site, Site], prepared: str, canary: dict[str, Any], shop_bundles: dict[str, Path],
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two rollouts through the command (after the plain-playbook canary test: both sites on 1.0.0)."""
+    a, b = sites
+    carry(a, {"shop-1.1.0": shop_bundles["shop-1.1.0"]})
+    keys = json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})
+    ok(run(a, prepared, "import", "-e", "offline_delivery_bundle_src=/srv/transfer/shop-1.1.0", "-e", keys,
+           step="import 1.1.0 (both sites)"), "import 1.1.0")
+    work = tmp_path_factory.mktemp("rollout")
+    (work / "policy.yml").write_text(yaml.safe_dump({
+        "waves": [{"name": "canary", "canary": True, "site_groups": [site_label(a)]},
+                  {"site_groups": [site_label(b)]}],
+        "max_failed_sites": 0, "target_groups": ["compose_hosts"]}))
+    inventory = merged_inventory([a, b], local=True)
+    (work / "inventory.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    inventory["all"]["children"][site_label(b)]["vars"]["app_overrides"] = BREAK_API
+    (work / "inventory-b-broken.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    out: dict[str, Any] = {}
+    for name, inv, version in (("canary-fails", "inventory.yml", "1.2.0"), ("wave2-fails", "inventory-b-broken.yml",
+                                                                              "1.1.0")):
+        before = {s.name: (start_times(s, "node1"), images(s)) for s in sites}
+        started = time.monotonic()
+        proc = offline_delivery(work, "rollout", "upgrade", "-i", inv, "--policy", "policy.yml", "--app", "shop",
+                                "--version", version, "--runs-dir", f"runs-{name}")
+        TIMES[f"rollout upgrade {version} ({name}, incl. status)"] = round(time.monotonic() - started, 1)
+        out[name] = {"proc": proc, "before": before, "runs": work / f"runs-{name}",
+                     "after": {s.name: (start_times(s, "node1"), images(s)) for s in sites}}
+    return out
+
+
+def test_rollout_canary_fails_later_wave_not_started(sites: tuple[Site, Site], rollouts: dict[str, Any]) -> None:
+    a, b = sites
+    r = rollouts["canary-fails"]
+    proc = r["proc"]
+    assert proc.returncode == 2, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert rollout_table(proc.stdout) == {
+        site_label(a): ["shop", "1.0.0", "4/4", "api failed, rolled back to 1.0.0", "behind 1.2.0", "-",
+                        "wave 1 canary: FAILED"],
+        site_label(b): ["shop", "1.0.0", "4/4", "-", "behind 1.2.0", "-", "wave 2: not started"]}, proc.stdout[-5000:]
+    assert f"  {site_label(a)}: {host(a, 'node1')}: shop 1.2.0 on {host(a, 'node1')}: component api failed its " \
+           "health check" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"rollout upgrade STOPPED: the canary wave failed ({site_label(a)}); "
+                                         "later waves not started")
+    assert r["after"][b.name] == r["before"][b.name], "site b's containers were touched"
+    (top,) = r["runs"].iterdir()
+    assert sorted(p.name for p in top.iterdir()) == ["report", "status", "wave1"]
+    assert f"artifacts (keep for support): {top}" in proc.stdout
+
+
+def test_rollout_later_wave_fails_earlier_keeps_new_release(sites: tuple[Site, Site],
+                                                            rollouts: dict[str, Any]) -> None:
+    a, b = sites
+    r = rollouts["wave2-fails"]
+    proc = r["proc"]
+    assert proc.returncode == 2, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert rollout_table(proc.stdout) == {
+        site_label(a): ["shop", "1.1.0", "4/4", "-", "-", "-", "wave 1 canary: done"],
+        site_label(b): ["shop", "1.0.0", "4/4", "api failed, rolled back to 1.0.0", "behind 1.1.0", "-",
+                        "wave 2: FAILED"]}, proc.stdout[-5000:]
+    assert proc.stdout.rstrip().endswith(f"rollout upgrade STOPPED: 1 failed site(s) ({site_label(b)}), more than "
+                                         "max_failed_sites 0; later waves not started")
+    assert api_image(a).endswith("/shop/api:1.1.0")
+    assert all(i.endswith(":1.0.0") for i in r["after"][b.name][1]), r["after"][b.name]
+    for site in sites:  # both serve, with the orders placed at install
+        listing = http(site, "node1", "GET", "/orders")
+        assert [o["item"] for o in listing["orders"]] == [f"book-{site.name}"]
+    assert http(b, "node1", "GET", "/version")["version"] == "1.0.0"
+    (top,) = r["runs"].iterdir()
+    wave2 = top / "wave2" / "artifacts" / "wave2"
+    events = [json.loads(p.read_text()) for p in (wave2 / "job_events").glob("*.json")]
+    assert {e["event_data"]["host"] for e in events if e.get("event") == "runner_on_failed"} == {host(b, "node1")}

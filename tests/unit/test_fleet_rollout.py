@@ -162,7 +162,8 @@ def run_rollout(tmp_path: Path, inventory: Path, doc: dict[str, Any], runner: Fa
 
 
 def table(lines: list[str]) -> dict[str, list[str]]:
-    """The report's rows by site: wave, outcome, running, health (columns split on two spaces or more)."""
+    """The report's rows by site (the fleet table: APP VERSION HEALTH LAST-FAILURE LAG AGE NOTE), columns split
+    on two spaces or more."""
     start = next(i for i, ln in enumerate(lines) if ln.startswith("SITE "))
     rows = {}
     for line in lines[start + 1:]:
@@ -190,9 +191,10 @@ def test_a_failed_second_wave_stops_the_rollout_and_every_site_is_reported(
                      "offline_delivery_serial": "100%", "offline_delivery_max_fail_percentage": 100}
     assert "app_version" not in runner.calls[2]["extravars"]
     rows = table(lines)
-    assert rows == {"site_x": ["1 canary", "done", "1.1.0", "healthy"],
-                    "site_y": ["2", "FAILED (api), rolled back to 1.0.0", "1.0.0", "healthy"],
-                    "site_z": ["3", "not started", "1.0.0", "healthy"]}
+    assert rows == {"site_x": ["shop", "1.1.0", "1/1", "-", "-", "-", "wave 1 canary: done"],
+                    "site_y": ["shop", "1.0.0", "1/1", "api failed, rolled back to 1.0.0", "behind 1.1.0", "-",
+                               "wave 2: FAILED"],
+                    "site_z": ["shop", "1.0.0", "2/2", "-", "behind 1.1.0", "-", "wave 3: not started"]}
     assert f"  site_y: y-node1: {HEALTH_FAILED.format(host='y-node1')}" in lines
     assert lines[-1] == ("rollout upgrade STOPPED: 1 failed site(s) (site_y), more than max_failed_sites 0; "
                          "later waves not started")
@@ -208,8 +210,9 @@ def test_a_failed_canary_stops_even_when_failures_are_tolerated(
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y", "site_z"], max_failed_sites=2),
                             runner, monkeypatch)
     assert rc == fleet.EXIT_FAILED and len(runner.calls) == 2  # the canary wave and the status run
-    assert table(lines)["site_x"][:2] == ["1 canary", "FAILED (api), rolled back to 1.0.0"]
-    assert table(lines)["site_z"] == ["2", "not started", "1.0.0", "healthy"]
+    rows = table(lines)
+    assert rows["site_x"][3] == "api failed, rolled back to 1.0.0" and rows["site_x"][-1] == "wave 1 canary: FAILED"
+    assert rows["site_z"] == ["shop", "1.0.0", "2/2", "-", "behind 1.1.0", "-", "wave 2: not started"]
     assert lines[-1] == "rollout upgrade STOPPED: the canary wave failed (site_x); later waves not started"
 
 
@@ -223,8 +226,10 @@ def test_tolerated_failures_let_later_waves_run_and_still_fail_the_command(
                             runner, monkeypatch)
     assert rc == fleet.EXIT_FAILED and len(runner.calls) == 4
     rows = table(lines)
-    assert rows["site_z"] == ["3", "FAILED", "1.0.0 (z-sys1) + 1.1.0 (z-node1)", "UNHEALTHY"]
-    assert "  site_z: unhealthy z-sys1: api (connection refused)" in lines
+    assert rows["site_z"] == ["shop", "MIXED 1.0.0 (z-sys1), 1.1.0 (z-node1)", "1/2 (not: z-sys1/api)",
+                              "z-sys1 failed", "behind 1.1.0", "-", "wave 3: FAILED"]
+    assert "  site_z: z-sys1: Failed to connect" in lines
+    assert "  site_z: unhealthy z-sys1/api: connection refused" in lines
     assert lines[-1] == "rollout upgrade finished with failed site(s): site_y, site_z"
 
 
@@ -236,8 +241,8 @@ def test_a_rollout_without_failures_runs_every_wave(
     assert rc == fleet.EXIT_OK and len(runner.calls) == 3
     assert runner.calls[1]["limit"] == "site_y:site_z" and runner.calls[1]["cmdline"] == "--check"
     assert runner.calls[2]["cmdline"] is None, "the status run is never in check mode"
-    assert set(map(tuple, table(lines).values())) == {("1", "done", "1.1.0", "healthy"),
-                                                      ("2", "done", "1.1.0", "healthy")}
+    assert [row[-1] for row in table(lines).values()] == ["wave 1: done", "wave 2: done", "wave 2: done"]
+    assert all(row[1] == "1.1.0" and row[4] == "-" for row in table(lines).values())
     assert lines[-1] == "rollout upgrade done on every site (check mode: nothing changed)"
 
 
@@ -245,13 +250,17 @@ def test_a_site_without_a_status_is_reported_unknown() -> None:
     wave = fleet.Wave(1, ("site_x",), True)
     plan = fleet.SitePlan("site_x", wave, ("x-node1", "x-node2"), ("x-repo", "x-node1", "x-node2"))
     states = {"site_x": fleet.SiteState("site_x", wave, outcome="done")}
-    fleet.apply_status(states, [plan], {"hosts": {"x-node1": {"status": {"version": "1.1.0", "healthy": True,
-                                                                           "installed": True, "components": {}}},
-                                                  "x-node2": {"reachable": False, "status": None}}})
-    assert (states["site_x"].running, states["site_x"].health) == ("1.1.0", "unknown")
-    assert fleet.report_lines(list(states.values()))[-1].startswith("  site_x: no status from x-node2")
+    fleet.apply_status(states, [plan], {"hosts": {"x-node1": {"status": {
+        "version": "1.1.0", "healthy": True, "installed": True,
+        "components": {"api": {"healthy": True}, "db": {"healthy": True}}}},
+        "x-node2": {"reachable": False, "status": None}}})
+    lines = fleet.report_lines(list(states.values()), "shop", None)
+    assert table(lines)["site_x"] == ["shop", "1.1.0", "2/2", "-", "-", "-", "unreachable: x-node2; wave 1 canary: done"]
+    assert lines[-1].startswith("  site_x: no status from x-node2")
     fleet.apply_status(states := {"site_x": fleet.SiteState("site_x", wave)}, [plan], None)
-    assert (states["site_x"].running, states["site_x"].health) == ("unknown", "unknown")
+    lines = fleet.report_lines(list(states.values()), "shop", "1.1.0")
+    assert table(lines)["site_x"] == ["shop", "not installed", "-", "-", "-", "-",
+                                      "unreachable: x-node1, x-node2; wave 1 canary: not started"]
 
 
 def test_rollout_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
