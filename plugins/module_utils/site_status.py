@@ -164,7 +164,7 @@ class StatusResult:
     site: str
     collected_at: str
     hosts: int
-    unreachable: list[str]
+    not_answering: list[str]
     unhealthy: list[str]
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,11 +183,11 @@ def export_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, An
     except HaveError as exc:
         raise StatusError(str(exc)) from None
     pub_path = _pub_path(dest)
-    unreachable = sorted(h for h, e in doc["hosts"].items() if not e["reachable"])
+    not_answering = sorted(h for h, e in doc["hosts"].items() if not e["reachable"])
     unhealthy = sorted(f"{h}/{app}" for h, e in doc["hosts"].items() for app, st in e.get("apps", {}).items()
                        if st["installed"] and not st["healthy"])
     res = StatusResult(True, dest, pub_path, None, key_created, site, doc["collectedAt"], len(doc["hosts"]),
-                       unreachable, unhealthy)
+                       not_answering, unhealthy)
     if seed is None:  # check mode before the site key exists: it would be made and the report written
         return res
     public = public_from_seed(seed)

@@ -115,8 +115,8 @@ hosts:
   description: Number of target hosts in the report.
   returned: success
   type: int
-unreachable:
-  description: Hosts recorded as not answering.
+not_answering:
+  description: Hosts recorded as not answering (unreachable, or their status failed).
   returned: success
   type: list
   elements: str
@@ -155,8 +155,8 @@ def main() -> None:
         module.fail_json(msg=f"status report of site {site} ({dest}): {exc}")
     verb = "would write" if module.check_mode else "wrote"
     parts = [f"{res.hosts} hosts"]
-    if res.unreachable:
-        parts.append(f"not answering: {', '.join(res.unreachable)}")
+    if res.not_answering:
+        parts.append(f"not answering: {', '.join(res.not_answering)}")
     if res.unhealthy:
         parts.append(f"not healthy: {', '.join(res.unhealthy)}")
     msg = "; ".join(parts) + (f"; {verb} {dest}" if res.changed else f"; unchanged since {res.collected_at}")

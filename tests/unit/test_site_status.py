@@ -61,7 +61,7 @@ def site_key(tmp_path: Path) -> bytes:
 
 def test_report_round_trip_and_only_whitelisted_fields(repo: str, tmp_path: Path) -> None:
     res = export(repo, tmp_path, {"node1": host(), "node2": None}, T0)
-    assert res.changed and res.key_created and res.unreachable == ["node2"] and res.unhealthy == []
+    assert res.changed and res.key_created and res.not_answering == ["node2"] and res.unhealthy == []
     data = (tmp_path / "out" / "north.status.json").read_bytes()
     doc = site_status.verify_status(data, [site_key(tmp_path)], "north.status.json")
     assert doc["mediaType"] == site_status.STATUS_MEDIA_TYPE and doc["site"] == "north"
