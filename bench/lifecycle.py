@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.lifecycle_app import (APP, V1, V2, answers_problem, components, expected_answers, format_table,
-                                 parse_identities, plan_lines, recap, restart_problem, restarted)
+                                 level_timeline, parse_identities, plan_lines, recap, restart_problem, restarted,
+                                 start_clock)
 from bench.lifecycle_images import Media, MediaError, prepare
 from bench.measure import code_state, machine_info
 from bench.report import append_result
@@ -81,11 +82,14 @@ class Bench:
         self.names = [c.name for c in components(count)]
         self.ports = {c.name: c.port for c in components(count)}
         self.times: dict[str, float] = {}
+        self.clock0: dict[str, tuple[float, float]] = {}  # step -> (wall clock, monotonic) at its start
         self.restarted: dict[str, list[str]] = {}
+        self.timelines: dict[str, dict[str, list[dict[str, Any]]]] = {}
 
     def play(self, step: str, playbook: str, *args: str) -> str:
         """Run a playbook from the jump host, timed; its stdout, or RunFailed with the output's tail."""
         self.log(f"{step} ...")
+        self.clock0[step] = (time.time(), time.monotonic())
         started = time.monotonic()
         res = self.site.jump(["ansible-playbook", f"offline.delivery.{playbook}", *args], timeout=PLAY_TIMEOUT)
         self.times[step] = round(time.monotonic() - started, 1)
@@ -106,6 +110,16 @@ class Bench:
                 raise RunFailed(f"{host}: reading the components' start times failed: {res.output[-2000:]}")
             out[host] = parse_identities(res.stdout)
         return out
+
+    def timeline(self, step: str, seen: dict[str, dict[str, str]], only: dict[str, list[str]] | None = None) -> None:
+        """When each level's components started during ``step``, per target (from their identities)."""
+        out = {}
+        for kind, host in self.targets.items():
+            names = only[host] if only is not None else list(seen[host])
+            starts = {n: start_clock(kind, seen[host][n]) for n in names}
+            t0 = self.clock0[step][0 if kind == "compose" else 1]
+            out[host] = level_timeline(starts, self.count, t0)
+        self.timelines[step] = out
 
     def check_answers(self, version: str) -> None:
         expected = expected_answers(self.count, version)
@@ -139,6 +153,7 @@ class Bench:
         self.check_plans(out, "install", {"added": self.names, "changed": [], "removed": []})
         self.check_answers(V1)
         before = self.identities()
+        self.timeline(f"install {V1}", before)
         out = self.app_play(f"upgrade {V2}", "upgrade", V2)
         after = self.identities()
         self.check_plans(out, "upgrade", {"added": [], "changed": [self.media.changed], "removed": []})
@@ -147,6 +162,7 @@ class Bench:
             problem = restart_problem(before[host], after[host], [self.media.changed], host)
             if problem:
                 raise RunFailed(f"upgrade {V2}: {problem}\nbefore: {before[host]}\nafter: {after[host]}")
+        self.timeline(f"upgrade {V2}", after, only=self.restarted)
         self.check_answers(V2)
         out = self.app_play(f"upgrade {V2} again (no change)", "upgrade", V2)
         counts = recap(out)
@@ -175,6 +191,7 @@ def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load:
         "steps_s": bench.times,
         "restarted": bench.restarted,
         "restarted_count": {h: len(v) for h, v in bench.restarted.items()},
+        "start_timeline": bench.timelines,
         "conditions": {"load_before": load, "load_after": os.getloadavg(), "media_from_cache": not media.built},
     }
 
@@ -193,6 +210,10 @@ def print_table(doc: dict[str, Any]) -> None:
     rows = [(step, f"{secs:.1f} s", notes.get(step, "")) for step, secs in doc["steps_s"].items()]
     print(f"lifecycle of a {n}-component app on {hosts} ({doc['date']})")
     print(format_table(rows))
+    for step, hosts_lines in doc["start_timeline"].items():
+        for host, levels in hosts_lines.items():
+            spans = ", ".join(f"level {l['level']} ({l['started']}): {l['first_s']}-{l['last_s']} s" for l in levels)
+            print(f"{step} on {host}, components started after: {spans}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     load = os.getloadavg()
     try:
+        media_started = time.monotonic()
         media = prepare(args.components, _log)
+        media_s = round(time.monotonic() - media_started, 1)
         site = Site(args.site, [REPO_HOST, *(TARGET_HOSTS[k] for k in kinds)])
         site.down()  # leftovers of a killed run under this name
         try:
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lifecycle benchmark FAILED: {exc}", file=sys.stderr)
         return 1
     doc = result_doc(bench, media, kinds, started, load)
+    doc["conditions"]["media_s"] = media_s
     path = append_result(args.out, doc)
     print_table(doc)
     print(f"result appended to {path}")

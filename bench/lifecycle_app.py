@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Mapping
 
 APP = "odlc"
@@ -280,3 +281,30 @@ def answers_problem(seen: Mapping[str, Mapping[str, Any]], expected: Mapping[str
     if extra:
         wrong.append(f"not in the release: {', '.join(extra)}")
     return f"{host}: " + "; ".join(wrong) if wrong else None
+
+
+def start_clock(kind: str, identity: str) -> float:
+    """When a component last started, in seconds, from its identity line: compose gives the container's
+    StartedAt (wall clock, UTC), systemd the unit's ActiveEnterTimestampMonotonic (CLOCK_MONOTONIC, µs;
+    containers share the kernel's clock, so it compares with this process's time.monotonic())."""
+    fields = identity.split()
+    if kind == "compose":
+        if len(fields) != 2:
+            raise ValueError(f"compose identity {identity!r}: expected '<container id> <StartedAt>'")
+        return datetime.fromisoformat(fields[1]).timestamp()
+    if len(fields) != 2 or not fields[1].isdigit():
+        raise ValueError(f"systemd identity {identity!r}: expected '<MainPID> <ActiveEnterTimestampMonotonic>'")
+    return int(fields[1]) / 1e6
+
+
+def level_timeline(starts: Mapping[str, float], count: int, t0: float) -> list[dict[str, Any]]:
+    """Per dependency level: how many components started and when the first and the last of them started,
+    in seconds after ``t0`` (the playbook's start, same clock as ``starts``)."""
+    out = []
+    for level in range(len(level_sizes(count))):
+        names = [c.name for c in components(count) if c.level == level and c.name in starts]
+        if names:
+            times = [starts[n] - t0 for n in names]
+            out.append({"level": level, "started": len(names), "first_s": round(min(times), 1),
+                        "last_s": round(max(times), 1)})
+    return out

@@ -245,7 +245,9 @@ def prepare(count: int, log: Callable[[str], None]) -> Media:
     shared = _shared_layers()
     here = Path(__file__).resolve().parent
     base = cache_dir() / "bench" / "lifecycle"
-    images_key = _key([count, [d for d, _ in shared]], [here / "lifecycle_app.py", here / "lifecycle_images.py"])
+    # What the images and models are made of: the shared layers, the models, the server, this file.
+    images_key = _key([count, [d for d, _ in shared], app_model(count, V1), app_model(count, V2), SERVER],
+                      [here / "lifecycle_images.py"])
     root = base / f"{count}-{images_key}"
     code = sorted([*repo_root().glob("bundle_builder/*.py"), *repo_root().glob("plugins/module_utils/*.py")])
     bundles = root / f"bundles-{_key([], code)}"

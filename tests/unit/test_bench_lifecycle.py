@@ -8,8 +8,8 @@ import tarfile
 import pytest
 
 from bench.lifecycle_app import (APP, V1, V2, answers_problem, app_model, changed_component, components,
-                                 expected_answers, format_table, level_sizes, parse_identities, plan_lines, recap,
-                                 restart_problem, restarted)
+                                 expected_answers, format_table, level_sizes, level_timeline, parse_identities,
+                                 plan_lines, recap, restart_problem, restarted, start_clock)
 from offline_delivery_core.app_model import load_model
 
 
@@ -137,3 +137,22 @@ def test_table() -> None:
     assert lines[0].split() == ["step", "wall", "time", "what", "it", "did"]
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert lines[2].startswith("install 1.0.0  60.0 s") and lines[3].rstrip().endswith("5.0 s")
+
+
+def test_start_clock_of_both_kinds() -> None:
+    assert start_clock("compose", "abc 2026-11-22T05:32:24.500000123Z") == pytest.approx(1795325544.5)
+    assert start_clock("systemd", "1234 5000250000") == pytest.approx(5000.25)
+    with pytest.raises(ValueError, match="expected '<MainPID> <ActiveEnterTimestampMonotonic>'"):
+        start_clock("systemd", "0 ")  # a unit that is not running has no start timestamp
+    with pytest.raises(ValueError, match="expected '<container id> <StartedAt>'"):
+        start_clock("compose", "abc")
+
+
+def test_level_timeline() -> None:
+    starts = {f"c{i:02d}": 100.0 + 10 * components(10)[i].level + i / 10 for i in range(10)}
+    timeline = level_timeline(starts, 10, t0=90.0)
+    assert [(t["level"], t["started"]) for t in timeline] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert timeline[0] == {"level": 0, "started": 1, "first_s": 10.0, "last_s": 10.0}
+    assert timeline[3]["first_s"] == 40.6 and timeline[3]["last_s"] == 40.9
+    assert level_timeline({"c03": 95.0}, 10, t0=90.0) == [{"level": 2, "started": 1, "first_s": 5.0,
+                                                           "last_s": 5.0}]
