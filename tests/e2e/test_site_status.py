@@ -28,6 +28,7 @@ pytestmark = pytest.mark.world
 SITE = os.environ.get("OD_E2E_SITE_T", "t-status")
 HOSTS = (HostSpec("repo", "amd64", ("offline_repo",)), HostSpec("node1", "amd64", ("compose_hosts",)))
 TIMEOUT = 1200
+OVERRIDE = {"app_overrides": {"api": {"SHOP_CURRENCY": "XTS-OVERRIDE"}}}  # an env value: must not travel
 STATUS_DIR = "offline-delivery-status"  # the playbook's default destination, relative to where it runs
 
 
@@ -51,7 +52,7 @@ def installed(site: Site, shop_bundles: dict[str, Path]) -> Site:
     keys = json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})
     playbook(site, "import", "-e", "offline_delivery_bundle_src=/srv/transfer/shop-1.0.0", "-e", f"'{keys}'")
     playbook(site, "runtime")
-    playbook(site, "install", "-e", "app_name=shop", "-e", "app_version=1.0.0")
+    playbook(site, "install", "-e", "app_name=shop", "-e", "app_version=1.0.0", "-e", f"'{json.dumps(OVERRIDE)}'")
     return site
 
 
@@ -80,9 +81,10 @@ def test_status_report_signed_on_site_read_by_the_fleet_command(installed: Site,
     assert shop["version"] == "1.0.0" and shop["healthy"] and shop["target"] == "compose"
     assert sorted(shop["components"]) == ["api", "db", "gateway", "redis"]
     assert [(e["action"], e["to"], e["result"]) for e in shop["history"]] == [("install", "1.0.0", "ok")]
-    # the app's secrets (generated on the repo host) are nowhere in the report
+    # neither the app's secrets (generated on the repo host) nor the site's env values are in the report
     secrets = json.loads(site.exec("repo", ["cat", "/var/lib/offline-delivery/apps/shop/secrets.json"]).stdout)
     assert secrets and not [name for name, value in secrets.items() if value in data.decode()]
+    assert "XTS-OVERRIDE" not in data.decode() and "SHOP_CURRENCY" not in data.decode()
 
     # the vendor: pinned key in a directory of site keys
     keys = tmp_path / "keys"
