@@ -290,11 +290,13 @@ def fleet(paths: Sequence[str], site_keys: Mapping[str, Sequence[bytes]], *, now
             by_site[doc["site"]] = (path, doc)
         else:
             superseded.append((path, kept[0]))
-    docs = [doc for _, doc in by_site.values()]
+    docs = [entry[1] for entry in by_site.values()]
     newest = newest_versions(docs)
     if every:
         newest = {app: every for app in newest}
     newest.update(per_app)
-    rows = [row for site in sorted(by_site) for row in site_rows(by_site[site][1], by_site[site][0], now=now,
-                                                                  latest=newest)]
+    rows = []
+    for site in sorted(by_site):
+        path, doc = by_site[site]
+        rows.extend(site_rows(doc, path, now=now, latest=newest))
     return FleetReport(rows, refused, newest, superseded)
