@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.lifecycle_app import (APP, V1, V2, answers_problem, components, expected_answers, format_table,
-                                 level_timeline, parse_identities, plan_lines, recap, restart_problem, restarted,
-                                 start_clock)
+                                 level_timeline, parse_identities, plan_lines, pull_span, recap, restart_problem,
+                                 restarted, start_clock)
 from bench.lifecycle_images import Media, MediaError, prepare
 from bench.measure import code_state, machine_info
 from bench.report import append_result
@@ -85,6 +85,7 @@ class Bench:
         self.clock0: dict[str, tuple[float, float]] = {}  # step -> (wall clock, monotonic) at its start
         self.restarted: dict[str, list[str]] = {}
         self.timelines: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.pulls: dict[str, dict[str, dict[str, Any]]] = {}
 
     def play(self, step: str, playbook: str, *args: str) -> str:
         """Run a playbook from the jump host, timed; its stdout, or RunFailed with the output's tail."""
@@ -120,6 +121,17 @@ class Bench:
             t0 = self.clock0[step][0 if kind == "compose" else 1]
             out[host] = level_timeline(starts, self.count, t0)
         self.timelines[step] = out
+        self.pulls[step] = {host: self.pulls_of(host, step) for kind, host in self.targets.items() if kind == "compose"}
+
+    def pulls_of(self, host: str, step: str) -> dict[str, Any]:
+        """The image pulls the Docker engine of ``host`` logged since ``step`` started."""
+        since = self.clock0[step][0]
+        res = self.site.exec(host, ["docker", "events", "--since", f"{since:.3f}", "--until", f"{time.time():.3f}",
+                                    "--filter", "type=image", "--filter", "event=pull",
+                                    "--format", "{{.TimeNano}} {{.Actor.ID}}"], timeout=60)
+        if res.rc != 0:
+            raise RunFailed(f"{host}: reading the Docker engine's pull events failed: {res.output[-1000:]}")
+        return pull_span(res.stdout, since)
 
     def check_answers(self, version: str) -> None:
         expected = expected_answers(self.count, version)
@@ -192,6 +204,7 @@ def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load:
         "restarted": bench.restarted,
         "restarted_count": {h: len(v) for h, v in bench.restarted.items()},
         "start_timeline": bench.timelines,
+        "image_pulls": bench.pulls,
         "conditions": {"load_before": load, "load_after": os.getloadavg(), "media_from_cache": not media.built},
     }
 
@@ -213,7 +226,10 @@ def print_table(doc: dict[str, Any]) -> None:
     for step, hosts_lines in doc["start_timeline"].items():
         for host, levels in hosts_lines.items():
             spans = ", ".join(f"level {l['level']} ({l['started']}): {l['first_s']}-{l['last_s']} s" for l in levels)
-            print(f"{step} on {host}, components started after: {spans}")
+            pulls = doc["image_pulls"].get(step, {}).get(host)
+            if pulls and pulls["pulls"]:
+                spans = f"{pulls['pulls']} image pulls done {pulls['first_done_s']}-{pulls['last_done_s']} s; " + spans
+            print(f"{step} on {host}, after the playbook's start: {spans}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -308,3 +308,18 @@ def level_timeline(starts: Mapping[str, float], count: int, t0: float) -> list[d
             out.append({"level": level, "started": len(names), "first_s": round(min(times), 1),
                         "last_s": round(max(times), 1)})
     return out
+
+
+def pull_span(stdout: str, t0: float) -> dict[str, Any]:
+    """Image pulls of a step from `docker events --format '{{.TimeNano}} ...'` lines: how many, and when the
+    first and the last finished, in seconds after ``t0`` (wall clock)."""
+    times = []
+    for line in stdout.split("\n"):
+        field = line.split(" ", 1)[0]
+        if field:
+            if not field.isdigit():
+                raise ValueError(f"docker events line {line!r}: expected '<TimeNano> ...'")
+            times.append(int(field) / 1e9 - t0)
+    if not times:
+        return {"pulls": 0}
+    return {"pulls": len(times), "first_done_s": round(min(times), 1), "last_done_s": round(max(times), 1)}

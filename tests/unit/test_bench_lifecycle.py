@@ -9,7 +9,7 @@ import pytest
 
 from bench.lifecycle_app import (APP, V1, V2, answers_problem, app_model, changed_component, components,
                                  expected_answers, format_table, level_sizes, level_timeline, parse_identities,
-                                 plan_lines, recap, restart_problem, restarted, start_clock)
+                                 plan_lines, pull_span, recap, restart_problem, restarted, start_clock)
 from offline_delivery_core.app_model import load_model
 
 
@@ -156,3 +156,11 @@ def test_level_timeline() -> None:
     assert timeline[3]["first_s"] == 40.6 and timeline[3]["last_s"] == 40.9
     assert level_timeline({"c03": 95.0}, 10, t0=90.0) == [{"level": 2, "started": 1, "first_s": 5.0,
                                                            "last_s": 5.0}]
+
+
+def test_pull_span() -> None:
+    out = "1000000002500000000 sha256:aa\n1000000010000000000 sha256:bb\n"
+    assert pull_span(out, 1e9) == {"pulls": 2, "first_done_s": 2.5, "last_done_s": 10.0}
+    assert pull_span("", 1e9) == {"pulls": 0}
+    with pytest.raises(ValueError, match="expected '<TimeNano> ...'"):
+        pull_span("2026-11-22 pull\n", 0)
