@@ -372,15 +372,17 @@ def _check_content_range(resp: Any, start: int, size: int, url: str) -> None:
 
 
 def _copy(resp: Any, out: Any, remaining: int, url: str, timeout: float, transfer: _Transfer) -> None:
-    """Copy exactly ``remaining`` bytes (one more is read to catch a blob that is too long)."""
+    """Copy exactly ``remaining`` bytes (one more is read to catch a blob that is too long). ``read1`` returns
+    what one receive brought, so everything that arrived before a stall is written and kept; the bandwidth
+    limit is charged for what was read, before the next read."""
     while remaining >= 0:
         want = min(transfer.bucket.chunk, remaining + 1)
-        transfer.bucket.take(want)
         try:
-            data = resp.read(want)
+            data = resp.read1(want)
         except (socket.timeout, OSError) as exc:
             raise SyncInterrupted(f"the transfer of {url} stopped ({exc or f'no data for {timeout:.0f}s'}); "
                                   "what arrived is kept: run again to resume") from None
+        transfer.bucket.take(len(data))
         if not data:
             if remaining:
                 raise SyncInterrupted(f"the hub closed the connection with {remaining} bytes of {url} still to "

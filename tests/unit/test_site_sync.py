@@ -118,6 +118,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         cut = self.server.cut.pop(rel, None)
         self.wfile.write(body if cut is None else body[:cut])
+        if cut is not None and rel in self.server.stall:
+            self.wfile.flush()
+            self.server.stall[rel].wait(30)  # a hub that stops sending without closing (until released)
         if cut is not None:
             self.close_connection = True
 
@@ -131,6 +134,7 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.requests: list[tuple[str, str | None]] = []
         self.corrupt: set[str] = set()
         self.cut: dict[str, int] = {}
+        self.stall: dict[str, threading.Event] = {}
 
     @property
     def url(self) -> str:
@@ -217,6 +221,21 @@ def test_interrupted_transfer_resumes_from_the_partial_file(vendor, hub, site):
     assert ("/repo/" + rel, "bytes=250000-") in hub.blob_requests()
     assert res.bytes_resumed >= 250_000 and res.bytes_sent == res.bytes_missing - res.bytes_resumed
     assert site.has_blob(big["digest"], big["size"]) and not os.listdir(site.staging_dir)
+
+
+def test_a_stalled_transfer_stops_after_the_timeout_and_resumes(vendor, hub, site):
+    big = biggest_lacking(vendor)
+    rel = blob_path(big["digest"])
+    hub.cut[rel], hub.stall[rel] = 100_000, threading.Event()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SyncInterrupted, match="stopped .*run again to resume"):
+            sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], timeout=1)
+    finally:
+        hub.stall.pop(rel).set()
+    assert time.monotonic() - started < 15
+    res = sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]])
+    assert res.changed and res.bytes_resumed >= 100_000 and site.has_blob(big["digest"], big["size"])
 
 
 def test_damaged_partial_file_is_rehashed_and_fetched_again(vendor, hub, site):
