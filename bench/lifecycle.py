@@ -86,6 +86,7 @@ class Bench:
         self.restarted: dict[str, list[str]] = {}
         self.timelines: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.pulls: dict[str, dict[str, dict[str, Any]]] = {}
+        self.disk: dict[str, str] = {}
 
     def play(self, step: str, playbook: str, *args: str) -> str:
         """Run a playbook from the jump host, timed; its stdout, or RunFailed with the output's tail."""
@@ -133,6 +134,17 @@ class Bench:
             raise RunFailed(f"{host}: reading the Docker engine's pull events failed: {res.output[-1000:]}")
         return pull_span(res.stdout, since)
 
+    def disk_used(self) -> None:
+        """What the app's images take on each target: the Docker engine's image store (layers shared), or
+        the systemd target's unpacked root filesystems (one per image)."""
+        for kind, host in self.targets.items():
+            cmd = ("docker system df --format '{{.Type}}: {{.Size}}' | grep Images" if kind == "compose" else
+                   f"du -sh /var/lib/offline-delivery/apps/{APP}/images | cut -f1")
+            res = self.site.exec(host, cmd, timeout=300)
+            if res.rc != 0:
+                raise RunFailed(f"{host}: measuring the images' disk use failed: {res.output[-1000:]}")
+            self.disk[host] = res.stdout.strip()
+
     def check_answers(self, version: str) -> None:
         expected = expected_answers(self.count, version)
         for kind, host in self.targets.items():
@@ -166,6 +178,7 @@ class Bench:
         self.check_answers(V1)
         before = self.identities()
         self.timeline(f"install {V1}", before)
+        self.disk_used()
         out = self.app_play(f"upgrade {V2}", "upgrade", V2)
         after = self.identities()
         self.check_plans(out, "upgrade", {"added": [], "changed": [self.media.changed], "removed": []})
@@ -205,6 +218,7 @@ def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load:
         "restarted_count": {h: len(v) for h, v in bench.restarted.items()},
         "start_timeline": bench.timelines,
         "image_pulls": bench.pulls,
+        "images_disk_after_install": bench.disk,
         "conditions": {"load_before": load, "load_after": os.getloadavg(), "media_from_cache": not media.built},
     }
 
@@ -212,11 +226,13 @@ def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load:
 def print_table(doc: dict[str, Any]) -> None:
     n, changed = doc["app"]["components"], doc["app"]["changed"]
     hosts = ", ".join(f"{h} ({k})" for k, h in doc["targets"].items())
+    sizes = {version: doc["app"]["bundle_bytes"][f"{APP}-{version}"] / 1e6 for version in (V1, V2)}
     notes = {
-        f"import {V1}": f"{doc['app']['bundle_bytes'][f'{APP}-{V1}'] / 1e6:.0f} MB bundle: {n} images + Debian packages",
-        f"import {V2}": f"{doc['app']['bundle_bytes'][f'{APP}-{V2}'] / 1e6:.2f} MB delta: {changed}'s new top layer",
+        f"import {V1}": f"{sizes[V1]:.0f} MB bundle: {n} images + Debian packages",
+        f"import {V2}": f"{sizes[V2]:.2f} MB delta: {changed}'s new top layer",
         "runtime": "Docker + Compose / unpack tools from the site repo",
-        f"install {V1}": f"{n} components, level by level, each health-gated",
+        f"install {V1}": f"{n} components, level by level, each health-gated; images on disk: "
+                         + ", ".join(f"{h} {v}" for h, v in doc["images_disk_after_install"].items()),
         f"upgrade {V2}": "restarted: " + "; ".join(f"{h}: {', '.join(v) or '-'}" for h, v in doc["restarted"].items()),
         f"upgrade {V2} again (no change)": "changed=0 everywhere",
     }

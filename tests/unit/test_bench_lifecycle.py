@@ -164,3 +164,22 @@ def test_pull_span() -> None:
     assert pull_span("", 1e9) == {"pulls": 0}
     with pytest.raises(ValueError, match="expected '<TimeNano> ...'"):
         pull_span("2026-11-22 pull\n", 0)
+
+
+def test_the_printed_table_has_every_step_and_the_timelines(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.lifecycle import print_table
+    doc = {"date": "2026-11-22T05:00:00Z", "targets": {"compose": "node1", "systemd": "node2"},
+           "app": {"components": 30, "changed": "c09", "bundle_bytes": {"odlc-1.0.0": 297e6, "odlc-1.1.0": 324096}},
+           "steps_s": {"import 1.0.0": 48.1, "import 1.1.0": 20.4, "install 1.0.0": 148.5, "upgrade 1.1.0": 41.3},
+           "restarted": {"node1": ["c09"], "node2": ["c09"]},
+           "images_disk_after_install": {"node1": "Images: 190MB", "node2": "5.4G"},
+           "start_timeline": {"install 1.0.0": {"node1": [{"level": 0, "started": 3, "first_s": 19.5,
+                                                           "last_s": 19.7}]}},
+           "image_pulls": {"install 1.0.0": {"node1": {"pulls": 30, "first_done_s": 9.0, "last_done_s": 17.0}}}}
+    print_table(doc)
+    out = capsys.readouterr().out
+    assert "node1 (compose), node2 (systemd)" in out
+    assert "297 MB bundle" in out and "0.32 MB delta: c09's new top layer" in out
+    assert "restarted: node1: c09; node2: c09" in out and "node2 5.4G" in out
+    assert ("install 1.0.0 on node1, after the playbook's start: 30 image pulls done 9.0-17.0 s; "
+            "level 0 (3): 19.5-19.7 s") in out
