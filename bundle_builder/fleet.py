@@ -403,6 +403,13 @@ def plan_sites(policy: Policy, inventory: Inventory, source: str) -> list[SitePl
     return sites
 
 
+def uncovered_targets(policy: Policy, inventory: Inventory, plans: Sequence[SitePlan]) -> list[str]:
+    """App targets of the inventory that no site group of the policy holds: the rollout leaves them alone."""
+    covered = {h for p in plans for h in p.targets}
+    targets = dict.fromkeys(h for g in policy.target_groups for h in inventory.hosts(g))
+    return [h for h in targets if h not in covered]
+
+
 @dataclass
 class SiteState:
     """One site's state after the rollout: its wave's outcome, then what the status run found."""
@@ -478,7 +485,8 @@ def report_lines(states: Sequence[SiteState], app: str, latest: str | None) -> l
         out += [f"  {s.group}: {line}" for line in s.detail]
         out += [f"  {s.group}: unhealthy {line}" for line in s.reasons]
         if s.unknown:
-            out.append(f"  {s.group}: no status from {', '.join(s.unknown)} (unreachable or failed; see the status run)")
+            out.append(f"  {s.group}: no status from {', '.join(s.unknown)} "
+                       "(unreachable or failed; see the status run)")
     return out
 
 
@@ -544,6 +552,9 @@ def rollout(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path
     top = (cwd / args.runs_dir).resolve() / stamp
     write(f"offline-delivery rollout {args.operation}: {len(policy.waves)} wave(s), policy {policy_path}, "
           f"inventory {inventory}")
+    outside = uncovered_targets(policy, inv, plans)
+    if outside:
+        write(f"not in the policy (neither changed nor reported): {', '.join(outside)}")
     stopped = _run_waves(args, policy, plans, states, base, inventory, top, write)
     write("")
     write("== Status of every site")

@@ -199,7 +199,8 @@ def test_a_failed_second_wave_stops_the_rollout_and_every_site_is_reported(
     assert lines[-1] == ("rollout upgrade STOPPED: 1 failed site(s) (site_y), more than max_failed_sites 0; "
                          "later waves not started")
     top = Path(next(ln for ln in lines if ln.startswith("artifacts (keep for support): ")).split(": ", 1)[1])
-    assert top.parent == tmp_path / "offline-delivery-runs" and top.name.endswith(f"-rollout-upgrade-{fleet.os.getpid()}")
+    assert top.parent == tmp_path / "offline-delivery-runs"
+    assert top.name.endswith(f"-rollout-upgrade-{fleet.os.getpid()}")
     assert sorted(p.name for p in top.iterdir()) == ["report", "status", "wave1", "wave2"]
 
 
@@ -210,6 +211,7 @@ def test_a_failed_canary_stops_even_when_failures_are_tolerated(
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y", "site_z"], max_failed_sites=2),
                             runner, monkeypatch)
     assert rc == fleet.EXIT_FAILED and len(runner.calls) == 2  # the canary wave and the status run
+    assert not any(ln.startswith("not in the policy") for ln in lines)
     rows = table(lines)
     assert rows["site_x"][3] == "api failed, rolled back to 1.0.0" and rows["site_x"][-1] == "wave 1 canary: FAILED"
     assert rows["site_z"] == ["shop", "1.0.0", "2/2", "-", "behind 1.1.0", "-", "wave 2: not started"]
@@ -255,7 +257,8 @@ def test_a_site_without_a_status_is_reported_unknown() -> None:
         "components": {"api": {"healthy": True}, "db": {"healthy": True}}}},
         "x-node2": {"reachable": False, "status": None}}})
     lines = fleet.report_lines(list(states.values()), "shop", None)
-    assert table(lines)["site_x"] == ["shop", "1.1.0", "2/2", "-", "-", "-", "unreachable: x-node2; wave 1 canary: done"]
+    assert table(lines)["site_x"] == ["shop", "1.1.0", "2/2", "-", "-", "-",
+                                      "unreachable: x-node2; wave 1 canary: done"]
     assert lines[-1].startswith("  site_x: no status from x-node2")
     fleet.apply_status(states := {"site_x": fleet.SiteState("site_x", wave)}, [plan], None)
     lines = fleet.report_lines(list(states.values()), "shop", "1.1.0")
@@ -278,3 +281,12 @@ def test_rollout_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert fleet.main(["rollout", "upgrade", "-i", "inv.yml", "--policy", "nope.yml", "--app", "shop"]) == \
         fleet.EXIT_USAGE
     assert f"policy {tmp_path / 'nope.yml'}: cannot read it" in capsys.readouterr().err
+
+
+def test_targets_outside_the_policy_are_named(tmp_path: Path, three_sites: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = FakeRunner(fail={}, running={h: ("1.1.0", True) for h in ("x-node1", "y-node1")})
+    rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y"]), runner, monkeypatch)
+    assert rc == fleet.EXIT_OK
+    assert "not in the policy (neither changed nor reported): z-node1, z-sys1" in lines
+    assert all("z-" not in c["extravars"]["offline_delivery_app_hosts"] for c in runner.calls)
