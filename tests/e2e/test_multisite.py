@@ -246,6 +246,7 @@ def rollouts(sites: tuple[Site, Site], prepared: str, canary: dict[str, Any], sh
         proc = offline_delivery(work, "rollout", "upgrade", "-i", inv, "--policy", "policy.yml", "--app", "shop",
                                 "--version", version, "--runs-dir", f"runs-{name}")
         TIMES[f"rollout upgrade {version} ({name}, incl. status)"] = round(time.monotonic() - started, 1)
+        (work / f"{name}.out").write_text(proc.stdout + proc.stderr)  # the printed report, kept with the runs
         out[name] = {"proc": proc, "before": before, "runs": work / f"runs-{name}",
                      "after": {s.name: (start_times(s, "node1"), images(s)) for s in sites}}
     return out
