@@ -37,6 +37,7 @@ TARGET_HOSTS = {"compose": HostSpec("node1", "amd64", ("compose_hosts",)),
                 "systemd": HostSpec("node2", "amd64", ("systemd_hosts",))}
 REPO_HOST = HostSpec("repo", "amd64", ("offline_repo",))
 TRANSFER = "/srv/transfer"
+APPS_DIR = "/srv/offline-delivery-apps"  # roles/app default app_apps_dir
 
 # Each component's answer, read on the host itself: compose containers at their project-network address,
 # systemd units at 127.0.0.1 (host network). argv: kind, app, {component: port}.
@@ -136,14 +137,17 @@ class Bench:
 
     def disk_used(self) -> None:
         """What the app's images take on each target: the Docker engine's image store (layers shared), or
-        the systemd target's unpacked root filesystems (one per image)."""
+        the systemd target's unpacked root filesystems (one per image, under the role's app_apps_dir)."""
         for kind, host in self.targets.items():
-            cmd = ("docker system df --format '{{.Type}}: {{.Size}}' | grep Images" if kind == "compose" else
-                   f"du -sh /var/lib/offline-delivery/apps/{APP}/images | cut -f1")
+            cmd = (["docker", "system", "df", "--format", "{{.Type}} {{.Size}}"] if kind == "compose" else
+                   ["du", "-sh", f"{APPS_DIR}/{APP}/images"])
             res = self.site.exec(host, cmd, timeout=300)
-            if res.rc != 0:
-                raise RunFailed(f"{host}: measuring the images' disk use failed: {res.output[-1000:]}")
-            self.disk[host] = res.stdout.strip()
+            lines = [l.split() for l in res.stdout.splitlines() if l.split()]
+            size = next((l[1] for l in lines if l[0] == "Images") if kind == "compose" else (l[0] for l in lines), "")
+            if res.rc != 0 or not size:
+                raise RunFailed(f"{host}: measuring the images' disk use ({' '.join(cmd)}) failed: "
+                                f"{res.output[-1000:]}")
+            self.disk[host] = size
 
     def check_answers(self, version: str) -> None:
         expected = expected_answers(self.count, version)
