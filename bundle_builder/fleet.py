@@ -592,7 +592,8 @@ def _run_waves(args: argparse.Namespace, policy: Policy, plans: list[SitePlan], 
         sites = [p for p in plans if p.wave == wave]
         targets = [h for p in sites for h in p.targets]
         write("")
-        write(f"== Wave {wave.label}{f' ({wave.name})' if wave.name else ''}: {', '.join(wave.site_groups)}")
+        named = f" ({wave.name})" if wave.name and wave.name != "canary" else ""
+        write(f"== Wave {wave.label}{named}: {', '.join(wave.site_groups)}")
         # --limit keeps the run to this wave's sites (their repo hosts included), nothing of the others.
         result = run_playbook(top / f"wave{wave.number}", f"wave{wave.number}", args.operation,
                               inventory=inventory, extravars=wave_vars(base, targets),

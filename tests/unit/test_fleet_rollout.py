@@ -216,6 +216,7 @@ def test_a_failed_canary_stops_even_when_failures_are_tolerated(
     assert rows["site_x"][3] == "api failed, rolled back to 1.0.0" and rows["site_x"][-1] == "wave 1 canary: FAILED"
     assert rows["site_z"] == ["shop", "1.0.0", "2/2", "-", "behind 1.1.0", "-", "wave 2: not started"]
     assert lines[-1] == "rollout upgrade STOPPED: the canary wave failed (site_x); later waves not started"
+    assert [ln for ln in lines if ln.startswith("== Wave")] == ["== Wave 1 canary: site_x"]
 
 
 def test_tolerated_failures_let_later_waves_run_and_still_fail_the_command(
@@ -246,6 +247,7 @@ def test_a_rollout_without_failures_runs_every_wave(
     assert [row[-1] for row in table(lines).values()] == ["wave 1: done", "wave 2: done", "wave 2: done"]
     assert all(row[1] == "1.1.0" and row[4] == "-" for row in table(lines).values())
     assert lines[-1] == "rollout upgrade done on every site (check mode: nothing changed)"
+    assert [ln for ln in lines if ln.startswith("== Wave")] == ["== Wave 1: site_x", "== Wave 2: site_y, site_z"]
 
 
 def test_a_site_without_a_status_is_reported_unknown() -> None:
