@@ -6,6 +6,8 @@
     offline-delivery rollback -i INVENTORY --app shop [--version 1.0.0]
     offline-delivery status  -i INVENTORY --app shop
     offline-delivery have    -i INVENTORY [--site north]
+    offline-delivery sync    -i INVENTORY --from http://hub-repo:8080 --app shop --version 1.1.0 [--bandwidth 10M]
+    offline-delivery site_status -i INVENTORY [--app shop]
     offline-delivery rollout upgrade|install|rollback -i INVENTORY --policy POLICY --app shop [--version 1.2.0]
 
 Each runs the collection's playbook of the same name (``offline.delivery.<command>``) through ansible-runner,
@@ -34,8 +36,8 @@ import yaml
 
 from .fleet_table import SiteRow, format_table
 
-COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have")
-NEEDS_APP = ("install", "upgrade", "rollback", "status")
+COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have", "sync", "site_status")
+NEEDS_APP = ("install", "upgrade", "rollback", "status", "sync")
 DEFAULT_RUNS_DIR = "offline-delivery-runs"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 2, 64
 
@@ -56,6 +58,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--bundle", help="import: the carried bundle (directory or .bundle / .parts.json file)")
     p.add_argument("--vendor-key", action="append", default=[], help="import: the vendor's public key (repeatable)")
     p.add_argument("--site", help="have: the site name recorded in the list (default offline_delivery_site)")
+    p.add_argument("--from", dest="sync_from", help="sync: the hub's repository URL, e.g. http://hub-repo:8080")
+    p.add_argument("--bandwidth", help="sync: at most this many bytes per second, e.g. 10M")
     p.add_argument("-e", "--extra-var", action="append", default=[], metavar="KEY=VALUE",
                    help="extra playbook variable (repeatable; VALUE is read as JSON when it parses, else as text)")
     p.add_argument("-l", "--limit", help="only these hosts (an Ansible host pattern)")
@@ -85,9 +89,12 @@ def playbook_vars(args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
         raise UsageError("import needs --bundle PATH (the carried bundle) and --vendor-key PUB")
     if cmd == "import" and not args.vendor_key:
         raise UsageError("import needs --vendor-key PUB: the site only imports bundles signed by a key it trusts")
+    if cmd == "sync" and not (args.sync_from and args.app_version):
+        raise UsageError("sync needs --from URL (the hub's repository) and --version X (the release to sync)")
     for opt, value, allowed in (("--bundle", args.bundle, ("import",)), ("--vendor-key", args.vendor_key, ("import",)),
-                                ("--site", args.site, ("have",)), ("--app", args.app, NEEDS_APP),
-                                ("--version", args.app_version, ("install", "upgrade", "rollback"))):
+                                ("--site", args.site, ("have",)), ("--app", args.app, NEEDS_APP + ("site_status",)),
+                                ("--version", args.app_version, ("install", "upgrade", "rollback", "sync")),
+                                ("--from", args.sync_from, ("sync",)), ("--bandwidth", args.bandwidth, ("sync",))):
         if value and cmd not in allowed:
             raise UsageError(f"{opt} does not apply to {cmd} (only to {', '.join(allowed)})")
     out: dict[str, Any] = {}
@@ -105,6 +112,12 @@ def playbook_vars(args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
         out["app_report_dir"] = str(cwd / "offline-delivery-reports")
     if cmd == "have":
         out["offline_delivery_have_dest"] = str(cwd / "offline-delivery-have")
+    if cmd == "site_status":
+        out["offline_delivery_status_dest"] = str(cwd / "offline-delivery-status")
+    if cmd == "sync":
+        out["offline_delivery_sync_from"] = args.sync_from
+        if args.bandwidth:
+            out["offline_delivery_sync_bandwidth_limit"] = args.bandwidth
     for text in args.extra_var:
         key, value = _extra_var(text)
         out[key] = value

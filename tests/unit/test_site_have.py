@@ -173,6 +173,12 @@ def test_fleet_arguments_become_playbook_vars(tmp_path: Path) -> None:
         str(tmp_path / "offline-delivery-reports")
     assert _fleet_vars(tmp_path, "have", "-i", "inv", "--site", "north") == {
         "offline_delivery_site": "north", "offline_delivery_have_dest": str(tmp_path / "offline-delivery-have")}
+    assert _fleet_vars(tmp_path, "sync", "-i", "inv", "--from", "http://hub:8080", "--app", "shop",
+                       "--version", "1.1.0", "--bandwidth", "10M") == {
+        "app_name": "shop", "app_version": "1.1.0", "offline_delivery_sync_from": "http://hub:8080",
+        "offline_delivery_sync_bandwidth_limit": "10M"}
+    assert _fleet_vars(tmp_path, "site_status", "-i", "inv") == {
+        "offline_delivery_status_dest": str(tmp_path / "offline-delivery-status")}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -183,6 +189,10 @@ def test_fleet_arguments_become_playbook_vars(tmp_path: Path) -> None:
     (["install", "-i", "inv", "--app", "shop", "--bundle", "b"], "--bundle does not apply to install"),
     (["install", "-i", "inv", "--app", "shop", "-e", "novalue"], "expected KEY=VALUE"),
     (["install", "-i", "inv", "--app", "shop", "-e", "a-b=1"], "expected KEY=VALUE"),
+    (["sync", "-i", "inv", "--app", "shop", "--version", "1.1.0"], "sync needs --from URL"),
+    (["sync", "-i", "inv", "--app", "shop", "--from", "http://hub:8080"], "sync needs --from URL"),
+    (["install", "-i", "inv", "--app", "shop", "--from", "http://hub:8080"], "--from does not apply to install"),
+    (["site_status", "-i", "inv", "--version", "1.0.0"], "--version does not apply to site_status"),
 ])
 def test_fleet_refuses_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:
     from bundle_builder import fleet
