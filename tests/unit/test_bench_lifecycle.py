@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +191,55 @@ def test_the_printed_table_has_every_step_and_the_timelines(capsys: pytest.Captu
     assert "restarted: node1: c09; node2: c09" in out and "node2 5.4G" in out
     assert ("install 1.0.0 on node1, after the playbook's start: 30 image pulls done 9.0-17.0 s; "
             "level 0 (3): 19.5-19.7 s") in out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The components' server run here with this Python (its config path pointed into tmp_path)."""
+    from bench.lifecycle_app import SERVER
+    (tmp_path / "component.json").write_text(json.dumps({"name": "c03", "version": V1}))
+    script = tmp_path / "server.py"
+    script.write_text(SERVER.replace("/opt/odlc/component.json", str(tmp_path / "component.json")))
+    return subprocess.Popen([sys.executable, str(script)], env={"PATH": os.environ["PATH"], **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_server_refuses_to_start_before_its_dependency(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = _server(tmp_path, {"ODLC_PORT": str(_free_port()), "ODLC_DEPS": "c00", "C00_HOST": "127.0.0.1",
+                              "C00_PORT": str(port)})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"c03: dependency c00 is not healthy (http://127.0.0.1:{port}/healthz" in err and "started before it?" in err
+
+
+def test_the_server_answers_once_its_dependency_does_and_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    dep_port, port = _free_port(), _free_port()
+    (tmp_path / "dep").mkdir()
+    dep = _server(tmp_path / "dep", {"ODLC_PORT": str(dep_port)})
+    proc = _server(tmp_path, {"ODLC_PORT": str(port), "ODLC_DEPS": "c00", "C00_HOST": "127.0.0.1",
+                              "C00_PORT": str(dep_port), "ODLC_MODE": "v1"})
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                answer = json.load(opener.open(f"http://127.0.0.1:{port}/healthz", timeout=2))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not answer within 20 s"
+                time.sleep(0.2)
+        assert answer == {"name": "c03", "version": V1, "mode": "v1", "deps": ["c00"]}
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0 and time.monotonic() - started < 5
+    finally:
+        for p in (proc, dep):
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
