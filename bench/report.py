@@ -67,6 +67,8 @@ def _num(value: float | None, unit: str) -> str:
         return "-"
     if unit in ("%",):
         return f"{value:.2f} %"
+    if unit == "count":
+        return f"{value:.0f}"
     if abs(value) >= 100:
         return f"{value:,.0f} {unit}".strip()
     return f"{value:.2f} {unit}".strip() if abs(value) < 10 else f"{value:.1f} {unit}".strip()
