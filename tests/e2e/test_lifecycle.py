@@ -283,3 +283,37 @@ def test_systemd_parses_the_systemd_targets_quoting_literally(site: Site) -> Non
         site.exec("node3", "rm -f /etc/systemd/system/od-quoting.service /run/od-quoting.*; systemctl daemon-reload")
     assert argv == TRICKY
     assert seen == env
+
+
+# Data snapshots on real hosts (one compose, one systemd): an upgrade with app_snapshot copies the volumes of
+# the release it leaves; a rollback with app_restore_snapshot puts that copy back, so an order placed after the
+# upgrade is gone and the one from before is there. Runs last: it ends on 1.0.0 as `rerun` left it.
+SNAPSHOT_HOSTS = ("node1", "node3")
+
+
+@pytest.fixture(scope="module")
+def restored(site: Site, rerun: dict[str, Any]) -> dict[str, Any]:
+    limit = ("--limit", ":".join(SNAPSHOT_HOSTS + ("repo",)))
+    up = ok(play(site, "upgrade", *limit, "-e", "app_version=1.1.0", "-e", "app_snapshot=true",
+                 step="upgrade 1.1.0 with a data snapshot (2 hosts)"), "upgrade with snapshot")
+    after_upgrade = {h: http(site, h, "POST", "/orders", {"item": f"late-{h}", "quantity": 1})
+                     for h in SNAPSHOT_HOSTS}
+    seen = {h: [o["item"] for o in http(site, h, "GET", "/orders")["orders"]] for h in SNAPSHOT_HOSTS}
+    back = ok(play(site, "rollback", *limit, "-e", "app_restore_snapshot=true",
+                   step="rollback restoring the snapshot (2 hosts)"), "rollback with restore")
+    return {"up": up, "after_upgrade": after_upgrade, "seen": seen, "back": back}
+
+
+def test_rollback_restores_the_data_snapshot_on_compose_and_systemd(site: Site, restored: dict[str, Any]) -> None:
+    for host in SNAPSHOT_HOSTS:
+        assert sorted(restored["seen"][host]) == [f"book-{host}", f"late-{host}"], "the later order was stored"
+        listing = http(site, host, "GET", "/orders")
+        assert [o["item"] for o in listing["orders"]] == [f"book-{host}"], (
+            f"{host}: the restored snapshot holds the data from before the upgrade, not the later order")
+        state = json.loads(site.exec(host, "cat /var/lib/offline-delivery/apps/shop/state.json").stdout)
+        assert state["current"]["version"] == "1.0.0"
+        upgrade, rollback = state["history"][-2:]
+        assert upgrade["action"] == "upgrade" and upgrade["to"] == "1.1.0" and upgrade["snapshot"], upgrade
+        assert rollback["action"] == "rollback" and rollback["to"] == "1.0.0", rollback
+    snapshots = site.exec("node1", "ls /var/lib/offline-delivery/apps/shop/snapshots/1.0.0", timeout=30)
+    assert snapshots.rc == 0 and snapshots.stdout.strip(), "the snapshot is kept where docs/lifecycle.md says"
