@@ -77,6 +77,8 @@ def identities_command(kind: str, names: list[str]) -> str:
 
 
 class Bench:
+    """One run on an up site: the timed playbook steps, the checks, and what they observed on the hosts."""
+
     def __init__(self, site: Site, media: Media, count: int, kinds: list[str], log: Callable[[str], None]):
         self.site, self.media, self.count, self.kinds, self.log = site, media, count, kinds, log
         self.targets = {kind: TARGET_HOSTS[kind].name for kind in kinds}
