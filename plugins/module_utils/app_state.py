@@ -15,7 +15,6 @@ new state, never half of one. Standard library only.
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ import tempfile
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+
+from .locks import flock_within
 
 SCHEMA = 1
 HISTORY_MAX = 100
@@ -171,17 +172,10 @@ def app_lock(state_dir: str, app: str, host: str, timeout: float) -> Iterator[No
     ensure_private_dir(directory)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StateError("another deploy, rollback or uninstall of %s is running on %s and did not "
-                                     "finish within %.0f s (e.g. one left running by a controller that was "
-                                     "stopped); wait for it to end, then run again" % (app, host, timeout)) from None
-                time.sleep(1)
+        if not flock_within(fd, timeout):
+            raise StateError("another deploy, rollback or uninstall of %s is running on %s and did not "
+                             "finish within %.0f s (e.g. one left running by a controller that was "
+                             "stopped); wait for it to end, then run again" % (app, host, timeout))
         yield
     finally:
         os.close(fd)

@@ -130,7 +130,7 @@ def load_or_create_key(key_dir: str, *, create: bool = True) -> tuple[bytes | No
             fh.write(_pem("PRIVATE KEY", _PKCS8_PREFIX + seed))
             fh.flush()
             os.fsync(fh.fileno())
-    _write_if_changed(os.path.join(key_dir, PUB_NAME), public_key_pem(public_from_seed(seed)), 0o644)
+    write_if_changed(os.path.join(key_dir, PUB_NAME), public_key_pem(public_from_seed(seed)), 0o644)
     return seed, created
 
 
@@ -209,25 +209,27 @@ def export_have(repo_root: str, site: str, dest: str, key_dir: str = DEFAULT_KEY
     except RepoError as exc:
         raise HaveError(str(exc)) from None
     seed, key_created = load_or_create_key(key_dir, create=not check_mode)
-    pub_path = _pub_path(dest)
+    pub_path = signed_pub_path(dest)
     if seed is None:  # check mode without a key yet: the export would make one and write the list
         return HaveResult(True, dest, pub_path, None, True, site, doc["releases"], len(doc["blobs"]), missing)
     data = signed_bytes(doc, seed)
     public = public_from_seed(seed)
-    changed = _differs(dest, data) or _differs(pub_path, public_key_pem(public))
+    changed = file_differs(dest, data) or file_differs(pub_path, public_key_pem(public))
     if changed and not check_mode:
-        _write_if_changed(dest, data, 0o644)
-        _write_if_changed(pub_path, public_key_pem(public), 0o644)
+        write_if_changed(dest, data, 0o644)
+        write_if_changed(pub_path, public_key_pem(public), 0o644)
     return HaveResult(changed or key_created, dest, pub_path, ed25519.public_key_id(public), key_created, site,
                       doc["releases"], len(doc["blobs"]), missing)
 
 
-def _pub_path(dest: str) -> str:
-    base = dest[:-len(".have.json")] if dest.endswith(".have.json") else os.path.splitext(dest)[0]
-    return base + ".have.pub"
+def signed_pub_path(dest: str, kind: str = "have") -> str:
+    """Where the site's public key goes beside a signed file: ``north.have.json`` -> ``north.have.pub``."""
+    suffix = f".{kind}.json"
+    base = dest[:-len(suffix)] if dest.endswith(suffix) else os.path.splitext(dest)[0]
+    return f"{base}.{kind}.pub"
 
 
-def _differs(path: str, data: bytes) -> bool:
+def file_differs(path: str, data: bytes) -> bool:
     try:
         with open(path, "rb") as fh:
             return fh.read() != data
@@ -235,8 +237,9 @@ def _differs(path: str, data: bytes) -> bool:
         return True
 
 
-def _write_if_changed(path: str, data: bytes, mode: int) -> None:
-    if not _differs(path, data):
+def write_if_changed(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Atomically (temp file, fsync, rename) and only when the bytes differ."""
+    if not file_differs(path, data):
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import Any, Iterator
 
 from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
                             sha256_file, verify_bundle)
+from .locks import flock_within
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
@@ -221,15 +221,9 @@ class SiteRepo:
             return False
 
     def _flock(self, fd: int, deadline: float, timeout: float) -> None:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RepoError(f"another import holds the lock on {self.root} and did not finish "
-                                    f"within {timeout:.0f}s; wait for it and run again") from None
-                time.sleep(0.2)
+        if not flock_within(fd, max(0.0, deadline - time.monotonic())):
+            raise RepoError(f"another import holds the lock on {self.root} and did not finish "
+                            f"within {timeout:.0f}s; wait for it and run again")
 
     def _write_catalog(self, doc: dict[str, Any]) -> None:
         _atomic_write(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")

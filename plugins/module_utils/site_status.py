@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import ed25519
-from .site_have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, load_or_create_key, public_from_seed,
-                        public_key_pem, signed_bytes, verify_signed)
+from .site_have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, file_differs, load_or_create_key, public_from_seed,
+                        public_key_pem, signed_bytes, signed_pub_path, verify_signed, write_if_changed)
 from .site_repo import RepoError, SiteRepo
 
 __all__ = ["STATUS_MEDIA_TYPE", "StatusError", "StatusResult", "build_status", "export_status", "verify_status",
@@ -182,7 +182,7 @@ def export_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, An
         seed, key_created = load_or_create_key(key_dir, create=not check_mode)
     except HaveError as exc:
         raise StatusError(str(exc)) from None
-    pub_path = _pub_path(dest)
+    pub_path = signed_pub_path(dest, "status")
     not_answering = sorted(h for h, e in doc["hosts"].items() if not e["reachable"])
     unhealthy = sorted(f"{h}/{app}" for h, e in doc["hosts"].items() for app, st in e.get("apps", {}).items()
                        if st["installed"] and not st["healthy"])
@@ -195,13 +195,13 @@ def export_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, An
     kept = _current_report(dest, public, doc, now, refresh)
     if kept is not None:
         res.collected_at = kept["collectedAt"]
-        res.changed = _differs(pub_path, public_key_pem(public)) or key_created
+        res.changed = file_differs(pub_path, public_key_pem(public)) or key_created
         if res.changed and not check_mode:
-            _write(pub_path, public_key_pem(public))
+            write_if_changed(pub_path, public_key_pem(public))
         return res
     if not check_mode:
-        _write(dest, signed_bytes(doc, seed))
-        _write(pub_path, public_key_pem(public))
+        write_if_changed(dest, signed_bytes(doc, seed))
+        write_if_changed(pub_path, public_key_pem(public))
     return res
 
 
@@ -218,32 +218,6 @@ def _current_report(dest: str, public: bytes, doc: Mapping[str, Any], now: float
     if collected is None or refresh <= 0 or now - collected >= refresh or now < collected:
         return None
     return old if stable_part(old) == stable_part(doc) else None
-
-
-def _pub_path(dest: str) -> str:
-    base = dest[:-len(".status.json")] if dest.endswith(".status.json") else os.path.splitext(dest)[0]
-    return base + ".status.pub"
-
-
-def _differs(path: str, data: bytes) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read() != data
-    except FileNotFoundError:
-        return True
-
-
-def _write(path: str, data: bytes) -> None:
-    """Atomically, 0644: the report holds nothing secret (module doc)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ trusted vendor keys are. The hub serves ``catalog.json``, ``releases/`` and ``bl
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 from .bundle_format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
                             BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
+from .locks import flock_within
 from .site_repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0
@@ -410,16 +410,9 @@ def _stage_lock(stage: str, timeout: float) -> Iterator[None]:
     """One sync of a release at a time (an flock on its stage directory, bounded wait)."""
     fd = os.open(stage, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise SyncError(f"another sync of this release holds {stage} and did not finish within "
-                                    f"{timeout:.0f}s; wait for it and run again") from None
-                time.sleep(0.2)
+        if not flock_within(fd, timeout):
+            raise SyncError(f"another sync of this release holds {stage} and did not finish within "
+                            f"{timeout:.0f}s; wait for it and run again")
         yield
     finally:
         os.close(fd)
