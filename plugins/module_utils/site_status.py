@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import calendar
 import copy
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
