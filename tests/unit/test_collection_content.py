@@ -53,3 +53,15 @@ def test_a_built_collection_holds_nothing_gitignore_names(tmp_path: Path) -> Non
     assert "plugins/modules/kept.py" in names
     shipped = sorted({path for path, _ in samples for n in names if n == path or n.startswith(path + "/")})
     assert not shipped, f"galaxy.yml build_ignore misses {shipped}: add them"
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """The test directories are not packages: pytest imports each test file by its base name, so a second
+    `test_x.py` elsewhere stops the whole session at collection."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, f"rename one of each: {clashes}"
