@@ -156,13 +156,23 @@ def test_pods_run_images_pulled_from_the_site_registry(workload: Cluster) -> Non
 
 
 def test_service_names_resolve_and_route_to_pods(workload: Cluster) -> None:
+    # A Ready pod reaches its Service only once kube-proxy has its endpoint (until then the Service rejects
+    # connections): the ping retries for at most 60 s.
     script = (
-        "import socket, redis\n"
+        "import socket, time, redis\n"
         f"print(socket.gethostbyname('redis.{NS}.svc.cluster.local'))\n"
         "print(socket.gethostbyname('repo'))\n"
-        f"print(redis.Redis(host='redis', port=6379, password='{REDIS_PASSWORD}', socket_timeout=5).ping())\n"
+        f"r = redis.Redis(host='redis', port=6379, password='{REDIS_PASSWORD}', socket_timeout=5)\n"
+        "for attempt in range(30):\n"
+        "    try:\n"
+        "        print(r.ping())\n"
+        "        break\n"
+        "    except redis.exceptions.ConnectionError:\n"
+        "        if attempt == 29:\n"
+        "            raise\n"
+        "        time.sleep(2)\n"
     )
-    res = workload.kubectl("-n", NS, "exec", "client", "--", "python3", "-c", script, timeout=60)
+    res = workload.kubectl("-n", NS, "exec", "client", "--", "python3", "-c", script, timeout=120)
     assert res.rc == 0, res.output
     service_ip, repo_ip, ping = res.stdout.split()
     assert service_ip == _json(workload, "-n", NS, "get", "service", "redis")["spec"]["clusterIP"]
