@@ -1,4 +1,4 @@
-# Developer entry points. The test world needs root, Docker and qemu binfmt: `sudo scripts/bootstrap` once.
+# Developer entry points. The test world needs root, Docker and qemu binfmt: `scripts/bootstrap` once (as root, or it re-runs itself under sudo).
 #   make world-up [SITE=dev] [HOSTS="repo:amd64:offline_repo node1:amd64:targets"]
 #   make world-status / make world-down [SITE=dev]
 # Inside a site: .venv/bin/python -m tests.world exec $(SITE) -- ansible all -m ansible.builtin.ping

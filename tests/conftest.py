@@ -1,7 +1,9 @@
-"""Shared fixtures: repository root on sys.path (for ``tests.helpers``), signing keys, sample images."""
+"""Shared fixtures: repository root on sys.path (for ``tests.helpers``), signing keys, sample images; and the
+one rule for skips: under CI (CI=true) a skipped test fails unless tests/ci_skips.yml allows it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,50 @@ if str(ROOT) not in sys.path:
 
 from tests.helpers.images import (SampleImages, sample_images, sample_model,  # noqa: E402
                                   write_docker_archive, write_oci_layout)
+
+
+CI_SKIPS = ROOT / "tests" / "ci_skips.yml"
+
+
+def in_ci() -> bool:
+    """CI=true (set by .ci/run): nothing may pass by not running."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def allowed_ci_skips() -> dict[str, str]:
+    """node id -> reason, from tests/ci_skips.yml (every entry has test, reason and remove_when)."""
+    entries = yaml.safe_load(CI_SKIPS.read_text()) or []
+    allowed = {}
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and {"test", "reason", "remove_when"} <= set(entry)):
+            raise pytest.UsageError(f"{CI_SKIPS}: entry {i} needs test, reason and remove_when: {entry!r}")
+        allowed[entry["test"]] = entry["reason"]
+    return allowed
+
+
+def _fail_unallowed_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI, a skip that tests/ci_skips.yml does not allow becomes a failure naming the reason."""
+    if not (report.skipped and in_ci()) or hasattr(report, "wasxfail"):
+        return
+    if report.nodeid.split("[", 1)[0] in allowed_ci_skips():
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under CI=true, which fails the run (allow it in tests/ci_skips.yml only with a "
+                       f"reason and what would remove it): {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport() -> object:
+    outcome = yield
+    _fail_unallowed_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report() -> object:
+    """The same for a whole module skipped while it is collected (importorskip, allow_module_level)."""
+    outcome = yield
+    _fail_unallowed_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|env|collections|prune`.
+"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|prepare|fresh-check|env|collections|prune`.
 
 Exit codes: 0 ok, 1 a step failed (the message says which and what to do), 2 bad usage.
 """
@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 import yaml
 
@@ -55,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build (or reuse) the host and jump images only")
     build.add_argument("--arch", default="amd64,arm64")
     build.add_argument("--suite", default=DEFAULT_SUITE)
+
+    prep = sub.add_parser("prepare", help="build (or reuse) everything the test suites use, each step timed: host "
+                                          "and jump images, the shop's images, collections, the k8s cluster's "
+                                          "programs and node image (scripts/test runs it before the suites)")
+    prep.add_argument("--suite", default=DEFAULT_SUITE)
+
+    fresh = sub.add_parser("fresh-check", help="scripts/bootstrap's packages + smoke steps in a pristine Debian 12 "
+                                               "root filesystem (tests/world/fresh.py)")
+    fresh.add_argument("--bootstrap", type=Path, help="another bootstrap script to try (default: scripts/bootstrap)")
 
     env = sub.add_parser("env", help="print OD_WORLD_IMAGE_<ARCH>=tag lines (building if needed), e.g. for molecule")
     env.add_argument("--arch", default="amd64,arm64")
@@ -137,6 +148,38 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """The slow, cached builds, outside any test's timeout; a warm cache makes each step a look-up."""
+    from . import shop_images
+    from .k8s.cluster import ensure_artifacts, ensure_node_image
+
+    steps = (
+        ("host images amd64 + arm64 and the jump image",
+         lambda: _cmd_build(argparse.Namespace(arch="amd64,arm64", suite=args.suite))),
+        ("the shop's images amd64 + arm64", lambda: shop_images.build_all(shop_images.ARCHES)),
+        ("collections for the jump host", lambda: ensure_collections(tuple(DEFAULT_COLLECTIONS))),
+        ("the k8s cluster's programs (from Go modules) and node image",
+         lambda: print(ensure_node_image(ensure_artifacts(), args.suite))),
+    )
+    started = time.monotonic()
+    for what, step in steps:
+        print(f"prepare: {what} ...", flush=True)
+        t0 = time.monotonic()
+        step()
+        print(f"prepare: {what}: done in {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"prepare: everything ready in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+def _cmd_fresh_check(args: argparse.Namespace) -> int:
+    from .fresh import fresh_check
+
+    result = fresh_check(args.bootstrap)
+    print(result.output, end="")
+    print(f"fresh-machine check: {'ok' if result.ok else 'FAILED'} in {result.seconds:.0f} s")
+    return 0 if result.ok else 1
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     for arch in args.arch.split(","):
         image = ensure_host_image(RootfsRecipe(arch=arch, suite=args.suite))
@@ -158,7 +201,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "inventory": _cmd_inventory,
-            "exec": _cmd_exec, "build": _cmd_build, "env": _cmd_env, "collections": _cmd_collections,
+            "exec": _cmd_exec, "build": _cmd_build, "prepare": _cmd_prepare, "fresh-check": _cmd_fresh_check,
+            "env": _cmd_env, "collections": _cmd_collections,
             "prune": _cmd_prune}
 
 

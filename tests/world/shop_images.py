@@ -433,7 +433,7 @@ def _packages_key(base_key: str, recipe: ImageRecipe) -> str:
 
 
 @contextlib.contextmanager
-def _overlay_chroot(lower: Path, work: Path, apt_state: Path) -> Iterator[Path]:
+def overlay_chroot(lower: Path, work: Path, apt_state: Path) -> Iterator[Path]:
     """Mount an overlay of ``lower`` with /proc, /dev, apt lists and archives for a chroot build.
 
     Yields the merged root; the upper directory is ``work / "upper"``. apt's lists and downloaded debs
@@ -508,7 +508,7 @@ def build_packages_layer(arch: str, base: Path, base_key: str, recipe: ImageReci
     started = time.monotonic()
     apt_state = cache_root() / "apt" / f"{arch}-{base_key}"
     try:
-        with _overlay_chroot(base, work / "ovl", apt_state) as merged:
+        with overlay_chroot(base, work / "ovl", apt_state) as merged:
             _chroot_install(merged, recipe, what)
         write_layer(work / "ovl" / "upper", work / "layer.tar", overlay_upper=True)
         digest = _store_file(work / "layer.tar")

