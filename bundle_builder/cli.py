@@ -1,6 +1,8 @@
 """``bundle-builder``: keygen, from-compose, build, inspect, verify, diff, fleet.
 
-Exit codes: 0 ok, 1 a check failed (bad signature, damaged blob, ...), 2 bad usage or input.
+Exit codes, the same as ``offline-delivery`` (README.md, "Exit codes"): 0 ok; 1 a check failed (bad signature,
+damaged blob, a refused status file, ...); 2 bad usage or input (argparse's own code: bad or missing arguments,
+a named file that is missing or cannot be used); 130 interrupted.
 With ``--json`` stdout holds only the JSON document; progress and messages go to stderr.
 """
 
@@ -20,7 +22,7 @@ from .progress import human_size, make_progress
 # build/signing (cryptography, docker, PyYAML) are imported by the commands that need them: verify and
 # inspect then start fast, which matters for their throughput on small bundles.
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(Exception):
@@ -458,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         _err("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

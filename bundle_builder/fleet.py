@@ -17,6 +17,11 @@ own that it prints, for support. ``rollout`` runs the lifecycle playbook once pe
 policy file: the canary wave first), stops at the first failed wave, then runs the status playbook over every
 site and prints one row per site (wave, outcome, version(s) running, health); docs/multisite.md.
 The playbooks stay the same for plain ``ansible-playbook`` and AWX: this only fills in their variables.
+
+Exit codes, the same as ``bundle-builder`` (README.md, "Exit codes"): 0 done; 1 the run failed (a host failed or
+was unreachable, the run did not finish, a rollout stopped or finished with a failed site, a tool is missing);
+2 bad usage or input (argparse's own code: bad or missing arguments, an inventory or policy that is missing,
+unreadable or does not fit); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,11 +44,17 @@ from .fleet_table import SiteRow, format_table
 COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have", "sync", "site_status")
 NEEDS_APP = ("install", "upgrade", "rollback", "status", "sync")
 DEFAULT_RUNS_DIR = "offline-delivery-runs"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 2, 64
+# One contract with bundle-builder (README.md, "Exit codes"). 2 is argparse's code for bad arguments, so it is
+# ours for every usage error too; a failed run is 1 and never shares a code with usage.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class UsageError(ValueError):
-    """Bad arguments: the message says which and what to give instead."""
+    """Bad arguments or input (exit 2): the message says which and what to give instead."""
+
+
+class RunError(RuntimeError):
+    """The command could not run although its arguments are right (a tool is missing): exit 1, a failure."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -313,7 +324,7 @@ def read_inventory(path: Path) -> Inventory:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except FileNotFoundError as exc:
-        raise UsageError("ansible-inventory not found: install ansible-core in this Python environment") from exc
+        raise RunError("ansible-inventory not found: install ansible-core in this Python environment") from exc
     if proc.returncode != 0:
         raise UsageError(f"inventory {path}: ansible-inventory failed: {proc.stderr.strip()[-1000:]}")
     return Inventory.from_listing(json.loads(proc.stdout))
@@ -638,6 +649,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"offline-delivery: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunError as exc:
+        print(f"offline-delivery: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_offline_delivery_command_runs_the_playbook_through_runner(site: Site, t
     assert proc.returncode == 0 and "have done (check mode: nothing changed)" in proc.stdout, proc.stdout
 
     proc = _offline_delivery(site, tmp_path, "have", "--site", "no/such")
-    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert proc.returncode == 1, proc.stdout[-4000:]
     assert "FAILED repo: have-list of site no/such" in proc.stdout and "must be 1-63 letters" in proc.stdout
     assert re.search(r"^repo\s+FAILED\s", proc.stdout, re.M) and "have FAILED" in proc.stdout
 

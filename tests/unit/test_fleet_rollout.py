@@ -292,3 +292,56 @@ def test_targets_outside_the_policy_are_named(tmp_path: Path, three_sites: Path,
     assert rc == fleet.EXIT_OK
     assert "not in the policy (neither changed nor reported): z-node1, z-sys1" in lines
     assert all("z-" not in c["extravars"]["offline_delivery_app_hosts"] for c in runner.calls)
+
+
+# ---------------------------------------------------------------------------------------------- exit codes
+
+
+def test_rollout_exit_codes_follow_the_one_contract(tmp_path: Path, three_sites: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """README.md "Exit codes", literal numbers on purpose: 0 every site done, 1 a stop or a (tolerated) failed
+    site or a missing tool, 2 usage (argparse's own code: also for a policy or inventory that is wrong)."""
+    import ansible_runner
+    monkeypatch.chdir(tmp_path)
+    every = ("x-node1", "y-node1", "z-node1", "z-sys1")
+    runs: list[str] = []
+
+    def rollout(doc: dict[str, Any] | None, runner: FakeRunner | None = None, *argv: str) -> int:
+        if doc is not None:
+            (tmp_path / "policy.yml").write_text(yaml.safe_dump(doc))
+        if runner is not None:
+            monkeypatch.setattr(ansible_runner, "run", runner)
+        runs.append(f"runs{len(runs)}")  # two rollouts in one second would share a run directory
+        return fleet.main(["rollout", "upgrade", "-i", str(three_sites), "--policy", "policy.yml", "--app", "shop",
+                           "--version", "1.1.0", "--runs-dir", runs[-1], *argv])
+
+    assert rollout(policy(["site_x"], ["site_y", "site_z"]), FakeRunner({}, {h: ("1.1.0", True) for h in every})) == 0
+    canary_fails = FakeRunner({"x-node1": HEALTH_FAILED.format(host="x-node1")}, {h: ("1.0.0", True) for h in every})
+    assert rollout(None, canary_fails) == 1 and capsys.readouterr().out.rstrip().endswith(
+        "later waves not started")
+    tolerated = FakeRunner({"y-node1": HEALTH_FAILED.format(host="y-node1")},
+                           {h: ("1.1.0", True) for h in every} | {"y-node1": ("1.0.0", True)})
+    assert rollout(policy(["site_x"], ["site_y"], ["site_z"], max_failed_sites=1), tolerated) == 1
+    assert capsys.readouterr().out.rstrip().endswith("finished with failed site(s): site_y")
+
+    nothing_runs = FakeRunner({}, {})
+    monkeypatch.setattr(ansible_runner, "run", nothing_runs)
+    assert rollout(policy(["site_x"], ["site_w"])) == 2  # the policy does not fit the inventory
+    assert "site_w is not a group of the inventory" in capsys.readouterr().err
+    (tmp_path / "policy.yml").unlink()
+    assert rollout(None) == 2 and "policy.yml: cannot read it" in capsys.readouterr().err
+    assert fleet.main(["rollout", "upgrade", "-i", "missing.yml", "--policy", "p.yml", "--app", "shop"]) == 2
+    for argv in ([], ["upgrade"], ["deploy", "-i", "i", "--policy", "p", "--app", "shop"],
+                 ["upgrade", "-i", "i", "--policy", "p", "--app", "shop", "--serial", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            fleet.main(["rollout", *argv])
+        assert exc.value.code == 2, argv
+        assert "usage: offline-delivery rollout" in capsys.readouterr().err
+    assert nothing_runs.calls == [], "a usage error runs no playbook"
+
+    def no_ansible_inventory(*_a: Any, **_kw: Any) -> Any:
+        raise FileNotFoundError("ansible-inventory")
+    monkeypatch.setattr(fleet.subprocess, "run", no_ansible_inventory)
+    assert rollout(policy(["site_x"])) == 1  # right arguments, a tool missing: a failure, not usage
+    assert "ansible-inventory not found" in capsys.readouterr().err
