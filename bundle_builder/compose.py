@@ -12,19 +12,19 @@ import re
 import shlex
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from offline_delivery_core import app_model
+from offline_delivery_core import app_model, names
 
 MAX_CONFIG_FILE_BYTES = 1024 * 1024
 # Docker's healthcheck defaults, made explicit so the converted component behaves as it did under compose.
 DOCKER_HEALTH_DEFAULTS = {"interval": 30, "timeout": 30, "retries": 3, "start_period": 0}
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-_COMPOSE_MEMORY = re.compile(r"^(\d+)\s*(b|k|kb|m|mb|g|gb|t|tb)?$", re.IGNORECASE)
+_COMPOSE_MEMORY = re.compile(r"^(\d+)\s*(b|k|kb|m|mb|g|gb|t|tb)?\Z", re.IGNORECASE)
 _COMPOSE_MEMORY_UNITS = {"": "", "b": "", "k": "Ki", "kb": "Ki", "m": "Mi", "mb": "Mi", "g": "Gi", "gb": "Gi",
                          "t": "Ti", "tb": "Ti"}
 _HOST_KEY = re.compile(r"HOST|ADDR|SERVER|URL|URI|DSN|ENDPOINT", re.IGNORECASE)
 _VAR = re.compile(r"\$(?:\$|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-_VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?$", re.DOTALL)
+_VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?\Z", re.DOTALL)
 
 # Service keys the converter reads; anything else is reported with a hint when one helps.
 _HANDLED_KEYS = {
@@ -784,7 +784,7 @@ def _service_of(names: Mapping[str, str], component: str) -> str:
 
 def _sanitize_name(text: str) -> str:
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    name = re.sub(r"-{2,}", "-", name)[:app_model.NAME_MAX].strip("-")
+    name = re.sub(r"-{2,}", "-", name)[:names.NAME_MAX].strip("-")
     return name
 
 

@@ -44,11 +44,11 @@ CPU_REQUEST_FRACTION = 0.1
 # Order of kinds inside one component: what a workload refers to comes first.
 KIND_ORDER = ("Namespace", "Secret", "ConfigMap", "Service", "StatefulSet", "Deployment")
 
-DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1035_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
-NUMERIC_USER_RE = re.compile(r"^(\d+)(?::(\d+))?$")
+DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+DNS1035_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+DNS1123_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?\Z")
+NUMERIC_USER_RE = re.compile(r"^(\d+)(?::(\d+))?\Z")
 
 
 class K8sRenderError(ValueError):
@@ -500,7 +500,7 @@ def redact(objects: Iterable[dict]) -> List[dict]:
 # ---------------------------------------------------------------------------------------------------
 
 LABEL_KEY_RE = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                          r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+                          r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?\Z")
 # A StatefulSet's pods get a controller-revision-hash label "<name>-<10 chars>" that must fit 63.
 MAX_STATEFULSET_NAME = 52
 
@@ -1012,7 +1012,7 @@ def _no_commands(argv: List[str]) -> Tuple[int, str, str]:
 # A manifest directory (what `kubectl apply -f DIR` or a GitOps tool reads)
 # ---------------------------------------------------------------------------------------------------
 
-MANIFEST_FILE_RE = re.compile(r"^\d{3}-[a-z]+-[a-z0-9.-]+\.json$")
+MANIFEST_FILE_RE = re.compile(r"^\d{3}-[a-z]+-[a-z0-9.-]+\.json\Z")
 
 
 def manifest_files(objects: Sequence[dict]) -> List[Tuple[str, bytes]]:

@@ -16,38 +16,31 @@ import secrets as _secrets_module
 import string
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .names import CONTROL_RE, SEMVER_RE, name_problem
+
 API_VERSION = "offline.delivery/v1"
 KIND = "Application"
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-NAME_MAX = 40
-# Semantic Versioning 2.0.0, the regular expression suggested by semver.org.
-SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
-ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # Ansible inventory group names: dashes draw a warning in Ansible, so they are refused here.
-GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+GROUP_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # Port names become Kubernetes port names (IANA_SVC_NAME): lowercase, max 15, at least one letter.
-PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+PORT_NAME_RE = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?\Z")
 PORT_NAME_MAX = 15
-USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
-MODE_RE = re.compile(r"^0?[0-7]{3}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?\Z")
+MODE_RE = re.compile(r"^0?[0-7]{3}\Z")
 # Container paths go into separator-based formats (compose "src:dst:mode", systemd BindPaths=, "%" specifiers,
 # "$" interpolation): each path segment is limited to characters none of them give a meaning to.
-PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._@+-]+$")
+PATH_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._@+-]+\Z")
 # Control characters (C0, DEL, C1) end or split a unit-file line, a YAML scalar or a terminal line.
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-CPUS_RE = re.compile(r"^\d+(\.\d{1,3})?$")
-MEMORY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+CPUS_RE = re.compile(r"^\d+(\.\d{1,3})?\Z")
+MEMORY_RE = re.compile(r"^(\d+)(Ki|Mi|Gi|Ti|K|M|G|T)?\Z")
 MEMORY_UNITS = {
     None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
 }
-DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z")
 
 # Docker reference grammar (github.com/distribution/reference, regexp.go).
 _ALNUM = r"[a-z0-9]+"
@@ -60,9 +53,9 @@ _DOMAIN = r"(?:" + _DOMAIN_NAME + r"|" + _IPV6 + r")(?::[0-9]+)?"
 _TAG = r"[\w][\w.-]{0,127}"
 IMAGE_RE = re.compile(
     r"^(?:(?P<domain>" + _DOMAIN + r")/)?(?P<path>" + _PATH_COMPONENT + r"(?:/" + _PATH_COMPONENT + r")*)"
-    r"(?::(?P<tag>" + _TAG + r"))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?$"
+    r"(?::(?P<tag>" + _TAG + r"))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?\Z"
 )
-SHA256_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+SHA256_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 IMAGE_NAME_MAX = 255
 
 SECRET_CHARSETS = {
@@ -170,9 +163,9 @@ def _check_name(value: object, path: str, errors: _Errors, what: str) -> Optiona
     name = _string(value, path, errors)
     if name is None:
         return None
-    if len(name) > NAME_MAX or not NAME_RE.match(name):
-        errors.add(path, "invalid %s %r: use lowercase letters, digits and '-', start and end with a letter "
-                   "or digit, at most %d characters" % (what, name, NAME_MAX))
+    problem = name_problem(name, what)
+    if problem:
+        errors.add(path, problem)
         return None
     return name
 

@@ -10,9 +10,10 @@ import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .app_model import SEMVER_RE, ModelError, generate_secret, load_model
+from .app_model import ModelError, generate_secret, load_model
 from .app_state import app_dir, write_private
 from .bundle_format import BundleError, parse_manifest
+from .names import SEMVER_RE, name_problem, version_problem
 from .site_repo import RepoError, SiteRepo
 
 
@@ -30,6 +31,9 @@ def semver_key(version: str) -> Tuple[Any, ...]:
 def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Dict[str, Any]:
     """``{name, version, model, images, platforms, manifest_digest}`` of an imported release; ``version``
     None picks the newest imported one. Every byte read is checked against the digest that names it."""
+    for problem in (name_problem(name, "app name"), version and version_problem(version)):
+        if problem:
+            raise RepoError(problem)
     releases = [r for r in repo.catalog()["releases"] if r["name"] == name]
     if not releases:
         raise RepoError("no release of %s in the site repository %s; import its bundle first "

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 from .locks import flock_within
+from .names import name_problem, version_problem
 
 SCHEMA = 1
 HISTORY_MAX = 100
@@ -40,6 +41,10 @@ def utc_now() -> str:
 
 
 def app_dir(state_dir: str, app: str) -> str:
+    """``<state_dir>/apps/<app>``, for a valid app name only (the name may come from a survey field)."""
+    problem = name_problem(app, "app name")
+    if problem:
+        raise StateError(problem)
     return os.path.join(state_dir, "apps", app)
 
 
@@ -185,6 +190,9 @@ def app_lock(state_dir: str, app: str, host: str, timeout: float) -> Iterator[No
 
 
 def snapshot_dir(state_dir: str, app: str, version: str) -> str:
+    problem = version_problem(version, "snapshot version")
+    if problem:
+        raise StateError(problem)
     return os.path.join(app_dir(state_dir, app), "snapshots", version)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .app_model import parse_memory
 from .app_runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
 from .image_rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from .names import CONTROL_RE
 from .registry_client import RegistryClient, RegistryError, split_reference
 
 UNIT_DIR = "/etc/systemd/system"
@@ -45,8 +46,8 @@ STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
 SHOW_PROPERTIES = "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,ExecMainStatus,LoadState"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")   # what a path in a unit may hold unquoted
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*\Z")   # what a path in a unit may hold unquoted
 
 
 class SystemdRuntime(Runtime):
@@ -507,7 +508,9 @@ def quote_arg(arg: str) -> str:
 
 
 def escape_specifiers(text: str) -> str:
-    return text.replace("%", "%%").replace("\n", " ")
+    """Text for a one-line unit setting: % specifiers escaped, every control character (a lone CR ends a line
+    for systemd too) replaced by a space."""
+    return CONTROL_RE.sub(" ", text.replace("%", "%%"))
 
 
 def unit_path(path: str, what: str) -> str:

@@ -13,6 +13,7 @@ from .app_k8s import K8sRenderError, K8sRuntime, RenderOptions
 from .app_runtime import DeployError, Runtime
 from .app_systemd import SystemdRuntime
 from .k8s_client import K8sClient, K8sError
+from .names import name_problem
 
 HOST_RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
 TARGETS = sorted(HOST_RUNTIMES) + ["k8s"]
@@ -31,6 +32,9 @@ APP_HOST_OPTIONS = {
 def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Runtime:
     """The runtime of ``kind``. For k8s, ``k8s`` holds the parsed kubeconfig (``config``) and its path
     (``path``), ``namespace`` (default: the app's name), ``storage_class``, ``registry`` and ``secrets``."""
+    problem = name_problem(app, "app name")  # it names directories, units and a namespace
+    if problem:
+        raise DeployError(problem)
     if kind != "k8s":
         return HOST_RUNTIMES[kind](app, **kwargs)
     if not k8s or not k8s.get("config"):

@@ -51,6 +51,7 @@ import re
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import ed25519
+from .names import CONTROL_RE, name_problem, version_problem
 
 MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
@@ -71,10 +72,10 @@ MAX_PARTS_FILE_SIZE = 16 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 BLOCK = 512
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
-_PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}\Z")
+_PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?\Z")
 
 
 class BundleError(ValueError):
@@ -203,8 +204,8 @@ _TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platfo
 _PACKAGE_SET_KEYS = {"distro", "arch", "profiles", "packages", "index"}
 _PACKAGE_KEYS = {"package", "version", "architecture", "filename", "digest", "size", "profiles"}
 # A .deb file name as Debian's archive spells it (epoch colon as %3a); never a path.
-_DEB_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]*\.deb$")
-_DISTRO_ARCH = re.compile(r"^[a-z0-9][a-z0-9.-]*/[a-z0-9]+$")
+_DEB_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]*\.deb\Z")
+_DISTRO_ARCH = re.compile(r"^[a-z0-9][a-z0-9.-]*/[a-z0-9]+\Z")
 
 
 def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
@@ -227,8 +228,11 @@ def _check_images(images: object, by_digest: dict[str, dict[str, Any]], platform
     images = _need_type(images, dict, "images", "must be an object (component -> image)")
     for comp, img in images.items():
         where = f"images.{comp}"
+        problem = name_problem(comp, "component name")
+        _need(problem is None, where, problem or "")
         _need(isinstance(img, dict), where, "must be an object")
-        _need(isinstance(img.get("reference"), str), f"{where}.reference", "must be a string")
+        _need(isinstance(img.get("reference"), str) and not CONTROL_RE.search(img["reference"]),
+              f"{where}.reference", "must be a string without control characters")
         _need(img.get("index") in by_digest, f"{where}.index", "must be the digest of a listed blob")
         mans = img.get("manifests")
         _need(isinstance(mans, dict) and set(mans) == set(platforms), f"{where}.manifests",
@@ -264,8 +268,11 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
     _need(manifest.get("schemaVersion") == 1, "schemaVersion", "must be 1")
     extra = set(manifest) - _TOP_KEYS
     _need(not extra, "(top)", f"unknown fields {sorted(extra)} (allowed: {sorted(_TOP_KEYS)})")
-    for key in ("name", "version"):
-        _need(isinstance(manifest.get(key), str) and bool(manifest.get(key)), key, "must be a non-empty string")
+    # name and version become directories of the site repository: the model's rules, before any path is made
+    problem = name_problem(manifest.get("name"), "application name")
+    _need(problem is None, "name", problem or "")
+    problem = version_problem(manifest.get("version"))
+    _need(problem is None, "version", problem or "")
     builder = manifest.get("builder")
     _need(isinstance(builder, dict) and all(isinstance(builder.get(k), str) for k in ("name", "version")),
           "builder", "must hold name and version strings")
@@ -311,9 +318,9 @@ def _check_packages(packages: object, by_digest: dict[str, dict[str, Any]]) -> N
 
 FILE_MEDIA_TYPE = "application/vnd.offline-delivery.file.v1"
 # A carried file's name: the component-name rule (it is also the file's name on the site, no extension).
-FILE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+FILE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?\Z")
 # Its version: starts alphanumeric (never "." or ".."), no "/" - it is a directory name on the site.
-FILE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}$")
+FILE_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_~-]{0,127}\Z")
 FILE_MODES = ("0644", "0755")
 _FILE_KEYS = {"name", "version", "arch", "digest", "size", "mode"}
 
@@ -348,7 +355,7 @@ def parse_manifest(data: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(data.decode("utf-8"))
         canonical = canonical_json(manifest) == data
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's
         raise BundleError(f"manifest.json is not valid UTF-8 JSON ({exc}); the bundle is damaged, "
                           "copy it again", member=MANIFEST_NAME) from None
     if not canonical:
@@ -405,7 +412,7 @@ def parse_signature_doc(data: bytes) -> tuple[str, bytes]:
         keyid, sig_b64 = doc.get("keyid"), doc.get("sig")
         ok = ok and isinstance(keyid, str) and bool(_HEX64.match(keyid)) and isinstance(sig_b64, str)
         sig = base64.b64decode(sig_b64, validate=True) if ok else b""
-    except (UnicodeDecodeError, ValueError, binascii.Error, AttributeError):
+    except (UnicodeDecodeError, ValueError, RecursionError, binascii.Error, AttributeError):
         ok, sig, keyid = False, b"", ""
     if not ok or len(sig) != 64:
         raise BundleError("manifest.sig is not a valid ed25519 signature document "
@@ -703,7 +710,7 @@ def load_parts_doc(parts_json: str) -> dict[str, Any]:
             doc = json.loads(fh.read().decode("utf-8"))
     except OSError as exc:
         raise BundleError(f"cannot read {parts_json}: {exc.strerror}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleError(f"{name} is not valid JSON ({exc})") from None
     ok = (isinstance(doc, dict) and doc.get("mediaType") == PARTS_MEDIA_TYPE and isinstance(doc.get("parts"), list)
           and bool(doc["parts"]) and isinstance(doc.get("size"), int) and is_digest(doc.get("sha256"))
@@ -761,7 +768,7 @@ class FileReader:
         self._fh.close()
 
 
-_PART_SUFFIX = re.compile(r"^(?P<base>.+)\.part\d{3,}$")
+_PART_SUFFIX = re.compile(r"^(?P<base>.+)\.part\d{3,}\Z")
 
 
 def resolve_bundle_path(path: str) -> tuple[str, str]:

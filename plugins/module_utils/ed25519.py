@@ -107,6 +107,18 @@ def _base_point() -> _Point:
 
 
 _BASE = _base_point()
+_IDENTITY = (1).to_bytes(32, "little")  # the encoding of the neutral point (x=0, y=1)
+
+
+def _weak_key_problem(public_key: bytes) -> str | None:
+    """Why ``public_key`` must not be trusted, or None: not a curve point, or of small order (eight points;
+    the neutral one 'verifies' a forged signature of any message)."""
+    point = _decode_point(public_key)
+    if point is None:
+        return "is not a point on the Ed25519 curve"
+    if _encode_point(_mul(8, point)) == _IDENTITY:
+        return "is a small-order point (a weak key under which forged signatures verify)"
+    return None
 
 
 def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -114,7 +126,7 @@ def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
     if len(public_key) != 32 or len(signature) != 64:
         return False
     a = _decode_point(public_key)
-    if a is None:
+    if a is None or _encode_point(_mul(8, a)) == _IDENTITY:
         return False
     r_bytes = signature[:32]
     s = int.from_bytes(signature[32:], "little")
@@ -234,6 +246,9 @@ def load_public_key_pem(text: str | bytes, source: str = "public key") -> bytes:
                               "make a key pair with 'bundle-builder keygen'")
     if tag != 0x03 or len(bits) != 33 or bits[0] != 0:
         raise Ed25519KeyError(f"{source}: damaged Ed25519 public key (expected a 32-byte BIT STRING)")
+    problem = _weak_key_problem(bits[1:])
+    if problem:
+        raise Ed25519KeyError(f"{source}: the Ed25519 public key {problem}; it is refused")
     return bits[1:]
 
 

@@ -33,7 +33,7 @@ from .bundle_format import blob_path, digest_hex
 
 GPG_TIMEOUT = 120
 KEY_FPR_FILE = "site-key.fpr"
-_FIELD = re.compile(r"^([A-Za-z0-9-]+):\s*(.*)$")
+_FIELD = re.compile(r"^([A-Za-z0-9-]+):\s*(.*)\Z")
 
 
 class AptRepoError(ValueError):

@@ -27,7 +27,7 @@ from .bundle_format import CHUNK_SIZE, FILE_NAME_RE, FILE_VERSION_RE, blob_path,
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = 1
-_ARCH_RE = re.compile(r"^[a-z0-9_]+$")
+_ARCH_RE = re.compile(r"^[a-z0-9_]+\Z")
 
 
 class FilesError(ValueError):

@@ -41,7 +41,7 @@ __all__ = ["HaveError", "HaveResult", "build_have", "export_have", "verify_have"
 DEFAULT_KEY_DIR = "/etc/offline-delivery/have-signing"
 KEY_NAME = "site-have.key"
 PUB_NAME = "site-have.pub"
-SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 # DER prefixes of an Ed25519 PKCS8 private key and SubjectPublicKeyInfo (RFC 8410): fixed, then the 32 bytes.
 _PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")

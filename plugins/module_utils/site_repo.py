@@ -258,12 +258,34 @@ class SiteRepo:
                                 "again") from None
             raise
 
+    def _check_model_agrees(self, stage: str, manifest: dict[str, Any]) -> None:
+        """The signed manifest's name, version and image references are those of the model it carries (a
+        verified blob by now), so a manifest cannot relabel one application's model as another's release."""
+        digest = manifest["model"]["digest"]
+        staged = os.path.join(stage, digest_hex(digest))
+        path = staged if os.path.exists(staged) else self.blob_file(digest)
+        try:
+            with open(path, "rb") as fh:
+                model = json.loads(fh.read().decode("utf-8"))
+            ours = {"name": model["name"], "version": model["version"],
+                    "images": {c: spec["image"] for c, spec in model["components"].items()}}
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            raise RepoError(f"the model blob {digest} of {manifest['name']} {manifest['version']} is not an "
+                            "application model; the bundle was not made by bundle-builder") from None
+        theirs = {"name": manifest["name"], "version": manifest["version"],
+                  "images": {c: img["reference"] for c, img in manifest["images"].items()}}
+        for key in ("name", "version", "images"):
+            if ours[key] != theirs[key]:
+                raise RepoError(f"manifest.json: {key} {theirs[key]!r} differs from its model's {ours[key]!r} "
+                                f"(model blob {digest}); the bundle is refused, nothing was changed")
+
     def _publish(self, stage: str, head_manifest: dict[str, Any], manifest_bytes: bytes,
                  signature: bytes | None, record: dict[str, Any], *, bundled_only: bool = True) -> tuple[int, int]:
         """Write the release record and the new catalog aside, then move the staged blobs into place,
         the record to its place, and commit the catalog. Nothing visible changes before every write has
         succeeded (a full disk fails here), and from then on only renames follow. ``bundled_only``: an
         import stages only the blobs its bundle carries; a sync (publish_staged) may stage any blob."""
+        self._check_model_agrees(stage, head_manifest)
         name, version = head_manifest["name"], head_manifest["version"]
         rel_dir = os.path.join(self.releases_dir, name, version)
         tmp_dir = os.path.join(self.releases_dir, f".tmp-{name}-{version}")

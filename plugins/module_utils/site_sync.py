@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 from .bundle_format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
                             BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
 from .locks import flock_within
+from .names import name_problem, version_problem
 from .site_repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0
@@ -45,9 +46,9 @@ MAX_SLEEP = 1.0  # one bandwidth-limit sleep never exceeds this (a stop is seen 
 MIN_RATE = 1024
 MAX_CATALOG_SIZE = 16 * 1024 * 1024
 STAGE_PREFIX = "sync-"
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*$", re.I)
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}\Z")
 
 
 class SyncError(ValueError):
@@ -424,6 +425,9 @@ def sync_release(repo: SiteRepo, hub_url: str, name: str, version: str, trusted_
                  bucket: TokenBucket | None = None) -> SyncResult:
     """Sync ``name`` ``version`` from the hub at ``hub_url`` into ``repo`` (see the module docstring)."""
     started = time.monotonic()
+    for problem in (name_problem(name, "release name"), version_problem(version)):
+        if problem:
+            raise SyncError(problem)
     if not trusted_keys:
         raise SyncError("no trusted vendor keys: a site accepts only releases signed by a key it trusts")
     hub = Hub(hub_url, timeout)

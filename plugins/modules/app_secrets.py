@@ -75,7 +75,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.app_model import ModelError, generate_secret
 from ..module_utils.app_release import ensure_secrets
-from ..module_utils.app_state import app_dir
+from ..module_utils.app_state import StateError, app_dir
 from ..module_utils.site_repo import RepoError
 
 
@@ -100,7 +100,7 @@ def main() -> None:
             secrets = dict(kept, **{n: generate_secret(params["specs"][n]) for n in generated})
         else:
             secrets, generated = ensure_secrets(params["state_dir"], params["app"], params["specs"])
-    except (RepoError, ModelError, OSError, ValueError) as exc:
+    except (RepoError, ModelError, StateError, OSError, ValueError) as exc:
         module.fail_json(msg="secrets of %s: %s" % (params["app"], exc))
     module.exit_json(changed=bool(generated), secrets=secrets, generated=generated)
 
