@@ -443,11 +443,37 @@ class OciLayoutSource(ImageSource):
                              layers=layers)
 
 
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (the SDK's export stream), for ``tarfile`` "r|"."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._view = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        while not self._view:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._view = memoryview(chunk)
+        n = min(len(buf), len(self._view))
+        buf[:n] = self._view[:n]
+        self._view = self._view[n:]
+        return n
+
+
+# Per-image export files that describe that one export; the merged archive gets one manifest.json of its own.
+_EXPORT_INDEX_FILES = {"manifest.json", "repositories", "index.json", "oci-layout"}
+
+
 class DockerEngineSource(ImageSource):
-    """The local Docker engine, through the docker SDK: every image the build needs (only those whose
-    platform is wanted) exported in one ``docker save`` (Engine API ``GET /images/get?names=..``) spooled to
-    a temp file, then read like a ``docker save`` archive. One export writes a layer shared by N images
-    once, where an export per image would write (and spool) it N times."""
+    """The local Docker engine, through the docker SDK's public API: every image the build needs (only those
+    whose platform is wanted) exported and merged into one ``docker save``-style archive spooled to a temp
+    file, then read like a ``docker save`` archive. A layer shared by N images is spooled once."""
 
     label = "docker"
 
@@ -459,6 +485,7 @@ class DockerEngineSource(ImageSource):
         self._images: dict[str, Any] = {}          # reference -> docker image, as find() saw it
         self._wanted: list[str] = []                # image ids prepare() was told the build loads
         self._shared: DockerArchiveSource | None = None
+        self._shared_error: ImageError | None = None
 
     def _docker(self) -> Any:
         if self._client is None:
@@ -493,31 +520,68 @@ class DockerEngineSource(ImageSource):
             self._spool = tempfile.mkdtemp(prefix="bundle-builder-docker-", dir=self._spool_parent)
         return os.path.join(self._spool, f"images-{len(self._archives)}.tar")
 
-    def _export(self, names: list[str], path: str) -> None:
-        """``docker save NAME..`` into ``path``: one archive, each layer once, by image id (no tags)."""
+    def _export(self, ids: list[str], path: str) -> None:
+        """``docker save`` of the images ``ids`` into one archive at ``path``, each member once.
+
+        The SDK's public API exports one image per call (``APIClient.get_image``: ``GET /images/{name}/get``);
+        the Engine's several-names form has no public SDK call, and the docker CLI would be a second way to
+        the engine (another dependency, maybe another engine: CLI contexts). So each image is exported on its
+        own and its stream copied into one archive as it arrives (no extraction, bounded memory): members
+        already written by an earlier image's export are skipped. Those are the same bytes under the same
+        name: Docker 25+ names every blob by its digest, Docker 20.10 names a layer by its chain (a shared
+        base is one name; only a layer that is one image's top and another's lower layer is spooled twice,
+        and stored once in the bundle all the same). The per-image ``manifest.json`` entries are merged."""
         import docker.errors
         api = self._docker().api
-        try:
-            if len(names) == 1:
-                stream = api.get_image(names[0])
-            else:
-                # The SDK's get_image takes one name; the Engine API takes several (as `docker save` does).
-                res = api._get(api._url("/images/get"), params={"names": names}, stream=True)  # pylint: disable=protected-access
-                api._raise_for_status(res)  # pylint: disable=protected-access
-                stream = api._stream_raw_result(res, 2 * 1024 * 1024, False)  # pylint: disable=protected-access
-            with open(path, "wb") as fh:
-                for chunk in stream:
-                    fh.write(chunk)
-        except docker.errors.APIError as exc:
-            raise ImageError(f"docker: exporting {len(names)} image(s) ({', '.join(n[:19] for n in names)}) "
-                             f"failed: {exc}") from None
+        written: set[str] = set()
+        entries: list[Any] = []
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as out:
+            for image_id in ids:
+                stream = None
+                try:
+                    stream = api.get_image(image_id, chunk_size=CHUNK)
+                    reader = _ChunkReader(iter(stream))
+                    with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
+                        for member in tar:
+                            name = member.name[2:] if member.name.startswith("./") else member.name
+                            name = name.rstrip("/")
+                            if name == "manifest.json":
+                                if member.size > MAX_SMALL_BLOB:
+                                    raise ImageError(f"its manifest.json is {member.size} bytes: not a docker save")
+                                manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                                if not isinstance(manifest, list):
+                                    raise ImageError("its manifest.json is not a list: not a docker save")
+                                entries.extend(manifest)
+                            elif name not in _EXPORT_INDEX_FILES and name not in written:
+                                written.add(name)
+                                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+                    while reader.read(CHUNK):  # the end-of-archive padding: read the response to its end
+                        pass
+                except (docker.errors.DockerException, tarfile.TarError, OSError, ValueError) as exc:
+                    # OSError covers requests' errors (a connection lost mid-stream) and a full spool disk
+                    refs = ", ".join(r for r, image in self._images.items() if image.id == image_id) or "?"
+                    raise ImageError(f"docker: exporting image {refs} ({image_id[:19]}) from the engine "
+                                     f"failed: {exc}") from None
+                finally:
+                    if hasattr(stream, "close"):
+                        stream.close()  # type: ignore[union-attr]
+            data = json.dumps(entries).encode()
+            info = tarfile.TarInfo("manifest.json")
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
 
     def _archive_for(self, image: Any, reference: str) -> DockerArchiveSource:
         """The shared export when prepare() listed this image (made on first use), else one of its own."""
         if image.id in self._wanted:
+            if self._shared_error is not None:  # one failed export fails every image of it: not tried again
+                raise self._shared_error
             if self._shared is None:
                 path = self._spool_path()
-                self._export(self._wanted, path)
+                try:
+                    self._export(self._wanted, path)
+                except ImageError as exc:
+                    self._shared_error = exc
+                    raise
                 self._shared = DockerArchiveSource(path, label=f"docker ({len(self._wanted)} images)")
                 self._archives.append(self._shared)
             return self._shared
@@ -588,7 +652,7 @@ def resolve(references: list[str], platforms: list[Platform], sources: list[Imag
         for platform in platforms:
             _pick(reference, platform, found, sources, result)
     if result.errors:
-        raise ImageError("\n".join(result.errors))
+        raise ImageError("\n".join(dict.fromkeys(result.errors)))  # once each: one failed export fails many
     return result.images
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from bundle_builder.cli import main
+from bundle_builder.images import DockerEngineSource, Platform, resolve
 from offline_delivery_core import bundle_format
 from tests.helpers.images import rootfs_layer
 
@@ -122,3 +124,109 @@ def test_engine_archive_and_helper_agree(tmp_path: Path, capsys) -> None:  # typ
         assert digests["engine"] == digests["engine-save"] == digests["helper"]
     finally:
         subprocess.run(["docker", "rmi", "-f", image.ref], capture_output=True, timeout=120, check=False)
+
+
+def _inspect(ref: str, template: str) -> str:
+    return subprocess.run(["docker", "image", "inspect", "-f", template, ref], check=True, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+@pytest.fixture
+def image_family(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A base imported from a small rootfs tar and three images built FROM it (legacy builder, no network),
+    each adding one layer: four images, all holding the base layer. Tagged under a prefix of their own and
+    removed (exactly those tags) at the end."""
+    reason = _docker_ok()
+    if reason:
+        pytest.skip(f"needs a running Docker engine ({reason})")
+    prefix = f"od-test-multi-{uuid.uuid4().hex[:10]}"
+    base = f"{prefix}/base:1"
+    refs = [base]
+    rootfs = tmp_path / "base-rootfs.tar"
+    rootfs.write_bytes(rootfs_layer({"etc/base.txt": b"the shared base\n", "bin/app": b"#!app\n"}))
+    env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+    try:
+        subprocess.run(["docker", "import", "--change", "CMD [\"/bin/app\"]", str(rootfs), base],
+                       check=True, capture_output=True, timeout=120)
+        for name in ("alpha", "beta", "gamma"):
+            context = tmp_path / f"context-{name}"
+            context.mkdir()
+            (context / f"{name}.txt").write_bytes(f"I am {name}\n".encode())
+            (context / "Dockerfile").write_text(f"FROM {base}\nCOPY {name}.txt /app/{name}.txt\n")
+            ref = f"{prefix}/{name}:1"
+            refs.append(ref)
+            subprocess.run(["docker", "build", "--network", "none", "--force-rm", "-t", ref, str(context)],
+                           check=True, capture_output=True, timeout=300, env=env)
+        yield refs
+    finally:
+        subprocess.run(["docker", "rmi", "-f", *refs], capture_output=True, timeout=120, check=False)
+
+
+def test_build_saves_several_engine_images_into_one_bundle(  # type: ignore[no-untyped-def]
+        image_family: list[str], keypair, tmp_path: Path, capsys) -> None:
+    """Four engine images, one base layer among them all: the bundle holds every image's config and layers
+    as the engine has them, the base layer once, and verifies."""
+    names = ["base", "alpha", "beta", "gamma"]
+    model = tmp_path / "app.yml"
+    model.write_text(yaml.safe_dump({"apiVersion": "offline.delivery/v1", "kind": "Application", "name": "family",
+                                     "version": "1.0.0",
+                                     "components": {n: {"image": ref} for n, ref in zip(names, image_family)}}))
+    code = main(["build", str(model), "-o", str(tmp_path / "out"), "--images-from", "docker",
+                 "--platform", "linux/amd64", "--sign-key", str(keypair[0]), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    bundle = json.loads(out)["path"]
+    assert main(["verify", bundle, "--pub", str(keypair[1])]) == 0, capsys.readouterr()
+
+    head = bundle_format.read_head(bundle)
+    blobs = head.manifest["blobs"]
+    by_digest = {b["digest"]: b for b in blobs}
+    assert len(by_digest) == len(blobs), "every blob listed once"
+    base_layer = json.loads(_inspect(image_family[0], "{{json .RootFS.Layers}}"))[0]
+    for name, ref in zip(names, image_family):
+        image = head.manifest["images"][name]
+        assert image["reference"] == ref
+        manifest = json.loads(bundle_format.read_blob(bundle, image["manifests"]["linux/amd64"]))
+        engine_id = _inspect(ref, "{{.Id}}")
+        engine_layers = json.loads(_inspect(ref, "{{json .RootFS.Layers}}"))
+        assert manifest["config"]["digest"] == engine_id  # the engine's config, byte for byte
+        config = json.loads(bundle_format.read_blob(bundle, engine_id))
+        assert config["rootfs"]["diff_ids"] == engine_layers
+        assert [layer["digest"] for layer in manifest["layers"]] == engine_layers
+        assert engine_layers[0] == base_layer and len(engine_layers) == (1 if name == "base" else 2)
+        for digest in (engine_id, *engine_layers):
+            assert by_digest[digest]["bundled"], digest
+        if name != "base":
+            top = bundle_format.read_blob(bundle, engine_layers[1], limit=64 * 1024 * 1024)
+            with tarfile.open(fileobj=io.BytesIO(top)) as tar:
+                assert tar.extractfile(f"app/{name}.txt").read() == f"I am {name}\n".encode()  # type: ignore[union-attr]
+    assert len(by_digest[base_layer]["usedBy"]) == 4, by_digest[base_layer]
+    with tarfile.open(bundle) as tar:  # the bundle file itself: the shared layer is one member
+        members = tar.getnames()
+    assert members.count(bundle_format.blob_path(base_layer)) == 1
+    assert len(members) == len(set(members))
+
+
+def test_engine_export_spools_a_shared_layer_once(image_family: list[str], tmp_path: Path) -> None:
+    """The engine source exports each image through the SDK's public one-image call and merges the exports:
+    the three images built FROM the base share its layer under one name, so the spooled archive has it once."""
+    derived = image_family[1:]
+    base_layer = json.loads(_inspect(image_family[0], "{{json .RootFS.Layers}}"))[0]
+    amd64 = Platform.parse("linux/amd64")
+    source = DockerEngineSource(spool_dir=str(tmp_path))
+    try:
+        got = resolve(derived, [amd64], [source])
+        for ref in derived:
+            assert got[(ref, amd64)].config.digest == _inspect(ref, "{{.Id}}")
+        (spooled,) = Path(source._spool or "").iterdir()  # pylint: disable=protected-access
+        copies = 0
+        with tarfile.open(spooled) as tar:
+            names = tar.getnames()
+            for member in tar:
+                if member.isfile() and member.size > 512:
+                    copies += bundle_format.sha256_digest(tar.extractfile(member).read()) == base_layer  # type: ignore[union-attr]
+            manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        assert copies == 1, "the shared base layer is spooled once"
+        assert len(names) == len(set(names)) and len(manifest) == 3
+    finally:
+        source.close()
