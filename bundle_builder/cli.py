@@ -1,4 +1,4 @@
-"""``bundle-builder``: keygen, from-compose, build, inspect, verify, diff, fleet.
+"""``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, diff, fleet.
 
 Exit codes, the same as ``offline-delivery`` (README.md, "Exit codes"): 0 ok; 1 a check failed (bad signature,
 damaged blob, a refused status file, ...); 2 bad usage or input (argparse's own code: bad or missing arguments,
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from offline_delivery_core import bundle_format, ed25519
+from offline_delivery_core import bundle_format, ed25519, trust
 from offline_delivery_core.bundle_format import BundleError
 
 from .progress import human_size, make_progress
@@ -57,6 +57,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     except (signing.SigningError, OSError) as exc:
         raise UsageError(str(exc)) from None
     _err(f"wrote {key} (private, mode 0600: keep it secret) and {pub} (give this one to the sites)")
+    print(f"fingerprint {trust.fingerprint(_load_pubs([str(pub)])[0])}  (sites pin it in offline_delivery_vendor_keys; "
+          "tell it to them over a channel other than the media)")
+    return EXIT_OK
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """What a site pins: read it to the site's engineer over the phone, they compare it with the key on the media."""
+    for path, raw in zip(args.pub, _load_pubs(args.pub)):
+        print(f"{trust.fingerprint(raw)}  {path}")
     return EXIT_OK
 
 
@@ -383,6 +392,10 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keygen", help="make an ed25519 key pair: PREFIX.key (0600) and PREFIX.pub")
     s.add_argument("prefix")
     s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("fingerprint", help="print the fingerprint of public keys (what a site pins)")
+    s.add_argument("pub", nargs="+", help="public key files (PEM)")
+    s.set_defaults(func=cmd_fingerprint)
 
     s = sub.add_parser("from-compose", help="convert a docker-compose file into an app model (app.yml)")
     s.add_argument("file")

@@ -433,10 +433,10 @@ def check_signature(manifest_bytes: bytes, sig_doc: bytes | None, trusted_keys: 
     keyid, sig = parse_signature_doc(sig_doc)
     by_id = {ed25519.public_key_id(k): k for k in trusted_keys}
     if keyid not in by_id:
-        raise BundleError(f"manifest.sig names key {keyid[:16]}…, which is not one of the trusted keys "
-                          f"({', '.join(k[:16] + '…' for k in sorted(by_id)) or 'none'}); the bundle was "
-                          "signed (or re-signed) by another key — get the vendor's public key or refuse the "
-                          "bundle", member=SIGNATURE_NAME)
+        raise BundleError(f"manifest.sig names key sha256:{keyid}, which is not one of the trusted keys "
+                          f"({', '.join('sha256:' + k[:16] + '…' for k in sorted(by_id)) or 'none'}); the bundle "
+                          "was signed (or re-signed) by another key — compare that fingerprint with the vendor's "
+                          "over a channel you trust before pinning it, or refuse the bundle", member=SIGNATURE_NAME)
     if not ed25519.verify(by_id[keyid], manifest_bytes, sig):
         raise BundleError("the signature does not match manifest.json: the manifest or the signature was "
                           "modified after signing; refuse this bundle and get a fresh copy",

@@ -32,11 +32,12 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
                             sha256_file, verify_bundle)
 from .locks import flock_within
+from .trust import check_signer
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
@@ -345,30 +346,35 @@ class SiteRepo:
 
 
 def import_bundle(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, check_mode: bool = False,
-                  imported_by: str = "unknown", lock_timeout: float = 600.0) -> ImportResult:
+                  imported_by: str = "unknown", lock_timeout: float = 600.0,
+                  signers: Mapping[str, Sequence[str]] | None = None) -> ImportResult:
     """Verify a bundle and publish it into ``repo`` (see the module docstring for the guarantees).
 
     A refused bundle leaves nothing behind: its staged blobs are discarded, and a repository this call
     created (the root, or the layout inside an existing root such as a mount point) is removed again.
+    ``signers`` (keyid -> applications, from trust.pinned_keys) binds each key to what it may sign; None
+    trusts every given key for every application.
     Only an abrupt stop (kill, power loss) leaves staged blobs, which the next run of the same import
     re-hashes and reuses instead of writing them again.
     """
     if check_mode:
-        return _check_only(repo, path, trusted_keys, created=not repo.exists())
+        return _check_only(repo, path, trusted_keys, signers, created=not repo.exists())
     with repo.lock(lock_timeout) as created_root:
         created: list[str] = []
         try:
             repo._create_layout(created)
-            return _import_locked(repo, path, trusted_keys, imported_by)
+            return _import_locked(repo, path, trusted_keys, signers, imported_by)
         except (BundleError, RepoError, OSError):
             if (created_root or created) and not repo.catalog()["releases"]:
                 repo._undo_layout(created_root, created)  # still locked: nobody else is inside
             raise
 
 
-def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes], imported_by: str) -> ImportResult:
+def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes],
+                   signers: Mapping[str, Sequence[str]] | None, imported_by: str) -> ImportResult:
     head = read_head(path, trusted_keys)  # signature first: nothing in the manifest is trusted before
     manifest = head.manifest
+    check_signer(signers, head.keyid, manifest["name"])
     name, version = manifest["name"], manifest["version"]
     stage = os.path.join(repo.staging_dir, digest_hex(head.manifest_digest))
     if _already_imported(repo, head):
@@ -488,9 +494,11 @@ def _require_base_blobs(repo: SiteRepo, manifest: dict[str, Any]) -> None:
                     "the vendor for a full bundle (or a delta built from this site's have-list)")
 
 
-def _check_only(repo: SiteRepo, path: str, trusted_keys: list[bytes], *, created: bool) -> ImportResult:
+def _check_only(repo: SiteRepo, path: str, trusted_keys: list[bytes],
+                signers: Mapping[str, Sequence[str]] | None, *, created: bool) -> ImportResult:
     """Check mode: verify every byte, write nothing, say what an import would add."""
     head = read_head(path, trusted_keys)
+    check_signer(signers, head.keyid, head.manifest["name"])
     if not created and _already_imported(repo, head):
         return _result(head.manifest, head.manifest_digest, changed=False,
                        msg=f"{head.manifest['name']} {head.manifest['version']} is already imported")

@@ -31,12 +31,13 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .bundle_format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
                             BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
 from .locks import flock_within
 from .names import name_problem, version_problem
+from .trust import check_signer
 from .site_repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0
@@ -48,7 +49,6 @@ MAX_CATALOG_SIZE = 16 * 1024 * 1024
 STAGE_PREFIX = "sync-"
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}\Z")
 
 
 class SyncError(ValueError):
@@ -227,11 +227,13 @@ def _read_bounded(resp: Any, limit: int, url: str, timeout: float) -> bytes:
 # The signed manifest
 
 
-def fetch_head(hub: Hub, name: str, version: str, trusted_keys: list[bytes]) -> BundleHead:
-    """The release's manifest from the hub, accepted only with a signature by one of ``trusted_keys``."""
-    for what, value in (("name", name), ("version", version)):
-        if not _NAME.match(value or ""):
-            raise SyncError(f"{what} {value!r}: expected letters, digits and . _ + ~ - (as in the release's app.yml)")
+def fetch_head(hub: Hub, name: str, version: str, trusted_keys: list[bytes],
+               signers: Mapping[str, Sequence[str]] | None = None) -> BundleHead:
+    """The release's manifest from the hub, accepted only with a signature by one of ``trusted_keys`` that
+    ``signers`` allows for ``name`` (trust.pinned_keys)."""
+    for problem in (name_problem(name, "release name"), version_problem(version)):
+        if problem:  # both become URL paths on the hub and directories here
+            raise SyncError(problem)
     rel = f"releases/{name}/{version}/"
     manifest_bytes = hub.get(rel + MANIFEST_NAME, MAX_MANIFEST_SIZE)
     if manifest_bytes is None:
@@ -244,6 +246,7 @@ def fetch_head(hub: Hub, name: str, version: str, trusted_keys: list[bytes]) -> 
     try:
         keyid = check_signature(manifest_bytes, sig, trusted_keys)  # before anything in it is trusted
         manifest = parse_manifest(manifest_bytes)
+        check_signer(signers, keyid, manifest["name"])
     except BundleError as exc:
         raise SyncError(f"{name} {version} from the hub {hub.base} refused: {exc.reason}") from None
     if (manifest["name"], manifest["version"]) != (name, version):
@@ -422,12 +425,10 @@ def _stage_lock(stage: str, timeout: float) -> Iterator[None]:
 def sync_release(repo: SiteRepo, hub_url: str, name: str, version: str, trusted_keys: list[bytes], *,
                  bandwidth_limit: int = 0, timeout: float = DEFAULT_TIMEOUT, check_mode: bool = False,
                  imported_by: str = "unknown", lock_timeout: float = 600.0,
-                 bucket: TokenBucket | None = None) -> SyncResult:
+                 bucket: TokenBucket | None = None,
+                 signers: Mapping[str, Sequence[str]] | None = None) -> SyncResult:
     """Sync ``name`` ``version`` from the hub at ``hub_url`` into ``repo`` (see the module docstring)."""
     started = time.monotonic()
-    for problem in (name_problem(name, "release name"), version_problem(version)):
-        if problem:
-            raise SyncError(problem)
     if not trusted_keys:
         raise SyncError("no trusted vendor keys: a site accepts only releases signed by a key it trusts")
     hub = Hub(hub_url, timeout)
@@ -435,7 +436,7 @@ def sync_release(repo: SiteRepo, hub_url: str, name: str, version: str, trusted_
     if not repo.exists():
         raise SyncError(f"there is no site repository at {repo.root}; set the repo host up with a first import "
                         "(offline.delivery.import) and sync into it afterwards")
-    head = fetch_head(hub, name, version, trusted_keys)
+    head = fetch_head(hub, name, version, trusted_keys, signers)
     manifest = head.manifest
     res.manifest_digest, res.blobs_total = head.manifest_digest, len(manifest["blobs"])
     missing = [b for b in manifest["blobs"] if not repo.has_blob(b["digest"], b["size"])]

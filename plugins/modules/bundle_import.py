@@ -25,6 +25,7 @@ author:
 extends_documentation_fragment:
   - offline.delivery.attributes
   - offline.delivery.repo
+  - offline.delivery.vendor_trust
 attributes:
   check_mode:
     support: full
@@ -38,12 +39,6 @@ options:
     description:
       - The bundle file on the repo host, the C(.parts.json) of a split bundle, or any of its parts.
     type: path
-    required: true
-  trusted_keys:
-    description:
-      - Public keys (PEM files) of the vendors whose bundles this site accepts.
-    type: list
-    elements: path
     required: true
   lock_timeout:
     description:
@@ -64,11 +59,24 @@ EXAMPLES = r"""
   offline.delivery.bundle_import:
     path: /srv/incoming/shop-1.1.0.bundle.parts.json
     trusted_keys:
-      - /etc/offline-delivery/trusted/vendor.pub
+      - /srv/incoming/keys/vendor.pub
+    pinned_keys:
+      - fingerprint: sha256:8a3d2b0c54e6f1a79d0e4b6c3f2a1908e7d6c5b4a3928170f6e5d4c3b2a19087
+        apps: [shop]
   register: shop_import
 """
 
 RETURN = r"""
+pinned_key_files:
+  description: The key files whose fingerprint the site pins (the import keeps them for later syncs).
+  returned: success
+  type: list
+  elements: dict
+refused_keys:
+  description: Key files that were not used, each with its fingerprint and why (not pinned, revoked).
+  returned: always
+  type: list
+  elements: dict
 release:
   description: The release and what the import did.
   returned: success
@@ -108,8 +116,8 @@ release:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle_format import BundleError
-from ..module_utils.ed25519 import Ed25519KeyError, load_public_key_files
 from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo, import_bundle
+from ..module_utils.trust import TRUST_OPTIONS, module_trust
 
 
 def main() -> None:
@@ -117,28 +125,24 @@ def main() -> None:
         argument_spec={
             "path": {"type": "path", "required": True},
             "repo_root": dict(REPO_ROOT_OPTION),
-            "trusted_keys": {"type": "list", "elements": "path", "required": True, "no_log": False},
+            **TRUST_OPTIONS,
             "lock_timeout": {"type": "int", "default": 600},
             "imported_by": {"type": "str", "default": "ansible"},
         },
         supports_check_mode=True,
     )
     params = module.params
+    trust = module_trust(module)
     try:
-        keys = load_public_key_files(params["trusted_keys"])
-    except Ed25519KeyError as exc:
-        module.fail_json(msg=f"trusted key: {exc}")
-    if not keys:
-        module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s); a site imports "
-                             "signed bundles only")
-    try:
-        result = import_bundle(SiteRepo(params["repo_root"]), params["path"], keys,
+        result = import_bundle(SiteRepo(params["repo_root"]), params["path"], trust.keys,
                                check_mode=module.check_mode, imported_by=params["imported_by"],
-                               lock_timeout=params["lock_timeout"])
+                               lock_timeout=params["lock_timeout"], signers=trust.signers)
     except (BundleError, RepoError, OSError) as exc:
-        module.fail_json(msg=f"import of {params['path']} refused, repository unchanged: {exc}")
+        module.fail_json(msg=f"import of {params['path']} refused, repository unchanged: {exc}",
+                         refused_keys=trust.refused)
     release = result.as_dict()
-    module.exit_json(changed=release.pop("changed"), msg=release.pop("msg"), release=release)
+    module.exit_json(changed=release.pop("changed"), msg=release.pop("msg"), release=release,
+                     pinned_key_files=trust.accepted, refused_keys=trust.refused)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
   - offline.delivery.attributes
+  - offline.delivery.vendor_trust
 attributes:
   check_mode:
     support: full
@@ -39,17 +40,11 @@ options:
       - Check the signature and re-hash every bundled blob. Without it only the manifest is read.
     type: bool
     default: true
-  trusted_keys:
-    description:
-      - Public keys (PEM files) of the vendors whose bundles this site accepts.
-      - Required when O(verify=true) unless O(require_signature=false).
-    type: list
-    elements: path
-    default: []
   require_signature:
     description:
-      - Refuse a bundle whose manifest is not signed by one of O(trusted_keys). Only set it to V(false) to
-        look at a bundle of unknown origin; such a bundle must never be imported.
+      - Refuse a bundle whose manifest is not signed by a key of O(trusted_keys) that O(pinned_keys) pins for
+        the bundle's application. Only set it to V(false) to look at a bundle of unknown origin; such a bundle
+        must never be imported.
     type: bool
     default: true
 notes:
@@ -64,7 +59,10 @@ EXAMPLES = r"""
   offline.delivery.bundle_info:
     path: /srv/incoming/shop-1.1.0.bundle
     trusted_keys:
-      - /etc/offline-delivery/trusted/vendor.pub
+      - /srv/incoming/keys/vendor.pub
+    pinned_keys:
+      - fingerprint: sha256:8a3d2b0c54e6f1a79d0e4b6c3f2a1908e7d6c5b4a3928170f6e5d4c3b2a19087
+        apps: [shop]
   register: shop_bundle
 
 - name: Show what it carries
@@ -79,6 +77,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+refused_keys:
+  description: Key files that were not used, each with its fingerprint and why (not pinned, revoked).
+  returned: when O(require_signature=true)
+  type: list
+  elements: dict
 bundle:
   description: What the bundle carries.
   returned: success
@@ -140,7 +143,7 @@ verified:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle_format import BundleError, read_head, summarize_manifest, verify_bundle
-from ..module_utils.ed25519 import Ed25519KeyError, load_public_key_files
+from ..module_utils.trust import TRUST_OPTIONS, check_signer, module_trust
 
 
 def main() -> None:
@@ -148,19 +151,15 @@ def main() -> None:
         argument_spec={
             "path": {"type": "path", "required": True},
             "verify": {"type": "bool", "default": True},
-            "trusted_keys": {"type": "list", "elements": "path", "default": [], "no_log": False},
+            **TRUST_OPTIONS,
             "require_signature": {"type": "bool", "default": True},
         },
         supports_check_mode=True,
     )
     params = module.params
-    if params["require_signature"] and not params["trusted_keys"]:
-        module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s) to check the "
-                             "signature, or set require_signature=false to only look at an untrusted bundle")
-    try:
-        keys = load_public_key_files(params["trusted_keys"]) if params["require_signature"] else None
-    except Ed25519KeyError as exc:
-        module.fail_json(msg=f"trusted key: {exc}")
+    trust = module_trust(module) if params["require_signature"] else None
+    keys, signers = (trust.keys, trust.signers) if trust else (None, None)
+    refused = trust.refused if trust else []
     try:
         if params["verify"]:
             result = verify_bundle(params["path"], keys)
@@ -170,11 +169,13 @@ def main() -> None:
             head = read_head(params["path"], keys)
             manifest, digest, keyid, signed = (head.manifest, head.manifest_digest, head.keyid,
                                                head.signature is not None)
+        check_signer(signers, keyid, manifest["name"])
     except (BundleError, OSError) as exc:
-        module.fail_json(msg=f"bundle {params['path']}: {exc}")
+        module.fail_json(msg=f"bundle {params['path']}: {exc}", refused_keys=refused)
     summary = summarize_manifest(manifest)
     summary.update(manifest_digest=digest, keyid=keyid, signed=signed)
-    module.exit_json(changed=False, bundle=summary, verified=bool(params["verify"] and keys is not None))
+    module.exit_json(changed=False, bundle=summary, verified=bool(params["verify"] and keys is not None),
+                     refused_keys=refused)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ author:
 extends_documentation_fragment:
   - offline.delivery.attributes
   - offline.delivery.repo
+  - offline.delivery.vendor_trust
 attributes:
   check_mode:
     support: full
@@ -50,13 +51,6 @@ options:
   version:
     description: Version of the release to sync.
     type: str
-    required: true
-  trusted_keys:
-    description:
-      - Public keys (PEM files) of the vendors whose releases this site accepts; the hub's copy of the release
-        must be signed by one of them.
-    type: list
-    elements: path
     required: true
   bandwidth_limit:
     description:
@@ -90,13 +84,18 @@ EXAMPLES = r"""
     hub: http://hub-repo.example:8080
     name: shop
     version: 1.1.0
-    trusted_keys:
-      - /etc/offline-delivery/trusted/vendor.pub
+    trusted_keys: "{{ query('ansible.builtin.fileglob', '/etc/offline-delivery/trusted/*.pub') }}"
+    pinned_keys: "{{ offline_delivery_vendor_keys }}"
     bandwidth_limit: 10M
   register: shop_sync
 """
 
 RETURN = r"""
+refused_keys:
+  description: Key files that were not used, each with its fingerprint and why (not pinned, revoked).
+  returned: always
+  type: list
+  elements: dict
 release:
   description: The release and what the sync did.
   returned: success
@@ -146,9 +145,9 @@ release:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle_format import BundleError
-from ..module_utils.ed25519 import Ed25519KeyError, load_public_key_files
 from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 from ..module_utils.site_sync import SyncError, SyncInterrupted, parse_rate, sync_release
+from ..module_utils.trust import TRUST_OPTIONS, module_trust
 
 
 def main() -> None:
@@ -158,7 +157,7 @@ def main() -> None:
             "name": {"type": "str", "required": True},
             "version": {"type": "str", "required": True},
             "repo_root": dict(REPO_ROOT_OPTION),
-            "trusted_keys": {"type": "list", "elements": "path", "required": True, "no_log": False},
+            **TRUST_OPTIONS,
             "bandwidth_limit": {"type": "str", "default": "0"},
             "timeout": {"type": "int", "default": 30},
             "lock_timeout": {"type": "int", "default": 600},
@@ -168,26 +167,20 @@ def main() -> None:
     )
     params = module.params
     what = f"sync of {params['name']} {params['version']} from {params['hub']}"
-    try:
-        keys = load_public_key_files(params["trusted_keys"])
-    except Ed25519KeyError as exc:
-        module.fail_json(msg=f"trusted key: {exc}")
-    if not keys:
-        module.fail_json(msg="trusted_keys is empty: give the vendor's public key file(s); a site accepts "
-                             "signed releases only")
+    trust = module_trust(module)
     if params["timeout"] < 1:
         module.fail_json(msg="timeout must be at least 1 second")
     try:
-        result = sync_release(SiteRepo(params["repo_root"]), params["hub"], params["name"], params["version"], keys,
+        result = sync_release(SiteRepo(params["repo_root"]), params["hub"], params["name"], params["version"], trust.keys,
                               bandwidth_limit=parse_rate(params["bandwidth_limit"]), timeout=params["timeout"],
                               check_mode=module.check_mode, imported_by=params["imported_by"],
-                              lock_timeout=params["lock_timeout"])
+                              lock_timeout=params["lock_timeout"], signers=trust.signers)
     except SyncInterrupted as exc:
-        module.fail_json(msg=f"{what} interrupted, nothing published: {exc}")
+        module.fail_json(msg=f"{what} interrupted, nothing published: {exc}", refused_keys=trust.refused)
     except (SyncError, BundleError, RepoError, OSError) as exc:
-        module.fail_json(msg=f"{what} refused, repository unchanged: {exc}")
+        module.fail_json(msg=f"{what} refused, repository unchanged: {exc}", refused_keys=trust.refused)
     release = result.as_dict()
-    module.exit_json(changed=release.pop("changed"), msg=release.pop("msg"), release=release)
+    module.exit_json(changed=release.pop("changed"), msg=release.pop("msg"), release=release, refused_keys=trust.refused)
 
 
 if __name__ == "__main__":

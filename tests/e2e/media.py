@@ -43,7 +43,9 @@ def flip_byte_in_layer(src: Path, dest: Path) -> str:
 
 def carry(site: Site, bundles: dict[str, Path]) -> None:
     """Put the media into the site's drop box (/srv/transfer in the jump host). Files are hard links to the
-    bundle cache where possible: replace a carried file to change it, never write into it."""
+    bundle cache where possible: replace a carried file to change it, never write into it. Carrying the vendor's
+    key (vendor.pub) also pins it in the site's inventory: in the world the test is also the site's engineer who
+    compared the fingerprint with the vendor's."""
     for name, path in bundles.items():
         dest = site.transfer_dir / name
         if path.is_dir():
@@ -52,6 +54,8 @@ def carry(site: Site, bundles: dict[str, Path]) -> None:
                 _link_or_copy(f, dest / f.name)
         elif name.endswith(".pub"):
             _link_or_copy(path, dest)
+            if name == "vendor.pub":
+                site.pin_vendor_key(path)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -26,6 +26,7 @@ from offline_delivery_core.bundle_format import BundleError
 from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
 from tests.helpers.images import TestImage, pseudo_random, rootfs_layer, write_oci_layout
 from tests.integration.test_modules import collections_path, run_module  # noqa: F401  (fixture re-export)
+from tests.helpers.bundles import trust_args
 
 BIN = Path(sys.executable).parent
 APP = """\
@@ -203,4 +204,4 @@ def copy_to(src: Path, dst: Path) -> Path:
 
 
 def import_args(bundle: Path, repo: SiteRepo, pub: Path, **extra: object) -> dict[str, object]:
-    return {"path": str(bundle), "repo_root": repo.root, "trusted_keys": [str(pub)], **extra}
+    return {"path": str(bundle), "repo_root": repo.root, **trust_args(pub), **extra}

@@ -26,7 +26,7 @@ import pytest
 from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
 from tests.faults import import_child
 from tests.faults.conftest import Vendor, normalized_state, site_state, state_diff
-from tests.helpers.bundles import members
+from tests.helpers.bundles import members, trust_args
 
 SEED = 11
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -292,7 +292,7 @@ def test_disk_full_at_every_point_refuses_cleanly_and_the_rerun_completes(vendor
 def ansible_import(collections: Path, bundle: Path, root: Path, pub: Path) -> subprocess.Popen[str]:
     """The bundle_import module through the ansible command, in its own process group (so the kill
     reaches the module's process too)."""
-    args = {"path": str(bundle), "repo_root": str(root), "trusted_keys": [str(pub)]}
+    args = {"path": str(bundle), "repo_root": str(root), **trust_args(pub)}
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=sys.executable)
     return subprocess.Popen([str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c",

@@ -17,6 +17,16 @@ class Member:
     size: int
 
 
+def trust_args(*pubs: Path | str, apps: tuple[str, ...] = ("*",)) -> dict[str, object]:
+    """The trust options of bundle_import, bundle_info and repo_sync for key files the site pins (every
+    given key pinned for ``apps``), as the playbooks pass them from the inventory."""
+    from offline_delivery_core import ed25519, trust
+
+    return {"trusted_keys": [str(p) for p in pubs],
+            "pinned_keys": [{"fingerprint": trust.fingerprint(k), "apps": list(apps)}
+                            for k in ed25519.load_public_key_files([str(p) for p in pubs])]}
+
+
 def members(path: Path) -> list[Member]:
     """Tar members of a (single-file) bundle with their offsets."""
     with tarfile.open(path, "r:") as tar:

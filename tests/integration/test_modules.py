@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_site_repo import tree_hash, vendor  # noqa: F401  (module-scoped bundles fixture)
+from tests.helpers.bundles import trust_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def run_module(collections: Path, module: str, args: dict, *extra: str) -> tuple
 
 
 def _import_args(bundle: Path, repo: Path, pub: Path) -> dict:
-    return {"path": str(bundle), "repo_root": str(repo), "trusted_keys": [str(pub)]}
+    return {"path": str(bundle), "repo_root": str(repo), **trust_args(pub)}
 
 
 def test_bundle_import_check_then_changed_then_unchanged(vendor, collections_path, tmp_path):  # noqa: F811
@@ -115,7 +116,7 @@ def test_bundle_export_names_the_missing_image(vendor, collections_path, tmp_pat
 
 def test_bundle_info_verifies_and_names_a_tampered_blob(vendor, collections_path, tmp_path):  # noqa: F811
     pub = str(vendor["dir"] / "vendor.pub")
-    rc, res = run_module(collections_path, "bundle_info", {"path": str(vendor["split"]), "trusted_keys": [pub]})
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(vendor["split"]), **trust_args(pub)})
     assert rc == 0 and not res["changed"] and res["verified"]
     assert res["bundle"]["name"] == "mini" and res["bundle"]["components"] == ["cache", "web"]
     assert res["bundle"]["platforms"] == ["linux/amd64", "linux/arm64"] and res["bundle"]["signed"]
@@ -123,11 +124,11 @@ def test_bundle_info_verifies_and_names_a_tampered_blob(vendor, collections_path
     from tests.unit.test_site_repo import _flip_byte_in_last_blob
     bad = tmp_path / "mini-1.0.0.bundle"
     _flip_byte_in_last_blob(vendor["full"], bad)
-    rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), "trusted_keys": [pub]})
+    rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), **trust_args(pub)})
     assert rc != 0 and "blobs/sha256/" in res["msg"] and "tampered" in res["msg"]
 
     rc, res = run_module(collections_path, "bundle_info", {"path": str(bad)})
-    assert rc != 0 and "trusted_keys is empty" in res["msg"]
+    assert rc != 0 and "no vendor key is pinned" in res["msg"]
     rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), "verify": False,
                                                           "require_signature": False})
     assert rc == 0 and not res["verified"] and res["bundle"]["version"] == "1.0.0"

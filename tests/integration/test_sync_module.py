@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tests.integration.test_modules import collections_path, run_module  # noqa: F401  (fixture)
 from tests.unit.test_site_sync import hub, lacking, site, tree_hash, vendor  # noqa: F401  (fixtures)
+from tests.helpers.bundles import trust_args
 
 
 def _args(hub_url: str, repo: str, pub: Path, **extra: object) -> dict:
-    return {"hub": hub_url, "name": "mini", "version": "1.1.0", "repo_root": repo, "trusted_keys": [str(pub)],
-            **extra}
+    return {"hub": hub_url, "name": "mini", "version": "1.1.0", "repo_root": repo, **trust_args(pub), **extra}
 
 
 def test_repo_sync_check_then_changed_then_unchanged(vendor, hub, site, collections_path):  # noqa: F811

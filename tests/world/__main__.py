@@ -1,4 +1,4 @@
-"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|prepare|fresh-check|env|collections|prune`.
+"""CLI of the test world: `python -m tests.world up|down|status|inventory|exec|build|prepare|pin|fresh-check|env|collections|prune`.
 
 Exit codes: 0 ok, 1 a step failed (the message says which and what to do), 2 bad usage.
 """
@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
                                           "and jump images, the shop's images, collections, the k8s cluster's "
                                           "programs and node image (scripts/test runs it before the suites)")
     prep.add_argument("--suite", default=DEFAULT_SUITE)
+
+    pin = sub.add_parser("pin", help="pin a vendor key in a site's inventory (group_vars), as its engineer does after "
+                                      "comparing the fingerprint out of band; prints the fingerprint")
+    pin.add_argument("site")
+    pin.add_argument("pub", type=Path, help="the vendor's public key file")
+    pin.add_argument("--apps", default="*", help="comma-separated applications it may sign (default: any)")
 
     fresh = sub.add_parser("fresh-check", help="scripts/bootstrap's packages + smoke steps in a pristine Debian 12 "
                                                "root filesystem (tests/world/fresh.py)")
@@ -171,6 +177,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pin(args: argparse.Namespace) -> int:
+    print(Site.load(args.site).pin_vendor_key(args.pub, [a.strip() for a in args.apps.split(",") if a.strip()]))
+    return 0
+
+
 def _cmd_fresh_check(args: argparse.Namespace) -> int:
     from .fresh import fresh_check
 
@@ -201,7 +212,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "inventory": _cmd_inventory,
-            "exec": _cmd_exec, "build": _cmd_build, "prepare": _cmd_prepare, "fresh-check": _cmd_fresh_check,
+            "exec": _cmd_exec, "build": _cmd_build, "prepare": _cmd_prepare, "pin": _cmd_pin, "fresh-check": _cmd_fresh_check,
             "env": _cmd_env, "collections": _cmd_collections,
             "prune": _cmd_prune}
 

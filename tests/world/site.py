@@ -137,6 +137,20 @@ class Site:
         """Drop box shared with the jump host at /srv/transfer: how a bundle is carried into the site."""
         return self.state_dir / "transfer"
 
+    def pin_vendor_key(self, pub: Path, apps: Sequence[str] = ("*",)) -> str:
+        """Pin a vendor key in the site's inventory (group_vars beside inventory.yml, read by every playbook run in
+        the jump host), as a site's engineer does after comparing its fingerprint with the vendor's out of band.
+        Returns the fingerprint. Pinning another key adds to the list."""
+        from offline_delivery_core import ed25519, trust
+
+        fingerprint = trust.fingerprint(ed25519.load_public_key_files([str(pub)])[0])
+        path = self.state_dir / "group_vars" / "all" / "vendor_keys.yml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pins = (yaml.safe_load(path.read_text()) or {}).get("offline_delivery_vendor_keys", []) if path.exists() else []
+        pins = [p for p in pins if p["fingerprint"] != fingerprint] + [{"fingerprint": fingerprint, "apps": list(apps)}]
+        _write_yaml(path, {"offline_delivery_vendor_keys": pins})
+        return fingerprint
+
     def host(self, name: str) -> HostSpec:
         for host in self.hosts:
             if host.name == name:

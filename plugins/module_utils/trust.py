@@ -1,0 +1,140 @@
+"""Which vendor keys a site trusts, and for which applications.
+
+Trust comes from the site's inventory, set out of band: each vendor key is pinned there by its fingerprint
+(``sha256:`` + the hex sha256 of the raw 32-byte Ed25519 key, the key id that manifest.sig names), with the
+applications it may sign. A key file that travels with a bundle is only a carrier of the key's bytes: it is used
+when its fingerprint is pinned and not revoked, and otherwise refused with its fingerprint printed, so a person
+can compare it with the vendor's over a channel they trust. Rotation is a new pin; revocation is a fingerprint in
+the revoked list, refused even when it is also pinned.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .bundle_format import SIGNATURE_NAME, BundleError
+from .ed25519 import Ed25519KeyError, load_public_key_files, public_key_id
+from .names import name_problem
+
+FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+ANY_APP = "*"
+
+# The options of every module that checks a vendor signature (bundle_import, bundle_info, repo_sync).
+TRUST_OPTIONS = {
+    "trusted_keys": {"type": "list", "elements": "path", "default": [], "no_log": False},
+    "pinned_keys": {"type": "list", "elements": "dict", "default": []},
+    "revoked_keys": {"type": "list", "elements": "str", "default": []},
+}
+
+
+class TrustError(ValueError):
+    """The site's pins are malformed, or no pinned key can check a bundle; the message names the field or key."""
+
+
+def fingerprint(raw_key: bytes) -> str:
+    """The fingerprint a site pins: ``sha256:<hex>`` of the raw key (manifest.sig's keyid, with its prefix)."""
+    return "sha256:" + public_key_id(raw_key)
+
+
+def parse_pins(pins: object, revoked: object = ()) -> Tuple[Dict[str, Tuple[str, ...]], frozenset]:
+    """``({fingerprint: apps}, revoked fingerprints)`` from the inventory's lists; TrustError names the entry.
+
+    ``pins``: ``[{"fingerprint": "sha256:…", "apps": ["shop", …] or ["*"]}, …]``; ``revoked``: fingerprints."""
+    if not isinstance(pins, list):
+        raise TrustError("pinned vendor keys must be a list of {fingerprint, apps}")
+    allowed: Dict[str, Tuple[str, ...]] = {}
+    for i, pin in enumerate(pins):
+        where = f"pinned vendor key {i}"
+        if not isinstance(pin, Mapping) or set(pin) - {"fingerprint", "apps", "name"}:
+            raise TrustError(f"{where}: must be a mapping of fingerprint, apps (and an optional name)")
+        fp, apps = pin.get("fingerprint"), pin.get("apps")
+        if not isinstance(fp, str) or not FINGERPRINT_RE.match(fp):
+            raise TrustError(f"{where}: fingerprint {fp!r} must be 'sha256:' and 64 lowercase hex digits "
+                             "(bundle-builder fingerprint KEY.pub prints it)")
+        if not isinstance(apps, list) or not apps:
+            raise TrustError(f"{where} ({fp}): apps must list the applications the key may sign, or ['*']")
+        for app in apps:
+            if app != ANY_APP and name_problem(app, "application name"):
+                raise TrustError(f"{where} ({fp}): {name_problem(app, 'application name')}")
+        allowed[fp] = tuple(sorted(set(allowed.get(fp, ())) | set(apps)))
+    if not isinstance(revoked, (list, tuple)) or not all(isinstance(r, str) and FINGERPRINT_RE.match(r)
+                                                         for r in revoked):
+        raise TrustError("revoked vendor keys must be a list of 'sha256:<64 hex>' fingerprints")
+    return allowed, frozenset(revoked)
+
+
+class Trust:
+    """The outcome of checking key files against the site's pins: the usable keys, what each may sign, and
+    every file with its fingerprint (``accepted`` and ``refused``, with why) for the module's result."""
+
+    def __init__(self) -> None:
+        self.keys: List[bytes] = []
+        self.signers: Dict[str, Tuple[str, ...]] = {}
+        self.accepted: List[Dict[str, str]] = []
+        self.refused: List[Dict[str, str]] = []
+
+
+def pinned_keys(key_files: Iterable[str], pins: object, revoked: object = ()) -> Trust:
+    """The keys of ``key_files`` that the site pins (and did not revoke). A file that is not an Ed25519 public
+    key raises Ed25519KeyError naming it; the same key in two files counts once."""
+    allowed, revoked_set = parse_pins(pins, revoked)
+    trust = Trust()
+    for path in key_files:
+        raw = load_public_key_files([path])[0]
+        fp = fingerprint(raw)
+        if fp in revoked_set:
+            trust.refused.append({"path": path, "fingerprint": fp, "reason": "revoked by the site"})
+        elif fp not in allowed:
+            trust.refused.append({"path": path, "fingerprint": fp,
+                                  "reason": "not pinned by the site: compare the fingerprint with the vendor's "
+                                            "over a channel you trust, then pin it in offline_delivery_vendor_keys"})
+        else:
+            trust.accepted.append({"path": path, "fingerprint": fp})
+            if public_key_id(raw) not in trust.signers:
+                trust.keys.append(raw)
+                trust.signers[public_key_id(raw)] = allowed[fp]
+    return trust
+
+
+def signer_problem(signers: Optional[Mapping[str, Sequence[str]]], keyid: Optional[str], app: str) -> Optional[str]:
+    """Why the key ``keyid`` may not sign application ``app`` at this site, or None. ``signers`` None: the
+    caller trusts every given key for every application (the library's own tests, the vendor's own checks)."""
+    if signers is None or keyid is None:
+        return None
+    apps = signers.get(keyid)
+    if apps is None:
+        return f"key sha256:{keyid} is not pinned by this site"
+    if ANY_APP in apps or app in apps:
+        return None
+    return (f"key sha256:{keyid} is pinned for {', '.join(apps)}, not for {app}: a key trusted for one application "
+            "cannot sign another's releases")
+
+
+def check_signer(signers: Optional[Mapping[str, Sequence[str]]], keyid: Optional[str], app: str) -> None:
+    """BundleError (on manifest.sig) when the bundle's signing key may not sign ``app`` here."""
+    problem = signer_problem(signers, keyid, app)
+    if problem:
+        raise BundleError(f"{problem}; the bundle is refused", member=SIGNATURE_NAME)
+
+
+def module_trust(module: Any) -> Trust:
+    """pinned_keys() of a module's TRUST_OPTIONS; fails the module (naming the key or pin) when no given key is
+    pinned, so nothing is checked, let alone changed, with a key the site did not choose."""
+    p = module.params
+    try:
+        trust = pinned_keys(p["trusted_keys"], p["pinned_keys"], p["revoked_keys"])
+    except (Ed25519KeyError, TrustError) as exc:
+        module.fail_json(msg=f"trusted key: {exc}")
+    if not p["pinned_keys"]:
+        module.fail_json(msg="no vendor key is pinned: set offline_delivery_vendor_keys in the inventory to the "
+                             "fingerprints of the keys this site trusts (bundle-builder fingerprint KEY.pub prints "
+                             "one; compare it with the vendor's over a channel you trust)",
+                         refused_keys=trust.refused)
+    if not trust.keys:
+        module.fail_json(msg="no usable vendor key: " + (refused_summary(trust.refused) if trust.refused else
+                                                          "trusted_keys names no key file"), refused_keys=trust.refused)
+    return trust
+
+
+def refused_summary(refused: Sequence[Mapping[str, Any]]) -> str:
+    return "; ".join(f"{r['path']} ({r['fingerprint']}): {r['reason']}" for r in refused)
