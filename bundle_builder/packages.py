@@ -130,17 +130,6 @@ def package_index(files: Iterable[PackageFile]) -> dict[str, dict[str, object]]:
     return index
 
 
-def package_blobs(files: Iterable[PackageFile]) -> list[dict[str, object]]:
-    """One blob per distinct file (a file can serve several distros, arches or profiles): digest, size,
-    mediaType, the union of usedBy, and the cached ``path`` to copy it from. Sorted by digest."""
-    blobs: dict[str, dict[str, object]] = {}
-    for f in files:
-        blob = blobs.setdefault(f.digest, {"digest": f.digest, "size": f.size, "mediaType": f.media_type,
-                                           "usedBy": [], "path": f.path, "filename": f.filename})
-        blob["usedBy"] = sorted(set(blob["usedBy"]) | set(f.used_by))  # type: ignore[arg-type]
-    return [blobs[d] for d in sorted(blobs)]
-
-
 def resolve_all(distro_keys: Iterable[str], arches: Iterable[str], profiles: Sequence[str] | None = None, *,
                 cache_dir: Path, progress: Progress | None = None) -> list[PackageFile]:
     """:func:`resolve_packages` for every distro × arch (``profiles`` None: all of each distro's profiles)."""

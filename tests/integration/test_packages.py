@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from bundle_builder import distros
+from bundle_builder import build, distros
 from bundle_builder.distros import PackageRef, get_distro
+from bundle_builder.images import Platform
 from bundle_builder.packages import (
     PackageError,
     apt_index,
     PackageFile,
     default_cache_dir,
     minbase_rootfs,
-    package_blobs,
     package_index,
     resolve_all,
     resolve_packages,
@@ -300,12 +300,16 @@ def test_builder_view_merges_arch_independent_files(
         compose_closures: dict[str, list[PackageFile]], cache_dir: Path) -> None:
     files = resolve_all(["debian-12"], ["x86_64", "aarch64"], ["compose"], cache_dir=cache_dir)
     assert files == compose_closures["amd64"] + compose_closures["arm64"]
-    blobs = package_blobs(files)
-    shared = [b for b in blobs if str(b["filename"]).endswith("_all.deb")]
+    # The builder's plan (what a bundle carries): one blob per distinct file, usedBy merged over the arches.
+    plan = build._Plan()
+    build._plan_packages(plan, ["debian-12"], ["compose"],
+                         [Platform.parse("linux/amd64"), Platform.parse("linux/arm64")], cache_dir, None)
+    debs = {d: p for d, p in plan.blobs.items() if p.blob.media_type == PackageFile.media_type}
+    shared = {f.digest for f in files if f.filename.endswith("_all.deb")}
     assert shared, "an arch-independent package (netbase) is in both closures"
-    for blob in shared:
-        assert blob["usedBy"] == ["packages:debian-12/amd64/compose", "packages:debian-12/arm64/compose"]
-    assert len(blobs) == len({f.digest for f in files}) < len(files)
+    for digest in shared:
+        assert debs[digest].used_by == {"packages:debian-12/amd64/compose", "packages:debian-12/arm64/compose"}
+    assert len(debs) == len({f.digest for f in files}) < len(files)
     index = package_index(files)
     assert sorted(index) == ["debian-12/amd64", "debian-12/arm64"]
     assert len(index["debian-12/arm64"]["packages"]) == len(compose_closures["arm64"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_builder import packages
+from bundle_builder import build, packages
 from bundle_builder.distros import (
     DISTROS,
     DebianMirrors,
@@ -21,7 +21,8 @@ from bundle_builder.distros import (
     normalize_arch,
     supported_distros,
 )
-from bundle_builder.packages import PackageError, PackageFile, package_blobs, package_index, resolve_packages
+from bundle_builder.images import Platform
+from bundle_builder.packages import PackageError, PackageFile, package_index, resolve_packages
 
 MIRRORS = DebianMirrors(archive="http://mirror.invalid/debian", security="http://mirror.invalid/debian-security",
                         keyring=Path("/usr/share/keyrings/debian-archive-keyring.gpg"))
@@ -260,16 +261,26 @@ def test_package_ref_plain() -> None:
     assert PackageRef("zstd").apt_arg() == "zstd"
 
 
-def test_package_blobs_merge_used_by_per_digest() -> None:
+def test_builder_plans_one_blob_per_file_with_used_by_merged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder's own path (build._plan_packages): a file in several closures is one blob whose usedBy is
+    the union; each distro/arch also gets its apt index blob."""
     amd = _pf("netbase", "all", ("compose",))
     arm = dataclasses.replace(amd, target_arch="arm64", profiles=("base", "compose"))
     other = _pf("tini", "amd64", ("compose",))
-    blobs = package_blobs([other, amd, arm])
-    assert [b["digest"] for b in blobs] == ["sha256:" + "n" * 64, "sha256:" + "t" * 64]
-    assert blobs[0]["usedBy"] == ["packages:debian-12/amd64/compose", "packages:debian-12/arm64/base",
-                                  "packages:debian-12/arm64/compose"]
-    assert blobs[0]["mediaType"] == "application/vnd.debian.binary-package"
-    assert blobs[0]["size"] == 10 and blobs[0]["path"] == Path("/c/netbase.deb")
+    monkeypatch.setattr(packages, "resolve_all", lambda *a, **k: [other, amd, arm])
+    monkeypatch.setattr(packages, "apt_index", lambda files: "".join(f.filename + "\n" for f in files).encode())
+    plan = build._Plan()
+    section = build._plan_packages(plan, ["debian-12"], ["base", "compose"],
+                                   [Platform.parse("linux/amd64"), Platform.parse("linux/arm64")], "/c", None)
+    debs = {d: p for d, p in plan.blobs.items() if p.blob.media_type == PackageFile.media_type}
+    assert sorted(debs) == ["sha256:" + "n" * 64, "sha256:" + "t" * 64]
+    netbase = debs["sha256:" + "n" * 64]
+    assert netbase.used_by == {"packages:debian-12/amd64/compose", "packages:debian-12/arm64/base",
+                               "packages:debian-12/arm64/compose"}
+    assert netbase.blob.size == 10
+    assert sorted(section) == ["debian-12/amd64", "debian-12/arm64"]
+    for key, pset in section.items():
+        assert plan.blobs[pset["index"]].used_by == {f"packages:{key}"}
 
 
 def test_removals_are_found_in_apt_output() -> None:
