@@ -135,12 +135,6 @@ def blob_path(digest: str) -> str:
     return BLOB_PREFIX + digest_hex(digest)
 
 
-def digest_of_blob_path(name: str) -> str:
-    if not _BLOB_NAME.match(name):
-        raise BundleError(f"not a blob path: {name!r}")
-    return "sha256:" + name[len(BLOB_PREFIX):]
-
-
 # --------------------------------------------------------------------------------------------------------
 # Manifest
 
