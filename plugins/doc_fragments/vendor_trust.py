@@ -13,7 +13,7 @@ class ModuleDocFragment:
 options:
   trusted_keys:
     description:
-      - Public key files (PEM) that may carry a vendor key: keys on the media and the site's trusted directory.
+      - Public key files (PEM) that may carry a vendor key, on the media or kept in the site's trusted directory.
       - A file counts only when its fingerprint is in O(pinned_keys) and not in O(revoked_keys); every other
         file is refused and listed with its fingerprint in RV(refused_keys).
     type: list
@@ -21,9 +21,9 @@ options:
     default: []
   pinned_keys:
     description:
-      - The vendor keys this site trusts, set out of band in the inventory (C(offline_delivery_vendor_keys)),
-        each C({fingerprint, apps}): C(fingerprint) is C(sha256:) and 64 hex digits (C(bundle-builder fingerprint
-        KEY.pub) prints it), C(apps) the applications the key may sign, or C([*]) for any.
+      - The vendor keys this site trusts, set out of band in the inventory (C(offline_delivery_vendor_keys)).
+      - Each entry has C(fingerprint), C(sha256:) followed by 64 hex digits (C(bundle-builder fingerprint KEY.pub)
+        prints it), and C(apps), the applications the key may sign, or C([*]) for any.
       - Required for a signature check; without a pin no key is trusted.
     type: list
     elements: dict

@@ -22,8 +22,8 @@ ANY_APP = "*"
 # The options of every module that checks a vendor signature (bundle_import, bundle_info, repo_sync).
 TRUST_OPTIONS = {
     "trusted_keys": {"type": "list", "elements": "path", "default": [], "no_log": False},
-    "pinned_keys": {"type": "list", "elements": "dict", "default": []},
-    "revoked_keys": {"type": "list", "elements": "str", "default": []},
+    "pinned_keys": {"type": "list", "elements": "dict", "default": [], "no_log": False},  # fingerprints: public
+    "revoked_keys": {"type": "list", "elements": "str", "default": [], "no_log": False},
 }
 
 
@@ -131,8 +131,8 @@ def module_trust(module: Any) -> Trust:
                              "one; compare it with the vendor's over a channel you trust)",
                          refused_keys=trust.refused)
     if not trust.keys:
-        module.fail_json(msg="no usable vendor key: " + (refused_summary(trust.refused) if trust.refused else
-                                                          "trusted_keys names no key file"), refused_keys=trust.refused)
+        why = refused_summary(trust.refused) if trust.refused else "trusted_keys names no key file"
+        module.fail_json(msg="no usable vendor key: " + why, refused_keys=trust.refused)
     return trust
 
 
