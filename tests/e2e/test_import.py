@@ -127,6 +127,42 @@ def test_registry_serves_every_image_of_the_release(imported: Site) -> None:
     assert set(json.loads(res.stdout)) >= {"shop/api", "shop/db", "shop/gateway", "shop/redis"}
 
 
+WRITE_PROBE = r"""
+import json, sys, urllib.error, urllib.request as u
+out = {}
+for name, url, method in (("registry pull", "http://repo:5000/v2/shop/api/tags/list", "GET"),
+                          ("registry push", "http://repo:5000/v2/shop/api/blobs/uploads/", "POST"),
+                          ("registry delete", "http://repo:5000/v2/shop/api/manifests/1.0.0", "DELETE"),
+                          ("registry direct", "http://repo:5001/v2/", "GET"),
+                          ("apt put", "http://repo:8080/apt/debian-12/Packages", "PUT"),
+                          ("files delete", "http://repo:8080/files/index.json", "DELETE")):
+    try:
+        out[name] = u.urlopen(u.Request(url, data=b"x" if method in ("POST", "PUT") else None, method=method),
+                              timeout=10).status
+    except urllib.error.HTTPError as exc:
+        out[name] = exc.code
+    except OSError as exc:
+        out[name] = "unreachable"
+print(json.dumps(out))
+"""
+
+
+def test_only_the_repo_host_writes_to_the_site_services(imported: Site) -> None:
+    """From a target: pulls work, every write to the registry, the apt repository and the file tree is refused,
+    and the registry itself (where the repo host pushes) is not reachable at all."""
+    res = imported.exec("node1", ["python3", "-c", WRITE_PROBE], timeout=120)
+    assert res.rc == 0, res.output
+    seen = json.loads(res.stdout)
+    assert seen["registry pull"] == 200, seen
+    assert seen["registry push"] == 403 and seen["registry delete"] == 403, seen
+    assert seen["registry direct"] == "unreachable", seen
+    assert seen["apt put"] in (403, 405) and seen["files delete"] in (403, 405), seen
+    # the repo host publishes through the loopback port
+    local = imported.exec("repo", ["python3", "-c", "import urllib.request as u; "
+                                   "print(u.urlopen('http://127.0.0.1:5001/v2/', timeout=10).status)"], timeout=60)
+    assert local.rc == 0 and local.stdout.strip() == "200", local.output
+
+
 def test_services_restart_on_failure(imported: Site) -> None:
     for unit in ("nginx", "docker-registry"):
         res = imported.exec("repo", ["systemctl", "show", unit, "-p", "Restart", "-p", "UnitFileState",
