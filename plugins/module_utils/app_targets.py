@@ -5,7 +5,6 @@ target is a cluster, driven from where its kubeconfig is (app_k8s). Standard lib
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 from .app_compose import ComposeRuntime
@@ -40,7 +39,7 @@ def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None,
     if not k8s or not k8s.get("config"):
         raise DeployError("target k8s needs a kubeconfig (host variable offline_delivery_kubeconfig)")
     try:
-        client = K8sClient.from_kubeconfig(k8s["config"], base_dir=os.path.dirname(k8s.get("path") or ".") or ".")
+        client = K8sClient.from_kubeconfig(k8s["config"])
         options = RenderOptions(namespace=k8s.get("namespace") or app, registry=k8s.get("registry") or "",
                                 storage_class=k8s.get("storage_class"))
         return K8sRuntime(app, client=client, options=options,

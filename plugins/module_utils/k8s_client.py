@@ -79,13 +79,17 @@ def _pem(data: str, what: str) -> bytes:
         raise K8sError("kubeconfig: %s is not base64 (%s)" % (what, exc)) from exc
 
 
-def _read(path: str, base_dir: str, what: str) -> bytes:
-    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+def _read(path: str, what: str, data_key: str) -> bytes:
+    # The modules get the parsed kubeconfig, not the file it came from: a relative path has nothing to be
+    # relative to (resolving it from the module's working directory would read some other file).
+    if not os.path.isabs(path):
+        raise K8sError("kubeconfig: the %s path %r is relative; the modules receive the parsed kubeconfig, not "
+                       "its location, so give an absolute path or embed the file (%s)" % (what, path, data_key))
     try:
-        with open(full, "rb") as handle:
+        with open(path, "rb") as handle:
             return handle.read()
     except OSError as exc:
-        raise K8sError("kubeconfig: cannot read %s %s: %s" % (what, full, exc.strerror or exc)) from exc
+        raise K8sError("kubeconfig: cannot read %s %s: %s" % (what, path, exc.strerror or exc)) from exc
 
 
 def _named(items: object, name: str, what: str) -> dict:
@@ -138,11 +142,12 @@ class K8sClient:
         return context
 
     @classmethod
-    def from_kubeconfig(cls, config: Mapping[str, Any], *, context: Optional[str] = None, base_dir: str = ".",
+    def from_kubeconfig(cls, config: Mapping[str, Any], *, context: Optional[str] = None,
                         timeout: float = 30.0) -> "K8sClient":
         """A client for ``context`` (default: ``current-context``) of a parsed kubeconfig.
 
-        ``*-data`` fields are base64 PEM; file fields are read relative to ``base_dir`` (the kubeconfig's dir).
+        ``*-data`` fields are base64 PEM; file fields (``certificate-authority``, ``client-certificate``,
+        ``client-key``, ``tokenFile``) must be absolute paths.
         """
         if not isinstance(config, Mapping):
             raise K8sError("kubeconfig: expected a mapping (the parsed YAML), got %s" % type(config).__name__)
@@ -159,12 +164,12 @@ class K8sClient:
             if section.get(data_key):
                 return _pem(section[data_key], data_key)
             if section.get(file_key):
-                return _read(section[file_key], base_dir, what)
+                return _read(section[file_key], what, data_key)
             return None
 
         token = user.get("token")
         if not token and user.get("tokenFile"):
-            token = _read(user["tokenFile"], base_dir, "token file").decode("utf-8").strip()
+            token = _read(user["tokenFile"], "token file", "token").decode("utf-8").strip()
         return cls(cluster["server"],
                    ca_pem=blob("certificate-authority-data", "certificate-authority", cluster, "CA"),
                    cert_pem=blob("client-certificate-data", "client-certificate", user, "client certificate"),

@@ -148,7 +148,7 @@ def shop(request: pytest.FixtureRequest) -> Iterator[Shop]:
         pytest.skip("the test world's Kubernetes cluster did not come up: %s" % " / ".join(failures))
     try:
         kubeconfig = Path(info["kubeconfig"])
-        client = K8sClient.from_kubeconfig(yaml.safe_load(kubeconfig.read_text()), base_dir=str(kubeconfig.parent))
+        client = K8sClient.from_kubeconfig(yaml.safe_load(kubeconfig.read_text()))
         _static_volume(client, info["node"])
         (world_site.transfer_dir / "k8s-inventory.yml").write_text(yaml.safe_dump(K8S_INVENTORY))
         node_ip = urllib.parse.urlsplit(info["server"]).hostname or ""

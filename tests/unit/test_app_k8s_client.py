@@ -167,14 +167,33 @@ def test_wrong_ca_is_refused(server: Any, pki: PKI, tmp_path: Path) -> None:
         K8sClient.from_kubeconfig(config).version()
 
 
-def test_files_in_kubeconfig_are_relative_to_its_directory(server: Any, pki: PKI, tmp_path: Path) -> None:
+def test_files_in_kubeconfig_are_read_from_absolute_paths(server: Any, pki: PKI, tmp_path: Path) -> None:
     (tmp_path / "ca.crt").write_bytes(pki.ca)
     (tmp_path / "token").write_text("from-file\n")
-    config = kubeconfig(url_of(server), pki, tokenFile="token")
+    config = kubeconfig(url_of(server), pki, tokenFile=str(tmp_path / "token"))
     del config["clusters"][0]["cluster"]["certificate-authority-data"]
-    config["clusters"][0]["cluster"]["certificate-authority"] = "ca.crt"
-    K8sClient.from_kubeconfig(config, base_dir=str(tmp_path)).version()
+    config["clusters"][0]["cluster"]["certificate-authority"] = str(tmp_path / "ca.crt")
+    K8sClient.from_kubeconfig(config).version()
     assert server.requests[0]["headers"]["Authorization"] == "Bearer from-file"
+
+
+@pytest.mark.parametrize("field", ["certificate-authority", "tokenFile"])
+def test_relative_file_paths_are_refused_not_read_from_the_working_directory(
+        pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    # The modules get the parsed kubeconfig, so nothing says what a relative path is relative to: the file in
+    # the module's working directory is not the one meant, and must not be read.
+    (tmp_path / "ca.crt").write_bytes(pki.ca)
+    (tmp_path / "token").write_text("from-the-working-directory\n")
+    monkeypatch.chdir(tmp_path)
+    config = kubeconfig("https://127.0.0.1:9", pki, token="t")
+    if field == "tokenFile":
+        del config["users"][0]["user"]["token"]
+        config["users"][0]["user"]["tokenFile"] = "token"
+    else:
+        del config["clusters"][0]["cluster"]["certificate-authority-data"]
+        config["clusters"][0]["cluster"]["certificate-authority"] = "ca.crt"
+    with pytest.raises(K8sError, match=r"path '(ca\.crt|token)' is relative; .* give an absolute path or embed"):
+        K8sClient.from_kubeconfig(config)
 
 
 def test_get_list_delete_requests(server: Any, pki: PKI) -> None:
