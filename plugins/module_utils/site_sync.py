@@ -41,6 +41,7 @@ from .trust import check_signer
 from .site_repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0
+MIN_RATE = 1024  # bytes/s a transfer must average after its first timeout (a hub that drips is dropped)
 DEFAULT_REPO_PATH = "/repo/"
 READ_SIZE = 64 * 1024
 MAX_SLEEP = 1.0  # one bandwidth-limit sleep never exceeds this (a stop is seen within a second)
@@ -375,11 +376,24 @@ def _check_content_range(resp: Any, start: int, size: int, url: str) -> None:
                         f"{value!r}; expected 'bytes {start}-{size - 1}/{size}'")
 
 
+def min_rate(bucket: TokenBucket | _Unlimited) -> float:
+    """Bytes per second a transfer must average once it has run ``timeout`` seconds: a hub that drips a byte
+    just often enough to beat every read's timeout still ends (MIN_RATE, or half of a lower bandwidth limit)."""
+    rate = getattr(bucket, "rate", 0)
+    return min(MIN_RATE, rate / 2) if rate else MIN_RATE
+
+
 def _copy(resp: Any, out: Any, remaining: int, url: str, timeout: float, transfer: _Transfer) -> None:
     """Copy exactly ``remaining`` bytes (one more is read to catch a blob that is too long). ``read1`` returns
     what one receive brought, so everything that arrived before a stall is written and kept; the bandwidth
-    limit is charged for what was read, before the next read."""
+    limit is charged for what was read, before the next read. Each read waits at most ``timeout``; the whole
+    copy must also average min_rate() after its first ``timeout`` seconds."""
+    started, got, floor = time.monotonic(), 0, min_rate(transfer.bucket)
     while remaining >= 0:
+        elapsed = time.monotonic() - started
+        if elapsed > timeout and got < floor * elapsed:
+            raise SyncInterrupted(f"the hub sends {url} slower than {floor:.0f} bytes/s ({got} bytes in "
+                                  f"{elapsed:.0f}s); what arrived is kept: run again to resume")
         want = min(transfer.bucket.chunk, remaining + 1)
         try:
             data = resp.read1(want)
@@ -397,6 +411,7 @@ def _copy(resp: Any, out: Any, remaining: int, url: str, timeout: float, transfe
             transfer.bytes_sent += remaining
             return  # longer than the manifest says: the size check refuses it
         out.write(data)
+        got += len(data)
         transfer.bytes_sent += len(data)
         remaining -= len(data)
 

@@ -117,6 +117,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         cut = self.server.cut.pop(rel, None)
+        if rel in self.server.drip:  # a byte every 0.3 s: each read returns in time, the whole never ends
+            for i in range(min(len(body), 200)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.3)
+            self.close_connection = True
+            return
         self.wfile.write(body if cut is None else body[:cut])
         if cut is not None and rel in self.server.stall:
             self.wfile.flush()
@@ -135,6 +142,7 @@ class HubServer(http.server.ThreadingHTTPServer):
         self.corrupt: set[str] = set()
         self.cut: dict[str, int] = {}
         self.stall: dict[str, threading.Event] = {}
+        self.drip: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -236,6 +244,18 @@ def test_a_stalled_transfer_stops_after_the_timeout_and_resumes(vendor, hub, sit
     assert time.monotonic() - started < 15
     res = sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]])
     assert res.changed and res.bytes_resumed >= 100_000 and site.has_blob(big["digest"], big["size"])
+
+
+def test_a_hub_that_drips_bytes_is_dropped_after_the_timeout(vendor, hub, site):
+    big = biggest_lacking(vendor)
+    hub.drip.add(blob_path(big["digest"]))
+    started = time.monotonic()
+    with pytest.raises(SyncInterrupted, match="slower than 1024 bytes/s"):
+        sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], timeout=2)
+    assert time.monotonic() - started < 20  # every read came in time: only the rate floor ends it
+    hub.drip.clear()
+    res = sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]])
+    assert res.changed and site.has_blob(big["digest"], big["size"])
 
 
 def test_damaged_partial_file_is_rehashed_and_fetched_again(vendor, hub, site):
