@@ -95,12 +95,13 @@ def _refs(*names: str, suite: str | None = None) -> tuple[PackageRef, ...]:
 #  base    - every host: Python for Ansible, python3-apt for ansible.builtin.apt, the CA store for the site CA.
 #  compose - Docker engine (docker.io brings containerd, runc, tini, iptables) and Compose v2.
 #  repo    - the site's registry (Distribution), nginx as static file server for the apt repo and the file
-#            tree (bookworm's nginx-light is only a transitional package to it), and gpg + apt-ftparchive
-#            (apt-utils) to build and sign the apt repository's Release file on site.
+#            tree (bookworm's nginx-light is only a transitional package to it), gpg + apt-ftparchive
+#            (apt-utils) to build and sign the apt repository's Release file on site, and python3-cryptography
+#            for the site key's Ed25519 signatures (have-list, status report).
 #  systemd - unpacking image root filesystems: tar and gzip are essential already; zstd and xz for layers
 #            compressed that way (OCI layouts may carry them).
 _BASE = _refs("python3", "python3-apt", "ca-certificates")
-_REPO = _refs("docker-registry", "nginx", "gpg", "gpg-agent", "apt-utils")
+_REPO = _refs("docker-registry", "nginx", "gpg", "gpg-agent", "apt-utils", "python3-cryptography")
 _SYSTEMD = _refs("tar", "gzip", "zstd", "xz-utils")
 
 _TABLE: tuple[Distro, ...] = (

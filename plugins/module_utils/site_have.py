@@ -11,8 +11,8 @@ embedded ``signature`` (docs/fleet.md)::
      "signature": {"alg": "ed25519", "keyid": "<hex>", "sig": "<base64>"}}
 
 The signature covers the canonical JSON of the document without ``signature``. It is made here, on the repo
-host, with a site key created on first use (``site-have.key``, PKCS8 PEM, 0600, in a 0700 directory) by a
-pure-Python RFC 8032 signer: the repo host may have nothing but python3 (see ed25519.py). Only the vendor's
+host, with a site key created on first use (``site-have.key``, PKCS8 PEM, 0600, in a 0700 directory), by
+``cryptography`` (python3-cryptography, installed on the repo host from the bundle's repo profile). Only the vendor's
 pinned copy of ``site-have.pub`` makes the signature mean anything (docs/fleet.md "Trust").
 
 No timestamps: the same repository gives the same bytes, so a second export changes nothing.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import re
@@ -53,35 +52,32 @@ class HaveError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Signing (RFC 8032 section 5.1.6). Not constant-time: acceptable for a key that signs only on its own host,
-# where an attacker able to time it could read the key file anyway.
+# Signing: with `cryptography` (constant time, OpenSSL's Ed25519), as the vendor's builder signs. The repo host
+# gets python3-cryptography from the bundle's repo profile with its other tools (docs/packages.md); only the
+# signature check stays stdlib-only (ed25519.py), since that runs before anything is installed.
+
+
+def _private_key(seed: bytes) -> Any:
+    if len(seed) != 32:
+        raise HaveError("an Ed25519 private key is 32 bytes")
+    try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    except ImportError:
+        raise HaveError("python3-cryptography is missing on this host: the site key signs with it; it comes with "
+                        "the repo profile of a bundle (offline.delivery.import installs it)") from None
+    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def public_from_seed(seed: bytes) -> bytes:
-    scalar = _expand(seed)[0]
-    return ed25519._encode_point(ed25519._mul(scalar, ed25519._BASE))  # pylint: disable=protected-access
+    key = _private_key(seed)
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def sign(seed: bytes, message: bytes) -> bytes:
     """Ed25519 signature of ``message`` by the 32-byte private ``seed``."""
-    scalar, prefix = _expand(seed)
-    public = ed25519._encode_point(ed25519._mul(scalar, ed25519._BASE))  # pylint: disable=protected-access
-    r = int.from_bytes(hashlib.sha512(prefix + message).digest(), "little") % ed25519._L  # pylint: disable=protected-access
-    r_bytes = ed25519._encode_point(ed25519._mul(r, ed25519._BASE))  # pylint: disable=protected-access
-    k = int.from_bytes(hashlib.sha512(r_bytes + public + message).digest(), "little") % ed25519._L  # pylint: disable=protected-access
-    s = (r + k * scalar) % ed25519._L  # pylint: disable=protected-access
-    return r_bytes + s.to_bytes(32, "little")
-
-
-def _expand(seed: bytes) -> tuple[int, bytes]:
-    if len(seed) != 32:
-        raise HaveError("an Ed25519 private key is 32 bytes")
-    h = hashlib.sha512(seed).digest()
-    a = bytearray(h[:32])
-    a[0] &= 248
-    a[31] &= 127
-    a[31] |= 64
-    return int.from_bytes(a, "little"), h[32:]
+    return _private_key(seed).sign(message)
 
 
 def _pem(label: str, der: bytes) -> bytes:

@@ -261,3 +261,19 @@ def test_fleet_run_gives_each_run_its_own_dir_and_reports(tmp_path: Path, monkey
     assert "== Install" in lines and "   Deploy" in lines and "   FAILED node1: health gate" in lines
     assert "upgrade done (check mode: nothing changed)" in lines
     assert any(ln.startswith("install FAILED (status failed, rc 2) on node1; details in ") for ln in lines)
+
+
+def test_the_site_key_signs_with_cryptography_and_rfc8032_holds() -> None:
+    """RFC 8032 section 7.1, test 1; and no module reaches into ed25519.py's private curve arithmetic to sign
+    (the pure-Python code is the stdlib-only verifier, not a signer)."""
+    import pathlib
+
+    from offline_delivery_core import site_have
+    seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    assert site_have.public_from_seed(seed).hex() == "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    assert site_have.sign(seed, b"").hex() == (
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    users = [p.name for p in (root / "plugins" / "module_utils").glob("*.py")
+             if p.name != "ed25519.py" and "ed25519._" in p.read_text()]
+    assert not users, f"private ed25519 functions used by {users}"
