@@ -68,7 +68,7 @@ TIMEOUT_LOCK = 2400
 
 _QEMU_BINFMT = {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}
 # --print-uris: 'URI' file size [MD5Sum:hex] (the hash is left out where the index has no MD5, e.g. security)
-_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<filename>\S+) (?P<size>\d+)(?: (?P<hash>\S+))?$")
+_URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<filename>\S+) (?P<size>\d+)(?: (?P<hash>\S+))?\Z")
 
 
 class PackageError(RuntimeError):
