@@ -6,8 +6,9 @@ The project lives in ``<apps_dir>/<app>/compose.yaml`` (project name ``od-<app>`
 ``docker compose ps`` / ``logs`` there. The file holds no secret: each service reads its env from
 ``<state_dir>/apps/<app>/env/<component>.env`` (0600) and its config files are bind-mounted read-only from
 ``<state_dir>/apps/<app>/config/<component>/`` (0700 directory). Each container carries the component's
-fingerprint as a label; the engine starts only the services whose fingerprint changed, one level at a time,
-with ``--no-deps`` so nothing else is recreated. Health is the model's probe run from the host against the
+fingerprint as a label (keyed with the host's fingerprint key: a label anyone with docker access reads
+reveals nothing of the env it covers); the engine starts only the services whose fingerprint changed, one level
+at a time, with ``--no-deps`` so nothing else is recreated. Health is the model's probe run from the host against the
 container's address on the project network (no probe tool is needed in the image). Standard library only.
 """
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from .app_model import diff_models
 from .app_runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
                           probe_spec, wait_healthy)
-from .app_state import AppState, check_snapshot, restore_snapshot, take_snapshot, utc_now
+from .app_state import AppState, check_snapshot, fingerprint_key, restore_snapshot, take_snapshot, utc_now
 
 
 class HealthGateError(DeployError):
@@ -128,12 +128,16 @@ class Target:
 
 
 class Engine:
-    """Deploy and roll back one app on one host; results are plain dicts for the modules."""
+    """Deploy and roll back one app on one host; results are plain dicts for the modules.
+
+    The specs' fingerprints are keyed with the key of the state's directory (``app_state.fingerprint_key``:
+    made on the first deploy; in check mode never made, a key of the run is used instead)."""
 
     def __init__(self, runtime: Runtime, state: AppState, target: Target, *, health_cap: float, actor: str,
                  check_mode: bool = False, log: Optional[Callable[[str], None]] = None) -> None:
         self.runtime = runtime
         self.state = state
+        self.fingerprint_key = fingerprint_key(state.state_dir, create=not check_mode)
         self.target = target
         self.health_cap = health_cap
         self.actor = actor
@@ -149,7 +153,8 @@ class Engine:
         t = self.target
         return desired_specs(model, images, host=t.host, platform=t.platform, placement=placement,
                              addresses=addresses, secrets=t.secrets, overrides=overrides,
-                             registry=t.registry, local_address=self.runtime.local_address)
+                             registry=t.registry, fingerprint_key=self.fingerprint_key,
+                             local_address=self.runtime.local_address)
 
     def _layout(self, kept: Optional[Mapping[str, Any]]) -> tuple:
         """A kept release runs where it ran when it was deployed; a new one where the target says."""
@@ -313,14 +318,21 @@ class Engine:
 # -- status ---------------------------------------------------------------------------------------------
 
 
+def overridden(overrides: Optional[Mapping[str, Any]]) -> Dict[str, List[str]]:
+    """Component -> the names of the env variables the site overrides: never their values, which may be
+    credentials and stay in the host's 0600 state."""
+    return {str(comp): sorted(str(k) for k in (env or {})) for comp, env in sorted((overrides or {}).items())}
+
+
 def host_status(runtime: Runtime, state: AppState, *, history: int = 10) -> Dict[str, Any]:
-    """What this host runs of the app and how each component is doing now (one probe each, no waiting)."""
+    """What this host runs of the app and how each component is doing now (one probe each, no waiting).
+    A status goes into reports that leave the site: it names the overridden variables, never their values."""
     current = state.current
     result: Dict[str, Any] = {
         "app": state.app, "target": state.data["target"], "installed": bool(current),
         "version": (current or {}).get("version"), "installed_at": (current or {}).get("installed_at"),
         "by": (current or {}).get("by"), "previous_version": (state.previous or {}).get("version"),
-        "overrides": (current or {}).get("overrides") or {}, "kept_releases": state.kept_versions(),
+        "overridden": overridden((current or {}).get("overrides")), "kept_releases": state.kept_versions(),
         "history": state.data["history"][-history:], "components": {}, "healthy": bool(current),
     }
     if not current:

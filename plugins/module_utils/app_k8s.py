@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 from .app_model import ModelError, effective_env, references, render_config, start_order
 from .app_runtime import ComponentSpec, DeployError, Observed, Runtime
+from .app_runtime import fingerprint as keyed_fingerprint
 from .k8s_client import K8sClient, K8sError, wait_for
 from .registry_client import RegistryError, split_reference
 
@@ -392,11 +393,12 @@ def _claim(name: str, labels: Mapping[str, str], storage_class: Optional[str], s
             "metadata": {"name": name, "labels": dict(sorted(labels.items()))}, "spec": spec}
 
 
-def fingerprint(objects: Iterable[dict]) -> str:
-    """sha256 of the canonical JSON of a component's rendered objects (before release-only metadata).
-    Secret values go in hashed, which reveals nothing of a random 8+ character value."""
-    text = json.dumps(list(objects), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+def fingerprint(objects: Iterable[dict], key: bytes) -> str:
+    """HMAC-SHA256 under ``key`` of the canonical JSON of a component's rendered objects (before release-only
+    metadata), ``hmac-sha256:<hex>``. The objects hold the Secret's data and the inline env (site overrides), and
+    the annotation is readable by anyone who may read the workload, not only by who may read Secrets: keyed,
+    it cannot be checked against guessed values."""
+    return keyed_fingerprint(list(objects), key)
 
 
 def stamp(objects: List[dict], inp: ComponentInput, opts: RenderOptions, digest: str) -> None:
@@ -443,12 +445,13 @@ def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
                      labels: Optional[Mapping[str, str]] = None, volume_sizes: Optional[Mapping[str, str]] = None,
                      publish_type: str = "NodePort",
                      node_port_range: Tuple[int, int] = DEFAULT_NODE_PORT_RANGE,
-                     include_namespace: bool = False) -> List[dict]:
+                     include_namespace: bool = False, fingerprint_key: bytes) -> List[dict]:
     """Every Kubernetes object of a release, sorted: components in start order, kinds as ``KIND_ORDER``.
 
     ``secrets``: the site's generated values; ``overrides``: component -> {ENV: value}; ``image_digests``:
     component -> index digest of its image in the site registry ``registry`` (``host:port``).
     ``volume_sizes``: volume name -> storage request (default 1Gi; the model has no sizes).
+    ``fingerprint_key``: the key of the spec fingerprints (``app_state.fingerprint_key`` where the render runs).
     """
     overrides = overrides or {}
     opts = RenderOptions(namespace=namespace, registry=registry, storage_class=storage_class,
@@ -468,7 +471,7 @@ def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
                               digest=image_digests.get(name))
             inp = model_input(model, name, secrets=secrets, overrides=overrides.get(name) or {}, image=image)
             objects = render_component(inp, opts)
-            stamp(objects, inp, opts, fingerprint(objects))
+            stamp(objects, inp, opts, fingerprint(objects, fingerprint_key))
             out.extend(objects)
     return json.loads(json.dumps(out))
 

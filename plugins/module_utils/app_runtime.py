@@ -7,6 +7,11 @@ placement into one ``ComponentSpec`` per component this host runs, each with a f
 (compose, systemd, k8s) makes a host match those specs; the deploy engine (``app_deploy.py``) decides what
 changed by comparing fingerprints, so an unchanged component is never touched.
 
+A fingerprint covers the resolved spec, secrets and site overrides included, and is written where others can
+read it (unit files, container labels, k8s annotations, module results). So it is an HMAC keyed with the
+deploying host's own random key (``app_state.fingerprint_key``), never a plain hash: a plain hash of a spec
+whose only unknown is a weak value (an override password) can be matched offline by hashing candidates.
+
 Standard library only (ships inside Ansible modules).
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import hmac
 import json
 import socket
 import time
@@ -73,10 +79,19 @@ class Observed:
     detail: str = ""
 
 
-def fingerprint(data: Mapping[str, Any]) -> str:
-    """sha256 of canonical JSON; secrets go in hashed, which reveals nothing of a 32-character random value."""
+FINGERPRINT_PREFIX = "hmac-sha256:"
+MIN_FINGERPRINT_KEY = 32
+
+
+def fingerprint(data: Any, key: bytes) -> str:
+    """``hmac-sha256:<hex>``: HMAC-SHA256 under ``key`` (the host's fingerprint key) of the canonical JSON of
+    ``data``. The same data under the same key gives the same fingerprint; without the key, nothing of the
+    data (secrets, override values) can be checked against it."""
+    if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_FINGERPRINT_KEY:
+        raise ValueError("a fingerprint key is at least %d random bytes (app_state.fingerprint_key)"
+                         % MIN_FINGERPRINT_KEY)
     raw = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return FINGERPRINT_PREFIX + hmac.new(bytes(key), raw, hashlib.sha256).hexdigest()
 
 
 def components_on(placement: Mapping[str, Sequence[str]], host: str) -> List[str]:
@@ -103,8 +118,10 @@ def dependency_addresses(model: dict, placement: Mapping[str, Sequence[str]], ho
 def desired_specs(model: dict, images: Mapping[str, Mapping[str, Any]], *, host: str, platform: str,
                   placement: Mapping[str, Sequence[str]], addresses: Mapping[str, str],
                   secrets: Mapping[str, str], overrides: Mapping[str, Mapping[str, object]],
-                  registry: str, local_address: str | Callable[[str], str] = LOCAL_ADDRESS) -> List[ComponentSpec]:
-    """The specs of the components ``host`` runs, in start order (dependencies first)."""
+                  registry: str, fingerprint_key: bytes,
+                  local_address: str | Callable[[str], str] = LOCAL_ADDRESS) -> List[ComponentSpec]:
+    """The specs of the components ``host`` runs, in start order (dependencies first); their fingerprints
+    are keyed with ``fingerprint_key`` (``app_state.fingerprint_key`` of the state directory)."""
     mine = set(components_on(placement, host))
     unknown = sorted(set(overrides) - set(model["components"]))
     if unknown:
@@ -117,13 +134,14 @@ def desired_specs(model: dict, images: Mapping[str, Mapping[str, Any]], *, host:
         for name in level:
             if name in mine:
                 specs.append(_spec(model, name, images, platform=platform, secrets=secrets, hosts=hosts,
-                                   overrides=overrides.get(name) or {}, registry=registry, mine=mine))
+                                   overrides=overrides.get(name) or {}, registry=registry, mine=mine,
+                                   fingerprint_key=fingerprint_key))
     return specs
 
 
 def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, platform: str,
           secrets: Mapping[str, str], hosts: Mapping[str, str], overrides: Mapping[str, object],
-          registry: str, mine: set) -> ComponentSpec:
+          registry: str, mine: set, fingerprint_key: bytes) -> ComponentSpec:
     comp = model["components"][name]
     image = images.get(name)
     if not image:
@@ -153,7 +171,7 @@ def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, pl
     # The version alone does not restart a component: only what it runs does.
     for key in ("version", "fingerprint"):
         data.pop(key)
-    return ComponentSpec(**{**asdict(spec), "fingerprint": fingerprint(data)})
+    return ComponentSpec(**{**asdict(spec), "fingerprint": fingerprint(data, fingerprint_key)})
 
 
 def probe_spec(model: dict, name: str) -> ComponentSpec:

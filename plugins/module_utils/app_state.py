@@ -4,6 +4,7 @@
 
 Layout under the host's state directory (``/var/lib/offline-delivery``, 0700 root)::
 
+    fingerprint.key              0600  the host's key of the component fingerprints (``fingerprint_key``)
     apps/<app>/state.json        0600  current and previous release, kept release models, history
     apps/<app>/env/<comp>.env    0600  the component's resolved env (written by the runtimes)
     apps/<app>/snapshots/<version>/<volume>.tar   0600  data snapshots taken before an upgrade
@@ -14,6 +15,7 @@ new state, never half of one. Standard library only.
 
 from __future__ import annotations
 
+import binascii
 import copy
 import json
 import os
@@ -30,6 +32,8 @@ from .names import name_problem, version_problem
 SCHEMA = 1
 HISTORY_MAX = 100
 KEPT_RELEASES = 5
+FINGERPRINT_KEY_FILE = "fingerprint.key"
+FINGERPRINT_KEY_BYTES = 32
 
 
 class StateError(RuntimeError):
@@ -78,6 +82,68 @@ def write_private(path: str, data: bytes) -> bool:
             os.unlink(tmp)
         raise
     return True
+
+
+def fingerprint_key(state_dir: str, *, create: bool = True) -> bytes:
+    """The key of this host's component fingerprints (HMAC-SHA256, ``app_runtime.fingerprint``): 32 random
+    bytes in ``<state_dir>/fingerprint.key`` (0600, hex), made once and read ever after.
+
+    A fingerprint is written where others can read it (unit files, container labels, k8s annotations, module
+    results); keyed, it still tells "same spec" from "changed" on this host, but reveals nothing that can be
+    guessed offline from the env values and secrets it covers. Without the file and with ``create`` False (check
+    mode), a key of this run only: nothing is written, and every component shows as changed, as it will be
+    on the first real deploy with a new key.
+    """
+    path = os.path.join(state_dir, FINGERPRINT_KEY_FILE)
+    try:
+        return _read_fingerprint_key(path)
+    except FileNotFoundError:
+        if not create:
+            return os.urandom(FINGERPRINT_KEY_BYTES)
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # Made complete under a name of its own (O_EXCL, 0600 from the start), then linked into place: a
+        # concurrent deploy of another app either makes it first (then its key is used) or finds it whole.
+        tmp = os.path.join(state_dir, ".%s.%s.tmp" % (FINGERPRINT_KEY_FILE, binascii.hexlify(os.urandom(8)).decode()))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, binascii.hexlify(os.urandom(FINGERPRINT_KEY_BYTES)) + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise StateError("cannot make the fingerprint key %s: %s; the state directory must be writable by the "
+                         "user the deploy runs as" % (path, exc.strerror or exc)) from None
+    return _read_fingerprint_key(path)
+
+
+def _read_fingerprint_key(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_mode & 0o077:
+                os.fchmod(fh.fileno(), 0o600)
+            raw = fh.read(4 * FINGERPRINT_KEY_BYTES).strip()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise StateError("cannot read the fingerprint key %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        key = binascii.unhexlify(raw)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != FINGERPRINT_KEY_BYTES:
+        raise StateError("%s is not a fingerprint key (%d hex digits): move it away; the next deploy makes a new "
+                         "one, and every component of every app on this host restarts once"
+                         % (path, 2 * FINGERPRINT_KEY_BYTES))
+    return key
 
 
 class AppState:

@@ -12,8 +12,9 @@ No container runtime on the host. Per component ``<c>`` of app ``<a>``:
   (seeded from the image on first use, as Docker does for a fresh named volume);
 - environment ``<state_dir>/apps/<a>/env/<c>.env`` (0600 root; image Env, then the spec's env).
 
-The spec's fingerprint is a comment line of the unit (``# offline-delivery fingerprint: sha256:...``):
-systemd ignores it, ``observe`` reads it back. A unit file is written only by ``start``, which then restarts
+The spec's fingerprint is a comment line of the unit (``# offline-delivery fingerprint: hmac-sha256:...``,
+keyed with the host's fingerprint key, so the 0644 unit reveals nothing of the env it covers): systemd
+ignores it, ``observe`` reads it back. A unit file is written only by ``start``, which then restarts
 that unit, so the fingerprint in the file is what runs once the unit is active.
 
 Standard library only.

@@ -16,6 +16,9 @@ description:
   - Plans first by comparing each component's fingerprint (image, env, config files, ports, volumes, health)
     with what runs; only added and changed components are started, level by level in dependency order, each
     level waited on with the model's health checks. Unchanged components keep running untouched.
+  - A fingerprint is an HMAC-SHA256 (C(hmac-sha256:<hex>)) keyed with this host's random fingerprint key,
+    C(<state_dir>/fingerprint.key) (made once, 0600): it is written into unit files, container labels, k8s
+    annotations and this module's result, and reveals nothing of the secrets and overrides it covers.
   - When a health check fails, the release that ran before is put back (O(auto_rollback)), and the module fails
     naming the component and why. Volumes (data) are never removed.
   - Records the current and previous release, the site overrides, and a history (when, by whom, what changed)
@@ -77,6 +80,8 @@ options:
     description:
       - Site overrides of env values - component name to a mapping of variable name to value. Omitted, the
         overrides recorded at the last deploy are kept.
+      - Not logged (a value may be a credential); Ansible then hides every occurrence of an override value in
+        what the module returns, so a very short value (V(1)) also masks parts of versions or fingerprints there.
     type: dict
   registry:
     description: The site registry, C(host:port).
@@ -199,16 +204,23 @@ from ..module_utils.app_state import AppState, StateError, app_lock
 from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
 
 
+def _short(fp: str) -> str:
+    """A fingerprint for the diff: its scheme and 12 hex digits."""
+    scheme, _sep, digest = fp.rpartition(":")
+    return "%s:%s" % (scheme, digest[:12]) if scheme else fp[:12]
+
+
 def _diff(engine: Engine, result: dict) -> dict:
     before_rec = engine.state.current
     before = ""
     if before_rec:
         kept = engine.state.release(before_rec["version"]) or {"images": {}}
         before = "release: %s\n" % before_rec["version"] + "".join(
-            "%s: %s %s\n" % (name, kept["images"].get(name, {}).get("reference", "?"), fp[:19])
+            "%s: %s %s\n" % (name, kept["images"].get(name, {}).get("reference", "?"), _short(fp))
             for name, fp in sorted(before_rec["fingerprints"].items()))
     after = "release: %s\n" % result["version"] + "".join(
-        "%s: %s %s\n" % (name, c["image"], c["fingerprint"][:19]) for name, c in sorted(result["components"].items()))
+        "%s: %s %s\n" % (name, c["image"], _short(c["fingerprint"]))
+        for name, c in sorted(result["components"].items()))
     for comp, changes in sorted((result.get("model_diff") or {}).get("env_defaults", {}).items()):
         for key, change in sorted(changes.items()):
             after += "env default %s.%s: %s -> %s\n" % (comp, key, change["old"], change["new"])
@@ -229,7 +241,7 @@ def main() -> None:
             "placement": {"type": "dict"},
             "addresses": {"type": "dict", "default": {}},
             "secrets": {"type": "dict", "default": {}, "no_log": True},
-            "overrides": {"type": "dict"},
+            "overrides": {"type": "dict", "no_log": True},
             "registry": {"type": "str", "required": True},
             "health_timeout": {"type": "int", "default": 300},
             "snapshot": {"type": "bool", "default": False},

@@ -17,7 +17,9 @@ description:
     for every env value and config file that holds a site secret (never inline).
   - Images are pinned as C(<registry>/<reference>@<index digest>). Every object carries the
     C(app.kubernetes.io/*) labels and an C(offline.delivery/spec-fingerprint) annotation that changes exactly
-    when the component's spec does.
+    when the component's spec does. The fingerprint is an HMAC keyed with this host's fingerprint key
+    (C(<state_dir>/fingerprint.key), made once, 0600), so it reveals nothing of the secrets and site overrides
+    it covers to whoever may read the objects.
   - The objects are checked across each other (selectors, Service ports, Secret and ConfigMap references,
     volume mounts) and the module fails naming every problem. Schema validation for a Kubernetes version is
     done with C(kubernetes-validate --strict) on the written directory (see docs/kubernetes.md).
@@ -62,8 +64,16 @@ options:
   overrides:
     description:
       - Site overrides of env values, per component, for example C(api) mapped to C(SHOP_CURRENCY=CHF).
+      - Not logged (a value may be a credential); Ansible then hides every occurrence of an override value in
+        what the module returns.
     type: dict
     default: {}
+  state_dir:
+    description:
+      - Where this host keeps its fingerprint key (C(fingerprint.key)), the state directory of
+        M(offline.delivery.app_deploy). Made on the first render that is not in check mode.
+    type: path
+    default: /var/lib/offline-delivery
   namespace:
     description:
       - Namespace of every object. Defaults to the application name.
@@ -147,6 +157,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app_k8s import (FINGERPRINT_ANNOTATION, K8sRenderError, check_manifests, component_of, redact,
                                     render_manifests, write_manifest_dir)
 from ..module_utils.app_model import ModelError, load_model
+from ..module_utils.app_state import StateError, fingerprint_key
 
 
 def _digests(module: AnsibleModule, images: dict) -> dict:
@@ -167,7 +178,8 @@ def main() -> None:
             "images": {"type": "dict", "required": True},
             "registry": {"type": "str", "required": True},
             "secrets": {"type": "dict", "required": True, "no_log": True},
-            "overrides": {"type": "dict", "default": {}},
+            "overrides": {"type": "dict", "default": {}, "no_log": True},
+            "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
             "namespace": {"type": "str"},
             "include_namespace": {"type": "bool", "default": True},
             "storage_class": {"type": "str"},
@@ -183,14 +195,15 @@ def main() -> None:
     if len(p["node_port_range"]) != 2 or p["node_port_range"][0] > p["node_port_range"][1]:
         module.fail_json(msg="node_port_range: give [first, last], e.g. [30000, 32767]")
     try:
+        key = fingerprint_key(p["state_dir"], create=not module.check_mode)
         model = load_model(p["model"], source="model")
         objects = render_manifests(
             model, namespace=p["namespace"] or model["name"], secrets={k: str(v) for k, v in p["secrets"].items()},
             overrides=p["overrides"], registry=p["registry"], image_digests=_digests(module, p["images"]),
             storage_class=p["storage_class"], labels=p["labels"], volume_sizes=p["volume_sizes"],
             publish_type=p["publish_type"], node_port_range=tuple(p["node_port_range"]),
-            include_namespace=p["include_namespace"])
-    except (ModelError, K8sRenderError) as exc:
+            include_namespace=p["include_namespace"], fingerprint_key=key)
+    except (ModelError, K8sRenderError, StateError) as exc:
         module.fail_json(msg=str(exc))
     problems = check_manifests(objects)
     if problems:

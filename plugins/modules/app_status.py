@@ -13,6 +13,8 @@ version_added: 0.2.0
 description:
   - Reads the host's state of the app (current and previous release, overrides, history) and checks each
     component once - present, running, as deployed (same fingerprint), healthy by the model's health check.
+  - The status names the env variables the site overrides but never their values (they may be credentials, and
+    the status goes into reports that leave the site); the values stay in the host's 0600 state.
   - Changes nothing.
 author:
   - offline.delivery developers (@offline-delivery)
@@ -59,6 +61,9 @@ status:
     previous_version:
       description: The release before it.
       type: str
+    overridden:
+      description: Per component, the names of the env variables the site overrides (never the values).
+      type: dict
     healthy:
       description: Every component present, running, as deployed and healthy.
       type: bool

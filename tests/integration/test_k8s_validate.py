@@ -25,7 +25,8 @@ VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
 def shop_manifests(version: str, **kwargs: object) -> list:
     model = load_model(yaml.safe_load((ROOT / "examples" / "shop" / ("app-%s.yml" % version)).read_text()))
     args = dict(namespace="shop", secrets=SECRETS, registry="repo.site:5000",
-                image_digests={c: "sha256:" + "0f" * 32 for c in model["components"]}, include_namespace=True)
+                image_digests={c: "sha256:" + "0f" * 32 for c in model["components"]}, include_namespace=True,
+                fingerprint_key=b"k" * 32)
     args.update(kwargs)
     return render_manifests(model, **args)  # type: ignore[arg-type]
 

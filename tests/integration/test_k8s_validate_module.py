@@ -33,7 +33,7 @@ def release(version: str) -> dict:
 
 def args(version: str, dest: Path) -> dict:
     return dict(release(version), registry="repo.site:5000", secrets=SECRETS, storage_class="local-path",
-                dest=str(dest))
+                dest=str(dest), state_dir=str(dest.parent / "state"))  # the fingerprint key, not the host's
 
 
 def test_render_check_write_unchanged_upgrade(collections_path: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -21,6 +21,7 @@ SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"
 HOST = "node1"
 PLATFORM = "linux/amd64"
 SECRETS = {"db_password": "d" * 32, "redis_password": "r" * 32}
+KEY = bytes(range(32))
 
 
 def model(version: str) -> dict:
@@ -203,7 +204,8 @@ def test_uninstall_keeps_history(tmp_path: Path) -> None:
 def test_plan_and_levels() -> None:
     m = model("1.0.0")
     specs = desired_specs(m, images(m), host=HOST, platform=PLATFORM, placement={n: [HOST] for n in m["components"]},
-                          addresses={}, secrets=SECRETS, overrides={}, registry="repo:5000")
+                          addresses={}, secrets=SECRETS, overrides={}, registry="repo:5000",
+                          fingerprint_key=KEY)
     assert [[s.name for s in level] for level in start_levels(specs)] == [["db", "redis"], ["api"], ["gateway"]]
     seen = {"db": Observed(specs[0].fingerprint, True), "api": Observed("sha256:old", True),
             "redis": Observed(specs[1].fingerprint, False), "old": Observed("x", True)}
@@ -216,7 +218,8 @@ def test_dependency_on_another_host_resolves_to_its_address() -> None:
     m = model("1.0.0")
     placement = {"db": ["dbhost"], "redis": [HOST], "api": [HOST], "gateway": [HOST]}
     specs = desired_specs(m, images(m), host=HOST, platform=PLATFORM, placement=placement,
-                          addresses={"dbhost": "10.0.0.9"}, secrets=SECRETS, overrides={}, registry="repo:5000")
+                          addresses={"dbhost": "10.0.0.9"}, secrets=SECRETS, overrides={}, registry="repo:5000",
+                          fingerprint_key=KEY)
     api = next(s for s in specs if s.name == "api")
     assert api.env["DB_HOST"] == "10.0.0.9" and api.env["REDIS_HOST"] == "127.0.0.1"
     assert api.local_deps == ["redis"] and "db" not in [s.name for s in specs]

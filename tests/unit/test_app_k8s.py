@@ -23,6 +23,7 @@ from offline_delivery_core.app_model import load_model
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {"db_password": "Pw" * 16, "redis_password": "Rp" * 16}
 DIGEST = "sha256:" + "ab" * 32
+KEY = b"k" * 32  # the fingerprint key (app_state.fingerprint_key)
 
 
 def shop(version: str = "1.0.0") -> dict:
@@ -32,7 +33,7 @@ def shop(version: str = "1.0.0") -> dict:
 
 def render(model: dict, **kwargs: object) -> list:
     args = dict(namespace="shop", secrets=SECRETS, registry="repo.site:5000",
-                image_digests={c: DIGEST for c in model["components"]})
+                image_digests={c: DIGEST for c in model["components"]}, fingerprint_key=KEY)
     args.update(kwargs)
     return render_manifests(model, **args)  # type: ignore[arg-type]
 
