@@ -3,7 +3,8 @@ tiny test image and the debian-12/amd64 closures of the given package profiles. 
 added: the repo host installs its own tools (nginx, gpg, the registry) from them.
 
 Usage: make_bundle.py OUT_DIR PROFILE[,PROFILE...]
-Writes OUT_DIR/bundle/mini-1.0.0.bundle and OUT_DIR/vendor.pub; does nothing when they exist."""
+Writes OUT_DIR/bundle/mini-1.0.0.bundle, OUT_DIR/vendor.pub and OUT_DIR/vendor.fingerprint (what the site pins in
+offline_delivery_vendor_keys); does nothing when they exist."""
 from __future__ import annotations
 
 import subprocess
@@ -29,7 +30,7 @@ components:
 
 def main(out: Path, profiles: list[str]) -> None:
     bundle = out / "bundle" / "mini-1.0.0.bundle"
-    if bundle.exists() and (out / "vendor.pub").exists():
+    if bundle.exists() and (out / "vendor.pub").exists() and (out / "vendor.fingerprint").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
     image = TestImage("mini/web:1.0.0", "amd64", [rootfs_layer({"bin/busybox": b"busybox-amd64"}, arch="amd64")])
@@ -37,7 +38,10 @@ def main(out: Path, profiles: list[str]) -> None:
     (out / "app.yml").write_text(APP)
     cli = str(Path(sys.executable).with_name("bundle-builder"))
     wanted = ",".join(dict.fromkeys(["base", "repo", *profiles]))
-    subprocess.run([cli, "keygen", str(out / "vendor")], check=True, timeout=60)
+    subprocess.run([cli, "keygen", str(out / "vendor")], check=True, timeout=60, stdout=subprocess.DEVNULL)
+    printed = subprocess.run([cli, "fingerprint", str(out / "vendor.pub")], check=True, timeout=60,
+                             capture_output=True, text=True).stdout
+    (out / "vendor.fingerprint").write_text(printed.split()[0] + "\n")
     subprocess.run([cli, "build", str(out / "app.yml"), "-o", str(out / "bundle"), "--images-from",
                     f"oci:{out / 'oci'}", "--platform", "linux/amd64", "--sign-key", str(out / "vendor.key"),
                     "--packages", "debian-12", "--package-profiles", wanted], check=True, timeout=1800)
