@@ -17,7 +17,7 @@ description:
     with what runs; only added and changed components are started, level by level in dependency order, each
     level waited on with the model's health checks. Unchanged components keep running untouched.
   - A fingerprint is an HMAC-SHA256 (C(hmac-sha256:<hex>)) keyed with this host's random fingerprint key,
-    C(<state_dir>/fingerprint.key) (made once, 0600): it is written into unit files, container labels, k8s
+    C(<state_dir>/fingerprint.key) (made once, 0600). It is written into unit files, container labels, k8s
     annotations and this module's result, and reveals nothing of the secrets and overrides it covers.
   - When a health check fails, the release that ran before is put back (O(auto_rollback)), and the module fails
     naming the component and why. Volumes (data) are never removed.
