@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any, Dict, List, Sequence, Tuple
 
-from .app_model import parse_memory
+from .app_model import capabilities_of, parse_memory
 from .app_runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
 from .app_state import app_dir, ensure_private_dir, write_private
 
@@ -250,6 +250,11 @@ class ComposeRuntime(Runtime):
             service["command"] = [compose_literal(a) for a in spec.command]
         if spec.user:
             service["user"] = spec.user
+        # The same containment as every target: the model's capabilities only, no new privileges unless allowed.
+        service["cap_drop"] = ["ALL"]
+        service["cap_add"] = capabilities_of(spec.security)
+        if not spec.security.get("privilege_escalation"):
+            service["security_opt"] = ["no-new-privileges:true"]
         mounts = [{"type": "volume", "source": vol["name"], "target": vol["path"]} for vol in spec.volumes]
         for index, cfg in enumerate(spec.config_files):
             host_path = os.path.join(self.private_dir, "config", spec.name,

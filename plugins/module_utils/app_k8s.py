@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 T = TypeVar("T")
 
-from .app_model import ModelError, effective_env, references, render_config, start_order
+from .app_model import ModelError, capabilities_of, effective_env, references, render_config, start_order
 from .app_runtime import ComponentSpec, DeployError, Observed, Runtime
 from .app_runtime import fingerprint as keyed_fingerprint
 from .k8s_client import K8sClient, K8sError, wait_for
@@ -192,14 +192,21 @@ def _probes(comp: Mapping[str, Any]) -> dict:
     return json.loads(json.dumps(probes))  # no shared sub-objects between the three probes
 
 
-def _security_context(name: str, user: Optional[str]) -> dict:
+def _security_context(name: str, user: Optional[str], security: Mapping[str, Any]) -> dict:
+    """The same containment as every target: the model's capabilities only (drop ALL, add them), no privilege
+    escalation unless the model allows it, the runtime's default seccomp profile."""
+    ctx: Dict[str, Any] = {
+        "allowPrivilegeEscalation": bool(security.get("privilege_escalation")),
+        "capabilities": {"drop": ["ALL"], "add": capabilities_of(security)},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     if user is None:
-        return {}
+        return ctx
     match = NUMERIC_USER_RE.match(user)
     if not match:
         raise K8sRenderError("components.%s.user: %r is a name; Kubernetes needs numeric ids (runAsUser/"
                              "runAsGroup): write it as uid or uid:gid" % (name, user))
-    ctx = {"runAsUser": int(match.group(1))}
+    ctx["runAsUser"] = int(match.group(1))
     if match.group(2) is not None:
         ctx["runAsGroup"] = int(match.group(2))
     return ctx
@@ -253,6 +260,7 @@ class ComponentInput:
     resources: Mapping[str, Any] = field(default_factory=dict)
     group: Optional[str] = None
     description: str = ""
+    security: Mapping[str, Any] = field(default_factory=dict)   # the model's (app_model.capabilities_of)
 
 
 def _env_list(inp: ComponentInput, kname: str) -> List[dict]:
@@ -312,9 +320,7 @@ def _container(inp: ComponentInput, kname: str, mounts: List[dict]) -> dict:
     resources = _resources(inp.resources)
     if resources:
         container["resources"] = resources
-    security = _security_context(inp.name, inp.user)
-    if security:
-        container["securityContext"] = security
+    container["securityContext"] = _security_context(inp.name, inp.user, inp.security)
     all_mounts = mounts + [{"name": v["name"], "mountPath": v["path"]} for v in inp.volumes]
     if all_mounts:
         container["volumeMounts"] = sorted(all_mounts, key=lambda m: m["mountPath"])
@@ -436,6 +442,7 @@ def model_input(model: dict, name: str, *, secrets: Mapping[str, str], overrides
                           volumes=comp["volumes"], health=comp["health"], entrypoint=comp["entrypoint"],
                           command=comp["command"], user=comp["user"], replicas=comp["replicas"],
                           resources=comp["resources"], group=comp["placement"]["group"],
+                          security=comp.get("security") or {},
                           description=comp["description"])
 
 
@@ -715,7 +722,7 @@ def spec_input(spec: ComponentSpec, *, secret_values: Iterable[str], group: Opti
         secret_files={i for i, f in enumerate(files) if _holds_secret(f["content"], values)},
         ports=list(spec.ports), volumes=list(spec.volumes), health=spec.health, entrypoint=spec.entrypoint,
         command=spec.command, user=spec.user, replicas=spec.replicas, resources=dict(spec.resources or {}),
-        group=group, description=description)
+        group=group, description=description, security=dict(spec.security or {}))
 
 
 def pod_problem(pod: Mapping[str, Any]) -> str:

@@ -76,8 +76,20 @@ TOP_FIELDS = ("apiVersion", "kind", "name", "version", "description", "secrets",
 SECRET_FIELDS = ("length", "charset")
 COMPONENT_FIELDS = (
     "image", "description", "entrypoint", "command", "user", "ports", "env", "config_files", "volumes",
-    "health", "replicas", "resources", "placement", "depends_on", "exports",
+    "health", "replicas", "resources", "placement", "depends_on", "exports", "security",
 )
+SECURITY_FIELDS = ("capabilities", "privilege_escalation")
+# Every target runs a component with these Linux capabilities only (capabilities(7), without CAP_): what an
+# entrypoint needs to set up its files and drop to its own user (chown, setuid/setgid) and to bind a low port.
+# A component adds what its image truly needs in security.capabilities; the same set on compose (cap_drop ALL +
+# cap_add), systemd (CapabilityBoundingSet=) and Kubernetes (capabilities drop ALL + add).
+DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "SETGID", "SETUID")
+CAPABILITIES = DEFAULT_CAPABILITIES + (
+    "AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "BPF", "CHECKPOINT_RESTORE", "DAC_READ_SEARCH",
+    "IPC_LOCK", "IPC_OWNER", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE", "MKNOD", "NET_ADMIN",
+    "NET_BROADCAST", "NET_RAW", "PERFMON", "SETFCAP", "SETPCAP", "SYS_ADMIN", "SYS_BOOT", "SYS_CHROOT",
+    "SYS_MODULE", "SYS_NICE", "SYS_PACCT", "SYS_PTRACE", "SYS_RAWIO", "SYS_RESOURCE", "SYS_TIME",
+    "SYS_TTY_CONFIG", "SYSLOG", "WAKE_ALARM")
 PORT_FIELDS = ("name", "port", "protocol", "publish")
 CONFIG_FILE_FIELDS = ("path", "content", "mode")
 VOLUME_FIELDS = ("name", "path")
@@ -693,6 +705,41 @@ def _load_resources(data: object, path: str, errors: _Errors) -> dict:
     return result
 
 
+def _load_security(data: object, path: str, errors: _Errors) -> dict:
+    """``{capabilities: [added to DEFAULT_CAPABILITIES], privilege_escalation: false}``: what a component may do
+    beyond the contained default every target applies (docs/app-model.md, "security")."""
+    result: Dict[str, Any] = {"capabilities": [], "privilege_escalation": False}
+    if data is None:
+        return result
+    mapping = _mapping(data, path, errors, "a mapping {capabilities, privilege_escalation}")
+    if mapping is None:
+        return result
+    _check_fields(mapping, SECURITY_FIELDS, path, errors)
+    caps = mapping.get("capabilities", [])
+    if not isinstance(caps, list):
+        errors.add(_join(path, "capabilities"), "expected a list of capability names such as [NET_ADMIN]")
+        caps = []
+    for i, cap in enumerate(caps):
+        name = cap.upper()[4:] if isinstance(cap, str) and cap.upper().startswith("CAP_") else cap
+        if not isinstance(name, str) or name.upper() not in CAPABILITIES:
+            errors.add("%s[%d]" % (_join(path, "capabilities"), i), "unknown capability %r (capabilities(7) names "
+                       "such as NET_ADMIN or SYS_PTRACE)" % (cap,))
+        else:
+            result["capabilities"].append(name.upper())
+    result["capabilities"] = sorted(set(result["capabilities"]) - set(DEFAULT_CAPABILITIES))
+    escalation = mapping.get("privilege_escalation", False)
+    if not isinstance(escalation, bool):
+        errors.add(_join(path, "privilege_escalation"), "expected true or false, got %r" % (escalation,))
+    else:
+        result["privilege_escalation"] = escalation
+    return result
+
+
+def capabilities_of(security: Mapping[str, Any]) -> List[str]:
+    """The capabilities a component runs with on every target: the default set plus what it adds."""
+    return sorted(set(DEFAULT_CAPABILITIES) | set(security.get("capabilities") or ()))
+
+
 def _load_placement(data: object, path: str, errors: _Errors) -> dict:
     result: Dict[str, Optional[str]] = {"group": None}
     if data is None:
@@ -792,6 +839,7 @@ def _load_component(data: object, path: str, errors: _Errors) -> Optional[dict]:
         "placement": _load_placement(mapping.get("placement"), _join(path, "placement"), errors),
         "depends_on": _load_depends_on(mapping.get("depends_on"), _join(path, "depends_on"), errors),
         "exports": _load_env_map(mapping.get("exports"), _join(path, "exports"), errors),
+        "security": _load_security(mapping.get("security"), _join(path, "security"), errors),
     }
 
 

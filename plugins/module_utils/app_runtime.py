@@ -59,6 +59,7 @@ class ComponentSpec:
     local_deps: List[str] = field(default_factory=list)                 # those running on this host
     replicas: int = 1
     resources: Dict[str, Any] = field(default_factory=dict)
+    security: Dict[str, Any] = field(default_factory=dict)       # the model's, normalised: app_model.capabilities_of
     fingerprint: str = ""
 
     def public(self) -> Dict[str, Any]:
@@ -166,6 +167,7 @@ def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, pl
         health=comp.get("health"), depends_on=dict(comp["depends_on"]),
         local_deps=sorted(d for d in comp["depends_on"] if d in mine),
         replicas=comp.get("replicas") or 1, resources=dict(comp.get("resources") or {}),
+        security=dict(comp.get("security") or {}),
     )
     data = asdict(spec)
     # The version alone does not restart a component: only what it runs does.

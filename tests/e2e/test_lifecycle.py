@@ -139,6 +139,22 @@ def test_install_runs_the_shop_on_every_target(site: Site, installed: dict[str, 
         assert listing["currency"] == "CHF", "the site override reaches the API"
 
 
+def test_systemd_units_are_contained(site: Site, installed: dict[str, Any]) -> None:
+    """systemd-analyze security rates every unit of the shop 'OK' (exposure 4.9 or less) on amd64 and arm64; the
+    figures go to OD_EXPOSURE_FILE when set (docs/reliability.md, "Containment")."""
+    figures = {}
+    for host in ("node3", "arm1"):
+        for comp in ("db", "redis", "api", "gateway"):
+            res = site.exec(host, f"systemd-analyze security --no-pager od-shop-{comp}.service | tail -n 1",
+                            timeout=120)
+            match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", res.stdout)
+            assert res.rc == 0 and match, (host, comp, res.output)
+            figures[f"{host} {comp}"] = f"{match.group(1)} {match.group(2)}"
+            assert float(match.group(1)) <= 4.9, (host, comp, res.stdout)
+    if os.environ.get("OD_EXPOSURE_FILE"):
+        Path(os.environ["OD_EXPOSURE_FILE"]).write_text(json.dumps(figures, indent=2) + "\n")
+
+
 def test_secrets_are_private_on_site(site: Site, installed: dict[str, Any]) -> None:
     mode, _ = installed["secrets"]
     assert mode == "600"

@@ -243,7 +243,10 @@ def test_names_starting_with_a_digit_and_placement_and_user() -> None:
     assert find(objects, "Service", "c-3d")["spec"]["selector"]["app.kubernetes.io/component"] == "3d"
     pod = dep["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"offline.delivery/group.gpu_nodes": "true"}
-    assert pod["containers"][0]["securityContext"] == {"runAsUser": 1000, "runAsGroup": 1001}
+    ctx = pod["containers"][0]["securityContext"]
+    assert (ctx["runAsUser"], ctx["runAsGroup"]) == (1000, 1001)
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["capabilities"]["drop"] == ["ALL"] and "NET_ADMIN" not in ctx["capabilities"]["add"]
     assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
     assert check_manifests(objects) == []
     comps["3d"]["user"] = "postgres"
