@@ -30,6 +30,7 @@ _VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?\Z", re.DOTA
 _HANDLED_KEYS = {
     "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
     "depends_on", "healthcheck", "deploy", "configs", "secrets", "user", "links", "scale", "cpus", "mem_limit",
+    "cap_add",
 }
 _HINTS = {
     "restart": "the product restarts failed components itself (systemd Restart=on-failure, compose "
@@ -42,7 +43,6 @@ _HINTS = {
     "labels": "the model has no labels",
     "logging": "logs go to the target's log system (docker logs, journald, kubectl logs)",
     "privileged": "refused on purpose: components run unprivileged",
-    "cap_add": "the model grants no extra capabilities",
     "network_mode": "each application gets one network",
     "platform": "platforms are chosen when the bundle is built (--platform)",
     "profiles": "every service of the file is converted whatever its profile",
@@ -233,6 +233,13 @@ class _Converter:
                     component[key] = argv
         if spec.get("user") is not None:
             component["user"] = str(spec["user"])
+        if spec.get("cap_add"):
+            # beyond the contained default every target applies (docs/app-model.md, security); the model
+            # validates the names
+            caps = spec["cap_add"] if isinstance(spec["cap_add"], list) else [spec["cap_add"]]
+            component["security"] = {"capabilities": [str(c) for c in caps]}
+            self.note("%s.cap_add" % path, "kept as security.capabilities: %s (every other capability is dropped "
+                      "on every target)" % ", ".join(str(c) for c in caps))
         ports = self.convert_ports(spec, path)
         if ports:
             component["ports"] = ports

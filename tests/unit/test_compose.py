@@ -224,6 +224,7 @@ def test_unsupported_keys_are_all_reported():
     proxy = comps["proxy-service"]
     assert proxy["ports"] == [8443]
     assert proxy["env"] == {"MODE": "edge"}
+    assert proxy["security"] == {"capabilities": ["NET_ADMIN"]}
     assert "health" not in proxy and "depends_on" not in proxy
     assert proxy["volumes"] == [{"name": "proxy-service-docker-sock", "path": "/var/run/docker.sock"},
                                 {"name": "certs", "path": "/certs"}]
@@ -247,7 +248,7 @@ def test_unsupported_keys_are_all_reported():
         "services.Proxy_Service.container_name": "not converted",
         "services.Proxy_Service.restart": "not converted",
         "services.Proxy_Service.privileged": "refused on purpose",
-        "services.Proxy_Service.cap_add": "not converted",
+        "services.Proxy_Service.cap_add": "kept as security.capabilities: NET_ADMIN",
         "services.Proxy_Service.networks": "not converted",
         "services.Proxy_Service.labels": "not converted",
         "services.Proxy_Service.logging": "not converted",
