@@ -1,6 +1,6 @@
-"""Build the small signed bundle a runtime scenario's repo host imports (container_runtime, systemd_host): one
-tiny test image and the debian-12/amd64 closures of the given package profiles. base and repo are always
-added: the repo host installs its own tools (nginx, gpg, the registry) from them.
+"""Build the small signed bundle a molecule scenario's repo host imports (offline_repo, container_runtime,
+systemd_host): one tiny test image and the debian-12/amd64 closures of the given package profiles. base and repo
+are always added: the repo host installs its own tools (nginx, gpg, the registry) from them.
 
 Usage: make_bundle.py OUT_DIR PROFILE[,PROFILE...]
 Writes OUT_DIR/bundle/mini-1.0.0.bundle, OUT_DIR/vendor.pub and OUT_DIR/vendor.fingerprint (what the site pins in
@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.helpers.images import TestImage, rootfs_layer, write_oci_layout  # noqa: E402
@@ -48,4 +48,4 @@ def main(out: Path, profiles: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), [p for p in sys.argv[2].split(",") if p])
+    main(Path(sys.argv[1]), [p for p in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if p])
