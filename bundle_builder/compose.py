@@ -775,6 +775,13 @@ class _Converter:
                 for cfg in comp.get("config_files", []):
                     if in_url.search(cfg["content"]):
                         self.note("%s: config file %s" % (where, cfg["path"]), self.host_hint(service, component))
+                for key in ("entrypoint", "command"):  # `--db db`, `--db=db`, `redis://redis:6379` in argv
+                    argv = [str(a) for a in comp.get(key) or []]
+                    for i, arg in enumerate(argv):
+                        option_value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else None
+                        after_option = i > 0 and argv[i - 1].startswith("-") and arg == service
+                        if in_url.search(arg) or option_value == service or after_option:
+                            self.note("%s.%s[%d]" % (where, key, i), self.host_hint(service, component))
 
     @staticmethod
     def host_hint(service: str, component: str) -> str:

@@ -519,3 +519,16 @@ def test_fixture_tree_copied_elsewhere_converts_the_same(tmp_path):
     model_there, report_there = convert("", name="shop", base_dir=copy)
     assert model_here == model_there
     assert [line for line in report_here if "not found under" not in line] == report_there
+
+
+def test_a_service_name_in_command_or_entrypoint_arguments_is_reported(tmp_path: Path) -> None:
+    """Under compose `--db db` resolves the service by name; on systemd and Kubernetes it does not (issue 20,
+    item 5): the argument is reported like an env value that names a service."""
+    from bundle_builder.compose import from_compose
+    compose = {"services": {
+        "db": {"image": "x/db:1"}, "cache": {"image": "x/cache:1"},
+        "worker": {"image": "x/worker:1", "command": ["--db", "db", "--cache=cache", "--mode", "db-less"],
+                   "entrypoint": ["/app", "redis://cache:6379/0"]}}}
+    _model, report = from_compose(compose, name="votes", version="1.0.0", base_dir=tmp_path)
+    flagged = sorted(line.split(":", 1)[0] for line in report if "refers to service host name" in line)
+    assert flagged == ["services.worker.command[1]", "services.worker.command[2]", "services.worker.entrypoint[1]"], report
