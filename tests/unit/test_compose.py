@@ -521,7 +521,7 @@ def test_fixture_tree_copied_elsewhere_converts_the_same(tmp_path):
     assert [line for line in report_here if "not found under" not in line] == report_there
 
 
-def test_a_service_name_in_command_or_entrypoint_arguments_is_reported(tmp_path: Path) -> None:
+def test_a_service_name_in_command_or_entrypoint_arguments_is_reported(tmp_path: pathlib.Path) -> None:
     """Under compose `--db db` resolves the service by name; on systemd and Kubernetes it does not (issue 20,
     item 5): the argument is reported like an env value that names a service."""
     from bundle_builder.compose import from_compose
