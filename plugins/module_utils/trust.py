@@ -28,7 +28,7 @@ TRUST_OPTIONS = {
 
 
 class TrustError(ValueError):
-    """The site's pins are malformed, or no pinned key can check a bundle; the message names the field or key."""
+    """The site's pins or revocations are malformed; the message names the entry and what it must be."""
 
 
 def fingerprint(raw_key: bytes) -> str:
