@@ -455,7 +455,7 @@ def hardening_lines(security: Mapping[str, Any]) -> List[str]:
     kernel, cgroups, clock and hostname protected, /usr /boot /etc read-only inside the root, setuid/setgid
     files refused, namespaces and realtime refused, the native system-call set of a service. systemd-analyze
     security rates the shop's units 'OK' (docs/reliability.md)."""
-    lines = [
+    return [
         "CapabilityBoundingSet=" + " ".join("CAP_" + c for c in capabilities_of(security)),
         f"NoNewPrivileges={'no' if security.get('privilege_escalation') else 'yes'}",
         "PrivateDevices=yes",
@@ -476,7 +476,6 @@ def hardening_lines(security: Mapping[str, Any]) -> List[str]:
         "SystemCallFilter=@system-service",
         "SystemCallErrorNumber=EPERM",
     ]
-    return lines
 
 
 def exec_argv(spec: ComponentSpec, config: Mapping[str, Any], root: str) -> List[str]:

@@ -39,17 +39,3 @@ def version_problem(value: object, what: str = "version") -> str | None:
         return f"invalid {what} {value[:80]!r}: must be a semantic version such as 1.2.0 or 1.2.0-rc.1"
     return None
 
-
-def require_name(value: object, what: str = "app_name") -> str:
-    """``value`` when it is a valid name; ValueError naming ``what`` otherwise (for module arguments)."""
-    problem = name_problem(value, what)
-    if problem:
-        raise ValueError(problem)
-    return value  # type: ignore[return-value]
-
-
-def require_version(value: object, what: str = "version") -> str:
-    problem = version_problem(value, what)
-    if problem:
-        raise ValueError(problem)
-    return value  # type: ignore[return-value]
