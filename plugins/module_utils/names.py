@@ -38,4 +38,3 @@ def version_problem(value: object, what: str = "version") -> str | None:
     if len(value) > VERSION_MAX or not SEMVER_RE.match(value):
         return f"invalid {what} {value[:80]!r}: must be a semantic version such as 1.2.0 or 1.2.0-rc.1"
     return None
-
