@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
-from offline_delivery_core.ed25519 import load_public_key_pem
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.bundle.ed25519 import load_public_key_pem
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 
 
 def main(argv: list[str]) -> int:

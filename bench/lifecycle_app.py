@@ -95,7 +95,7 @@ def image_ref(comp: Component, changed: Component, version: str) -> str:
 
 
 def app_model(count: int, version: str) -> dict[str, Any]:
-    """The app.yml of ``version`` (validated by the caller with offline_delivery_core.app_model.load_model)."""
+    """The app.yml of ``version`` (validated by the caller with offline_delivery_core.app.model.load_model)."""
     comps = components(count)
     changed = changed_component(comps)
     out: dict[str, Any] = {}

@@ -32,7 +32,7 @@ from typing import Callable
 import yaml
 
 from bench.lifecycle_app import APP, BASES, SERVER, V1, V2, Component, app_model, changed_component, components
-from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app.model import load_model
 from tests.world import shop_images
 from tests.world.util import cache_dir, file_lock, repo_root
 
@@ -249,7 +249,7 @@ def prepare(count: int, log: Callable[[str], None]) -> Media:
     images_key = _key([count, [d for d, _ in shared], app_model(count, V1), app_model(count, V2), SERVER],
                       [here / "lifecycle_images.py"])
     root = base / f"{count}-{images_key}"
-    code = sorted([*repo_root().glob("bundle_builder/*.py"), *repo_root().glob("plugins/module_utils/*.py")])
+    code = sorted([*repo_root().glob("bundle_builder/*.py"), *repo_root().glob("plugins/module_utils/**/*.py")])
     bundles = root / f"bundles-{_key([], code)}"
     with file_lock(base / ".lock", timeout=BUILD_TIMEOUT):
         built = _cached(root, lambda work: (log(f"writing {count} images (x2 for the changed one) and models"),

@@ -384,9 +384,9 @@ def measure_delta(ctx: Context) -> list[Row]:
 
 def _import_available() -> str | None:
     try:
-        from offline_delivery_core import site_repo  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        from offline_delivery_core.site import repo as site_repo  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
     except ImportError as exc:
-        return f"the site repository code (issue 4, offline_delivery_core.site_repo) is not there yet ({exc})"
+        return f"the site repository code (issue 4, offline_delivery_core.site.repo) is not there yet ({exc})"
     return None
 
 

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, Iterator
 
 import yaml
 
-from offline_delivery_core.app_model import load_model  # the product's validator: the models must pass it
+from offline_delivery_core.app.model import load_model  # the product's validator: the models must pass it
 
 GENERATOR_VERSION = 1
 MB = 1_000_000

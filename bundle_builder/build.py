@@ -20,8 +20,9 @@ from typing import IO, Any, Callable
 
 import yaml
 
-from offline_delivery_core import app_model, bundle_format
-from offline_delivery_core.bundle_format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, HAVE_MEDIA_TYPE,
+from offline_delivery_core.app import model as app_model
+from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle.format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, HAVE_MEDIA_TYPE,
                                                  BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
                                                  PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
 

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from offline_delivery_core import bundle_format, ed25519, trust
-from offline_delivery_core.bundle_format import BundleError
+from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle import trust
+from offline_delivery_core.bundle.format import BundleError
 
 from .progress import human_size, make_progress
 
@@ -120,7 +122,7 @@ def _load_pubs(paths: list[str] | None) -> list[bytes]:
 
 def _check_have_signature(have: str | None, pubs: list[str]) -> None:
     """--have-pub: the have-list must carry a valid signature by one of these (pinned) site keys."""
-    from offline_delivery_core import site_have
+    from offline_delivery_core.site import have as site_have
 
     if not have:
         raise UsageError("--have-pub checks the site signature of a --have file; give --have too")
@@ -282,7 +284,7 @@ def _model_of(path: str, head: bundle_format.BundleHead) -> dict[str, Any]:
 def bundle_diff(old_path: str, new_path: str) -> dict[str, Any]:
     """Components added/removed/changed/unchanged (by config and by image digest per platform) and what a
     delta of NEW against OLD would carry."""
-    from offline_delivery_core import app_model
+    from offline_delivery_core.app import model as app_model
 
     old_head, new_head = bundle_format.read_head(old_path), bundle_format.read_head(new_path)
     result = app_model.diff_models(_model_of(old_path, old_head), _model_of(new_path, new_head))

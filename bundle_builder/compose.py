@@ -12,7 +12,8 @@ import re
 import shlex
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from offline_delivery_core import app_model, names
+from offline_delivery_core.app import model as app_model
+from offline_delivery_core.common import names
 
 MAX_CONFIG_FILE_BYTES = 1024 * 1024
 # Docker's healthcheck defaults, made explicit so the converted component behaves as it did under compose.

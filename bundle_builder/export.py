@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offline_delivery_core.bundle_format import BundleError, read_head
+from offline_delivery_core.bundle.format import BundleError, read_head
 
 from .build import BuildResult, build_bundle
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from offline_delivery_core import ed25519
-from offline_delivery_core.app_release import semver_key
-from offline_delivery_core.site_status import StatusError, verify_status
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site.release import semver_key
+from offline_delivery_core.site.status import StatusError, verify_status
 
 __all__ = ["SiteRow", "FleetError", "FleetReport", "format_table", "rows_to_json", "format_age", "load_site_keys",
            "read_status_file", "site_rows", "newest_versions", "parse_latest", "fleet"]

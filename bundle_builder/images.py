@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from offline_delivery_core.bundle_format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE
+from offline_delivery_core.bundle.format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE
 
 OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
-from offline_delivery_core.bundle_format import sha256_file
+from offline_delivery_core.bundle.format import sha256_file
 
 from .distros import (
     DEB_MEDIA_TYPE,

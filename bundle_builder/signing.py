@@ -1,6 +1,6 @@
 """Ed25519 key pairs and manifest signing (build host only: needs ``cryptography``).
 
-Signatures are checked by the stdlib-only verifier in ``offline_delivery_core.ed25519`` so that a site host
+Signatures are checked by the stdlib-only verifier in ``offline_delivery_core.bundle.ed25519`` so that a site host
 with nothing but python3 can check them.
 """
 
@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from offline_delivery_core import bundle_format, ed25519
+from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle import ed25519
 
 
 class SigningError(ValueError):

@@ -197,11 +197,11 @@ import getpass
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.app_engine import Engine, Target
-from ..module_utils.app_model import ModelError
-from ..module_utils.app_runtime import DeployError
-from ..module_utils.app_state import AppState, StateError, app_lock
-from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.app.engine import Engine, Target
+from ..module_utils.app.model import ModelError
+from ..module_utils.app.runtime import DeployError
+from ..module_utils.app.state import AppState, StateError, app_lock
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
 
 
 def _short(fp: str) -> str:

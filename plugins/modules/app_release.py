@@ -77,8 +77,8 @@ release:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.app_release import read_release
-from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo
+from ..module_utils.site.release import read_release
+from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 
 
 def main() -> None:

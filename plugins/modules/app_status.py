@@ -78,10 +78,10 @@ status:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.app_engine import host_status
-from ..module_utils.app_runtime import DeployError
-from ..module_utils.app_state import AppState, StateError
-from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.app.engine import host_status
+from ..module_utils.app.runtime import DeployError
+from ..module_utils.app.state import AppState, StateError
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
 
 
 def main() -> None:

@@ -67,10 +67,10 @@ data_removed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.app_engine import uninstall
-from ..module_utils.app_runtime import DeployError
-from ..module_utils.app_state import AppState, StateError, app_lock
-from ..module_utils.app_targets import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.app.engine import uninstall
+from ..module_utils.app.runtime import DeployError
+from ..module_utils.app.state import AppState, StateError, app_lock
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ try:
     from bundle_builder.build import BuildError
     from bundle_builder.export import export_bundle
     from bundle_builder.signing import SigningError
-    from offline_delivery_core.ed25519 import load_public_key_files
+    from offline_delivery_core.bundle.ed25519 import load_public_key_files
 except ImportError:
     BUILDER_IMPORT_ERROR = traceback.format_exc()
 else:

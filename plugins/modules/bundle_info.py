@@ -142,8 +142,8 @@ verified:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.bundle_format import BundleError, read_head, summarize_manifest, verify_bundle
-from ..module_utils.trust import TRUST_OPTIONS, check_signer, module_trust
+from ..module_utils.bundle.format import BundleError, read_head, summarize_manifest, verify_bundle
+from ..module_utils.bundle.trust import TRUST_OPTIONS, check_signer, module_trust
 
 
 def main() -> None:

@@ -143,8 +143,8 @@ bytes_pushed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.registry_client import RegistryClient, RegistryError, parse_release, publish_releases
-from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError, SiteRepo
+from ..module_utils.clients.registry import RegistryClient, RegistryError, parse_release, publish_releases
+from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 
 
 def main() -> None:

@@ -124,9 +124,9 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.site_apt import (AptRepoError, create_key, export_public, package_sets, publish_distro,
+from ..module_utils.site.apt import (AptRepoError, create_key, export_public, package_sets, publish_distro,
                                      signing_key, stop_agent, write_if_changed)
-from ..module_utils.site_repo import REPO_ROOT_OPTION
+from ..module_utils.site.repo import REPO_ROOT_OPTION
 
 
 def _publish_key(module: AnsibleModule, home: str, keys_dir: str, name: str) -> tuple[str | None, bool, bool,

@@ -104,8 +104,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.site_files import FilesError, publish_files
-from ..module_utils.site_repo import REPO_ROOT_OPTION
+from ..module_utils.site.files import FilesError, publish_files
+from ..module_utils.site.repo import REPO_ROOT_OPTION
 
 
 def main() -> None:

@@ -97,8 +97,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.site_have import DEFAULT_KEY_DIR, HaveError, export_have
-from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError
+from ..module_utils.site.have import DEFAULT_KEY_DIR, HaveError, export_have
+from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError
 
 
 def main() -> None:

@@ -89,8 +89,8 @@ profiles:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.site_apt import AptRepoError, package_sets, select_package_set, stage_bootstrap_source
-from ..module_utils.site_repo import REPO_ROOT_OPTION
+from ..module_utils.site.apt import AptRepoError, package_sets, select_package_set, stage_bootstrap_source
+from ..module_utils.site.repo import REPO_ROOT_OPTION
 
 
 def main() -> None:

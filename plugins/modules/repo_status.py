@@ -131,9 +131,9 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.site_have import DEFAULT_KEY_DIR
-from ..module_utils.site_repo import REPO_ROOT_OPTION, RepoError
-from ..module_utils.site_status import DEFAULT_HISTORY, DEFAULT_REFRESH, StatusError, export_status
+from ..module_utils.site.have import DEFAULT_KEY_DIR
+from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError
+from ..module_utils.site.status import DEFAULT_HISTORY, DEFAULT_REFRESH, StatusError, export_status
 
 
 def main() -> None:

@@ -93,7 +93,7 @@ def _bundle_inputs(oci: Path) -> list[Path]:
     """Everything the shop bundles are made from: the images' index, the models, the builder and the core."""
     root = repo_root()
     return sorted([oci / "index.json", Path(__file__), *root.glob("examples/shop/app-*.yml"),
-                   *root.glob("bundle_builder/*.py"), *root.glob("plugins/module_utils/*.py")])
+                   *root.glob("bundle_builder/*.py"), *root.glob("plugins/module_utils/**/*.py")])
 
 
 def _stamp(directory: Path) -> str:

@@ -17,7 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from offline_delivery_core import ed25519, site_have, site_status
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site import have as site_have
+from offline_delivery_core.site import status as site_status
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import carry, recap
 from tests.world.site import HostSpec, Site

@@ -17,8 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from offline_delivery_core import ed25519, site_have
-from offline_delivery_core.bundle_format import read_head
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site import have as site_have
+from offline_delivery_core.bundle.format import read_head
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import bundle_builder, carry, recap
 from tests.world.shop_images import build_shop_images

@@ -25,8 +25,8 @@ from typing import Any, Dict, Iterator
 import pytest
 import yaml
 
-from offline_delivery_core.app_k8s import FINGERPRINT_ANNOTATION
-from offline_delivery_core.k8s_client import K8sClient, wait_for
+from offline_delivery_core.targets.k8s import FINGERPRINT_ANNOTATION
+from offline_delivery_core.clients.kubernetes import K8sClient, wait_for
 from tests.e2e.media import carry, recap
 from tests.world.site import Site
 from tests.world.util import Result

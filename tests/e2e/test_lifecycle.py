@@ -279,7 +279,7 @@ TRICKY = ["plain", "with space", "100%", "$HOME ${PATH}", 'say "hi" \\o/', "it's
 
 
 def test_systemd_parses_the_systemd_targets_quoting_literally(site: Site) -> None:
-    from offline_delivery_core.app_systemd import quote_arg, render_env_file
+    from offline_delivery_core.targets.systemd import quote_arg, render_env_file
     env = {f"V{i}": value for i, value in enumerate(TRICKY)}
     show = ("import json, os, sys; "
             "print(json.dumps([sys.argv[1:], {k: v for k, v in os.environ.items() if k[0] == 'V'}]))")

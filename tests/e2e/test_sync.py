@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from offline_delivery_core.bundle_format import digest_hex, read_head
+from offline_delivery_core.bundle.format import digest_hex, read_head
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import carry, recap
 from tests.world.link import Link

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from offline_delivery_core import ed25519
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.site.repo import RepoError, SiteRepo, import_bundle
 from tests.helpers.images import TestImage, pseudo_random, rootfs_layer, write_oci_layout
 from tests.integration.test_modules import collections_path, run_module  # noqa: F401  (fixture re-export)
 from tests.helpers.bundles import trust_args

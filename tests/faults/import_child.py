@@ -21,9 +21,9 @@ import sys
 import time
 from typing import Any, Callable
 
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.ed25519 import load_public_key_files
-from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.bundle.ed25519 import load_public_key_files
+from offline_delivery_core.site.repo import RepoError, SiteRepo, import_bundle
 
 STEPS = ("replace", "rename", "fsync", "makedirs", "unlink", "chmod", "mkdir")
 _count = 0

@@ -18,9 +18,9 @@ from typing import Callable
 
 import pytest
 
-from offline_delivery_core import bundle_format as bf
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.bundle import format as bf
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.faults.conftest import (Vendor, assert_unchanged, copy_to, import_args, refused_import, run_module,
                                    site_state)
 from tests.helpers.bundles import Member, members, truncate_copy

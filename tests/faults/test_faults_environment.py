@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
+from offline_delivery_core.site.repo import RepoError, SiteRepo, import_bundle
 from tests.faults import import_child
 from tests.faults.conftest import Vendor, normalized_state, site_state, state_diff
 from tests.helpers.bundles import members, trust_args

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from offline_delivery_core import bundle_format as bf
-from offline_delivery_core.app_model import ModelError, load_model
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.bundle import format as bf
+from offline_delivery_core.app.model import ModelError, load_model
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.faults.conftest import Vendor, cli
 
 BASE: dict[str, Any] = {
@@ -168,10 +168,10 @@ def test_code_looking_values_stay_literal_from_app_yml_to_the_site(vendor: Vendo
 import os  # noqa: E402
 import re  # noqa: E402
 
-from offline_delivery_core.app_compose import ComposeRuntime, env_file_text  # noqa: E402
-from offline_delivery_core.app_runtime import ComponentSpec, DeployError  # noqa: E402
-from offline_delivery_core.app_systemd import render_env_file, render_unit  # noqa: E402
-from offline_delivery_core.image_rootfs import Rootfs  # noqa: E402
+from offline_delivery_core.targets.compose import ComposeRuntime, env_file_text  # noqa: E402
+from offline_delivery_core.app.runtime import ComponentSpec, DeployError  # noqa: E402
+from offline_delivery_core.targets.systemd import render_env_file, render_unit  # noqa: E402
+from offline_delivery_core.targets.rootfs import Rootfs  # noqa: E402
 
 # Every kind of character the model lets through in env values and argv items.
 LITERAL_ARGV = ["/bin/sh", "-c", "echo $(id) ${HOME} $HOME $$ {{ x }} %h %% \"q\" 'q' \\ ; # not a comment",

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from bundle_builder import signing
-from offline_delivery_core import app_state, ed25519
-from offline_delivery_core.app_state import AppState, StateError
-from offline_delivery_core.bundle_format import BundleError, canonical_json
-from offline_delivery_core.site_repo import SiteRepo
+from offline_delivery_core.app import state as app_state
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.app.state import AppState, StateError
+from offline_delivery_core.bundle.format import BundleError, canonical_json
+from offline_delivery_core.site.repo import SiteRepo
 from tests.faults.conftest import Vendor, refused_import, run_module, site_state
 from tests.helpers.bundles import member_data, rewrite
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from offline_delivery_core import bundle_format as bf
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.site_repo import SiteRepo
+from offline_delivery_core.bundle import format as bf
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.site.repo import SiteRepo
 from tests.faults.conftest import Vendor, refused_import
 from tests.helpers.bundles import members
 

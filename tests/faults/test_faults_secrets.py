@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_model import dump_model, load_model
-from offline_delivery_core.ed25519 import Ed25519KeyError, load_public_key_files
-from offline_delivery_core.site_repo import SiteRepo
+from offline_delivery_core.app.model import dump_model, load_model
+from offline_delivery_core.bundle.ed25519 import Ed25519KeyError, load_public_key_files
+from offline_delivery_core.site.repo import SiteRepo
 from tests.faults.conftest import Vendor, assert_unchanged, import_args, run_module, site_state
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop" / "app-1.0.0.yml"

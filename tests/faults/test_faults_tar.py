@@ -19,9 +19,9 @@ from typing import Callable
 
 import pytest
 
-from offline_delivery_core import bundle_format as bf
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.site_repo import SiteRepo
+from offline_delivery_core.bundle import format as bf
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.site.repo import SiteRepo
 from tests.faults.conftest import Vendor, refused_import, site_state
 from tests.helpers.bundles import members
 
@@ -145,9 +145,9 @@ def test_crafted_tar_is_refused_and_nothing_escapes(vendor: Vendor, site: SiteRe
 # process's high-water mark (pytest's, hundreds of MiB late in a run) into the child across exec.
 CHILD = r"""
 import json, sys, time
-from offline_delivery_core.bundle_format import BundleError
-from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
-from offline_delivery_core.ed25519 import load_public_key_files
+from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.site.repo import RepoError, SiteRepo, import_bundle
+from offline_delivery_core.bundle.ed25519 import load_public_key_files
 t = time.monotonic()
 try:
     import_bundle(SiteRepo(sys.argv[1]), sys.argv[2], load_public_key_files([sys.argv[3]]))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from offline_delivery_core import ed25519, trust
-from offline_delivery_core.site_repo import SiteRepo
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle import trust
+from offline_delivery_core.site.repo import SiteRepo
 from tests.faults.conftest import Vendor, run_module, site_state
 
 

@@ -20,7 +20,8 @@ class Member:
 def trust_args(*pubs: Path | str, apps: tuple[str, ...] = ("*",)) -> dict[str, object]:
     """The trust options of bundle_import, bundle_info and repo_sync for key files the site pins (every
     given key pinned for ``apps``), as the playbooks pass them from the inventory."""
-    from offline_delivery_core import ed25519, trust
+    from offline_delivery_core.bundle import ed25519
+    from offline_delivery_core.bundle import trust
 
     # the key's bytes only (no mode check): a test may hand the module a key file it must refuse
     return {"trusted_keys": [str(p) for p in pubs],

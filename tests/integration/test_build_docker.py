@@ -16,7 +16,7 @@ import yaml
 
 from bundle_builder.cli import main
 from bundle_builder.images import DockerEngineSource, Platform, resolve
-from offline_delivery_core import bundle_format
+from offline_delivery_core.bundle import format as bundle_format
 from tests.helpers.images import rootfs_layer
 
 pytestmark = pytest.mark.docker

@@ -11,9 +11,9 @@ import pytest
 
 from bundle_builder import signing
 from bundle_builder.build import APT_INDEX_MEDIA_TYPE, build_bundle
-from offline_delivery_core import ed25519
-from offline_delivery_core.bundle_format import read_blob, read_head
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import read_blob, read_head
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.helpers.images import TestImage, rootfs_layer, write_oci_layout
 
 pytestmark = pytest.mark.slow

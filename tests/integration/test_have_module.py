@@ -7,7 +7,8 @@ import json
 import stat
 from pathlib import Path
 
-from offline_delivery_core import ed25519, site_have
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site import have as site_have
 from tests.integration.test_modules import collections_path, run_module  # noqa: F401  (fixture)
 from tests.unit.test_files_site import Vendor
 

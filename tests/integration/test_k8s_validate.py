@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_k8s import check_manifests, render_manifests
-from offline_delivery_core.app_model import load_model
+from offline_delivery_core.targets.k8s import check_manifests, render_manifests
+from offline_delivery_core.app.model import load_model
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extras")
 

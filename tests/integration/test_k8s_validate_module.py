@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_model import dump_model, load_model
+from offline_delivery_core.app.model import dump_model, load_model
 from tests.integration.test_modules import collections_path, run_module  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -32,7 +32,7 @@ from bundle_builder.packages import (
     verify_closure,
     write_flat_repo,
 )
-from offline_delivery_core.bundle_format import sha256_file
+from offline_delivery_core.bundle.format import sha256_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

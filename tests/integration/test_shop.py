@@ -2,7 +2,7 @@
 
 The images are built (cached) by tests/world/shop_images.py for amd64 and arm64. The amd64 images are
 loaded into the local engine and run on a private docker network with the env, config files and health
-checks the model gives (resolved with offline_delivery_core.app_model, as the delivery roles do). The
+checks the model gives (resolved with offline_delivery_core.app.model, as the delivery roles do). The
 images are also unpacked as root filesystems and run without a container runtime (arm64 through qemu), and
 fed to bundle-builder to check that the 1.1.0 delta carries only the new API layers.
 Every container, network and volume created here is named ``h4shop-<random>-...`` and removed at the end.
@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from offline_delivery_core import app_model
+from offline_delivery_core.app import model as app_model
 from tests.world import shop_images
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"

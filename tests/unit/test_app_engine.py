@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_engine import Engine, HealthGateError, Target, make_plan, start_levels, uninstall
-from offline_delivery_core.app_model import load_model
-from offline_delivery_core.app_runtime import DeployError, Observed, Runtime, desired_specs
-from offline_delivery_core.app_state import AppState
+from offline_delivery_core.app.engine import Engine, HealthGateError, Target, make_plan, start_levels, uninstall
+from offline_delivery_core.app.model import load_model
+from offline_delivery_core.app.runtime import DeployError, Observed, Runtime, desired_specs
+from offline_delivery_core.app.state import AppState
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"
 HOST = "node1"
@@ -183,7 +183,7 @@ def test_failed_first_install_is_removed(tmp_path: Path) -> None:
 
 
 def test_port_taken_by_another_program_is_refused_before_any_change(tmp_path: Path, monkeypatch) -> None:
-    import offline_delivery_core.app_engine as eng
+    import offline_delivery_core.app.engine as eng
     monkeypatch.setattr(eng, "listening_tcp_ports", lambda: {8080})
     rt = FakeRuntime()
     with pytest.raises(DeployError, match=r"port\(s\) 8080 \(gateway\) already in use on node1"):
@@ -241,7 +241,7 @@ def test_a_failed_fetch_changes_nothing_and_says_so(tmp_path: Path) -> None:
 
 
 def test_one_change_at_a_time_per_app_and_host(tmp_path: Path) -> None:
-    from offline_delivery_core.app_state import StateError, app_lock
+    from offline_delivery_core.app.state import StateError, app_lock
     with app_lock(str(tmp_path), "shop", HOST, timeout=1):
         with pytest.raises(StateError, match="another deploy, rollback or uninstall of shop is running on node1"):
             with app_lock(str(tmp_path), "shop", HOST, timeout=1):
@@ -295,7 +295,7 @@ def test_restore_without_a_snapshot_is_refused_before_any_change(tmp_path: Path)
     deploy(tmp_path, rt, "1.0.0")
     deploy(tmp_path, rt, "1.1.0")
     rt.calls.clear()
-    from offline_delivery_core.app_state import StateError
+    from offline_delivery_core.app.state import StateError
     with pytest.raises(StateError, match="no data snapshot of shop 1.0.0 for volume"):
         engine(tmp_path, rt).rollback(version=None, restore=True)
     assert (data / "orders").read_text() == "kept\n"

@@ -1,4 +1,4 @@
-"""Unit tests for the k8s renderer and its cross-object checks (plugins/module_utils/app_k8s.py)."""
+"""Unit tests for the k8s renderer and its cross-object checks (plugins/module_utils/targets/k8s.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_k8s import (
+from offline_delivery_core.targets.k8s import (
     FINGERPRINT_ANNOTATION,
     K8sRenderError,
     check_manifests,
@@ -18,7 +18,7 @@ from offline_delivery_core.app_k8s import (
     redact,
     render_manifests,
 )
-from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app.model import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {"db_password": "Pw" * 16, "redis_password": "Rp" * 16}

@@ -17,15 +17,15 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from offline_delivery_core.app_k8s import (
+from offline_delivery_core.targets.k8s import (
     FINGERPRINT_ANNOTATION,
     K8sRuntime,
     RenderOptions,
     pod_problem,
     rollout_problem,
 )
-from offline_delivery_core.app_runtime import ComponentSpec, DeployError
-from offline_delivery_core.k8s_client import K8sClient, K8sError, resource_path, wait_for
+from offline_delivery_core.app.runtime import ComponentSpec, DeployError
+from offline_delivery_core.clients.kubernetes import K8sClient, K8sError, resource_path, wait_for
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

@@ -1,4 +1,4 @@
-"""Unit tests for plugins/module_utils/app_model.py (the app.yml model)."""
+"""Unit tests for plugins/module_utils/app/model.py (the app.yml model)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import string
 
 import pytest
 
-from offline_delivery_core import app_model
-from offline_delivery_core.app_model import (
+from offline_delivery_core.app import model as app_model
+from offline_delivery_core.app.model import (
     ModelError,
     dependents,
     diff_models,

@@ -13,10 +13,10 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from offline_delivery_core.app_runtime import ComponentSpec, DeployError
-from offline_delivery_core.app_systemd import (SystemdRuntime, exec_argv, iso_time, kill_signal, quote_arg,
+from offline_delivery_core.app.runtime import ComponentSpec, DeployError
+from offline_delivery_core.targets.systemd import (SystemdRuntime, exec_argv, iso_time, kill_signal, quote_arg,
                                                read_marks, render_env_file, resolve_user, unit_path, unit_settings)
-from offline_delivery_core.image_rootfs import load_rootfs
+from offline_delivery_core.targets.rootfs import load_rootfs
 
 MANIFEST = "sha256:" + "ab" * 32
 ROOT = os.geteuid() == 0

@@ -18,7 +18,7 @@ import pytest
 from bench.lifecycle_app import (APP, V1, V2, answers_problem, app_model, changed_component, components,
                                  expected_answers, format_table, level_sizes, level_timeline, parse_identities,
                                  plan_lines, pull_span, recap, restart_problem, restarted, start_clock)
-from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app.model import load_model
 
 
 @pytest.mark.parametrize("count", [4, 5, 10, 30, 61])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app_model import load_model
+from offline_delivery_core.app.model import load_model
 
 from bench import measure, report, run, synth
 from bench.report import Row

@@ -12,7 +12,7 @@ import yaml
 
 from bundle_builder import build
 from bundle_builder.images import ImageError, OciLayoutSource, Platform
-from offline_delivery_core import bundle_format
+from offline_delivery_core.bundle import format as bundle_format
 from tests.helpers.bundles import members
 from tests.helpers.images import (OCI_LAYER_GZIP, TestImage, file_sha256, rootfs_layer, sample_images,
                                   sample_model, sha256, write_docker_archive, write_oci_layout)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from bundle_builder import build, signing
-from offline_delivery_core import bundle_format as bf
-from offline_delivery_core.bundle_format import BundleError
+from offline_delivery_core.bundle import format as bf
+from offline_delivery_core.bundle.format import BundleError
 from tests.helpers.bundles import (copy_with_flipped_bit, flip_bit, member_data, members, regular, rewrite, special,
                                    truncate_copy)
 from tests.helpers.images import sample_images, sample_model, write_docker_archive
@@ -79,7 +79,7 @@ def test_every_public_name_is_used_by_the_product() -> None:
     """No public function or class of bundle_format that only its tests call (a helper the product never runs
     proves nothing): each is referenced somewhere in plugins/ or bundle_builder/ besides its definition."""
     repo = Path(__file__).resolve().parents[2]
-    source = repo / "plugins" / "module_utils" / "bundle_format.py"
+    source = repo / "plugins" / "module_utils" / "bundle" / "format.py"
     public = {node.name for node in ast.parse(source.read_text(encoding="utf-8")).body
               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
     used: set[str] = set()

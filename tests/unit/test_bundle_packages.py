@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from offline_delivery_core.bundle_format import BundleError, blob_descriptor, build_manifest, sha256_digest
+from offline_delivery_core.bundle.format import BundleError, blob_descriptor, build_manifest, sha256_digest
 
 MODEL = sha256_digest(b"{}")
 DEB = sha256_digest(b"deb")

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bundle_builder import build, signing
-from offline_delivery_core import bundle_format
-from offline_delivery_core.bundle_format import BundleError
+from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle.format import BundleError
 from tests.helpers.bundles import member_data, rewrite
 
 

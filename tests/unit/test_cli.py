@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bundle_builder.cli import main
-from offline_delivery_core import app_model
+from offline_delivery_core.app import model as app_model
 from tests.helpers.bundles import copy_with_flipped_bit, members
 from tests.helpers.images import sample_images, write_docker_archive
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bundle_builder.compose import ComposeError, from_compose
-from offline_delivery_core.app_model import load_model, start_order
+from offline_delivery_core.app.model import load_model, start_order
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "compose"
 

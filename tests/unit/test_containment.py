@@ -11,8 +11,8 @@ import json
 import pytest
 import yaml
 
-from offline_delivery_core.app_model import DEFAULT_CAPABILITIES, ModelError, load_model
-from offline_delivery_core.app_systemd import hardening_lines
+from offline_delivery_core.app.model import DEFAULT_CAPABILITIES, ModelError, load_model
+from offline_delivery_core.targets.systemd import hardening_lines
 from tests.unit.test_app_engine import model
 from tests.unit.test_fingerprint_secrets import compose_text, k8s_text, specs, unit_text
 

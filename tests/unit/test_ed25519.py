@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from offline_delivery_core import ed25519
+from offline_delivery_core.bundle import ed25519
 
 L = 2**252 + 27742317777372353535851937790883648493
 

@@ -17,8 +17,8 @@ import pytest
 
 from bundle_builder import build
 from bundle_builder.cli import main
-from offline_delivery_core import bundle_format
-from offline_delivery_core.bundle_format import BundleError
+from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle.format import BundleError
 
 BOTH = ["linux/amd64", "linux/arm64"]
 ARCHES = ["amd64", "arm64"]

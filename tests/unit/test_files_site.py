@@ -1,4 +1,4 @@
-"""The site's file tree (plugins/module_utils/site_files.py): carried binaries of every imported release under
+"""The site's file tree (plugins/module_utils/site/files.py): carried binaries of every imported release under
 www/files/<name>/<version>/<arch>/<name> as hard links to their blobs, index.json, idempotence, check mode,
 stale links removed, conflicts and damage named."""
 
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from bundle_builder import build
-from offline_delivery_core import ed25519
-from offline_delivery_core.bundle_format import blob_path
-from offline_delivery_core.site_files import FilesError, publish_files, site_files
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import blob_path
+from offline_delivery_core.site.files import FilesError, publish_files, site_files
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 
 BOTH = ["linux/amd64", "linux/arm64"]
 

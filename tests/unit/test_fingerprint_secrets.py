@@ -23,16 +23,16 @@ from typing import Any
 
 import pytest
 
-from offline_delivery_core import app_state
-from offline_delivery_core.app_compose import ComposeRuntime
-from offline_delivery_core.app_engine import Engine, Target, host_status
-from offline_delivery_core.app_k8s import (FINGERPRINT_ANNOTATION, K8sRuntime, RenderOptions, model_input, redact,
+from offline_delivery_core.app import state as app_state
+from offline_delivery_core.targets.compose import ComposeRuntime
+from offline_delivery_core.app.engine import Engine, Target, host_status
+from offline_delivery_core.targets.k8s import (FINGERPRINT_ANNOTATION, K8sRuntime, RenderOptions, model_input, redact,
                                            render_component, render_manifests)
-from offline_delivery_core.app_runtime import ComponentSpec, Observed, desired_specs
-from offline_delivery_core.app_state import AppState, StateError
-from offline_delivery_core.app_systemd import render_unit
-from offline_delivery_core.image_rootfs import Rootfs
-from offline_delivery_core.site_status import app_report
+from offline_delivery_core.app.runtime import ComponentSpec, Observed, desired_specs
+from offline_delivery_core.app.state import AppState, StateError
+from offline_delivery_core.targets.systemd import render_unit
+from offline_delivery_core.targets.rootfs import Rootfs
+from offline_delivery_core.site.status import app_report
 from tests.unit.test_app_engine import HOST, PLATFORM, SECRETS, FakeRuntime, images, model
 
 ROOT = Path(__file__).resolve().parents[2]

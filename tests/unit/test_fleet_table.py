@@ -12,7 +12,8 @@ import pytest
 
 from bundle_builder import cli, fleet_table
 from bundle_builder.fleet_table import SiteRow
-from offline_delivery_core import site_have, site_status
+from offline_delivery_core.site import have as site_have
+from offline_delivery_core.site import status as site_status
 
 NOW = 1_790_000_000.0
 

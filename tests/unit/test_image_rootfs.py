@@ -21,9 +21,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from offline_delivery_core.image_rootfs import (ImageError, ensure_rootfs, load_rootfs, read_in_root,
+from offline_delivery_core.targets.rootfs import (ImageError, ensure_rootfs, load_rootfs, read_in_root,
                                                 resolve_in_root, unpack_layer)
-from offline_delivery_core.registry_client import RegistryClient, RegistryError
+from offline_delivery_core.clients.registry import RegistryClient, RegistryError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

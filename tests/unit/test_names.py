@@ -1,4 +1,4 @@
-"""The rules for names that become paths (plugins/module_utils/names.py), and the anchoring of every validating
+"""The rules for names that become paths (plugins/module_utils/common/names.py), and the anchoring of every validating
 regular expression of the product: `$` also matches before a trailing newline, so ``"shop\\n"`` passed
 ``^[a-z0-9-]+$`` — every anchored pattern ends in ``\\Z`` instead."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_delivery_core.names import name_problem, version_problem
+from offline_delivery_core.common.names import name_problem, version_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_bad_versions(version: str) -> None:
 
 def _patterns() -> list[tuple[str, int, str]]:
     found = []
-    for path in sorted([*ROOT.glob("plugins/module_utils/*.py"), *ROOT.glob("bundle_builder/*.py")]):
+    for path in sorted([*ROOT.glob("plugins/module_utils/**/*.py"), *ROOT.glob("bundle_builder/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "compile"
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "re" and node.args):

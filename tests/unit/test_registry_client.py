@@ -21,11 +21,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from offline_delivery_core.registry_client import (ImagePlan, RegistryClient, RegistryError, check_registry,
+from offline_delivery_core.clients.registry import (ImagePlan, RegistryClient, RegistryError, check_registry,
                                                    check_tag_conflicts, parse_release, plan_release,
                                                    publish_releases, registry_error_text, split_reference,
                                                    upload_url)
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.unit.test_site_repo import vendor  # noqa: F401  (module-scoped signed bundles)
 
 

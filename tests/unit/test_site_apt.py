@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from offline_delivery_core import site_apt
-from offline_delivery_core.site_apt import AptRepoError
+from offline_delivery_core.site import apt as site_apt
+from offline_delivery_core.site.apt import AptRepoError
 
 needs_gpg = pytest.mark.skipif(not (shutil.which("gpg") and shutil.which("gpgv")), reason="gpg/gpgv not installed")
 

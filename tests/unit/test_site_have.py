@@ -1,4 +1,4 @@
-"""Site have-list (plugins/module_utils/site_have.py): the pure-Python signer agrees with ``cryptography``,
+"""Site have-list (plugins/module_utils/site/have.py): the pure-Python signer agrees with ``cryptography``,
 the export is deterministic and idempotent, a tampered or foreign list is refused, and a bundle built with
 ``--have`` against it carries only what the site lacks."""
 
@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundle_builder import build
-from offline_delivery_core import ed25519, site_have
-from offline_delivery_core.bundle_format import HAVE_MEDIA_TYPE, read_head
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site import have as site_have
+from offline_delivery_core.bundle.format import HAVE_MEDIA_TYPE, read_head
 from tests.unit.test_files_site import Vendor
 
 
@@ -268,12 +269,12 @@ def test_the_site_key_signs_with_cryptography_and_rfc8032_holds() -> None:
     (the pure-Python code is the stdlib-only verifier, not a signer)."""
     import pathlib
 
-    from offline_delivery_core import site_have
+    from offline_delivery_core.site import have as site_have
     seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
     assert site_have.public_from_seed(seed).hex() == "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
     assert site_have.sign(seed, b"").hex() == (
         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b")
     root = pathlib.Path(__file__).resolve().parents[2]
-    users = [p.name for p in (root / "plugins" / "module_utils").glob("*.py")
+    users = [p.name for p in (root / "plugins" / "module_utils").rglob("*.py")
              if p.name != "ed25519.py" and "ed25519._" in p.read_text()]
     assert not users, f"private ed25519 functions used by {users}"

@@ -13,9 +13,9 @@ import pytest
 
 from bundle_builder import signing
 from bundle_builder.build import build_bundle
-from offline_delivery_core import ed25519
-from offline_delivery_core.bundle_format import BundleError, blob_path
-from offline_delivery_core.site_repo import RepoError, SiteRepo, import_bundle
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import BundleError, blob_path
+from offline_delivery_core.site.repo import RepoError, SiteRepo, import_bundle
 from tests.helpers.images import TestImage, pseudo_random, rootfs_layer, write_oci_layout
 
 PLATFORMS = ["linux/amd64", "linux/arm64"]
@@ -85,7 +85,7 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _manifest(bundle: Path) -> dict:
-    from offline_delivery_core.bundle_format import read_head
+    from offline_delivery_core.bundle.format import read_head
     return read_head(str(bundle)).manifest
 
 

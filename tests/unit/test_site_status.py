@@ -1,4 +1,4 @@
-"""Site status report (plugins/module_utils/site_status.py): what travels (a whitelist, no env values), the
+"""Site status report (plugins/module_utils/site/status.py): what travels (a whitelist, no env values), the
 signature by the have-list's site key, "changed" (collection time and free space do not count, a stale
 report is refreshed), and refusal of a tampered or foreign report."""
 
@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from offline_delivery_core import ed25519, site_have, site_status
-from offline_delivery_core.site_repo import CATALOG_SCHEMA
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.site import have as site_have
+from offline_delivery_core.site import status as site_status
+from offline_delivery_core.site.repo import CATALOG_SCHEMA
 
 T0 = 1_790_000_000.0  # a fixed "now"
 DIGEST = "sha256:" + "ab" * 32

@@ -18,10 +18,10 @@ import pytest
 
 from bundle_builder import signing
 from bundle_builder.build import build_bundle
-from offline_delivery_core import ed25519
-from offline_delivery_core.bundle_format import blob_path, digest_hex, read_head
-from offline_delivery_core.site_repo import SiteRepo, import_bundle
-from offline_delivery_core.site_sync import (BlobRefused, Hub, SyncError, SyncInterrupted, TokenBucket, hub_base,
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import blob_path, digest_hex, read_head
+from offline_delivery_core.site.repo import SiteRepo, import_bundle
+from offline_delivery_core.site.sync import (BlobRefused, Hub, SyncError, SyncInterrupted, TokenBucket, hub_base,
                                              parse_rate, stage_dir, sync_release)
 from tests.helpers.images import TestImage, pseudo_random, rootfs_layer, write_oci_layout
 

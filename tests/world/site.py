@@ -141,7 +141,8 @@ class Site:
         """Pin a vendor key in the site's inventory (group_vars beside inventory.yml, read by every playbook run in
         the jump host), as a site's engineer does after comparing its fingerprint with the vendor's out of band.
         Returns the fingerprint. Pinning another key adds to the list."""
-        from offline_delivery_core import ed25519, trust
+        from offline_delivery_core.bundle import ed25519
+        from offline_delivery_core.bundle import trust
 
         fingerprint = trust.fingerprint(ed25519.load_public_key_files([str(pub)])[0])
         path = self.state_dir / "group_vars" / "all" / "vendor_keys.yml"

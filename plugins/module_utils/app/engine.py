@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .app_model import diff_models
-from .app_runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
+from .model import diff_models
+from .runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
                           probe_spec, wait_healthy)
-from .app_state import AppState, check_snapshot, fingerprint_key, restore_snapshot, take_snapshot, utc_now
+from .state import AppState, check_snapshot, fingerprint_key, restore_snapshot, take_snapshot, utc_now
 
 
 class HealthGateError(DeployError):

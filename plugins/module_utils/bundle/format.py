@@ -51,7 +51,7 @@ import re
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import ed25519
-from .names import CONTROL_RE, name_problem, version_problem
+from ..common.names import CONTROL_RE, name_problem, version_problem
 
 MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"

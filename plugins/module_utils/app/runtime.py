@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .app_model import ModelError, effective_env, render_config, start_order
+from .model import ModelError, effective_env, render_config, start_order
 
 LOCAL_ADDRESS = "127.0.0.1"
 

@@ -29,9 +29,9 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from . import ed25519
-from .bundle_format import HAVE_MEDIA_TYPE, SIGNATURE_ALG, canonical_json, is_digest
-from .site_repo import RepoError, SiteRepo
+from ..bundle import ed25519
+from ..bundle.format import HAVE_MEDIA_TYPE, SIGNATURE_ALG, canonical_json, is_digest
+from .repo import RepoError, SiteRepo
 
 __all__ = ["HaveError", "HaveResult", "build_have", "export_have", "verify_have", "verify_signed", "sign",
            "signed_bytes", "public_from_seed", "public_key_pem", "load_or_create_key", "DEFAULT_KEY_DIR",

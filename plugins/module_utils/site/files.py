@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bundle_format import CHUNK_SIZE, FILE_NAME_RE, FILE_VERSION_RE, blob_path, canonical_json, digest_hex
+from ..bundle.format import CHUNK_SIZE, FILE_NAME_RE, FILE_VERSION_RE, blob_path, canonical_json, digest_hex
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = 1

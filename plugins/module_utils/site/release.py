@@ -10,11 +10,11 @@ import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .app_model import ModelError, generate_secret, load_model
-from .app_state import app_dir, write_private
-from .bundle_format import BundleError, parse_manifest
-from .names import SEMVER_RE, name_problem, version_problem
-from .site_repo import RepoError, SiteRepo
+from ..app.model import ModelError, generate_secret, load_model
+from ..app.state import app_dir, write_private
+from ..bundle.format import BundleError, parse_manifest
+from ..common.names import SEMVER_RE, name_problem, version_problem
+from .repo import RepoError, SiteRepo
 
 
 def semver_key(version: str) -> Tuple[Any, ...]:

@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
 
-from .registry_client import INDEX_TYPES, RegistryClient, RegistryError
+from ..clients.registry import INDEX_TYPES, RegistryClient, RegistryError
 
 LAYER_TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
 LAYER_GZIP = ("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip")

@@ -26,8 +26,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
-from .locks import flock_within
-from .names import name_problem, version_problem
+from ..common.locks import flock_within
+from ..common.names import name_problem, version_problem
 
 SCHEMA = 1
 HISTORY_MAX = 100

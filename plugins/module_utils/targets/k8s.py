@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 T = TypeVar("T")
 
-from .app_model import ModelError, capabilities_of, effective_env, references, render_config, start_order
-from .app_runtime import ComponentSpec, DeployError, Observed, Runtime
-from .app_runtime import fingerprint as keyed_fingerprint
-from .k8s_client import K8sClient, K8sError, wait_for
-from .registry_client import RegistryError, split_reference
+from ..app.model import ModelError, capabilities_of, effective_env, references, render_config, start_order
+from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime
+from ..app.runtime import fingerprint as keyed_fingerprint
+from ..clients.kubernetes import K8sClient, K8sError, wait_for
+from ..clients.registry import RegistryError, split_reference
 
 MANAGED_BY = "offline-delivery"
 FINGERPRINT_ANNOTATION = "offline.delivery/spec-fingerprint"

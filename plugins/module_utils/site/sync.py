@@ -33,12 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .bundle_format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
+from ..bundle.format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
                             BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
-from .locks import flock_within
-from .names import name_problem, version_problem
-from .trust import check_signer
-from .site_repo import SiteRepo, publish_staged
+from ..common.locks import flock_within
+from ..common.names import name_problem, version_problem
+from ..bundle.trust import check_signer
+from .repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0
 MIN_RATE = 1024  # bytes/s a transfer must average after its first timeout (a hub that drips is dropped)

@@ -30,11 +30,11 @@ import signal
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .app_model import capabilities_of, parse_memory
-from .app_runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
-from .image_rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
-from .names import CONTROL_RE
-from .registry_client import RegistryClient, RegistryError, split_reference
+from ..app.model import capabilities_of, parse_memory
+from ..app.runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from ..common.names import CONTROL_RE
+from ..clients.registry import RegistryClient, RegistryError, split_reference
 
 UNIT_DIR = "/etc/systemd/system"
 UNIT_PREFIX = "od-"

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .bundle_format import SIGNATURE_NAME, BundleError
+from .format import SIGNATURE_NAME, BundleError
 from .ed25519 import Ed25519KeyError, load_public_key_files, public_key_id
-from .names import name_problem
+from ..common.names import name_problem
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 ANY_APP = "*"

@@ -35,10 +35,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import ed25519
-from .site_have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, file_differs, load_or_create_key, public_from_seed,
+from ..bundle import ed25519
+from .have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, file_differs, load_or_create_key, public_from_seed,
                         public_key_pem, signed_bytes, signed_pub_path, verify_signed, write_if_changed)
-from .site_repo import RepoError, SiteRepo
+from .repo import RepoError, SiteRepo
 
 __all__ = ["STATUS_MEDIA_TYPE", "StatusError", "StatusResult", "build_status", "export_status", "verify_status",
            "host_report", "app_report", "stable_part", "DEFAULT_REFRESH", "DEFAULT_HISTORY", "DEFAULT_KEY_DIR"]

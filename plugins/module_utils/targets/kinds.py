@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from .app_compose import ComposeRuntime
-from .app_k8s import K8sRenderError, K8sRuntime, RenderOptions
-from .app_runtime import DeployError, Runtime
-from .app_systemd import SystemdRuntime
-from .k8s_client import K8sClient, K8sError
-from .names import name_problem
+from .compose import ComposeRuntime
+from .k8s import K8sRenderError, K8sRuntime, RenderOptions
+from ..app.runtime import DeployError, Runtime
+from .systemd import SystemdRuntime
+from ..clients.kubernetes import K8sClient, K8sError
+from ..common.names import name_problem
 
 HOST_RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
 TARGETS = sorted(HOST_RUNTIMES) + ["k8s"]

@@ -34,10 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from .bundle_format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
+from ..bundle.format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
                             sha256_file, verify_bundle)
-from .locks import flock_within
-from .trust import check_signer
+from ..common.locks import flock_within
+from ..bundle.trust import check_signer
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"

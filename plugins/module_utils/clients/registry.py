@@ -37,8 +37,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .bundle_format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, digest_hex, is_digest
-from .site_repo import SiteRepo
+from ..bundle.format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, digest_hex, is_digest
+from ..site.repo import SiteRepo
 
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .bundle_format import blob_path, digest_hex
+from ..bundle.format import blob_path, digest_hex
 
 GPG_TIMEOUT = 120
 KEY_FPR_FILE = "site-key.fpr"

@@ -19,9 +19,9 @@ import os
 import shutil
 from typing import Any, Dict, List, Sequence, Tuple
 
-from .app_model import capabilities_of, parse_memory
-from .app_runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
-from .app_state import app_dir, ensure_private_dir, write_private
+from ..app.model import capabilities_of, parse_memory
+from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from ..app.state import app_dir, ensure_private_dir, write_private
 
 LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
 LABEL_APP = "io.offline-delivery.app"
