@@ -678,11 +678,3 @@ def _pick(reference: str, platform: Platform, found: list[Found], sources: list[
     have = ", ".join(sorted({f"{c.platform} (in {c.source})" for c in found}))
     result.errors.append(f"image {reference} has no {platform} variant; platforms found: {have}. Build it for "
                          f"{platform} or drop that --platform")
-
-
-def iter_chunks(fh: IO[bytes], chunk: int = CHUNK) -> Iterator[bytes]:
-    while True:
-        data = fh.read(chunk)
-        if not data:
-            return
-        yield data

@@ -14,20 +14,19 @@ For one distro release and architecture:
    network.
 
 The builder turns each :class:`PackageFile` into a blob (``media_type``, ``used_by``) and adds
-:func:`package_index` to the manifest. :func:`verify_closure` proves a closure installable from itself.
+:func:`package_index` to the manifest. (The tests prove a closure installable from itself:
+tests/helpers/closure.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import fcntl
 import functools
 import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -620,7 +619,7 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# flat apt repositories, and proof that a closure installs from itself
+# the flat apt repository index
 
 
 def apt_index(files: Sequence[PackageFile]) -> bytes:
@@ -633,43 +632,3 @@ def apt_index(files: Sequence[PackageFile]) -> bytes:
                        what=f"read control of {f.filename}").stdout.rstrip("\n")
         stanzas.append(f"{control}\nFilename: ./{f.filename}\nSize: {f.size}\nSHA256: {f.sha256}\n")
     return "\n".join(stanzas).encode()
-
-
-def write_flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
-    """A flat apt repository (Packages + Release) of ``files`` in ``repo``, the way the site's repo is."""
-    for f in files:
-        try:
-            os.link(f.path, repo / f.filename)
-        except OSError:  # another file system: copy
-            shutil.copyfile(f.path, repo / f.filename)
-    packages = apt_index(files)
-    (repo / "Packages").write_bytes(packages)
-    arches = " ".join(sorted({f.target_arch for f in files}))
-    (repo / "Release").write_text(
-        f"Origin: offline-delivery\nLabel: closure-check\nDate: {email.utils.formatdate(usegmt=True)}\n"
-        f"Architectures: {arches} all\nSHA256:\n"
-        f" {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n", encoding="utf-8")
-
-
-def verify_closure(distro: str, arch: str, profiles: list[str], files: Sequence[PackageFile], *,
-                   cache_dir: Path, mirrors: DebianMirrors | None = None) -> list[str]:
-    """Simulate installing ``profiles`` on the minbase of ``distro``/``arch`` with ``files`` as the only
-    package source; return the names apt would install. Raises :class:`PackageError` with apt's words when
-    anything is missing, so a closure is proved complete before it is shipped."""
-    row = get_distro(distro)
-    arch = check_arch(row, arch)
-    mirrors = mirrors or debian_mirrors()
-    minbase = minbase_rootfs(row.key, arch, cache_dir=cache_dir, mirrors=mirrors)
-    (cache_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="verify-", dir=cache_dir / "tmp") as tmp:
-        repo = Path(tmp) / "repo"
-        repo.mkdir()
-        write_flat_repo(files, repo)
-        config = _write_apt_config(Path(tmp) / "apt", arch=arch, status=minbase.status,
-                                   sources=[f"deb [trusted=yes] file:{repo} ./"], preferences="")
-        state = AptState(Path(tmp) / "apt", config, f"{row.key}/{arch} closure check")
-        state.apt_get(["update", "-q", "--error-on=any"], timeout=TIMEOUT_APT_QUERY, what="index the closure")
-        names = [r.name for p in dict.fromkeys(profiles) for r in row.packages(p)]
-        sim = state.apt_get(["-s", "install", "-y", "--no-install-recommends", *names],
-                            timeout=TIMEOUT_APT_QUERY, what=f"simulate installing {' '.join(names)}")
-        return sorted(set(re.findall(r"^Inst (\S+)", sim.stdout, flags=re.M)))

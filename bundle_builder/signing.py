@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x2551
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from offline_delivery_core.bundle import format as bundle_format
-from offline_delivery_core.bundle import ed25519
 
 
 class SigningError(ValueError):
@@ -87,14 +86,6 @@ def _key_kind(key: object) -> str:
     if isinstance(key, x25519.X25519PrivateKey):
         return "X25519"
     return type(key).__name__
-
-
-def load_public_key(path: str | Path) -> bytes:
-    """Raw Ed25519 public key from a SPKI PEM file (same checks the site uses)."""
-    try:
-        return ed25519.load_public_key_files([str(path)])[0]
-    except ed25519.Ed25519KeyError as exc:
-        raise SigningError(str(exc)) from None
 
 
 def sign(key: Ed25519PrivateKey, manifest_bytes: bytes) -> bytes:

@@ -29,10 +29,9 @@ from bundle_builder.packages import (
     package_index,
     resolve_all,
     resolve_packages,
-    verify_closure,
-    write_flat_repo,
 )
 from offline_delivery_core.bundle.format import sha256_file
+from tests.helpers.closure import verify_closure, write_flat_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 

@@ -12,7 +12,6 @@ import pytest
 from offline_delivery_core.app import model as app_model
 from offline_delivery_core.app.model import (
     ModelError,
-    dependents,
     diff_models,
     dump_model,
     effective_env,
@@ -621,13 +620,6 @@ def test_start_order_levels_sorted():
     data["components"]["worker"] = {"image": "shop/api:1.0.0", "depends_on": ["redis"]}
     data["components"]["aaa"] = {"image": "x:1"}
     assert start_order(load_model(data)) == [["aaa", "db", "redis"], ["api", "worker"], ["gateway"]]
-
-
-def test_dependents():
-    model = load_model(shop())
-    assert dependents(model, "db") == ["api"]
-    assert dependents(model, "api") == ["gateway"]
-    assert dependents(model, "gateway") == []
 
 
 def test_image_refs():

@@ -13,6 +13,7 @@ import yaml
 from bundle_builder import build
 from bundle_builder.images import ImageError, OciLayoutSource, Platform
 from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.bundle.ed25519 import load_public_key_files
 from tests.helpers.bundles import members
 from tests.helpers.images import (OCI_LAYER_GZIP, TestImage, file_sha256, rootfs_layer, sample_images,
                                   sample_model, sha256, write_docker_archive, write_oci_layout)
@@ -214,17 +215,14 @@ def test_bad_have_file(sample_world, tmp_path: Path, content: str, match: str) -
 
 
 def test_base_signature_checked_when_key_given(sample_world, keypair, other_keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from bundle_builder import signing
-
     base = _build(sample_world, tmp_path / "v1", sign_key=keypair[0])
-    _build(sample_world, tmp_path / "ok", base=base.path, base_pub=[signing.load_public_key(keypair[1])])
+    _build(sample_world, tmp_path / "ok", base=base.path, base_pub=[load_public_key_files([str(keypair[1])])[0]])
     with pytest.raises(build.BuildError, match="base bundle .*not one of the trusted keys"):
-        _build(sample_world, tmp_path / "bad", base=base.path, base_pub=[signing.load_public_key(other_keypair[1])])
+        _build(sample_world, tmp_path / "bad", base=base.path,
+               base_pub=[load_public_key_files([str(other_keypair[1])])[0]])
 
 
 def test_split_and_reassembly(sample_world, keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from bundle_builder import signing
-
     sample_world.images = sample_images(filler=200_000)
     world_root = tmp_path / "big"
     world_root.mkdir()
@@ -240,7 +238,7 @@ def test_split_and_reassembly(sample_world, keypair, tmp_path: Path) -> None:  #
     assert joined == whole.path.read_bytes()
     assert doc["sha256"] == file_sha256(whole.path) and doc["size"] == len(joined)
     assert split.manifest_digest == whole.manifest_digest
-    pub = [signing.load_public_key(keypair[1])]
+    pub = [load_public_key_files([str(keypair[1])])[0]]
     for form in (split.path, split.path.parent / doc["parts"][0]["name"], split.path.parent,
                  split.path.parent / "demo-1.0.0.bundle"):
         assert bundle_format.verify_bundle(str(form), pub).blobs_checked == 15, form

