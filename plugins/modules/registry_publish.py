@@ -143,7 +143,8 @@ bytes_pushed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.clients.registry import RegistryClient, RegistryError, parse_release, publish_releases
+from ..module_utils.clients.registry import RegistryClient, RegistryError
+from ..module_utils.site.publish import parse_release, publish_releases
 from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 
 

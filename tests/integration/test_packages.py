@@ -30,7 +30,7 @@ from bundle_builder.packages import (
     resolve_all,
     resolve_packages,
 )
-from offline_delivery_core.bundle.format import sha256_file
+from offline_delivery_core.common.digests import sha256_file
 from tests.helpers.closure import verify_closure, write_flat_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]

@@ -25,7 +25,8 @@ import pytest
 from bundle_builder import signing
 from bundle_builder.build import build_bundle
 from offline_delivery_core.bundle import ed25519
-from offline_delivery_core.clients.registry import RegistryClient, RegistryError, publish_releases
+from offline_delivery_core.clients.registry import RegistryClient, RegistryError
+from offline_delivery_core.site.publish import publish_releases
 from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.helpers.images import TestImage, rootfs_layer, tar_bytes, write_oci_layout
 

@@ -13,6 +13,7 @@ import yaml
 from bundle_builder import build
 from bundle_builder.images import ImageError, OciLayoutSource, Platform
 from offline_delivery_core.bundle import format as bundle_format
+from offline_delivery_core.common.oci import OCI_INDEX_MEDIA_TYPE
 from offline_delivery_core.bundle.ed25519 import load_public_key_files
 from tests.helpers.bundles import members
 from tests.helpers.images import (OCI_LAYER_GZIP, TestImage, file_sha256, rootfs_layer, sample_images,
@@ -60,7 +61,7 @@ def test_images_stored_as_oci_index_per_component(sample_world, tmp_path: Path) 
     manifest = _manifest(result.path)
     api = manifest["images"]["api"]
     index = json.loads(bundle_format.read_blob(str(result.path), api["index"]))
-    assert index["mediaType"] == bundle_format.OCI_INDEX_MEDIA_TYPE
+    assert index["mediaType"] == OCI_INDEX_MEDIA_TYPE
     assert index["annotations"]["org.opencontainers.image.ref.name"] == "test/api:1.0.0"
     assert [(m["platform"]["architecture"], m["digest"]) for m in index["manifests"]] == [
         ("amd64", api["manifests"]["linux/amd64"]), ("arm64", api["manifests"]["linux/arm64"])]

@@ -21,10 +21,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from offline_delivery_core.clients.registry import (ImagePlan, RegistryClient, RegistryError, check_registry,
-                                                   check_tag_conflicts, parse_release, plan_release,
-                                                   publish_releases, registry_error_text, split_reference,
-                                                   upload_url)
+from offline_delivery_core.clients.registry import RegistryClient, RegistryError, check_registry, registry_error_text, upload_url
+from offline_delivery_core.common.oci import OciError, split_reference
+from offline_delivery_core.site.publish import ImagePlan, check_tag_conflicts, parse_release, plan_release, publish_releases
 from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from tests.unit.test_site_repo import vendor  # noqa: F401  (module-scoped signed bundles)
 
@@ -48,14 +47,15 @@ def test_split_reference(ref, want):
 
 
 @pytest.mark.parametrize("ref, fragment", [
-    ("shop/api", "neither a tag nor a digest"),
-    ("Shop/api:1", "not a valid repository name"),
-    ("shop//api:1", "not a valid repository name"),
-    ("shop/api:-bad", "invalid tag"),
-    ("shop/api@sha256:abc", "is not sha256:<64 hex>"),
+    ("shop/api", "has no tag or digest"),
+    ("Shop/api:1", "lowercase path"),
+    ("shop//api:1", "lowercase path"),
+    ("shop/api:-bad", "invalid image reference"),
+    ("shop/api@sha256:abc", "invalid image reference"),
+    ("shop/api@sha512:" + "a" * 128, "must be sha256"),
 ])
 def test_split_reference_refuses_with_the_reason(ref, fragment):
-    with pytest.raises(RegistryError, match=fragment):
+    with pytest.raises(OciError, match=fragment):
         split_reference(ref)
 
 

@@ -15,7 +15,7 @@ import shlex
 import time
 from pathlib import Path
 
-from offline_delivery_core.bundle.format import sha256_file
+from offline_delivery_core.common.digests import sha256_file
 
 from .util import WorldError, cache_dir, file_lock, log, run
 

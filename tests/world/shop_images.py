@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from offline_delivery_core.bundle.format import sha256_file
+from offline_delivery_core.common.digests import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHOP_DIR = REPO_ROOT / "examples" / "shop"

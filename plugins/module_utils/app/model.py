@@ -16,6 +16,7 @@ import secrets as _secrets_module
 import string
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..common.oci import reference_problem
 from ..common.names import CONTROL_RE, SEMVER_RE, name_problem
 
 API_VERSION = "offline.delivery/v1"
@@ -42,21 +43,6 @@ MEMORY_UNITS = {
 }
 DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z")
 
-# Docker reference grammar (github.com/distribution/reference, regexp.go).
-_ALNUM = r"[a-z0-9]+"
-_SEPARATOR = r"(?:[._]|__|[-]+)"
-_PATH_COMPONENT = _ALNUM + r"(?:" + _SEPARATOR + _ALNUM + r")*"
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN_NAME = _DOMAIN_COMPONENT + r"(?:\." + _DOMAIN_COMPONENT + r")*"
-_IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
-_DOMAIN = r"(?:" + _DOMAIN_NAME + r"|" + _IPV6 + r")(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
-IMAGE_RE = re.compile(
-    r"^(?:(?P<domain>" + _DOMAIN + r")/)?(?P<path>" + _PATH_COMPONENT + r"(?:/" + _PATH_COMPONENT + r")*)"
-    r"(?::(?P<tag>" + _TAG + r"))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?\Z"
-)
-SHA256_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
-IMAGE_NAME_MAX = 255
 
 SECRET_CHARSETS = {
     "alphanumeric": string.ascii_letters + string.digits,
@@ -317,25 +303,6 @@ def _check_text_refs(text: str, path: str, allowed: frozenset, secret_names: Map
 # ---------------------------------------------------------------------------------------------------
 # Field checks
 # ---------------------------------------------------------------------------------------------------
-
-def check_image_ref(ref: str) -> Optional[str]:
-    """None when ref is a valid docker reference with a tag or a sha256 digest, else what is wrong."""
-    match = IMAGE_RE.match(ref)
-    if not match:
-        return ("invalid image reference %r: expected [registry[:port]/]path[:tag][@sha256:<64 hex>] with a "
-                "lowercase path" % ref)
-    domain = match.group("domain")
-    name_len = len(match.group("path")) + (len(domain) + 1 if domain else 0)
-    if name_len > IMAGE_NAME_MAX:
-        return "image name in %r is longer than %d characters" % (_excerpt(ref), IMAGE_NAME_MAX)
-    digest = match.group("digest")
-    if digest is not None and not SHA256_DIGEST_RE.match(digest):
-        return "image digest %r must be sha256:<64 lowercase hex digits>" % digest
-    if match.group("tag") is None and digest is None:
-        return ("image reference %r has no tag or digest: add one (e.g. %s:1.0.0 or @sha256:<64 hex>); an "
-                "implicit ':latest' cannot be reproduced" % (ref, ref))
-    return None
-
 
 def parse_duration(value: object) -> Optional[int]:
     """Seconds for an int or a '1h2m3s'-style string; None when it is neither."""
@@ -819,7 +786,7 @@ def _load_component(data: object, path: str, errors: _Errors) -> Optional[dict]:
         errors.add(_join(path, "image"), "required: an image reference with a tag or digest, e.g. shop/api:1.0.0")
     else:
         image = _string(image, _join(path, "image"), errors)
-        problem = check_image_ref(image) if image is not None else None
+        problem = reference_problem(image) if image is not None else None
         if problem:
             errors.add(_join(path, "image"), problem)
     description = _load_description(mapping, _join(path, "description"), errors)

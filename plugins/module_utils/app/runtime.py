@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..common.oci import site_reference
 from .model import ModelError, effective_env, render_config, start_order
 
 LOCAL_ADDRESS = "127.0.0.1"
@@ -160,7 +161,7 @@ def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, pl
     reference = image["reference"]
     spec = ComponentSpec(
         name=name, app=model["name"], version=model["version"],
-        image="%s/%s@%s" % (registry, strip_registry(reference), image["index"]),
+        image="%s/%s@%s" % (registry, site_reference(reference), image["index"]),
         reference=reference, index_digest=image["index"], manifest_digest=manifest, platform=platform,
         entrypoint=comp.get("entrypoint"), command=comp.get("command"), user=comp.get("user"),
         env=env, config_files=files, volumes=list(comp["volumes"]), ports=list(comp["ports"]),
@@ -183,15 +184,6 @@ def probe_spec(model: dict, name: str) -> ComponentSpec:
                          index_digest="", manifest_digest="", platform="", entrypoint=None, command=None, user=None,
                          env={}, config_files=[], volumes=list(comp["volumes"]), ports=list(comp["ports"]),
                          health=comp.get("health"))
-
-
-def strip_registry(reference: str) -> str:
-    """``registry.example:5000/shop/api:1`` -> ``shop/api:1``: the site registry holds references as written,
-    minus any registry host (docs/architecture.md)."""
-    first, sep, rest = reference.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
-        return rest
-    return reference
 
 
 class Runtime(abc.ABC):

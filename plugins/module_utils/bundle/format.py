@@ -51,14 +51,14 @@ import re
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import ed25519
+from ..common.oci import OciError, check_descriptor
+from ..common.digests import CHUNK_SIZE, DigestError, canonical_json, digest_hex, is_digest, sha256_digest
 from ..common.names import CONTROL_RE, name_problem, version_problem
 
 MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
 PARTS_MEDIA_TYPE = "application/vnd.offline-delivery.parts.v1+json"
 HAVE_MEDIA_TYPE = "application/vnd.offline-delivery.have.v1+json"
-OCI_INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 SIGNATURE_ALG = "ed25519"
 
 MANIFEST_NAME = "manifest.json"
@@ -69,11 +69,9 @@ MAX_MANIFEST_SIZE = 64 * 1024 * 1024
 MAX_SIGNATURE_SIZE = 64 * 1024
 MAX_PAX_HEADER_SIZE = 64 * 1024
 MAX_PARTS_FILE_SIZE = 16 * 1024 * 1024
-CHUNK_SIZE = 1024 * 1024
 BLOCK = 512
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}\Z")
 _PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?\Z")
 
@@ -101,38 +99,12 @@ class BundleError(ValueError):
 # Canonical JSON and digests
 
 
-def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, no insignificant whitespace, UTF-8: the same object always gives the same bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks (bounded memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def digest_hex(digest: str) -> str:
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
-        raise BundleError(f"bad digest {digest!r}: expected 'sha256:' followed by 64 lowercase hex digits")
-    return digest[len("sha256:"):]
-
-
-def is_digest(value: object) -> bool:
-    return isinstance(value, str) and bool(_DIGEST.match(value))
-
-
 def blob_path(digest: str) -> str:
     """Tar member name (and repository path) of a blob: ``blobs/sha256/<hex>``."""
-    return BLOB_PREFIX + digest_hex(digest)
+    try:
+        return BLOB_PREFIX + digest_hex(digest)
+    except DigestError as exc:
+        raise BundleError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -183,13 +155,10 @@ def _need_type(value: object, kind: type, where: str, what: str) -> Any:
 
 
 def _check_descriptor(d: object, where: str) -> None:
-    d = _need_type(d, dict, where, "must be an object")
-    _need(is_digest(d.get("digest")), f"{where}.digest", "must be 'sha256:<64 hex>'")
-    size = d.get("size")
-    _need(isinstance(size, int) and not isinstance(size, bool) and size >= 0, f"{where}.size",
-          "must be a non-negative integer")
-    _need(isinstance(d.get("mediaType"), str) and bool(d.get("mediaType")), f"{where}.mediaType",
-          "must be a non-empty string")
+    try:
+        check_descriptor(d, where)
+    except OciError as exc:
+        raise BundleError(f"manifest.json: {exc}", member=MANIFEST_NAME) from None
 
 
 _BLOB_KEYS = {"digest", "size", "mediaType", "usedBy", "bundled"}

@@ -34,8 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..bundle.format import (BundleError, BundleHead, SIGNATURE_NAME, blob_path, canonical_json, digest_hex, read_head,
-                            sha256_file, verify_bundle)
+from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, parse_manifest,
+                            read_head, verify_bundle)
+from ..common.digests import DigestError, canonical_json, digest_hex, read_verified, sha256_digest, sha256_file
+from ..common.files import fsync_dir, remove, write_atomic
 from ..common.locks import flock_within
 from ..bundle.trust import check_signer
 
@@ -146,6 +148,41 @@ class SiteRepo:
                 return rel
         return None
 
+    def releases(self) -> list[dict[str, Any]]:
+        """The catalog's release records, oldest import first."""
+        return sorted(self.catalog()["releases"], key=lambda r: (r["importedAt"], r["name"], r["version"]))
+
+    def release_manifest(self, name: str, version: str) -> dict[str, Any]:
+        """The manifest of an imported release, proven to be the one the catalog recorded (its digest) and
+        valid; every reader of a release goes through here, never around it."""
+        record = self.find_release(name, version)
+        if record is None:
+            have = ", ".join(f"{r['name']}:{r['version']}" for r in self.catalog()["releases"]) or "none"
+            raise RepoError(f"release {name}:{version} is not in the catalog of {self.root} (releases there: "
+                            f"{have}); import its bundle first")
+        path = os.path.join(self.releases_dir, name, version, "manifest.json")
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_MANIFEST_SIZE + 1)
+        except OSError as exc:
+            raise RepoError(f"{path} cannot be read ({exc.strerror or exc}); import the bundle of {name} "
+                            f"{version} again") from None
+        if sha256_digest(raw) != record["manifestDigest"]:
+            raise RepoError(f"{path} does not match the catalog's digest {record['manifestDigest']}: the "
+                            "repository was changed by hand; import the bundle again")
+        try:
+            return parse_manifest(raw)
+        except BundleError as exc:
+            raise RepoError(f"{path}: {exc}") from None
+
+    def read_blob(self, digest: str, *, limit: int, size: int | None = None, where: str = "") -> bytes:
+        """A (small) blob of the store, proven to have its digest."""
+        try:
+            return read_verified(self.blob_file(digest), digest, limit=limit, size=size)
+        except DigestError as exc:
+            raise RepoError(f"{where + ': ' if where else ''}{exc}; the site repository is damaged: remove "
+                            "that file and import the release again") from None
+
     def blob_file(self, digest: str) -> str:
         return os.path.join(self.root, blob_path(digest))
 
@@ -184,7 +221,7 @@ class SiteRepo:
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                _remove(path)
+                remove(path)
 
     @contextmanager
     def lock(self, timeout: float) -> Iterator[bool]:
@@ -227,7 +264,7 @@ class SiteRepo:
                             f"within {timeout:.0f}s; wait for it and run again")
 
     def _write_catalog(self, doc: dict[str, Any]) -> None:
-        _atomic_write(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+        write_atomic(self.catalog_path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n", sync_dir=True)
 
     def _stage_blob(self, stage: str, desc: dict[str, Any], chunks: Iterator[memoryview]) -> None:
         """Sink for verify_bundle: write a new blob into the staging area, renamed to its final staged
@@ -239,7 +276,7 @@ class SiteRepo:
         final = os.path.join(stage, hexd)
         if self.has_blob(desc["digest"], desc["size"]) or _staged_intact(final, desc):
             return  # present already; verify_bundle still hashes the bundle's copy
-        _remove(final)  # a damaged leftover of an interrupted import: write it again
+        remove(final)  # a damaged leftover of an interrupted import: write it again
         partial = final + ".partial"
         try:
             with open(partial, "wb") as out:
@@ -252,7 +289,7 @@ class SiteRepo:
                     self._syncer.sync(os.dup(out.fileno()), desc["digest"])
             os.replace(partial, final)
         except BaseException as exc:
-            _remove(partial)
+            remove(partial)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise RepoError(f"no space left on the filesystem of {self.root} while writing blob "
                                 f"{desc['digest']} ({desc['size']} bytes); free space and run the import "
@@ -298,15 +335,15 @@ class SiteRepo:
         catalog_tmp = f"{self.catalog_path}.tmp-{os.getpid()}"
         try:
             os.makedirs(tmp_dir, mode=0o755)
-            _atomic_write(os.path.join(tmp_dir, "manifest.json"), manifest_bytes)
+            write_atomic(os.path.join(tmp_dir, "manifest.json"), manifest_bytes, sync_dir=True)
             if signature is not None:
-                _atomic_write(os.path.join(tmp_dir, SIGNATURE_NAME), signature)
-            _atomic_write(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n")
+                write_atomic(os.path.join(tmp_dir, SIGNATURE_NAME), signature, sync_dir=True)
+            write_atomic(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n", sync_dir=True)
             _write_synced(catalog_tmp, json.dumps(catalog, indent=2, sort_keys=True).encode("utf-8") + b"\n")
             os.makedirs(os.path.dirname(rel_dir), mode=0o755, exist_ok=True)
         except OSError as exc:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            _remove(catalog_tmp)
+            remove(catalog_tmp)
             if exc.errno == errno.ENOSPC:
                 raise RepoError(f"no space left on the filesystem of {self.root} while writing the release "
                                 f"record of {name} {version}; free space and run the import again") from None
@@ -325,13 +362,13 @@ class SiteRepo:
                 os.replace(staged, self.blob_file(desc["digest"]))
                 new_blobs += 1
                 new_bytes += desc["size"]
-        _fsync_dir(self.blobs_dir)
+        fsync_dir(self.blobs_dir)
         if os.path.exists(rel_dir):  # left by an import interrupted after this step; not in the catalog
             shutil.rmtree(rel_dir)
         os.rename(tmp_dir, rel_dir)
-        _fsync_dir(os.path.dirname(rel_dir))
+        fsync_dir(os.path.dirname(rel_dir))
         os.replace(catalog_tmp, self.catalog_path)  # the commit point
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return new_blobs, new_bytes
 
     def _remove_leftovers(self) -> None:
@@ -339,7 +376,7 @@ class SiteRepo:
         under the lock, so none of them belongs to a running import)."""
         for entry in os.listdir(self.root):
             if entry.startswith(os.path.basename(self.catalog_path) + ".tmp-"):
-                _remove(os.path.join(self.root, entry))
+                remove(os.path.join(self.root, entry))
         for entry in os.listdir(self.releases_dir):
             if entry.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.releases_dir, entry), ignore_errors=True)
@@ -520,17 +557,6 @@ def _result(manifest: dict[str, Any], digest: str, *, changed: bool, msg: str) -
                         platforms=list(manifest["platforms"]), blobs_total=len(manifest["blobs"]))
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        _write_synced(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path))
-
-
 def _write_synced(path: str, data: bytes) -> None:
     """Write ``data`` to a new file (mode 0644) and flush it to disk."""
     try:
@@ -540,7 +566,7 @@ def _write_synced(path: str, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(path, 0o644)
     except BaseException:
-        _remove(path)
+        remove(path)
         raise
 
 
@@ -562,18 +588,3 @@ def _is_current_dir(fd: int, path: str) -> bool:
         return False
     st = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

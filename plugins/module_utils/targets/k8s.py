@@ -27,7 +27,7 @@ from ..app.model import ModelError, capabilities_of, effective_env, references, 
 from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime
 from ..app.runtime import fingerprint as keyed_fingerprint
 from ..clients.kubernetes import K8sClient, K8sError, wait_for
-from ..clients.registry import RegistryError, split_reference
+from ..common.oci import OciError, split_reference
 
 MANAGED_BY = "offline-delivery"
 FINGERPRINT_ANNOTATION = "offline.delivery/spec-fingerprint"
@@ -108,7 +108,7 @@ def image_for(component: str, reference: str, *, registry: str, digest: Optional
     """``<registry>/<repository>[:tag]@<index digest>``: the tag for people, the digest for the runtime."""
     try:
         repository, tag, ref_digest = split_reference(reference)
-    except RegistryError as exc:
+    except OciError as exc:
         raise K8sRenderError("components.%s.image: %s" % (component, exc)) from exc
     if digest and ref_digest and digest != ref_digest:
         raise K8sRenderError("components.%s.image: the reference pins %s but the release's index digest is %s; "

@@ -36,11 +36,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ..clients.registry import INDEX_TYPES, RegistryClient, RegistryError
+from ..clients.registry import RegistryClient, RegistryError
+from ..common.digests import DigestError, digest_hex
+from ..common.oci import (DOCKER_LAYER, DOCKER_LAYER_GZIP, INDEX_TYPES, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OciError,
+                          check_descriptor)
 
-LAYER_TAR = ("application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar")
-LAYER_GZIP = ("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip")
-LAYER_ZSTD = ("application/vnd.oci.image.layer.v1.tar+zstd",)
+LAYER_TAR = (OCI_LAYER, DOCKER_LAYER)
+LAYER_GZIP = (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP)
+LAYER_ZSTD = (OCI_LAYER_ZSTD,)
 NONDISTRIBUTABLE = "nondistributable"
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -140,10 +143,10 @@ def _remove_abandoned(images_dir: str, manifest_digest: str) -> None:
 
 
 def _hex(digest: str) -> str:
-    algo, _sep, value = digest.partition(":")
-    if algo != "sha256" or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ImageError(f"{digest!r} is not a sha256:<64 hex> digest")
-    return value
+    try:
+        return digest_hex(digest)
+    except DigestError as exc:
+        raise ImageError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,11 +187,11 @@ def _build(client: RegistryClient, repository: str, manifest_digest: str, partia
 
 
 def _descriptor(desc: object, where: str, role: str) -> Dict[str, Any]:
-    if not (isinstance(desc, dict) and isinstance(desc.get("digest"), str) and isinstance(desc.get("size"), int)
-            and isinstance(desc.get("mediaType"), str)):
-        raise ImageError(f"{where}: the {role} descriptor lacks digest, size or mediaType: {desc!r}")
-    _hex(desc["digest"])
-    return desc
+    try:
+        check_descriptor(desc, f"{where}: the {role}")
+    except OciError as exc:
+        raise ImageError(str(exc)) from None
+    return desc  # type: ignore[return-value]  # check_descriptor proved it a dict
 
 
 def _json_blob(data: bytes, where: str, role: str) -> Dict[str, Any]:

@@ -34,7 +34,8 @@ from ..app.model import capabilities_of, parse_memory
 from ..app.runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
 from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
 from ..common.names import CONTROL_RE
-from ..clients.registry import RegistryClient, RegistryError, split_reference
+from ..clients.registry import RegistryClient, RegistryError
+from ..common.oci import OciError, split_reference
 
 UNIT_DIR = "/etc/systemd/system"
 UNIT_PREFIX = "od-"
@@ -183,7 +184,7 @@ class SystemdRuntime(Runtime):
                 self.log(f"component {spec.name}: unpacked {spec.reference} ({spec.platform}) in "
                          f"{time.monotonic() - started:.1f}s")
                 return rootfs
-        except (ImageError, RegistryError) as exc:
+        except (ImageError, OciError, RegistryError) as exc:
             raise DeployError(f"component {spec.name}: image {spec.reference} ({spec.platform}, "
                               f"{spec.manifest_digest}): {exc}") from None
         except OSError as exc:
