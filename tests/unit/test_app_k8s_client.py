@@ -25,7 +25,7 @@ from offline_delivery_core.targets.k8s import (
     rollout_problem,
 )
 from offline_delivery_core.app.runtime import ComponentSpec, DeployError
-from offline_delivery_core.clients.kubernetes import K8sClient, K8sError, resource_path, wait_for
+from offline_delivery_core.clients.kubernetes import K8sClient, K8sError, wait_for
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -231,8 +231,8 @@ def test_unreachable_server_and_bad_kubeconfig(pki: PKI) -> None:
         K8sClient.from_kubeconfig(config)
     with pytest.raises(K8sError, match="must be an https"):
         K8sClient("ftp://x")
-    with pytest.raises(K8sError, match="not one the k8s target manages"):
-        resource_path("CronJob", namespace="x")
+    with pytest.raises(K8sError, match="kind CronJob is not in the client's table .*give its apiVersion"):
+        K8sClient("https://x").path("CronJob", namespace="x")
 
 
 def test_wait_for_is_bounded() -> None:
@@ -384,3 +384,326 @@ def test_observe_reads_the_fingerprint_and_notices_changed_site_options(server: 
     assert other.observe()["api"].fingerprint != "sha256:" + "f" * 64
     assert "?labelSelector=app.kubernetes.io%2Fmanaged-by%3Doffline-delivery%2Capp.kubernetes.io%2Finstance%3Dshop" \
         in [r["path"] for r in server.requests if "deployments?" in r["path"]][0]
+
+
+# -- kubeconfigs users have: exec credential plugins, proxy-url, tls-server-name, discovery ------------------
+
+PLUGIN = r'''#!%(python)s
+import json, os, sys
+with open(os.environ["OD_LOG"], "a") as handle:
+    handle.write(json.dumps({"args": sys.argv[1:], "info": json.loads(os.environ["KUBERNETES_EXEC_INFO"]),
+                             "marker": os.environ.get("OD_MARKER")}) + "\n")
+sys.stderr.write(os.environ.get("OD_STDERR", ""))
+sys.stdout.write(os.environ.get("OD_REPLY", ""))
+sys.exit(int(os.environ.get("OD_EXIT", "0")))
+'''
+
+
+class Plugin:
+    """A real exec plugin (a script run as a separate process): replies with what the test sets."""
+
+    def __init__(self, root: Path) -> None:
+        import sys
+        self.path = root / "od-test-plugin"
+        self.path.write_text(PLUGIN % {"python": sys.executable})
+        self.path.chmod(0o700)
+        self.log = root / "plugin.log"
+
+    def runs(self) -> List[Dict[str, Any]]:
+        return [json.loads(x) for x in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def user(self, reply: Any, *, api_version: str = "client.authentication.k8s.io/v1", exit_code: int = 0,
+             stderr: str = "", **extra: Any) -> Dict[str, Any]:
+        text = reply if isinstance(reply, str) else json.dumps(reply)
+        spec = {"apiVersion": api_version, "command": str(self.path), "args": ["get-token", "--cluster=c"],
+                "env": [{"name": "OD_LOG", "value": str(self.log)}, {"name": "OD_REPLY", "value": text},
+                        {"name": "OD_EXIT", "value": str(exit_code)}, {"name": "OD_STDERR", "value": stderr},
+                        {"name": "OD_MARKER", "value": "m"}],
+                "interactiveMode": "Never"}
+        spec.update(extra)
+        return {"exec": spec}
+
+
+def credential(status: Dict[str, Any], api_version: str = "client.authentication.k8s.io/v1") -> Dict[str, Any]:
+    return {"apiVersion": api_version, "kind": "ExecCredential", "status": status}
+
+
+@pytest.fixture
+def plugin(tmp_path: Path) -> Plugin:
+    return Plugin(tmp_path)
+
+
+@pytest.mark.parametrize("api_version", ["client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1"])
+def test_exec_plugin_token(server: Any, pki: PKI, plugin: Plugin, api_version: str) -> None:
+    config = kubeconfig(url_of(server), pki, **plugin.user(credential({"token": "exec-t0ken"}, api_version),
+                                                            api_version=api_version, provideClusterInfo=True))
+    config["clusters"][0]["cluster"]["extensions"] = [
+        {"name": "client.authentication.k8s.io/exec", "extension": {"audience": "x"}}]
+    client = K8sClient.from_kubeconfig(config)
+    client.version()
+    client.get("Service", "db", "shop")
+    assert [r["headers"]["Authorization"] for r in server.requests] == ["Bearer exec-t0ken"] * 2
+    (run,) = plugin.runs()                            # no expiry: one run for the client's life
+    assert run["args"] == ["get-token", "--cluster=c"] and run["marker"] == "m"
+    assert run["info"] == {"apiVersion": api_version, "kind": "ExecCredential", "spec": {
+        "interactive": False, "cluster": {"server": url_of(server), "config": {"audience": "x"},
+                                          "certificate-authority-data": base64.b64encode(pki.ca).decode()}}}
+
+
+def test_exec_plugin_without_provide_cluster_info_gets_no_cluster(server: Any, pki: PKI, plugin: Plugin) -> None:
+    K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, **plugin.user(credential({"token": "t"})))).version()
+    assert plugin.runs()[0]["info"]["spec"] == {"interactive": False}
+
+
+def test_exec_plugin_client_certificate(server: Any, pki: PKI, plugin: Plugin) -> None:
+    reply = credential({"clientCertificateData": pki.client_cert.decode(), "clientKeyData": pki.client_key.decode()})
+    K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, **plugin.user(reply))).version()
+    (req,) = server.requests
+    assert dict(x[0] for x in req["peer"]["subject"])["commonName"] == "admin"
+    assert "Authorization" not in req["headers"]
+
+
+def test_exec_credential_is_kept_until_it_expires() -> None:
+    from offline_delivery_core.clients.kubernetes import EXEC_REFRESH_MARGIN, ExecPlugin
+    now = [1_000_000_000.0]   # 2001-09-09T01:46:40Z
+    calls: List[Dict[str, str]] = []
+
+    def run(argv: List[str], **kwargs: Any) -> Any:
+        calls.append(kwargs["env"])
+        expiry = datetime.datetime.fromtimestamp(now[0] + 60, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        out = json.dumps(credential({"token": "t%d" % len(calls), "expirationTimestamp": expiry})).encode()
+        return type("Done", (), {"returncode": 0, "stdout": out, "stderr": b""})()
+
+    plugin = ExecPlugin("u", {"apiVersion": "client.authentication.k8s.io/v1", "command": "helper",
+                              "env": [{"name": "A", "value": "1"}]}, run=run, clock=lambda: now[0])
+    assert plugin.credential().token == "t1"
+    now[0] += 60 - EXEC_REFRESH_MARGIN - 1
+    assert plugin.credential().token == "t1"           # still fresh
+    now[0] += 2
+    assert plugin.credential().token == "t2"           # within the margin of its expiry: run again
+    assert calls[0]["A"] == "1" and json.loads(calls[0]["KUBERNETES_EXEC_INFO"])["spec"]["interactive"] is False
+    plugin.invalidate()
+    assert plugin.credential().token == "t3"
+    assert "t3" not in repr(plugin.credential()) and "t3" not in repr(plugin)
+
+
+def test_401_runs_the_plugin_again_and_retries_once(server: Any, pki: PKI, plugin: Plugin) -> None:
+    server.answer = lambda m, p, b: (401, {"kind": "Status", "reason": "Unauthorized", "message": "Unauthorized"})
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, **plugin.user(credential({"token": "t"}))))
+    with pytest.raises(K8sError, match="HTTP 401 Unauthorized") as info:
+        client.version()
+    assert info.value.status == 401
+    assert len(server.requests) == 2 and len(plugin.runs()) == 2      # one retry with a fresh credential, no loop
+    server.answer = lambda m, p, b: (401, {}) if len(server.requests) == 3 else (200, {"gitVersion": "v1.34.4"})
+    assert client.version() == {"gitVersion": "v1.34.4"}   # the kept credential, refused; a fresh one, accepted
+    assert len(plugin.runs()) == 3 and len(server.requests) == 4
+
+
+@pytest.mark.parametrize("reply, exit_code, stderr, problem", [
+    ("", 1, "error: you must be logged in to the server\n",
+     r"failed \(exit status 1\): error: you must be logged in to the server"),
+    ("", 3, "", r"failed \(exit status 3\): no message on stderr"),
+    ("token=SECRET-VALUE\n", 0, "", r"printed no JSON ExecCredential on stdout \(19 bytes\)"),
+    ({"kind": "Status", "token": "SECRET-VALUE"}, 0, "", r"printed JSON that is not an ExecCredential \(kind 'Status'\)"),
+    (credential({"token": "SECRET-VALUE"}, "client.authentication.k8s.io/v1beta1"), 0, "",
+     r"answered with apiVersion 'client.authentication.k8s.io/v1beta1', but the kubeconfig asks for "
+     r"'client.authentication.k8s.io/v1'"),
+    ({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential"}, 0, "", "without status"),
+    (credential({}), 0, "", "neither a token nor clientCertificateData and clientKeyData"),
+    (credential({"clientCertificateData": "SECRET-VALUE"}), 0, "", "clientCertificateData without clientKeyData"),
+    (credential({"token": "SECRET-VALUE", "expirationTimestamp": "tomorrow"}), 0, "", "bad expirationTimestamp"),
+])
+def test_exec_plugin_failures_name_the_command_never_the_secret(server: Any, pki: PKI, plugin: Plugin, reply: Any,
+                                                                exit_code: int, stderr: str, problem: str) -> None:
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, **plugin.user(reply, exit_code=exit_code,
+                                                                                      stderr=stderr)))
+    with pytest.raises(K8sError, match=r"kubeconfig user 'u': the exec credential plugin '[^']*od-test-plugin' .*"
+                                       + problem) as info:
+        client.version()
+    assert "SECRET-VALUE" not in str(info.value)
+    assert not server.requests
+
+
+def test_exec_plugin_certificate_that_does_not_load(server: Any, pki: PKI, plugin: Plugin) -> None:
+    reply = credential({"clientCertificateData": pki.client_cert.decode(), "clientKeyData": "not a key"})
+    with pytest.raises(K8sError, match=r"the exec credential plugin '.*od-test-plugin': the client certificate and "
+                                       r"key do not load"):
+        K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, **plugin.user(reply))).version()
+
+
+def test_exec_plugin_missing_and_hanging(pki: PKI, tmp_path: Path) -> None:
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "od-no-such-helper",
+                     "installHint": "install kubelogin from the site repository", "interactiveMode": "Never"}}
+    with pytest.raises(K8sError, match=r"'od-no-such-helper' is not installed on the host that runs the deploy "
+                                       r"\(not found in PATH\): install kubelogin from the site repository"):
+        K8sClient.from_kubeconfig(kubeconfig("https://127.0.0.1:9", pki, **user)).version()
+    user["exec"]["command"] = str(tmp_path / "gone")
+    with pytest.raises(K8sError, match=r"is not installed on the host that runs the deploy \(not found\)"):
+        K8sClient.from_kubeconfig(kubeconfig("https://127.0.0.1:9", pki, **user)).version()
+    import sys
+    hang = tmp_path / "hang"
+    hang.write_text("#!%s\nimport time\ntime.sleep(30)\n" % sys.executable)
+    hang.chmod(0o700)
+    user["exec"]["command"] = str(hang)
+    import time as _time
+    started = _time.monotonic()
+    with pytest.raises(K8sError, match=r"did not finish within 1s \(a plugin must not wait for input"):
+        K8sClient.from_kubeconfig(kubeconfig("https://127.0.0.1:9", pki, **user), exec_timeout=1).version()
+    assert _time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("exec_spec, problem", [
+    ({"apiVersion": "client.authentication.k8s.io/v1alpha1", "command": "x"}, "v1alpha1 was removed in Kubernetes 1.24"),
+    ({"apiVersion": "v1", "command": "x"}, "apiVersion 'v1' is not one of"),
+    ({"apiVersion": "client.authentication.k8s.io/v1"}, "command is required"),
+    ({"apiVersion": "client.authentication.k8s.io/v1", "command": "bin/helper"}, "the command path 'bin/helper' is relative"),
+    ({"apiVersion": "client.authentication.k8s.io/v1", "command": "x", "args": "--a"}, "args must be a list of strings"),
+    ({"apiVersion": "client.authentication.k8s.io/v1", "command": "x", "env": [{"name": "A"}]}, "needs a name and a value"),
+    ({"apiVersion": "client.authentication.k8s.io/v1", "command": "x", "interactiveMode": "Always"},
+     "interactiveMode Always needs a person at a terminal"),
+])
+def test_exec_config_errors(pki: PKI, exec_spec: Dict[str, Any], problem: str) -> None:
+    with pytest.raises(K8sError, match=r"kubeconfig: user 'u': exec.*" + problem.replace("(", r"\(")):
+        K8sClient.from_kubeconfig(kubeconfig("https://x", pki, exec=exec_spec))
+
+
+@pytest.mark.parametrize("user, problem", [
+    ({"auth-provider": {"name": "oidc", "config": {"id-token": "x"}}},
+     r"auth-provider 'oidc', which the k8s target does not support .* use an exec credential plugin instead, e\.g\. "
+     r"for OIDC kubelogin"),
+    ({"auth-provider": {"name": "gcp"}}, r"auth-provider 'gcp'.*gke-gcloud-auth-plugin"),
+    ({"username": "admin", "password": "pw"}, r"username/password \(basic auth\), which Kubernetes removed in 1\.19"),
+    ({"token": "t", "as": "someone"}, r"impersonates \(as\)"),
+])
+def test_unsupported_user_kinds_are_refused_naming_what_to_use(pki: PKI, user: Dict[str, Any], problem: str) -> None:
+    with pytest.raises(K8sError, match=r"kubeconfig: user 'u' (uses|impersonates) .*" if "as" in user else problem):
+        K8sClient.from_kubeconfig(kubeconfig("https://x", pki, **user))
+    with pytest.raises(K8sError, match=problem):
+        K8sClient.from_kubeconfig(kubeconfig("https://x", pki, **user))
+
+
+def test_rfc3339() -> None:
+    from offline_delivery_core.clients.kubernetes import parse_rfc3339
+    assert parse_rfc3339("2001-09-09T01:46:40Z") == 1_000_000_000
+    assert parse_rfc3339("2001-09-09T03:46:40+02:00") == 1_000_000_000
+    assert parse_rfc3339("2001-09-08T17:46:40.250-08:00") == 1_000_000_000.25
+    assert parse_rfc3339("2001-09-09T01:46:40.123456789Z") == pytest.approx(1_000_000_000.123456789)
+    for bad in ("2001-09-09", "2001-09-09T01:46:40", "yesterday", 5):
+        with pytest.raises(ValueError):
+            parse_rfc3339(bad)  # type: ignore[arg-type]
+
+
+# tls-server-name: a server whose certificate names only a DNS name, reached by its IP address.
+
+@pytest.fixture
+def named_server(pki: PKI, tmp_path: Path) -> Iterator[http.server.ThreadingHTTPServer]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "apiserver")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")]))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.cluster.internal")]), critical=False)
+            .sign(pki.ca_key, hashes.SHA256()))
+    (tmp_path / "named.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "named.key").write_bytes(_key_pem(key))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(tmp_path / "named.pem"), str(tmp_path / "named.key"))
+    sni: List[Any] = []
+    context.sni_callback = lambda sock, name, ctx: sni.append(name)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    srv.requests = []  # type: ignore[attr-defined]
+    srv.sni = sni  # type: ignore[attr-defined]
+    srv.answer = lambda method, path, body: (200, {})  # type: ignore[attr-defined]
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def test_tls_server_name(named_server: Any, pki: PKI) -> None:
+    config = kubeconfig(url_of(named_server), pki, token="t")
+    with pytest.raises(K8sError, match="CERTIFICATE_VERIFY_FAILED|match"):
+        K8sClient.from_kubeconfig(config).version()       # the IP is not in the certificate
+    config["clusters"][0]["cluster"]["tls-server-name"] = "api.cluster.internal"
+    K8sClient.from_kubeconfig(config).version()
+    assert named_server.sni[-1] == "api.cluster.internal"   # sent as SNI too, as client-go does
+    config["clusters"][0]["cluster"]["tls-server-name"] = "other.cluster.internal"
+    with pytest.raises(K8sError, match="CERTIFICATE_VERIFY_FAILED|match"):
+        K8sClient.from_kubeconfig(config).version()
+
+
+def test_proxy_url_connect_with_credentials(server: Any, pki: PKI) -> None:
+    from tests.helpers.connect_proxy import ConnectProxy
+    with ConnectProxy(credential="od user:p@ss:word", hosts={"api.via-proxy.invalid": "127.0.0.1"}) as proxy:
+        config = kubeconfig("https://api.via-proxy.invalid:%d" % server.server_address[1], pki, token="t")
+        config["clusters"][0]["cluster"].update({"proxy-url": proxy.url, "tls-server-name": "127.0.0.1"})
+        K8sClient.from_kubeconfig(config).get("Service", "db", "shop")
+        assert proxy.requests == [{"method": "CONNECT", "target": "api.via-proxy.invalid:%d" % server.server_address[1],
+                                   "proxy-authorization": proxy.expected_header()}]
+        assert server.requests[0]["path"] == "/api/v1/namespaces/shop/services/db"
+        assert server.requests[0]["headers"]["Authorization"] == "Bearer t"   # inside the tunnel only
+        config["clusters"][0]["cluster"]["proxy-url"] = proxy.url.replace("p%40ss", "wrong")
+        with pytest.raises(K8sError, match=r"through the proxy 127\.0\.0\.1:\d+: .*407") as info:
+            K8sClient.from_kubeconfig(config).version()
+        assert "wrong" not in str(info.value)
+
+
+def test_proxy_url_for_a_plain_http_server_and_refused_schemes(pki: PKI) -> None:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)   # stands in for a forwarding proxy
+    srv.requests = []  # type: ignore[attr-defined]
+    srv.answer = lambda method, path, body: (200, {})  # type: ignore[attr-defined]
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        K8sClient("http://api.local:8080", proxy_url="http://u:pw@127.0.0.1:%d" % srv.server_address[1]).version()
+        (req,) = srv.requests
+        assert req["path"] == "http://api.local:8080/version"
+        assert req["headers"]["Proxy-Authorization"] == "Basic " + base64.b64encode(b"u:pw").decode()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    for url in ("socks5://127.0.0.1:1080", "https://proxy:3128"):
+        with pytest.raises(K8sError, match=r"proxy-url '%s': only http:// proxies are supported" % url):
+            K8sClient("https://x", proxy_url=url)
+    with pytest.raises(K8sError, match=r"proxy-url 'https://u:\*\*\*@proxy:3128'"):
+        K8sClient("https://x", proxy_url="https://u:secret@proxy:3128")
+
+
+def test_discovery_for_kinds_outside_the_table(server: Any, pki: PKI) -> None:
+    resources = {"kind": "APIResourceList", "groupVersion": "example.com/v1", "resources": [
+        {"name": "widgets", "kind": "Widget", "namespaced": True},
+        {"name": "widgets/status", "kind": "Widget", "namespaced": True},
+        {"name": "gadgets", "kind": "Gadget", "namespaced": False}]}
+
+    def answer(method: str, path: str, body: bytes) -> Tuple[int, Any]:
+        if path == "/apis/example.com/v1":
+            return 200, resources
+        if path in ("/apis/example.com/v2", "/api/v1"):
+            return 404, {"kind": "Status", "reason": "NotFound", "message": "the server could not find the resource"}
+        return 200, dict(json.loads(body), status={}) if body else {"items": []}
+
+    server.answer = answer
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, token="t"))
+    client.apply({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "x"}})
+    client.apply({"apiVersion": "example.com/v1", "kind": "Gadget", "metadata": {"name": "g", "namespace": "x"}})
+    client.list("Widget", "x", api_version="example.com/v1")
+    client.delete("Widget", "w", "x", api_version="example.com/v1")
+    assert [(r["method"], r["path"].split("?")[0]) for r in server.requests] == [
+        ("GET", "/apis/example.com/v1"),                       # once per group version
+        ("PATCH", "/apis/example.com/v1/namespaces/x/widgets/w"),
+        ("PATCH", "/apis/example.com/v1/gadgets/g"),           # cluster-scoped: no namespace in the path
+        ("GET", "/apis/example.com/v1/namespaces/x/widgets"),
+        ("DELETE", "/apis/example.com/v1/namespaces/x/widgets/w")]
+    with pytest.raises(K8sError, match=r"the API server's example.com/v1 has no kind Sprocket \(it has: Gadget, Widget\)"):
+        client.get("Sprocket", "s", "x", api_version="example.com/v1")
+    with pytest.raises(K8sError, match=r"the API server has no API example.com/v2 \(kind Widget\): is the "
+                                       r"CustomResourceDefinition"):
+        client.get("Widget", "w", "x", api_version="example.com/v2")
+    with pytest.raises(K8sError, match=r"kind Widget is not in the client's table .*give its apiVersion"):
+        client.get("Widget", "w", "x")
+    assert client.path("Deployment", namespace="a", name="b", api_version="apps/v1") == "/apis/apps/v1/namespaces/a/deployments/b"
