@@ -178,5 +178,11 @@ def test_a_manifest_entry_that_would_escape_the_tree_is_refused(vendor: Vendor) 
     manifest = json.loads(path.read_bytes())
     manifest["files"]["k3s/amd64"]["version"] = "../../../etc"
     path.write_text(json.dumps(manifest))
+    with pytest.raises(FilesError, match="does not match the catalog's digest"):
+        publish_files(str(vendor.repo), str(vendor.www))
+    # ... and one who also rewrote the catalog's record of it still does not get a path out of the tree
+    catalog = json.loads((vendor.repo / "catalog.json").read_bytes())
+    catalog["releases"][0]["manifestDigest"] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    (vendor.repo / "catalog.json").write_text(json.dumps(catalog))
     with pytest.raises(FilesError, match="files.k3s/amd64 is not a valid files entry"):
         publish_files(str(vendor.repo), str(vendor.www))

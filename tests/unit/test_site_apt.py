@@ -54,9 +54,10 @@ class FakeSite:
                              "index": self.blob(index), "packages": [e for e, _ in debs]}
         rel_dir = self.root / "releases" / name / version
         rel_dir.mkdir(parents=True)
-        (rel_dir / "manifest.json").write_text(json.dumps({"name": name, "version": version,
-                                                           "packages": packages}))
-        self.releases.append({"name": name, "version": version, "importedAt": imported_at})
+        manifest = json.dumps({"name": name, "version": version, "packages": packages}).encode()
+        (rel_dir / "manifest.json").write_bytes(manifest)
+        self.releases.append({"name": name, "version": version, "importedAt": imported_at,
+                              "manifestDigest": "sha256:" + hashlib.sha256(manifest).hexdigest()})
         (self.root / "catalog.json").write_text(json.dumps({"schemaVersion": 1, "releases": self.releases}))
 
 

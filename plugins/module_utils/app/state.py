@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
+from ..common.files import ensure_private_dir, write_private
 from ..common.locks import flock_within
 from ..common.names import name_problem, version_problem
 
@@ -50,38 +51,6 @@ def app_dir(state_dir: str, app: str) -> str:
     if problem:
         raise StateError(problem)
     return os.path.join(state_dir, "apps", app)
-
-
-def ensure_private_dir(path: str) -> None:
-    """Create ``path`` (and parents) 0700; tighten an existing one."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    if os.stat(path).st_mode & 0o077:
-        os.chmod(path, 0o700)
-
-
-def write_private(path: str, data: bytes) -> bool:
-    """Atomically write a 0600 file; False (and nothing written) when it already holds ``data``."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read() == data and os.stat(path).st_mode & 0o777 == 0o600:
-                return False
-    except FileNotFoundError:
-        pass
-    directory = os.path.dirname(path)
-    ensure_private_dir(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 def fingerprint_key(state_dir: str, *, create: bool = True) -> bytes:

@@ -113,7 +113,7 @@ def _named(items: object, name: str, what: str) -> dict:
     raise K8sError("kubeconfig: no %s named %r" % (what.rstrip("s"), name))
 
 
-_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)$")
+_RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z")
 
 
 def parse_rfc3339(text: str) -> float:

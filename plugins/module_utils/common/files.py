@@ -7,11 +7,9 @@ the rename. Only what changed is written, so a second run reports no change."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-from typing import Any
 
 
 def fsync_dir(path: str) -> None:
@@ -43,9 +41,10 @@ def file_differs(path: str, data: bytes, mode: int | None = None) -> bool:
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644, *, sync_dir: bool = False) -> None:
-    """Replace ``path`` with ``data`` (mode ``mode``) by temp file, fsync and rename; ``sync_dir`` also makes
-    the rename itself durable."""
+    """Replace ``path`` with ``data`` (mode ``mode``) by temp file, fsync and rename; a missing parent
+    directory is made (0755); ``sync_dir`` also makes the rename itself durable."""
     directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
     # <name>.tmp-<random>: the name repository clean-ups look for after a kill
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path)[:64] + ".tmp-", dir=directory)
     try:
@@ -97,12 +96,6 @@ def link_or_copy(src: str, dest: str) -> None:
         shutil.copyfile(src, tmp)
         os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
-
-
-def read_json(path: str) -> Any:
-    """The JSON document in ``path``; OSError or ValueError (with the reason) when it cannot be read."""
-    with open(path, "rb") as fh:
-        return json.loads(fh.read().decode("utf-8"))
 
 
 def remove(path: str) -> None:

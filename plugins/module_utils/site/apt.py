@@ -20,7 +20,6 @@ import calendar
 import email.utils
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bundle.format import blob_path, digest_hex
+from ..bundle.format import MAX_MANIFEST_SIZE
+from ..common.files import file_bytes, link_or_copy, remove, write_if_changed
+from .repo import RepoError, SiteRepo
 
 GPG_TIMEOUT = 120
 KEY_FPR_FILE = "site-key.fpr"
@@ -55,30 +56,24 @@ class PackageSet:
     entries: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AptRepoError(f"{path} cannot be read ({exc}); the site repository is damaged - restore it "
-                           "from a backup or import the release again") from None
-
-
 def package_sets(repo_root: str) -> list[PackageSet]:
     """Every package set of every release in the catalog, oldest import first."""
-    catalog_path = os.path.join(repo_root, "catalog.json")
-    if not os.path.exists(catalog_path):
-        return []
-    catalog = _read_json(catalog_path)
-    releases = sorted(catalog.get("releases", []), key=lambda r: (r["importedAt"], r["name"], r["version"]))
+    repo = SiteRepo(repo_root)
     sets: list[PackageSet] = []
-    for rel in releases:
-        manifest = _read_json(os.path.join(repo_root, "releases", rel["name"], rel["version"], "manifest.json"))
-        for key, pset in sorted(manifest.get("packages", {}).items()):
-            sets.append(PackageSet(release=f"{rel['name']} {rel['version']}", imported_at=rel["importedAt"],
-                                   distro=pset["distro"], arch=pset["arch"], profiles=list(pset["profiles"]),
-                                   index_digest=pset["index"], entries=list(pset["packages"])))
+    try:
+        for rel in repo.releases():
+            manifest = repo.release_manifest(rel["name"], rel["version"])
+            sets += _package_sets(rel, manifest)
+    except RepoError as exc:
+        raise AptRepoError(str(exc)) from None
     return sets
+
+
+def _package_sets(rel: dict[str, Any], manifest: dict[str, Any]) -> list[PackageSet]:
+    return [PackageSet(release=f"{rel['name']} {rel['version']}", imported_at=rel["importedAt"], distro=pset["distro"],
+                       arch=pset["arch"], profiles=list(pset["profiles"]), index_digest=pset["index"],
+                       entries=list(pset["packages"]))
+            for _key, pset in sorted(manifest.get("packages", {}).items())]
 
 
 def select_package_set(sets: list[PackageSet], distro: str, arch: str, profiles: list[str]) -> PackageSet:
@@ -167,16 +162,10 @@ def union_index(repo_root: str, sets: list[PackageSet]) -> UnionIndex:
 
 
 def _read_blob(repo_root: str, digest: str, where: str) -> bytes:
-    path = os.path.join(repo_root, blob_path(digest))
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise AptRepoError(f"{where}: blob {path} cannot be read ({exc}); import the release again") from None
-    if hashlib.sha256(data).hexdigest() != digest_hex(digest):
-        raise AptRepoError(f"{where}: blob {path} does not match its digest; the repository is damaged - "
-                           "remove the file and import the release again")
-    return data
+        return SiteRepo(repo_root).read_blob(digest, limit=MAX_MANIFEST_SIZE, where=where)
+    except RepoError as exc:
+        raise AptRepoError(str(exc)) from None
 
 
 # -- files -----------------------------------------------------------------------------------------------
@@ -190,66 +179,19 @@ def _same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _link(src: str, dest: str) -> None:
-    """Hard link (no second copy of a package); a copy when ``dest`` is on another file system."""
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    _remove(tmp)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-
-
-def _file_bytes(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
-
-
-def write_if_changed(path: str, data: bytes, mode: int = 0o644, check_mode: bool = False) -> bool:
-    """Atomically replace ``path`` with ``data`` unless it holds exactly that (and has ``mode``)."""
-    try:
-        same_mode = (os.stat(path).st_mode & 0o7777) == mode
-    except FileNotFoundError:
-        same_mode = False
-    if _file_bytes(path) == data and same_mode:
-        return False
-    if check_mode:
-        return True
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return True
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def sync_links(repo_root: str, directory: str, files: dict[str, str], check_mode: bool) -> list[str]:
     """Make ``directory`` hold exactly ``files`` (name -> blob digest) as links to the blobs, besides the
     index files; returns the names added, replaced or removed."""
     changed = []
     for name, digest in sorted(files.items()):
-        src, dest = os.path.join(repo_root, blob_path(digest)), os.path.join(directory, name)
+        src, dest = SiteRepo(repo_root).blob_file(digest), os.path.join(directory, name)
         if not os.path.exists(src):
             raise AptRepoError(f"blob {digest} ({name}) is missing from {repo_root}; import its release again")
         if _same_file(src, dest):
             continue
         changed.append(name)
         if not check_mode:
-            _link(src, dest)
+            link_or_copy(src, dest)
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             if name.endswith(".deb") and name not in files:
@@ -335,7 +277,7 @@ def secret_fingerprints(home: str) -> list[str]:
 
 def signing_key(home: str) -> str | None:
     """The fingerprint of the site key in ``home`` (pinned in ``site-key.fpr``), None when there is none."""
-    pinned = _file_bytes(os.path.join(home, KEY_FPR_FILE))
+    pinned = file_bytes(os.path.join(home, KEY_FPR_FILE))
     fprs = secret_fingerprints(home)
     if pinned is not None:
         fpr = pinned.decode("ascii", "replace").strip()
@@ -395,7 +337,7 @@ def sign_release(home: str, fpr: str, directory: str) -> None:
     release = os.path.join(directory, "Release")
     for out, mode in (("InRelease", "--clearsign"), ("Release.gpg", "--detach-sign")):
         tmp = os.path.join(directory, f".{out}.tmp")
-        _remove(tmp)
+        remove(tmp)
         _gpg(home, ["--pinentry-mode", "loopback", "--passphrase", "", "--local-user", fpr, "--digest-algo",
                     "SHA512", "--armor", "--yes", "--output", tmp, mode, release],
              what=f"sign {release} ({out})")

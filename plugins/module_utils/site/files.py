@@ -15,15 +15,15 @@ releases came in. Nothing is written when nothing differs; links no release carr
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..bundle.format import CHUNK_SIZE, FILE_NAME_RE, FILE_VERSION_RE, blob_path, canonical_json, digest_hex
+from ..bundle.format import FILE_NAME_RE, FILE_VERSION_RE
+from ..common.digests import canonical_json, is_digest, sha256_file
+from ..common.files import link_or_copy, write_if_changed
+from .repo import RepoError, SiteRepo
 
 INDEX_NAME = "index.json"
 INDEX_SCHEMA = 1
@@ -73,40 +73,33 @@ class FilesResult:
                 "index_changed": self.index_changed, "index": self.index_path}
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, "rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FilesError(f"{path} cannot be read ({exc}); the site repository is damaged - restore it from a "
-                         "backup or import the release again") from None
-
-
 def _checked(entry: Any, where: str) -> tuple[str, str, str, str, int, str]:
     """The fields of a manifest ``files`` entry, re-checked: they become paths on this host."""
     ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and bool(FILE_NAME_RE.match(entry["name"])) \
         and isinstance(entry.get("version"), str) and bool(FILE_VERSION_RE.match(entry["version"])) \
         and isinstance(entry.get("arch"), str) and bool(_ARCH_RE.match(entry["arch"])) \
-        and isinstance(entry.get("size"), int) and entry.get("mode") in ("0644", "0755")
+        and isinstance(entry.get("size"), int) and entry.get("mode") in ("0644", "0755") \
+        and is_digest(entry.get("digest"))
     if not ok:
         raise FilesError(f"{where} is not a valid files entry; the site repository is damaged - import the "
                          "release again")
-    digest_hex(entry["digest"])  # raises on a bad digest
     return entry["name"], entry["version"], entry["arch"], entry["digest"], entry["size"], entry["mode"]
 
 
 def site_files(repo_root: str) -> list[SiteFile]:
     """Every file of every release in the catalog, sorted by name, version, arch. The same name, version and
     arch with other bytes in two releases is an error naming both: one URL cannot serve two files."""
-    catalog_path = os.path.join(repo_root, "catalog.json")
-    if not os.path.exists(catalog_path):
-        return []
-    releases = _read_json(catalog_path).get("releases", [])
+    repo = SiteRepo(repo_root)
     found: dict[tuple[str, str, str], SiteFile] = {}
-    for rel in sorted(releases, key=lambda r: (r["importedAt"], r["name"], r["version"])):
+    try:
+        releases = repo.releases()
+        manifests = [repo.release_manifest(rel["name"], rel["version"]) for rel in releases]
+    except RepoError as exc:
+        raise FilesError(str(exc)) from None
+    for rel, manifest in zip(releases, manifests):
         label = f"{rel['name']} {rel['version']}"
-        path = os.path.join(repo_root, "releases", rel["name"], rel["version"], "manifest.json")
-        for key, entry in sorted(_read_json(path).get("files", {}).items()):
+        path = os.path.join(repo.releases_dir, rel["name"], rel["version"], "manifest.json")
+        for key, entry in sorted(manifest.get("files", {}).items()):
             name, version, arch, digest, size, mode = _checked(entry, f"{path}: files.{key}")
             known = found.get((name, version, arch))
             if known is None:
@@ -125,14 +118,6 @@ def site_files(repo_root: str) -> list[SiteFile]:
 # -- files on disk ------------------------------------------------------------------------------------------
 
 
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_SIZE), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
 def _in_place(blob: str, dest: str, f: SiteFile) -> bool:
     """``dest`` already serves the blob: the blob itself (a hard link), or a copy with its bytes."""
     try:
@@ -143,21 +128,12 @@ def _in_place(blob: str, dest: str, f: SiteFile) -> bool:
         return True
     # A copy (www on another file system): re-hashed only when size and mode already fit.
     return os.path.isfile(dest) and not os.path.islink(dest) and sd.st_size == f.size \
-        and (sd.st_mode & 0o7777) == 0o644 and _sha256_of(dest) == f.digest
+        and (sd.st_mode & 0o7777) == 0o644 and "sha256:" + sha256_file(dest) == f.digest
 
 
 def _link(blob: str, dest: str) -> None:
-    """Hard link (no second copy of a binary); a copy when ``dest`` is on another file system."""
     os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        os.unlink(tmp)
-    try:
-        os.link(blob, tmp)
-    except OSError:
-        shutil.copyfile(blob, tmp)
-        os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
+    link_or_copy(blob, dest)
 
 
 def _stale(files_dir: str, wanted: set[str]) -> list[str]:
@@ -190,26 +166,6 @@ def _prune(files_dir: str, rel: str) -> None:
         parent = os.path.dirname(parent)
 
 
-def _write_if_changed(path: str, data: bytes, check_mode: bool) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            same = fh.read() == data and (os.stat(path).st_mode & 0o7777) == 0o644
-    except FileNotFoundError:
-        same = False
-    if same:
-        return False
-    if not check_mode:
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    return True
-
-
 def index_bytes(files: list[SiteFile]) -> bytes:
     """index.json: canonical JSON (the same files give the same bytes), sorted by name, version, arch."""
     return canonical_json({"schemaVersion": INDEX_SCHEMA, "files": [f.as_index() for f in files]}) + b"\n"
@@ -221,7 +177,7 @@ def publish_files(repo_root: str, www_dir: str, *, check_mode: bool = False) -> 
     files_dir = os.path.join(www_dir, "files")
     changed: list[str] = []
     for f in files:
-        blob = os.path.join(repo_root, blob_path(f.digest))
+        blob = SiteRepo(repo_root).blob_file(f.digest)
         try:
             blob_size = os.stat(blob).st_size
         except FileNotFoundError:
@@ -242,5 +198,7 @@ def publish_files(repo_root: str, www_dir: str, *, check_mode: bool = False) -> 
             os.unlink(os.path.join(files_dir, rel))
             _prune(files_dir, rel)
     index_path = os.path.join(files_dir, INDEX_NAME)
-    index_changed = _write_if_changed(index_path, index_bytes(files), check_mode)
+    if not check_mode:
+        os.makedirs(files_dir, mode=0o755, exist_ok=True)
+    index_changed = write_if_changed(index_path, index_bytes(files), check_mode=check_mode)
     return FilesResult(files=files, links_changed=changed, index_changed=index_changed, index_path=index_path)

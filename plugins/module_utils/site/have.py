@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..bundle import ed25519
-from ..bundle.format import HAVE_MEDIA_TYPE, SIGNATURE_ALG, canonical_json, is_digest
+from ..bundle.format import HAVE_MEDIA_TYPE, SIGNATURE_ALG
+from ..common.digests import canonical_json, is_digest
+from ..common.files import file_differs, write_if_changed
 from .repo import RepoError, SiteRepo
 
 __all__ = ["HaveError", "HaveResult", "build_have", "export_have", "verify_have", "verify_signed", "sign",
@@ -150,24 +152,15 @@ def build_have(repo_root: str, site: str) -> tuple[dict[str, Any], int]:
     for rel in repo.catalog()["releases"]:
         name, version = rel["name"], rel["version"]
         releases.append({"name": name, "version": version, "manifestDigest": rel["manifestDigest"]})
-        for desc in _release_manifest(repo, name, version)["blobs"]:
+        try:
+            manifest = repo.release_manifest(name, version)
+        except RepoError as exc:
+            raise HaveError(str(exc)) from None
+        for desc in manifest["blobs"]:
             (blobs if repo.has_blob(desc["digest"], desc["size"]) else missing).add(desc["digest"])
     releases.sort(key=lambda r: (r["name"], r["version"]))
     doc = {"mediaType": HAVE_MEDIA_TYPE, "site": site, "releases": releases, "blobs": sorted(blobs)}
     return doc, len(missing - blobs)
-
-
-def _release_manifest(repo: SiteRepo, name: str, version: str) -> dict[str, Any]:
-    path = os.path.join(repo.releases_dir, name, version, "manifest.json")
-    try:
-        with open(path, "rb") as fh:
-            doc = json.loads(fh.read())
-        if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
-            raise ValueError("no blobs list")
-        return doc
-    except (OSError, ValueError) as exc:
-        raise HaveError(f"release record {path} of {name} {version} cannot be read ({exc}); the repository "
-                        f"is damaged: import the {name} {version} bundle again") from None
 
 
 def signed_bytes(doc: dict[str, Any], seed: bytes) -> bytes:
@@ -210,7 +203,7 @@ def export_have(repo_root: str, site: str, dest: str, key_dir: str = DEFAULT_KEY
         return HaveResult(True, dest, pub_path, None, True, site, doc["releases"], len(doc["blobs"]), missing)
     data = signed_bytes(doc, seed)
     public = public_from_seed(seed)
-    changed = file_differs(dest, data) or file_differs(pub_path, public_key_pem(public))
+    changed = file_differs(dest, data, 0o644) or file_differs(pub_path, public_key_pem(public), 0o644)
     if changed and not check_mode:
         write_if_changed(dest, data, 0o644)
         write_if_changed(pub_path, public_key_pem(public), 0o644)
@@ -223,29 +216,6 @@ def signed_pub_path(dest: str, kind: str = "have") -> str:
     suffix = f".{kind}.json"
     base = dest[:-len(suffix)] if dest.endswith(suffix) else os.path.splitext(dest)[0]
     return f"{base}.{kind}.pub"
-
-
-def file_differs(path: str, data: bytes) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read() != data
-    except FileNotFoundError:
-        return True
-
-
-def write_if_changed(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Atomically (temp file, fsync, rename) and only when the bytes differ."""
-    if not file_differs(path, data):
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -284,13 +254,35 @@ def verify_signed(data: bytes, trusted_keys: list[bytes], source: str, *, media_
     return doc
 
 
+def parse_have(data: bytes, source: str = "have-file") -> dict[str, Any]:
+    """The have-document in ``data``, signed or not (the signature is not checked: ``verify_have`` does): the one
+    reader of a have-file, for ``bundle-builder build --have`` and the ``bundle_export`` module alike.
+
+    ``{"mediaType": "application/vnd.offline-delivery.have.v1+json", "blobs": ["sha256:<hex>", ...]}``;
+    ``mediaType`` may be absent (a hand-made list), other fields (``site``, ``releases``) are kept as they are.
+    HaveError names ``source`` and what is wrong."""
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise HaveError(f"{source} is not JSON ({exc})") from None
+    return _have_document(doc, source)
+
+
+def _have_document(doc: Any, source: str) -> dict[str, Any]:
+    if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
+        raise HaveError(f'{source}: expected {{"blobs": ["sha256:<hex>", ...]}}')
+    if doc.get("mediaType", HAVE_MEDIA_TYPE) != HAVE_MEDIA_TYPE:
+        raise HaveError(f"{source}: mediaType {doc.get('mediaType')!r} is not {HAVE_MEDIA_TYPE}")
+    for i, digest in enumerate(doc["blobs"]):
+        if not is_digest(digest):
+            raise HaveError(f"{source}: blobs[{i}] = {digest!r} is not a 'sha256:<64 hex>' digest")
+    return doc
+
+
 def verify_have(data: bytes, trusted_keys: list[bytes], source: str = "have-file") -> dict[str, Any]:
-    """The have-document when its embedded signature is by one of ``trusted_keys`` (raw Ed25519 keys);
-    HaveError names the file and what is wrong otherwise."""
+    """The have-document when its embedded signature is by one of ``trusted_keys`` (raw Ed25519 keys) and its
+    content is a have-list (``parse_have``'s checks); HaveError names the file and what is wrong otherwise."""
     doc = verify_signed(data, trusted_keys, source, media_type=HAVE_MEDIA_TYPE, what="have-list",
                         again="export it again with the offline.delivery.have playbook, or build without "
                               "--have-pub if you accept it unsigned")
-    bad = [d for d in doc.get("blobs", []) if not is_digest(d)] if isinstance(doc.get("blobs"), list) else [None]
-    if bad:
-        raise HaveError(f"{source}: 'blobs' must be a list of 'sha256:<64 hex>' digests (bad: {bad[0]!r})")
-    return doc
+    return _have_document(doc, source)

@@ -5,14 +5,14 @@ site's secrets for the app, kept beside the repository on the repo host. Standar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..app.model import ModelError, generate_secret, load_model
-from ..app.state import app_dir, write_private
-from ..bundle.format import BundleError, parse_manifest
+from ..app.state import app_dir
+from ..bundle.format import MAX_MANIFEST_SIZE
+from ..common.files import write_private
 from ..common.names import SEMVER_RE, name_problem, version_problem
 from .repo import RepoError, SiteRepo
 
@@ -44,38 +44,16 @@ def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Di
     if record is None:
         raise RepoError("%s %s is not in the site repository %s (imported: %s); import its bundle first" %
                         (name, version, repo.root, ", ".join(sorted((r["version"] for r in releases), key=semver_key))))
-    manifest_path = os.path.join(repo.releases_dir, name, version, "manifest.json")
-    with open(manifest_path, "rb") as fh:
-        raw = fh.read()
-    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    if record["manifestDigest"] != digest:
-        raise RepoError("%s does not match the catalog's digest %s: the repository was changed by hand; "
-                        "import the bundle again" % (manifest_path, record["manifestDigest"]))
-    try:
-        manifest = parse_manifest(raw)
-    except BundleError as exc:
-        raise RepoError("%s: %s" % (manifest_path, exc)) from None
+    manifest = repo.release_manifest(name, version)
     model_desc = manifest["model"]
-    model_bytes = _blob(repo, model_desc["digest"], model_desc["size"])
+    model_bytes = repo.read_blob(model_desc["digest"], size=model_desc["size"], limit=MAX_MANIFEST_SIZE,
+                                 where=f"the model of {name} {version}")
     try:
         model = load_model(json.loads(model_bytes.decode("utf-8")), source="%s %s (site repository)" % (name, version))
     except (ValueError, ModelError) as exc:
         raise RepoError("the model of %s %s in the site repository is invalid: %s" % (name, version, exc)) from None
     return {"name": name, "version": version, "model": model, "images": manifest["images"],
-            "platforms": manifest["platforms"], "manifest_digest": digest}
-
-
-def _blob(repo: SiteRepo, digest: str, size: int) -> bytes:
-    path = repo.blob_file(digest)
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(size + 1)
-    except FileNotFoundError:
-        raise RepoError("blob %s is missing from %s; import the release's bundle again" % (digest, repo.root)) from None
-    if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise RepoError("blob %s in %s is damaged (size or sha256 differ); import the release's bundle again"
-                        % (digest, repo.root))
-    return data
+            "platforms": manifest["platforms"], "manifest_digest": record["manifestDigest"]}
 
 
 def ensure_secrets(state_dir: str, app: str, specs: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, str], list]:

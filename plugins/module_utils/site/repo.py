@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, parse_manifest,
-                            read_head, verify_bundle)
+from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
+                            verify_bundle)
 from ..common.digests import DigestError, canonical_json, digest_hex, read_verified, sha256_digest, sha256_file
 from ..common.files import fsync_dir, remove, write_atomic
 from ..common.locks import flock_within
@@ -153,8 +153,8 @@ class SiteRepo:
         return sorted(self.catalog()["releases"], key=lambda r: (r["importedAt"], r["name"], r["version"]))
 
     def release_manifest(self, name: str, version: str) -> dict[str, Any]:
-        """The manifest of an imported release, proven to be the one the catalog recorded (its digest) and
-        valid; every reader of a release goes through here, never around it."""
+        """The manifest of an imported release, proven to be the bytes the import validated (the catalog
+        records their digest); every reader of a release goes through here, never around it."""
         record = self.find_release(name, version)
         if record is None:
             have = ", ".join(f"{r['name']}:{r['version']}" for r in self.catalog()["releases"]) or "none"
@@ -167,13 +167,16 @@ class SiteRepo:
         except OSError as exc:
             raise RepoError(f"{path} cannot be read ({exc.strerror or exc}); import the bundle of {name} "
                             f"{version} again") from None
-        if sha256_digest(raw) != record["manifestDigest"]:
-            raise RepoError(f"{path} does not match the catalog's digest {record['manifestDigest']}: the "
+        if sha256_digest(raw) != record.get("manifestDigest"):
+            raise RepoError(f"{path} does not match the catalog's digest {record.get('manifestDigest')}: the "
                             "repository was changed by hand; import the bundle again")
         try:
-            return parse_manifest(raw)
-        except BundleError as exc:
-            raise RepoError(f"{path}: {exc}") from None
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RepoError(f"{path} is not JSON ({exc}); import the bundle again") from None
+        if not isinstance(manifest, dict):
+            raise RepoError(f"{path} is not a manifest; import the bundle again")
+        return manifest
 
     def read_blob(self, digest: str, *, limit: int, size: int | None = None, where: str = "") -> bytes:
         """A (small) blob of the store, proven to have its digest."""

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..bundle import ed25519
-from .have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, file_differs, load_or_create_key, public_from_seed,
-                        public_key_pem, signed_bytes, signed_pub_path, verify_signed, write_if_changed)
+from ..common.files import file_differs, write_if_changed
+from .have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, load_or_create_key, public_from_seed, public_key_pem,
+                   signed_bytes, signed_pub_path, verify_signed)
 from .repo import RepoError, SiteRepo
 
 __all__ = ["STATUS_MEDIA_TYPE", "StatusError", "StatusResult", "build_status", "export_status", "verify_status",
@@ -194,7 +195,7 @@ def export_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, An
     kept = _current_report(dest, public, doc, now, refresh)
     if kept is not None:
         res.collected_at = kept["collectedAt"]
-        res.changed = file_differs(pub_path, public_key_pem(public)) or key_created
+        res.changed = file_differs(pub_path, public_key_pem(public), 0o644) or key_created
         if res.changed and not check_mode:
             write_if_changed(pub_path, public_key_pem(public))
         return res

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from ..app.model import capabilities_of, parse_memory
 from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
-from ..app.state import app_dir, ensure_private_dir, write_private
+from ..app.state import app_dir
+from ..common.files import ensure_private_dir, write_if_changed, write_private
 
 LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
 LABEL_APP = "io.offline-delivery.app"
@@ -46,21 +47,6 @@ def env_file_text(env: Dict[str, str], component: str = "") -> str:
 def compose_literal(text: str) -> str:
     """A string Compose must not interpolate: ``$`` doubled (compose.yaml interpolation)."""
     return text.replace("$", "$$")
-
-
-def _write_public(path: str, data: bytes, mode: int = 0o644) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            if fh.read() == data and os.stat(path).st_mode & 0o777 == mode:
-                return False
-    except FileNotFoundError:
-        pass
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    return True
 
 
 class ComposeRuntime(Runtime):
@@ -232,7 +218,7 @@ class ComposeRuntime(Runtime):
         text = ("# Written by offline.delivery from the app model; changes here are overwritten by the next "
                 "deploy.\n# JSON is YAML: docker compose reads it as is.\n"
                 + json.dumps(project, indent=2, sort_keys=True) + "\n")
-        _write_public(self.compose_file, text.encode("utf-8"))
+        write_if_changed(self.compose_file, text.encode("utf-8"))
 
     def _service(self, spec: ComponentSpec) -> Dict[str, Any]:
         env_path = os.path.join(self.private_dir, "env", spec.name + ".env")
@@ -286,4 +272,4 @@ def write_config(path: str, data: bytes, mode: int) -> bool:
     """A rendered config file: may hold secrets, so it lives in a 0700 directory; its own mode is the model's
     (the process in the container reads it as its own user)."""
     ensure_private_dir(os.path.dirname(path))
-    return _write_public(path, data, mode)
+    return write_if_changed(path, data, mode)

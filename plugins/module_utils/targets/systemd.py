@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..app.model import capabilities_of, parse_memory
 from ..app.runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
 from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from ..common.files import remove, write_atomic
 from ..common.names import CONTROL_RE
 from ..clients.registry import RegistryClient, RegistryError
 from ..common.oci import OciError, split_reference
@@ -236,7 +237,7 @@ class SystemdRuntime(Runtime):
         self._write_env(spec, rootfs)
         text = render_unit(spec, rootfs, app=self.app, env_file=self.env_path(spec.name), configs=configs,
                            volumes=volumes, unit_name=self.unit_name)
-        _write_atomic(self.unit_path(spec.name), text.encode("utf-8"), 0o644)
+        write_atomic(self.unit_path(spec.name), text.encode("utf-8"), 0o644)
 
     def _write_configs(self, spec: ComponentSpec) -> List[Tuple[str, str]]:
         """Rendered config files (host path, path in the root). The directory is root-only: files may hold
@@ -251,7 +252,7 @@ class SystemdRuntime(Runtime):
             rel = item["path"].lstrip("/")
             host = os.path.join(base, rel)
             os.makedirs(os.path.dirname(host), mode=0o700, exist_ok=True)
-            _write_atomic(host, item["content"].encode("utf-8"), int(item["mode"], 8))
+            write_atomic(host, item["content"].encode("utf-8"), int(item["mode"], 8))
             mounts.append((host, item["path"]))
         return mounts
 
@@ -303,7 +304,7 @@ class SystemdRuntime(Runtime):
             text = render_env_file(env)
         except ValueError as exc:
             raise DeployError(f"component {spec.name}: {exc}") from None
-        _write_atomic(path, text.encode("utf-8"), 0o600)
+        write_atomic(path, text.encode("utf-8"), 0o600)
 
     # -- remove / uninstall ---------------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class SystemdRuntime(Runtime):
             self._systemctl(["disable", "--quiet", "--now", unit], f"stop component {name}", component=name)
         for name in present:
             os.unlink(units[name])
-            _unlink(self.env_path(name))
+            remove(self.env_path(name))
             shutil.rmtree(self.config_dir(name), ignore_errors=True)
         if present:
             self._systemctl(["daemon-reload"], "reload the unit files")
@@ -684,23 +685,3 @@ def unit_settings(path: str) -> Dict[str, str]:
     except FileNotFoundError:
         pass
     return settings
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
