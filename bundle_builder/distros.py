@@ -198,11 +198,6 @@ def get_distro(key: str, *, require_supported: bool = True) -> Distro:
     return distro
 
 
-def supported_distros() -> list[str]:
-    """Keys of the rows a build can use."""
-    return sorted(k for k, d in DISTROS.items() if d.supported)
-
-
 def normalize_arch(arch: str) -> str:
     """Debian architecture name for ``arch``: accepts ``amd64``, ``x86_64``, ``aarch64``, ``linux/arm64``."""
     name = arch.strip().lower()

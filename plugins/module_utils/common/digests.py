@@ -28,6 +28,17 @@ def canonical_json(obj: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed as one JSON object (a manifest, an index, a config), or DigestError naming ``what``."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DigestError(f"{what} is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise DigestError(f"{what} is not a JSON object")
+    return doc
+
+
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()

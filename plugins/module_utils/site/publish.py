@@ -18,11 +18,11 @@ digest and no tag is pushed by the index digest only.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..common.digests import DigestError, json_object
 from ..clients.registry import MAX_MANIFEST_BYTES, RegistryClient, RegistryError
 from ..common.oci import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX_MEDIA_TYPE, OciError, check_descriptor, split_reference
 from .repo import RepoError, SiteRepo
@@ -94,12 +94,9 @@ def _read_checked(repo: SiteRepo, digest: str, where: str) -> bytes:
 
 def _json_doc(data: bytes, digest: str, where: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{where}: blob {digest} is not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise RegistryError(f"{where}: blob {digest} is not a JSON object")
-    return doc
+        return json_object(data, f"{where}: blob {digest}")
+    except DigestError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def _descriptor(desc: object, where: str) -> tuple[str, int, str]:

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
                             verify_bundle)
-from ..common.digests import DigestError, canonical_json, digest_hex, read_verified, sha256_digest, sha256_file
+from ..common.digests import DigestError, canonical_json, digest_hex, json_object, read_verified, sha256_digest, sha256_file
 from ..common.files import fsync_dir, remove, write_atomic
 from ..common.locks import flock_within
 from ..bundle.trust import check_signer
@@ -171,12 +171,9 @@ class SiteRepo:
             raise RepoError(f"{path} does not match the catalog's digest {record.get('manifestDigest')}: the "
                             "repository was changed by hand; import the bundle again")
         try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise RepoError(f"{path} is not JSON ({exc}); import the bundle again") from None
-        if not isinstance(manifest, dict):
-            raise RepoError(f"{path} is not a manifest; import the bundle again")
-        return manifest
+            return json_object(raw, path)
+        except DigestError as exc:
+            raise RepoError(f"{exc}; import the bundle again") from None
 
     def read_blob(self, digest: str, *, limit: int, size: int | None = None, where: str = "") -> bytes:
         """A (small) blob of the store, proven to have its digest."""

@@ -26,7 +26,6 @@ from ..common.files import ensure_private_dir, write_if_changed, write_private
 
 LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
 LABEL_APP = "io.offline-delivery.app"
-COMMAND_TIMEOUT = 600
 
 
 def env_file_text(env: Dict[str, str], component: str = "") -> str:

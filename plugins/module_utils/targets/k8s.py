@@ -487,13 +487,6 @@ def component_of(obj: Mapping[str, Any]) -> Optional[str]:
     return (obj.get("metadata", {}).get("labels") or {}).get("app.kubernetes.io/component")
 
 
-def workload_of(objects: Iterable[dict], component: str) -> Optional[dict]:
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet") and component_of(obj) == component:
-            return obj
-    return None
-
-
 def redact(objects: Iterable[dict]) -> List[dict]:
     """A copy safe to log or return from a module: Secret values replaced by the length of the value."""
     out = []

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..clients.registry import RegistryClient, RegistryError
-from ..common.digests import DigestError, digest_hex
+from ..common.digests import DigestError, digest_hex, json_object
 from ..common.oci import (DOCKER_LAYER, DOCKER_LAYER_GZIP, INDEX_TYPES, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OciError,
                           check_descriptor)
 
@@ -196,12 +196,9 @@ def _descriptor(desc: object, where: str, role: str) -> Dict[str, Any]:
 
 def _json_blob(data: bytes, where: str, role: str) -> Dict[str, Any]:
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageError(f"{where}: the {role} is not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ImageError(f"{where}: the {role} is not a JSON object")
-    return doc
+        return json_object(data, f"{where}: the {role}")
+    except DigestError as exc:
+        raise ImageError(str(exc)) from None
 
 
 class _Buffer:
