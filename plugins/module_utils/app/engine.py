@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from .model import diff_models
 from .runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
-                          probe_spec, wait_healthy)
+                      probe_spec, wait_healthy)
 from .state import AppState, check_snapshot, fingerprint_key, restore_snapshot, take_snapshot, utc_now
 
 

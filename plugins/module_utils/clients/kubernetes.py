@@ -266,8 +266,8 @@ class ExecPlugin:
         token = status.get("token") or None
         cert, key = status.get("clientCertificateData"), status.get("clientKeyData")
         if bool(cert) != bool(key):
-            raise self._fail("returned %s without %s" % (("clientCertificateData", "clientKeyData") if cert
-                                                        else ("clientKeyData", "clientCertificateData")))
+            missing = ("clientCertificateData", "clientKeyData") if cert else ("clientKeyData", "clientCertificateData")
+            raise self._fail("returned %s without %s" % missing)
         if not token and not cert:
             raise self._fail("returned neither a token nor clientCertificateData and clientKeyData")
         if (token is not None and not isinstance(token, str)) or (cert and not (isinstance(cert, str)
@@ -443,7 +443,8 @@ class K8sClient:
 
     def _connection(self, context: Optional[ssl.SSLContext]) -> http.client.HTTPConnection:
         if self.scheme == "https":
-            assert context is not None
+            if context is None:
+                raise K8sError("internal: an https connection needs a TLS context")
             server_hostname = self.tls_server_name or self.host
             if self.proxy:
                 host, port, headers = self.proxy

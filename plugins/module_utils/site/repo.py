@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
-                            verify_bundle)
+                             verify_bundle)
 from ..common.digests import DigestError, canonical_json, digest_hex, json_object, read_verified, sha256_digest, sha256_file
 from ..common.files import fsync_dir, remove, write_atomic
 from ..common.locks import flock_within

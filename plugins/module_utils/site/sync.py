@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
-                            BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
+                             BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
 from ..common.locks import flock_within
 from ..common.names import name_problem, version_problem
 from ..bundle.trust import check_signer
