@@ -22,9 +22,11 @@ import yaml
 
 from offline_delivery_core.app import model as app_model
 from offline_delivery_core.bundle import format as bundle_format
-from offline_delivery_core.bundle.format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, HAVE_MEDIA_TYPE,
-                                                 BackgroundHasher, MODEL_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE,
-                                                 PARTS_MEDIA_TYPE, BundleError, blob_path, canonical_json)
+from offline_delivery_core.bundle.format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, BackgroundHasher,
+                                                 MODEL_MEDIA_TYPE, PARTS_MEDIA_TYPE, BundleError, blob_path)
+from offline_delivery_core.common.digests import canonical_json, sha256_file
+from offline_delivery_core.common.oci import OCI_INDEX_MEDIA_TYPE
+from offline_delivery_core.site import have as site_have
 
 from . import __version__
 from . import images as img
@@ -105,27 +107,21 @@ def parse_size(text: str) -> int:
     return size
 
 
-def load_have_file(path: str | Path) -> tuple[set[str], str]:
-    """Digests a site already holds, and the have-file's own digest.
-
-    Format: ``{"mediaType": "application/vnd.offline-delivery.have.v1+json", "blobs": ["sha256:<hex>", ...]}``
-    (``mediaType`` optional; extra top-level fields, e.g. ``site``, are ignored).
-    """
+def load_have_file(path: str | Path, have_pub: list[bytes] | None = None) -> tuple[set[str], str]:
+    """Digests a site already holds, and the have-file's own digest. The file is read by the one have-file
+    reader (``site.have.parse_have``); with ``have_pub`` (raw Ed25519 site keys, pinned by the vendor) it must
+    also carry a valid signature by one of them (``site.have.verify_have``), else BuildError names the key
+    found or says the list was modified."""
     path = Path(path)
     try:
         raw = path.read_bytes()
-        doc = json.loads(raw)
     except OSError as exc:
         raise BuildError(f"cannot read have-file {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise BuildError(f"have-file {path} is not JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
-        raise BuildError(f'have-file {path}: expected {{"blobs": ["sha256:<hex>", ...]}}')
-    if doc.get("mediaType", HAVE_MEDIA_TYPE) != HAVE_MEDIA_TYPE:
-        raise BuildError(f"have-file {path}: mediaType {doc.get('mediaType')!r} is not {HAVE_MEDIA_TYPE}")
-    for i, d in enumerate(doc["blobs"]):
-        if not bundle_format.is_digest(d):
-            raise BuildError(f"have-file {path}: blobs[{i}] = {d!r} is not a 'sha256:<64 hex>' digest")
+    source = f"have-file {path}"
+    try:
+        doc = site_have.verify_have(raw, have_pub, source) if have_pub else site_have.parse_have(raw, source)
+    except site_have.HaveError as exc:
+        raise BuildError(str(exc)) from None
     return set(doc["blobs"]), "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -412,14 +408,18 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
                  have: str | Path | None = None, volume_size: int | str | None = None,
                  progress: Progress | None = None, base_pub: list[bytes] | None = None,
                  packages: list[str] | None = None, package_profiles: list[str] | None = None,
-                 package_cache: str | Path | None = None, files: list[str] | None = None) -> BuildResult:
+                 package_cache: str | Path | None = None, files: list[str] | None = None,
+                 have_pub: list[bytes] | None = None) -> BuildResult:
     """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
-    Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with.
+    Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with;
+    ``have_pub``: site keys (raw Ed25519) one of which must have signed ``have`` (None: not checked).
     ``packages``: distro releases (e.g. ``debian-12``) whose OS package closures to carry for every
     platform's architecture (``package_profiles``: which profiles; None: all of the distro's). ``files``:
     ``--file`` specs (``NAME[@VERSION]/ARCH=PATH``) carried for the site's file tree."""
     if base is not None and have is not None:
         raise BuildError("give either a base bundle or a have-file, not both")
+    if have_pub and have is None:
+        raise BuildError("--have-pub checks the site signature of a --have file; give --have too")
     model = load_app_model(model_path)
     key = signing.load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
     wanted = sorted({img.Platform.parse(p) for p in platforms}, key=str)
@@ -430,6 +430,7 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
     if not out.is_dir():
         raise BuildError(f"output directory {out} does not exist")
     file_inputs = parse_file_specs(files or [], sorted({p.architecture for p in wanted}), model["version"])
+    omit, delta = _delta(base, have, base_pub, have_pub)  # a bad base or have-file is refused before any image is read
 
     sources: list[img.ImageSource] = []
     try:
@@ -441,7 +442,6 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
         plan, model_blob, images_section = _plan(model, wanted, resolved)
         packages_section = _plan_packages(plan, packages or [], package_profiles, wanted, package_cache, progress)
         files_section = _plan_files(plan, file_inputs)
-        omit, delta = _delta(base, have, base_pub)
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
         return _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
                       delta, key, out, vsize, progress)
@@ -452,12 +452,12 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
             source.close()
 
 
-def _delta(base: str | Path | None, have: str | Path | None,
-           base_pub: list[bytes] | None) -> tuple[set[str], dict[str, Any] | None]:
+def _delta(base: str | Path | None, have: str | Path | None, base_pub: list[bytes] | None,
+           have_pub: list[bytes] | None) -> tuple[set[str], dict[str, Any] | None]:
     if base is not None:
         return _base_delta(base, base_pub)
     if have is not None:
-        digests, have_digest = load_have_file(have)
+        digests, have_digest = load_have_file(have, have_pub)
         return digests, {"have": {"digest": have_digest, "file": Path(have).name, "blobs": len(digests)}}
     return set(), None
 
@@ -493,7 +493,7 @@ def _plan_files(plan: _Plan, inputs: list[FileInput]) -> dict[str, Any]:
     section: dict[str, Any] = {}
     for f in inputs:
         try:
-            digest = "sha256:" + bundle_format.sha256_file(f.path)
+            digest = "sha256:" + sha256_file(f.path)
             st = f.path.stat()
         except OSError as exc:
             raise BuildError(f"--file {f.spec!r}: cannot read {f.path}: {exc.strerror}") from None

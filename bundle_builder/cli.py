@@ -1,8 +1,9 @@
 """``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, diff, fleet.
 
-Exit codes, the same as ``offline-delivery`` (README.md, "Exit codes"): 0 ok; 1 a check failed (bad signature,
-damaged blob, a refused status file, ...); 2 bad usage or input (argparse's own code: bad or missing arguments,
-a named file that is missing or cannot be used); 130 interrupted.
+Exit codes: the one contract of both commands (README.md, "Exit codes"), kept by
+``offline_delivery_common.exits.run_command``: 0 ok; 1 a check failed (bad signature, damaged blob, a refused
+status file, ...); 2 bad usage or input (argparse's own code: bad or missing arguments, a named file that is
+missing or cannot be used); 130 interrupted.
 With ``--json`` stdout holds only the JSON document; progress and messages go to stderr.
 """
 
@@ -18,17 +19,12 @@ from offline_delivery_core.bundle import format as bundle_format
 from offline_delivery_core.bundle import ed25519
 from offline_delivery_core.bundle import trust
 from offline_delivery_core.bundle.format import BundleError
+from offline_delivery_common.exits import EXIT_FAILED, EXIT_OK, UsageError, run_command
 
 from .progress import human_size, make_progress
 
 # build/signing (cryptography, docker, PyYAML) are imported by the commands that need them: verify and
 # inspect then start fast, which matters for their throughput on small bundles.
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(Exception):
-    """Bad usage or input: exit 2."""
 
 
 def _print_json(doc: Any) -> None:
@@ -74,15 +70,12 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 def cmd_from_compose(args: argparse.Namespace) -> int:
     import yaml
 
+    from offline_delivery_common.inputs import read_yaml
+
     from . import compose
 
     path = Path(args.file)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {exc}") from None
+    data = read_yaml(path)
     try:
         model, report = compose.from_compose(data, name=args.name, version=args.version,
                                              base_dir=path.resolve().parent)
@@ -120,22 +113,6 @@ def _load_pubs(paths: list[str] | None) -> list[bytes]:
         raise UsageError(str(exc)) from None
 
 
-def _check_have_signature(have: str | None, pubs: list[str]) -> None:
-    """--have-pub: the have-list must carry a valid signature by one of these (pinned) site keys."""
-    from offline_delivery_core.site import have as site_have
-
-    if not have:
-        raise UsageError("--have-pub checks the site signature of a --have file; give --have too")
-    try:
-        data = Path(have).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read have-file {have}: {exc.strerror}") from None
-    try:
-        site_have.verify_have(data, _load_pubs(pubs), source=f"have-file {have}")
-    except site_have.HaveError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from . import build, signing
 
@@ -143,19 +120,24 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise UsageError("give --sign-key KEY (from 'bundle-builder keygen'), or --unsigned to build without a signature")
     if args.sign_key and args.unsigned:
         raise UsageError("--sign-key and --unsigned exclude each other")
-    if args.have_pub:
-        _check_have_signature(args.have, args.have_pub)
+    base_pub = _load_pubs(args.base_pub) if args.base_pub else None
+    have_pub = _load_pubs(args.have_pub) if args.have_pub else None
     out = Path(args.output)
+    made = [d for d in (out, *out.parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     try:
+        # the same build_bundle as the bundle_export module: every check of the inputs (the have-file's site
+        # signature too) is made there, not here
         result = build.build_bundle(
             args.model, out, image_sources=args.images_from or [], platforms=_platform_list(args.platform),
             sign_key=None if args.unsigned else args.sign_key, base=args.base, have=args.have,
-            volume_size=args.volume_size, progress=make_progress(args.json),
-            base_pub=_load_pubs(args.base_pub) if args.base_pub else None,
-            packages=args.packages, package_profiles=_comma_list(args.package_profiles) or None,
-            files=args.file)
+            volume_size=args.volume_size, progress=make_progress(args.json), base_pub=base_pub,
+            have_pub=have_pub, packages=args.packages,
+            package_profiles=_comma_list(args.package_profiles) or None, files=args.file)
     except (build.BuildError, signing.SigningError) as exc:
+        for d in made:  # a refused build leaves no empty output directory behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
         raise UsageError(str(exc)) from None
     if args.json:
         _print_json(result.to_json())
@@ -369,7 +351,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     """Sites' signed status reports -> the fleet table; exit 1 when a file was refused (it is not shown)."""
-    from . import fleet_table
+    from offline_delivery_common import fleet_table
 
     try:
         keys = fleet_table.load_site_keys(args.site_keys)
@@ -465,17 +447,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        _err(f"bundle-builder {args.command}: error: {exc}")
-        return EXIT_USAGE
-    except BundleError as exc:
-        _err(f"bundle-builder {args.command}: error: {exc}")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return EXIT_INTERRUPTED
+    # a damaged bundle found while inspecting or diffing it is a failed check (1), not bad usage
+    return run_command(f"bundle-builder {args.command}", lambda: args.func(args), failures=(BundleError,))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ policy file: the canary wave first), stops at the first failed wave, then runs t
 site and prints one row per site (wave, outcome, version(s) running, health); docs/multisite.md.
 The playbooks stay the same for plain ``ansible-playbook`` and AWX: this only fills in their variables.
 
-Exit codes, the same as ``bundle-builder`` (README.md, "Exit codes"): 0 done; 1 the run failed (a host failed or
-was unreachable, the run did not finish, a rollout stopped or finished with a failed site, a tool is missing);
-2 bad usage or input (argparse's own code: bad or missing arguments, an inventory or policy that is missing,
-unreadable or does not fit); 130 interrupted.
+Exit codes: the one contract of both commands (README.md, "Exit codes"), kept by
+``offline_delivery_common.exits.run_command``: 0 done; 1 the run failed (a host failed or was unreachable, the
+run did not finish, a rollout stopped or finished with a failed site, a tool is missing); 2 bad usage or input
+(argparse's own code: bad or missing arguments; an inventory, bundle, vendor key or policy that is missing,
+unreadable or does not fit: then no playbook runs); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -37,24 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
-
-from .fleet_table import SiteRow, format_table
+from offline_delivery_core.bundle import ed25519
+from offline_delivery_common.exits import EXIT_FAILED, EXIT_OK, CommandFailed, UsageError, run_command
+from offline_delivery_common.fleet_table import SiteRow, format_table
+from offline_delivery_common.inputs import read_yaml
 
 COMMANDS = ("import", "install", "upgrade", "rollback", "status", "have", "sync", "site_status")
 NEEDS_APP = ("install", "upgrade", "rollback", "status", "sync")
 DEFAULT_RUNS_DIR = "offline-delivery-runs"
-# One contract with bundle-builder (README.md, "Exit codes"). 2 is argparse's code for bad arguments, so it is
-# ours for every usage error too; a failed run is 1 and never shares a code with usage.
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(ValueError):
-    """Bad arguments or input (exit 2): the message says which and what to give instead."""
-
-
-class RunError(RuntimeError):
-    """The command could not run although its arguments are right (a tool is missing): exit 1, a failure."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -236,11 +227,31 @@ def run_playbook(private: Path, ident: str, playbook: str, *, inventory: Path, e
                        failures, private, ident)
 
 
-def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) -> int:
-    extravars = playbook_vars(args, cwd)
+def check_files(args: argparse.Namespace, cwd: Path) -> Path:
+    """The inventory, and import's bundle and vendor keys, as named on the command line: a missing or unusable
+    one is a usage error (exit 2) found before any playbook runs, not a failed run. Returns the inventory."""
     inventory = (cwd / args.inventory).resolve()
     if not inventory.exists():
         raise UsageError(f"inventory {inventory} does not exist")
+    if args.command == "import":
+        bundle = (cwd / args.bundle).resolve()
+        if not bundle.exists():
+            raise UsageError(f"--bundle {bundle} does not exist: give the carried bundle (its directory, "
+                             "<name>-<version>.bundle or .parts.json)")
+        for name in args.vendor_key:  # only that each is an Ed25519 public key: the site's pins decide trust
+            key = (cwd / name).resolve()
+            try:
+                ed25519.load_public_key_pem(key.read_text(encoding="ascii", errors="replace"), source=str(key))
+            except OSError as exc:
+                raise UsageError(f"--vendor-key {key}: cannot read it: {exc.strerror}") from None
+            except ed25519.Ed25519KeyError as exc:
+                raise UsageError(f"--vendor-key: {exc}") from None
+    return inventory
+
+
+def run(args: argparse.Namespace, *, write: Callable[[str], None], cwd: Path) -> int:
+    extravars = playbook_vars(args, cwd)
+    inventory = check_files(args, cwd)
     ident = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{args.command}-{os.getpid()}"
     private = (cwd / args.runs_dir).resolve() / ident
     write(f"offline-delivery {args.command}: playbook offline.delivery.{args.command}, inventory {inventory}")
@@ -324,7 +335,7 @@ def read_inventory(path: Path) -> Inventory:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except FileNotFoundError as exc:
-        raise RunError("ansible-inventory not found: install ansible-core in this Python environment") from exc
+        raise CommandFailed("ansible-inventory not found: install ansible-core in this Python environment") from exc
     if proc.returncode != 0:
         raise UsageError(f"inventory {path}: ansible-inventory failed: {proc.stderr.strip()[-1000:]}")
     return Inventory.from_listing(json.loads(proc.stdout))
@@ -383,13 +394,7 @@ def parse_policy(doc: Any, source: str) -> Policy:
 
 
 def load_policy(path: Path) -> Policy:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyError(f"policy {path}: cannot read it: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"policy {path}: not valid YAML: {exc}") from exc
-    return parse_policy(doc, str(path))
+    return parse_policy(read_yaml(path, f"policy {path}", PolicyError), str(path))
 
 
 @dataclass(frozen=True)
@@ -451,9 +456,9 @@ class SiteState:
     unknown: list[str] = field(default_factory=list)  # hosts the status run could not read
 
     def row(self, app: str, latest: str | None) -> SiteRow:
-        """The site as a row of the fleet table (bundle_builder/fleet_table.py): the wave and its outcome go
-        into NOTE, the failure into LAST FAILURE, the release rolled out into LATEST (so LAG shows who is
-        not on it)."""
+        """The site as a row of the fleet table (offline_delivery_common/fleet_table.py): the wave and its
+        outcome go into NOTE, the failure into LAST FAILURE, the release rolled out into LATEST (so LAG shows
+        who is not on it)."""
         return SiteRow(site=self.group, app=app, versions=self.versions, healthy=self.healthy,
                        components=self.components, failed=self.failure or None, latest=latest,
                        note=f"wave {self.wave.label}: {self.outcome}", unhealthy=tuple(self.unhealthy),
@@ -641,20 +646,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, flush=True)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["rollout"]:
-            return rollout(parse_rollout_args(argv[1:]), write=write, cwd=Path.cwd())
-        args = parse_args(argv)
-        return run(args, write=write, cwd=Path.cwd())
-    except UsageError as exc:
-        print(f"offline-delivery: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except RunError as exc:
-        print(f"offline-delivery: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    if argv[:1] == ["rollout"]:
+        rollout_args = parse_rollout_args(argv[1:])  # exits 2 on bad usage
+        return run_command("offline-delivery rollout", lambda: rollout(rollout_args, write=write, cwd=Path.cwd()))
+    args = parse_args(argv)  # exits 2 on bad usage
+    return run_command(f"offline-delivery {args.command}", lambda: run(args, write=write, cwd=Path.cwd()))
 
 
 if __name__ == "__main__":

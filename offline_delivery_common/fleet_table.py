@@ -1,6 +1,8 @@
-"""The vendor's fleet table: many sites' signed status reports, verified, as one row per site and app.
+"""The fleet table: many sites' signed status reports, verified, as one row per site and app.
 
-Public API (also for other reports, e.g. a rollout's):
+Both commands use it - ``bundle-builder fleet`` (the vendor reads the status files sites carry back) and the
+``offline-delivery rollout`` report (one row per site of the rollout) - so it lives in offline_delivery_common,
+which neither command's package owns. Public API:
 
 - ``SiteRow``: one site and app - versions running (version -> hosts), n/m components healthy, the last failed
   change, the newest version known, the report's age. ``lagging`` and ``mixed`` say what the table flags.

@@ -17,7 +17,10 @@ description:
     only when its manifest digest (or the split into parts) differs from the bundle already there. The same
     inputs always give a byte-identical manifest.
   - Runs where the images are - usually the build host (C(delegate_to)) - and needs the C(offline-delivery)
-    Python package there (C(pip install offline-delivery)), the way docker modules need the docker SDK.
+    Python package there, the way docker modules need the docker SDK. It must be the collection's own version
+    (C(pip install offline-delivery==<collection version>)); the module fails naming both versions otherwise.
+  - Every check C(bundle-builder build) makes of its inputs is made here too, by the same code - the have-file
+    and its site signature (O(have_pub)), OS package distros and profiles, carried files.
 author:
   - offline.delivery developers (@offline-delivery)
 extends_documentation_fragment:
@@ -31,7 +34,7 @@ attributes:
   idempotent:
     support: full
 requirements:
-  - offline-delivery (the Python package of this collection, provides bundle_builder)
+  - offline-delivery (the Python package of this collection, provides bundle_builder), the same version as the collection
 options:
   model:
     description: The application model (C(app.yml)).
@@ -73,9 +76,45 @@ options:
   have:
     description: 'A site''s have-file (C({"blobs": ["sha256:..."]})); blobs it lists are left out (a delta).'
     type: path
+  have_pub:
+    description:
+      - The site's public keys, pinned by the vendor (C(<site>.have.pub) from the C(offline.delivery.have)
+        playbook, confirmed with the site over another channel).
+      - When given, the module refuses a O(have) file that carries no valid signature by one of them, naming
+        the key that signed it or saying the list was modified after it was signed. Needs O(have).
+      - Without it the have-file's signature is not checked, as with C(bundle-builder build) without C(--have-pub).
+    type: list
+    elements: path
+    version_added: 0.2.0
   volume_size:
     description: Split the bundle into parts of this size (for example V(4G), V(700M)).
     type: str
+  packages:
+    description:
+      - Distro releases (for example V(debian-12)) whose OS packages the site's hosts need; their closures are
+        carried for every architecture of O(platforms), as C(bundle-builder build --packages) does.
+      - The Debian archives are read from the package cache of the user the module runs as.
+    type: list
+    elements: str
+    default: []
+    version_added: 0.2.0
+  package_profiles:
+    description:
+      - Which package profiles to carry (V(base), V(compose), V(repo), V(systemd)); default all of the distro's.
+      - Used only with O(packages).
+    type: list
+    elements: str
+    version_added: 0.2.0
+  files:
+    description:
+      - Binaries carried for the site's file tree, each as V(NAME[@VERSION]/ARCH=PATH), for example
+        V(k3s@v1.30.2+k3s1/amd64=/srv/bin/k3s); as C(bundle-builder build --file).
+      - ARCH must be the architecture of one of O(platforms); VERSION defaults to the release's version; one
+        file per name and architecture.
+    type: list
+    elements: str
+    default: []
+    version_added: 0.2.0
 """
 
 EXAMPLES = r"""
@@ -87,7 +126,22 @@ EXAMPLES = r"""
     platforms: [linux/amd64, linux/arm64]
     sign_key: /etc/offline-delivery/vendor.key
     have: /srv/sites/plant-7/have.json
+    have_pub: [/srv/sites/plant-7/pinned/plant-7.have.pub]
     volume_size: 4G
+  delegate_to: build-host
+
+- name: Build shop 1.0.0 with the OS packages and a k3s binary for the site
+  offline.delivery.bundle_export:
+    model: apps/shop/app.yml
+    dest: /srv/bundles
+    images_from: [docker]
+    platforms: [linux/amd64, linux/arm64]
+    sign_key: /etc/offline-delivery/vendor.key
+    packages: [debian-12]
+    package_profiles: [base, compose, repo]
+    files:
+      - k3s@v1.30.2+k3s1/amd64=/srv/bin/k3s
+      - k3s@v1.30.2+k3s1/arm64=/srv/bin/k3s-arm64
   delegate_to: build-host
 """
 
@@ -129,19 +183,32 @@ previous_manifest_digest:
   type: str
 """
 
+import sys
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.offline.delivery.plugins.module_utils.common.version import COLLECTION_VERSION
+
+# The builder is the pip-installed offline-delivery package, not this collection's files: it may be another
+# version. Its version is read first, so a mismatch is reported as one even when its other modules do not
+# import (an older package's layout).
 try:
-    from bundle_builder.build import BuildError
-    from bundle_builder.export import export_bundle
-    from bundle_builder.signing import SigningError
-    from offline_delivery_core.bundle.ed25519 import load_public_key_files
+    import bundle_builder
 except ImportError:
+    BUILDER_VERSION = None
     BUILDER_IMPORT_ERROR = traceback.format_exc()
 else:
-    BUILDER_IMPORT_ERROR = None
+    BUILDER_VERSION = str(getattr(bundle_builder, "__version__", "unknown"))
+    try:
+        from bundle_builder.build import BuildError
+        from bundle_builder.export import export_bundle
+        from bundle_builder.signing import SigningError
+        from offline_delivery_core.bundle.ed25519 import Ed25519KeyError, load_public_key_files
+    except ImportError:
+        BUILDER_IMPORT_ERROR = traceback.format_exc()
+    else:
+        BUILDER_IMPORT_ERROR = None
 
 
 def main() -> None:
@@ -156,26 +223,51 @@ def main() -> None:
             "base": {"type": "path"},
             "base_pub": {"type": "list", "elements": "path"},
             "have": {"type": "path"},
+            "have_pub": {"type": "list", "elements": "path"},
             "volume_size": {"type": "str"},
+            "packages": {"type": "list", "elements": "str", "default": []},
+            "package_profiles": {"type": "list", "elements": "str"},
+            "files": {"type": "list", "elements": "str", "default": []},
         },
         required_one_of=[("sign_key", "unsigned")],
         mutually_exclusive=[("sign_key", "unsigned"), ("base", "have")],
+        required_by={"have_pub": "have"},
         supports_check_mode=True,
     )
-    if BUILDER_IMPORT_ERROR:
-        module.fail_json(msg=missing_required_lib("offline-delivery (bundle_builder)"),
-                         exception=BUILDER_IMPORT_ERROR)
+    problem = builder_problem()
+    if problem:
+        trace = {"exception": BUILDER_IMPORT_ERROR} if BUILDER_IMPORT_ERROR else {}
+        module.fail_json(msg=problem, builder_version=BUILDER_VERSION, collection_version=COLLECTION_VERSION,
+                         **trace)
     p = module.params
     try:
-        base_pub = load_public_key_files(p["base_pub"]) if p["base_pub"] else None
+        # the same build_bundle, with the same arguments, as bundle-builder build: its checks are the CLI's
         result = export_bundle(
             p["model"], p["dest"], check_mode=module.check_mode, image_sources=p["images_from"],
             platforms=p["platforms"], sign_key=None if p["unsigned"] else p["sign_key"], base=p["base"],
-            have=p["have"], volume_size=p["volume_size"], base_pub=base_pub)
-    except (BuildError, SigningError, ValueError, OSError) as exc:
+            have=p["have"], volume_size=p["volume_size"],
+            base_pub=load_public_key_files(p["base_pub"]) if p["base_pub"] else None,
+            have_pub=load_public_key_files(p["have_pub"]) if p["have_pub"] else None,
+            packages=p["packages"], package_profiles=p["package_profiles"] or None, files=p["files"])
+    except (BuildError, SigningError, Ed25519KeyError, ValueError, OSError) as exc:
         module.fail_json(msg=f"bundle from {p['model']} not built: {exc}")
     module.exit_json(changed=result.changed, msg=result.msg, bundle=result.to_json(),
                      previous_manifest_digest=result.previous_manifest_digest)
+
+
+def builder_problem() -> str | None:
+    """Why the installed builder cannot be used (None when it can): absent, another version, or broken."""
+    pip = f"{sys.executable} -m pip install 'offline-delivery=={COLLECTION_VERSION}'"
+    if BUILDER_VERSION is None:
+        return missing_required_lib(f"offline-delivery=={COLLECTION_VERSION} (bundle_builder)") + f" Run: {pip}"
+    if BUILDER_VERSION != COLLECTION_VERSION:
+        return (f"the offline-delivery Python package where this module runs is version {BUILDER_VERSION} "
+                f"({bundle_builder.__file__}), the offline.delivery collection is {COLLECTION_VERSION}: they build "
+                f"one bundle format together and must be the same version. Run: {pip}")
+    if BUILDER_IMPORT_ERROR:
+        return (f"the offline-delivery Python package {BUILDER_VERSION} ({bundle_builder.__file__}) is incomplete "
+                f"(see the exception); reinstall it: {pip}")
+    return None
 
 
 if __name__ == "__main__":

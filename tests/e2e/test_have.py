@@ -129,7 +129,7 @@ def _offline_delivery(site: Site, cwd: Path, *args: str) -> subprocess.Completed
         link.symlink_to(repo_root())
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections),
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    return subprocess.run([sys.executable, "-m", "bundle_builder.fleet", *args, "-i", str(site.local_inventory_path)],
+    return subprocess.run([sys.executable, "-m", "offline_delivery_cli", *args, "-i", str(site.local_inventory_path)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 

@@ -199,7 +199,7 @@ def offline_delivery(work: Path, *args: str) -> subprocess.CompletedProcess[str]
         link.symlink_to(repo_root())
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(work / "collections"),
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    return subprocess.run([sys.executable, "-m", "bundle_builder.fleet", *args], cwd=work, env=env,
+    return subprocess.run([sys.executable, "-m", "offline_delivery_cli", *args], cwd=work, env=env,
                           capture_output=True, text=True, timeout=2 * PLAY_TIMEOUT, check=False)
 
 

@@ -27,11 +27,13 @@ def collections_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_module(collections: Path, module: str, args: dict, *extra: str) -> tuple[int, dict]:
+def run_module(collections: Path, module: str, args: dict, *extra: str,
+               env_extra: dict[str, str] | None = None) -> tuple[int, dict]:
     """Run one module on localhost with the ``ansible`` command; returns rc and the module's result."""
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_LOCALHOST_WARNING="false",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=sys.executable,
                ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    env.update(env_extra or {})
     proc = subprocess.run([str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,",
                            "-c", "local", "-o", "-m", f"offline.delivery.{module}", "-a", json.dumps(args), *extra],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -112,6 +114,77 @@ def test_bundle_export_names_the_missing_image(vendor, collections_path, tmp_pat
     model.write_text((vendor["dir"] / "app-1.0.0.yml").read_text().replace("mini/cache:1.0.0", "mini/nope:9.9.9"))
     rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "b", model=str(model)))
     assert rc != 0 and "mini/nope:9.9.9" in res["msg"]
+
+
+def test_bundle_export_takes_the_cli_build_options(vendor, collections_path, tmp_path):  # noqa: F811
+    """files, have + have_pub, packages, package_profiles: what bundle-builder build takes, checked by the same
+    code (build_bundle), so the messages are the CLI's."""
+    from offline_delivery_core.bundle.format import HAVE_MEDIA_TYPE, read_head
+    from offline_delivery_core.site import have as site_have
+
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    rc, res = run_module(collections_path, "bundle_export",
+                         _export_args(vendor, tmp_path / "f", files=[f"tool@2.0/arm64={tool}"]))
+    assert rc == 0 and res["changed"], res
+    files = read_head(res["bundle"]["path"]).manifest["files"]
+    assert files["tool/arm64"]["version"] == "2.0" and files["tool/arm64"]["mode"] == "0755"
+    rc, res = run_module(collections_path, "bundle_export",
+                         _export_args(vendor, tmp_path / "f2", files=[f"tool/s390x={tool}"]))
+    assert rc != 0 and "architecture 's390x' is not one of the --platform architectures" in res["msg"]
+
+    # a site's have-list holding the 1.0.0 blobs, signed by the site key; the vendor pinned north.have.pub
+    seed = bytes(range(32))
+    blobs = sorted({b["digest"] for b in read_head(str(vendor["full"])).manifest["blobs"]})
+    have = tmp_path / "north.have.json"
+    have.write_bytes(site_have.signed_bytes({"mediaType": HAVE_MEDIA_TYPE, "site": "north", "releases": [],
+                                             "blobs": blobs}, seed))
+    pinned, other = tmp_path / "north.have.pub", tmp_path / "other.have.pub"
+    pinned.write_bytes(site_have.public_key_pem(site_have.public_from_seed(seed)))
+    other.write_bytes(site_have.public_key_pem(site_have.public_from_seed(bytes(32))))
+    args = _export_args(vendor, tmp_path / "h", model=str(vendor["dir"] / "app-1.1.0.yml"), have=str(have))
+    rc, res = run_module(collections_path, "bundle_export", {**args, "have_pub": [str(other)]})
+    assert rc != 0 and "not the site key given" in res["msg"], res
+    assert not list((tmp_path / "h").glob("*.bundle*")), "a refused have-file writes no bundle"
+    forged = tmp_path / "forged.have.json"
+    forged.write_text(json.dumps(dict(json.loads(have.read_bytes()), blobs=blobs[1:])))
+    rc, res = run_module(collections_path, "bundle_export", {**args, "have": str(forged), "have_pub": [str(pinned)]})
+    assert rc != 0 and "modified after the site signed it" in res["msg"], res
+    rc, res = run_module(collections_path, "bundle_export", {**args, "have_pub": [str(pinned)]})
+    assert rc == 0 and res["changed"] and res["bundle"]["blobs_bundled"] < res["bundle"]["blobs_total"], res
+    assert read_head(res["bundle"]["path"]).manifest["delta"]["have"]["file"] == "north.have.json"
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "h2",
+                                                                         have_pub=[str(pinned)]))
+    assert rc != 0 and "missing parameter(s) required by 'have_pub': have" in res["msg"], res
+
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "p",
+                                                                         packages=["plan9-4"]))
+    assert rc != 0 and "unknown distro 'plan9-4'" in res["msg"], res
+
+
+def test_bundle_export_refuses_a_builder_of_another_version(vendor, collections_path, tmp_path):  # noqa: F811
+    """The pip-installed builder is not the collection's files: another version (or none) is named, with what to
+    install. The module runs on the venv's base Python (this venv's editable install would shadow PYTHONPATH)."""
+    base_python = getattr(sys, "_base_executable", "") or "/usr/bin/python3"
+    fake = tmp_path / "site-packages" / "bundle_builder"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0.1.0"\n')  # an older package: nothing else imports
+    env = {"ANSIBLE_PYTHON_INTERPRETER": base_python, "PYTHONPATH": str(fake.parent)}
+    rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "b"), env_extra=env)
+    assert rc != 0, res
+    assert "offline-delivery Python package where this module runs is version 0.1.0" in res["msg"], res
+    assert "the offline.delivery collection is 0.2.0" in res["msg"], res
+    assert f"{base_python} -m pip install 'offline-delivery==0.2.0'" in res["msg"], res
+    assert (res["builder_version"], res["collection_version"]) == ("0.1.0", "0.2.0")
+    assert not (tmp_path / "b").exists()
+
+    has_builder = subprocess.run([base_python, "-c", "import bundle_builder"], cwd=tmp_path, capture_output=True,
+                                 check=False)
+    if has_builder.returncode != 0:  # and none at all: what to install, not a traceback to read
+        rc, res = run_module(collections_path, "bundle_export", _export_args(vendor, tmp_path / "b"),
+                             env_extra={"ANSIBLE_PYTHON_INTERPRETER": base_python})
+        assert rc != 0 and "offline-delivery==0.2.0" in res["msg"] and "pip install" in res["msg"], res
 
 
 def test_bundle_info_verifies_and_names_a_tampered_blob(vendor, collections_path, tmp_path):  # noqa: F811

@@ -211,3 +211,37 @@ def test_progress_bar_on_a_tty_lines_otherwise_nothing_with_json() -> None:
     assert "\r" not in plain.getvalue() and out[-1] == "verifying: 100% (100 B of 100 B)"
     assert 5 <= len(out) <= 12  # one line per 10 % step, not one per call
     assert make_progress(True, plain) is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the bundle_export module builds "with the same code as the CLI": it takes every input build takes
+
+
+# build's options that are about the command line itself, and the module's names for the others
+CLI_ONLY = {"json"}  # the module returns its summary as the result
+MODULE_NAME = {"output": "dest", "platform": "platforms", "file": "files"}
+
+
+def test_bundle_export_takes_every_option_of_build() -> None:
+    """issue #15: the module lacked packages, package_profiles, files and have_pub; a new build option without
+    its module option (or its documentation) fails here."""
+    import argparse
+    import ast
+
+    from bundle_builder.cli import make_parser
+
+    parser = make_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+    build_options = {a.dest for a in sub.choices["build"]._actions if a.dest != "help"}  # pylint: disable=protected-access
+    wanted = {MODULE_NAME.get(d, d) for d in build_options - CLI_ONLY}
+
+    source = Path(__file__).resolve().parents[2] / "plugins" / "modules" / "bundle_export.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    doc = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
+               and getattr(n.targets[0], "id", "") == "DOCUMENTATION")
+    documented = set(yaml.safe_load(doc)["options"])
+    spec = next(n for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == "argument_spec")
+    in_spec = {ast.literal_eval(k) for k in spec.value.keys}
+    assert wanted <= documented, f"bundle_export does not document {sorted(wanted - documented)}"
+    assert wanted <= in_spec, f"bundle_export does not take {sorted(wanted - in_spec)}"
+    assert documented == in_spec

@@ -159,15 +159,15 @@ def test_awx_lists_the_lifecycle_playbook(playbook: str) -> None:
     assert any(AWX_PLAYBOOK_LINE.match(line) for line in lines), f"AWX would not offer playbooks/{playbook}"
 
 
-# offline-delivery rollout (bundle_builder/fleet.py) runs each wave with these variables and --limit the wave's
-# site groups; the same plays as above show what Ansible makes of them.
+# offline-delivery rollout (offline_delivery_cli/command.py) runs each wave with these variables and --limit the
+# wave's site groups; the same plays as above show what Ansible makes of them.
 @pytest.mark.parametrize("playbook", sorted(WAVE_PLAYS))
 def test_a_rollout_wave_runs_exactly_its_sites_and_every_host_finishes(tmp_path: Path, playbook: str) -> None:
-    from bundle_builder import fleet
+    from offline_delivery_cli import command
 
     targets = ["a-node1", "a-sys1", "b-node1", "b-arm1"]  # two sites in one wave, not all of their targets
     extra = tmp_path / "wave.json"
-    extra.write_text(json.dumps(fleet.wave_vars({"app_name": "shop"}, targets)))
+    extra.write_text(json.dumps(command.wave_vars({"app_name": "shop"}, targets)))
     res = ansible("ansible-playbook", "-i", str(HOSTS), str(wave_playbook(tmp_path, playbook, "a-node1")),
                   "-e", f"@{extra}", "--limit", "site_a:site_b", "-e", "ansible_connection=local",
                   "-e", "ansible_python_interpreter=auto_silent", "-f", "4")

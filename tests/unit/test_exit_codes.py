@@ -1,8 +1,11 @@
 """The one exit-code contract of ``bundle-builder`` and ``offline-delivery`` (README.md, "Exit codes"):
-0 done, 1 it ran and failed, 2 usage (argparse's own code, for every usage error), 130 interrupted.
+0 done, 1 it ran and failed, 2 usage (argparse's own code, for every usage error), 130 interrupted; kept by one
+function both commands' ``main`` go through (offline_delivery_common/exits.py).
 
 The numbers are literal on purpose: they are the contract callers script against, not whatever the constants
-say. rollout's waves, stops and policies: tests/unit/test_fleet_rollout.py (test_rollout_exit_codes_...).
+say. The commands run as processes (their console scripts) wherever a shell or a CI job would see the code;
+the failures are real ones (a damaged bundle, an unreachable host), no runner is faked for them.
+rollout's waves, stops and policies: tests/unit/test_fleet_rollout.py (test_rollout_exit_codes_...).
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ from typing import Any
 
 import pytest
 
-from bundle_builder import cli, fleet
+from bundle_builder import cli
+from offline_delivery_cli import command as od
+from offline_delivery_common import exits
 from tests.helpers.bundles import copy_with_flipped_bit, members
 
 REPO = Path(__file__).resolve().parents[2]
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+MODULES = {"bundle-builder": "bundle_builder.cli", "offline-delivery": "offline_delivery_cli"}
 
 
-def command(module: str, *argv: object, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The command as a process (``python -m bundle_builder.<module>``): what a shell or a CI job sees."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"bundle_builder.{module}", *map(str, argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+def run(name: str, *argv: object, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command as a process: its console script beside this Python (``python -m`` when not installed)."""
+    exe = Path(sys.executable).with_name(name)
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", MODULES[name]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([*cmd, *map(str, argv)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 @pytest.fixture
@@ -43,20 +51,20 @@ def bundle(sample_world, keypair, tmp_path: Path, capsys) -> Path:  # type: igno
 # ---------------------------------------------------------------------------------------------- usage: 2
 
 
-@pytest.mark.parametrize("module, argv", [
-    ("cli", []),                                                      # no arguments
-    ("cli", ["--bogus"]),                                             # unknown option
-    ("cli", ["verify"]),                                              # a missing argument
-    ("cli", ["verify", "x.bundle", "--pub", "k.pub", "--bogus"]),     # unknown option of a subcommand
-    ("fleet", []),                                                    # no arguments
-    ("fleet", ["--bogus"]),
-    ("fleet", ["deploy", "-i", "inv.yml"]),                           # no such command
-    ("fleet", ["status", "-i", "inv.yml", "--app", "shop", "--bogus"]),
-    ("fleet", ["rollout"]),                                           # the issue's case: it exited 2, "failed"
-    ("fleet", ["rollout", "upgrade", "-i", "inv.yml", "--policy", "p.yml", "--app", "shop", "--bogus"]),
+@pytest.mark.parametrize("name, argv", [
+    ("bundle-builder", []),                                                      # no arguments
+    ("bundle-builder", ["--bogus"]),                                             # unknown option
+    ("bundle-builder", ["verify"]),                                              # a missing argument
+    ("bundle-builder", ["verify", "x.bundle", "--pub", "k.pub", "--bogus"]),     # unknown option of a subcommand
+    ("offline-delivery", []),                                                    # no arguments
+    ("offline-delivery", ["--bogus"]),
+    ("offline-delivery", ["deploy", "-i", "inv.yml"]),                           # no such command
+    ("offline-delivery", ["status", "-i", "inv.yml", "--app", "shop", "--bogus"]),
+    ("offline-delivery", ["rollout"]),                                           # the issue's case: it exited 2, "failed"
+    ("offline-delivery", ["rollout", "upgrade", "-i", "inv.yml", "--policy", "p.yml", "--app", "shop", "--bogus"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
-def test_a_bad_command_line_is_usage(tmp_path: Path, module: str, argv: list[str]) -> None:
-    proc = command(module, *argv, cwd=tmp_path)
+def test_a_bad_command_line_is_usage(tmp_path: Path, name: str, argv: list[str]) -> None:
+    proc = run(name, *argv, cwd=tmp_path)
     assert proc.returncode == USAGE and "usage:" in proc.stderr, proc.stderr
     assert not (tmp_path / "offline-delivery-runs").exists(), "a usage error runs nothing"
 
@@ -71,12 +79,32 @@ def test_a_missing_file_argument_is_usage(bundle: Path, keypair: tuple[Path, Pat
     assert cli.main(["build", str(tmp_path / "missing.yml"), "-o", str(tmp_path / "o"), "--unsigned"]) == USAGE
     monkeypatch.chdir(tmp_path)
     # offline-delivery exited 64 here while argparse's usage errors exited 2 (= its "failed")
-    assert fleet.main(["status", "-i", "missing.yml", "--app", "shop"]) == USAGE
+    assert od.main(["status", "-i", "missing.yml", "--app", "shop"]) == USAGE
     assert f"inventory {tmp_path / 'missing.yml'} does not exist" in capsys.readouterr().err
-    assert fleet.main(["install", "-i", "missing.yml"]) == USAGE  # and a missing --app
+    assert od.main(["install", "-i", "missing.yml"]) == USAGE  # and a missing --app
     assert "install needs --app NAME" in capsys.readouterr().err
-    proc = command("fleet", "status", "-i", "missing.yml", "--app", "shop", cwd=tmp_path)
+    proc = run("offline-delivery", "status", "-i", "missing.yml", "--app", "shop", cwd=tmp_path)
     assert proc.returncode == USAGE and "does not exist" in proc.stderr
+
+
+def test_offline_delivery_import_checks_its_files_before_any_run(keypair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A missing bundle or a vendor key that is not one is usage (2), found before ansible-runner starts: it ran
+    the import playbook with them before, which then failed on the repo host (1, "the run failed")."""
+    (tmp_path / "inv.yml").write_text("all: {}\n")
+    (tmp_path / "usb").mkdir()
+    pub = tmp_path / "usb" / "vendor.pub"
+    pub.write_bytes(keypair[1].read_bytes())
+    cases = [
+        (["--bundle", "usb/shop-1.1.0", "--vendor-key", "usb/vendor.pub"], "shop-1.1.0 does not exist"),
+        (["--bundle", "usb", "--vendor-key", "usb/missing.pub"], "cannot read it"),
+        (["--bundle", "usb", "--vendor-key", str(keypair[0])], "this is a private key"),
+        (["--bundle", "usb", "--vendor-key", "inv.yml"], "inv.yml"),
+    ]
+    for argv, message in cases:
+        proc = run("offline-delivery", "import", "-i", "inv.yml", *argv, cwd=tmp_path)
+        assert proc.returncode == USAGE and message in proc.stderr, (argv, proc.stderr)
+        assert "offline-delivery import: error: " in proc.stderr
+    assert not (tmp_path / "offline-delivery-runs").exists(), "a usage error runs nothing"
 
 
 # ---------------------------------------------------------------------------------------------- failed: 1, done: 0
@@ -90,9 +118,46 @@ def test_bundle_builder_verify_ok_and_a_corrupted_bundle(bundle: Path, keypair: 
     capsys.readouterr()
     assert cli.main(["verify", str(bad), "--pub", str(keypair[1])]) == FAILED
     assert f"member: {blob.name}" in capsys.readouterr().err
-    proc = command("cli", "verify", bad, "--pub", keypair[1], cwd=tmp_path)
+    proc = run("bundle-builder", "verify", bad, "--pub", keypair[1], cwd=tmp_path)
     assert proc.returncode == FAILED and "FAILED" in proc.stderr
-    assert command("cli", "verify", bundle, "--pub", keypair[1], cwd=tmp_path).returncode == OK
+    assert run("bundle-builder", "verify", bundle, "--pub", keypair[1], cwd=tmp_path).returncode == OK
+
+
+def test_bundle_builder_inspect_and_diff_of_a_damaged_bundle_fail(bundle: Path, tmp_path: Path) -> None:
+    """A file that is there but is no bundle: the command ran and the check failed (1), not usage."""
+    junk = tmp_path / "junk.bundle"
+    junk.write_bytes(b"not a tar" * 100)
+    for argv in (["inspect", junk], ["diff", bundle, junk]):
+        proc = run("bundle-builder", *argv, cwd=tmp_path)
+        assert proc.returncode == FAILED and f"bundle-builder {argv[0]}: error: " in proc.stderr, proc.stderr
+    assert run("bundle-builder", "inspect", bundle, cwd=tmp_path).returncode == OK
+
+
+UNREACHABLE = """all:
+  children:
+    offline_repo:
+      hosts:
+        repo:
+          ansible_host: 127.0.0.1
+          ansible_port: 1
+          ansible_connection: ssh
+          ansible_ssh_common_args: -o ConnectTimeout=5 -o BatchMode=yes -o StrictHostKeyChecking=no
+"""
+
+
+def test_offline_delivery_a_real_run_with_an_unreachable_host_fails(tmp_path: Path) -> None:
+    """The have playbook really runs (ansible-runner, ansible-playbook, this checkout as the collection) against
+    a repo host nobody answers for: the run failed, 1."""
+    link = tmp_path / "collections" / "ansible_collections" / "offline" / "delivery"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(REPO)
+    (tmp_path / "inv.yml").write_text(UNREACHABLE)
+    env = {"ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = run("offline-delivery", "have", "-i", "inv.yml", "--site", "north", cwd=tmp_path, env=env)
+    assert proc.returncode == FAILED, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "UNREACHABLE repo" in proc.stdout and "have FAILED" in proc.stdout
+    assert list((tmp_path / "offline-delivery-runs").iterdir()), "the run's artifacts are kept"
 
 
 class _Run:
@@ -120,7 +185,7 @@ def test_offline_delivery_a_run_done_or_failed(tmp_path: Path, capsys: pytest.Ca
     monkeypatch.setattr(ansible_runner, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inv.yml").write_text("all: {}\n")
-    assert fleet.main(["install", "-i", "inv.yml", "--app", "shop"]) == code
+    assert od.main(["install", "-i", "inv.yml", "--app", "shop"]) == code
     out = capsys.readouterr().out
     assert ("install done" in out) if code == OK else ("install FAILED" in out)
 
@@ -140,8 +205,23 @@ def test_interrupted_is_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(cli, "cmd_inspect", interrupt)
     assert main(cli, "inspect", "x.bundle") == INTERRUPTED
-    monkeypatch.setattr(fleet, "run", interrupt)
-    assert main(fleet, "status", "-i", "inv.yml", "--app", "shop") == INTERRUPTED
+    monkeypatch.setattr(od, "run", interrupt)
+    assert main(od, "status", "-i", "inv.yml", "--app", "shop") == INTERRUPTED
+    monkeypatch.setattr(od, "rollout", interrupt)
+    assert main(od, "rollout", "upgrade", "-i", "i", "--policy", "p", "--app", "shop") == INTERRUPTED
+
+
+# ---------------------------------------------------------------------------------------------- one implementation
+
+
+def test_both_commands_keep_the_contract_through_one_function() -> None:
+    """Not two copies of the codes and the exception mapping that could drift (they did: 64 and a "failed" 2)."""
+    for module in (cli, od):
+        assert module.run_command is exits.run_command and module.UsageError is exits.UsageError
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        assert not re.search(r"^EXIT_\w+.*=", source, re.M), f"{module.__name__} defines exit codes of its own"
+        assert "except KeyboardInterrupt" not in source, f"{module.__name__} maps Ctrl-C itself"
+    assert od.PolicyError.__mro__[1] is exits.UsageError and od.CommandFailed is exits.CommandFailed
 
 
 # ---------------------------------------------------------------------------------------------- documented once
@@ -152,8 +232,7 @@ def test_the_readme_documents_the_codes_both_commands_use() -> None:
     section = readme.split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
     documented = [int(code) for code in re.findall(r"^\| (\d+) \|", section, re.M)]
     assert documented == [OK, FAILED, USAGE, INTERRUPTED]
-    for module in (cli, fleet):
-        assert (module.EXIT_OK, module.EXIT_FAILED, module.EXIT_USAGE, module.EXIT_INTERRUPTED) == tuple(documented)
+    assert (exits.EXIT_OK, exits.EXIT_FAILED, exits.EXIT_USAGE, exits.EXIT_INTERRUPTED) == tuple(documented)
     # the other docs link to the section instead of keeping their own numbers (64 was one that drifted)
     for doc in ("fleet.md", "multisite.md", "status.md"):
         text = (REPO / "docs" / doc).read_text(encoding="utf-8")

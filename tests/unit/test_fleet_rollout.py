@@ -1,5 +1,5 @@
-"""offline-delivery rollout (bundle_builder/fleet.py): the policy file, its checks against the inventory, the
-waves as they are run (ansible-runner faked, the inventory read by the real ansible-inventory) and the report.
+"""offline-delivery rollout (offline_delivery_cli/command.py): the policy file, its checks against the inventory,
+the waves as they are run (ansible-runner faked, the inventory read by the real ansible-inventory) and the report.
 
 The real thing on two world sites: tests/e2e/test_multisite.py (rollout tests).
 """
@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bundle_builder import fleet
+from offline_delivery_cli import command
+from offline_delivery_common import exits
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "inventories" / "example"
@@ -42,17 +43,17 @@ def policy(*waves: list[str], canary: bool = True, **extra: Any) -> dict[str, An
 
 
 def test_a_valid_policy_is_read_in_order() -> None:
-    p = fleet.parse_policy(policy(["site_x"], ["site_y", "site_z"], max_failed_sites=1), "p.yml")
+    p = command.parse_policy(policy(["site_x"], ["site_y", "site_z"], max_failed_sites=1), "p.yml")
     assert [(w.number, w.site_groups, w.canary) for w in p.waves] == [
         (1, ("site_x",), True), (2, ("site_y", "site_z"), False)]
-    assert p.max_failed_sites == 1 and p.target_groups == fleet.DEFAULT_TARGET_GROUPS
+    assert p.max_failed_sites == 1 and p.target_groups == command.DEFAULT_TARGET_GROUPS
     assert [w.label for w in p.waves] == ["1 canary", "2"]
 
 
 def test_the_example_policy_fits_the_example_inventory() -> None:
     path = EXAMPLE / "rollout" / "policy.yml"
-    p = fleet.load_policy(path)
-    plans = fleet.plan_sites(p, fleet.read_inventory(EXAMPLE / "hosts.yml"), str(path))
+    p = command.load_policy(path)
+    plans = command.plan_sites(p, command.read_inventory(EXAMPLE / "hosts.yml"), str(path))
     assert [(s.group, s.wave.label, s.targets) for s in plans] == [
         ("site_a", "1 canary", ("a-node1", "a-node2", "a-sys1")),
         ("site_b", "2", ("b-node1", "b-sys1", "b-arm1"))]
@@ -77,17 +78,17 @@ def test_the_example_policy_fits_the_example_inventory() -> None:
     (policy(["a"], target_groups=[]), "p.yml: target_groups: expected a non-empty list"),
 ])
 def test_a_bad_policy_is_refused_naming_the_field(doc: Any, message: str) -> None:
-    with pytest.raises(fleet.PolicyError, match=re.escape(message)):
-        fleet.parse_policy(doc, "p.yml")
+    with pytest.raises(command.PolicyError, match=re.escape(message)):
+        command.parse_policy(doc, "p.yml")
 
 
 def test_a_policy_that_is_not_yaml_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "p.yml"
     path.write_text("waves: [site_a\n")
-    with pytest.raises(fleet.PolicyError, match=re.escape(f"policy {path}: not valid YAML")):
-        fleet.load_policy(path)
-    with pytest.raises(fleet.PolicyError, match=re.escape(f"policy {tmp_path / 'missing.yml'}: cannot read it")):
-        fleet.load_policy(tmp_path / "missing.yml")
+    with pytest.raises(command.PolicyError, match=re.escape(f"policy {path}: not valid YAML")):
+        command.load_policy(path)
+    with pytest.raises(command.PolicyError, match=re.escape(f"policy {tmp_path / 'missing.yml'}: cannot read it")):
+        command.load_policy(tmp_path / "missing.yml")
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,9 @@ def three_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (policy(["site_x"], target_groups=["k8s"]), "target_groups: none of k8s is a group of the inventory"),
 ])
 def test_a_policy_that_does_not_fit_the_inventory_is_refused(three_sites: Path, doc: Any, message: str) -> None:
-    inv = fleet.read_inventory(three_sites)
-    with pytest.raises(fleet.PolicyError, match=re.escape(message)):
-        fleet.plan_sites(fleet.parse_policy(doc, "p.yml"), inv, "p.yml")
+    inv = command.read_inventory(three_sites)
+    with pytest.raises(command.PolicyError, match=re.escape(message)):
+        command.plan_sites(command.parse_policy(doc, "p.yml"), inv, "p.yml")
 
 
 # ---------------------------------------------------------------------------------------------- the waves, run
@@ -156,9 +157,9 @@ def run_rollout(tmp_path: Path, inventory: Path, doc: dict[str, Any], runner: Fa
     monkeypatch.setattr(ansible_runner, "run", runner)
     (tmp_path / "policy.yml").write_text(yaml.safe_dump(doc))
     lines: list[str] = []
-    args = fleet.parse_rollout_args(["upgrade", "-i", str(inventory), "--policy", "policy.yml", "--app", "shop",
+    args = command.parse_rollout_args(["upgrade", "-i", str(inventory), "--policy", "policy.yml", "--app", "shop",
                                      "--version", "1.1.0", *extra])
-    return fleet.rollout(args, write=lines.append, cwd=tmp_path), lines
+    return command.rollout(args, write=lines.append, cwd=tmp_path), lines
 
 
 def table(lines: list[str]) -> dict[str, list[str]]:
@@ -180,7 +181,7 @@ def test_a_failed_second_wave_stops_the_rollout_and_every_site_is_reported(
                         running={"x-node1": ("1.1.0", True), "y-node1": ("1.0.0", True),
                                  "z-node1": ("1.0.0", True), "z-sys1": ("1.0.0", True)})
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y"], ["site_z"]), runner, monkeypatch)
-    assert rc == fleet.EXIT_FAILED
+    assert rc == command.EXIT_FAILED
     plays = [(Path(c["private_data_dir"]).name, c["playbook"], c["limit"],
               c["extravars"]["offline_delivery_app_hosts"]) for c in runner.calls]
     assert plays == [("wave1", "offline.delivery.upgrade", "site_x", "x-node1"),
@@ -200,7 +201,7 @@ def test_a_failed_second_wave_stops_the_rollout_and_every_site_is_reported(
                          "later waves not started")
     top = Path(next(ln for ln in lines if ln.startswith("artifacts (keep for support): ")).split(": ", 1)[1])
     assert top.parent == tmp_path / "offline-delivery-runs"
-    assert top.name.endswith(f"-rollout-upgrade-{fleet.os.getpid()}")
+    assert top.name.endswith(f"-rollout-upgrade-{command.os.getpid()}")
     assert sorted(p.name for p in top.iterdir()) == ["report", "status", "wave1", "wave2"]
 
 
@@ -210,7 +211,7 @@ def test_a_failed_canary_stops_even_when_failures_are_tolerated(
                         running={h: ("1.0.0", True) for h in ("x-node1", "y-node1", "z-node1", "z-sys1")})
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y", "site_z"], max_failed_sites=2),
                             runner, monkeypatch)
-    assert rc == fleet.EXIT_FAILED and len(runner.calls) == 2  # the canary wave and the status run
+    assert rc == command.EXIT_FAILED and len(runner.calls) == 2  # the canary wave and the status run
     assert not any(ln.startswith("not in the policy") for ln in lines)
     rows = table(lines)
     assert rows["site_x"][3] == "api failed, rolled back to 1.0.0" and rows["site_x"][-1] == "wave 1 canary: FAILED"
@@ -227,7 +228,7 @@ def test_tolerated_failures_let_later_waves_run_and_still_fail_the_command(
                                  "z-node1": ("1.1.0", True), "z-sys1": ("1.0.0", False)})
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y"], ["site_z"], max_failed_sites=2),
                             runner, monkeypatch)
-    assert rc == fleet.EXIT_FAILED and len(runner.calls) == 4
+    assert rc == command.EXIT_FAILED and len(runner.calls) == 4
     rows = table(lines)
     assert rows["site_z"] == ["shop", "MIXED 1.0.0 (z-sys1), 1.1.0 (z-node1)", "1/2 (not: z-sys1/api)",
                               "z-sys1 failed", "behind 1.1.0", "-", "wave 3: FAILED"]
@@ -241,7 +242,7 @@ def test_a_rollout_without_failures_runs_every_wave(
     runner = FakeRunner(fail={}, running={h: ("1.1.0", True) for h in ("x-node1", "y-node1", "z-node1", "z-sys1")})
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y", "site_z"], canary=False),
                             runner, monkeypatch, "--check")
-    assert rc == fleet.EXIT_OK and len(runner.calls) == 3
+    assert rc == command.EXIT_OK and len(runner.calls) == 3
     assert runner.calls[1]["limit"] == "site_y:site_z" and runner.calls[1]["cmdline"] == "--check"
     assert runner.calls[2]["cmdline"] is None, "the status run is never in check mode"
     assert [row[-1] for row in table(lines).values()] == ["wave 1: done", "wave 2: done", "wave 2: done"]
@@ -251,37 +252,37 @@ def test_a_rollout_without_failures_runs_every_wave(
 
 
 def test_a_site_without_a_status_is_reported_unknown() -> None:
-    wave = fleet.Wave(1, ("site_x",), True)
-    plan = fleet.SitePlan("site_x", wave, ("x-node1", "x-node2"), ("x-repo", "x-node1", "x-node2"))
-    states = {"site_x": fleet.SiteState("site_x", wave, outcome="done")}
-    fleet.apply_status(states, [plan], {"hosts": {"x-node1": {"status": {
+    wave = command.Wave(1, ("site_x",), True)
+    plan = command.SitePlan("site_x", wave, ("x-node1", "x-node2"), ("x-repo", "x-node1", "x-node2"))
+    states = {"site_x": command.SiteState("site_x", wave, outcome="done")}
+    command.apply_status(states, [plan], {"hosts": {"x-node1": {"status": {
         "version": "1.1.0", "healthy": True, "installed": True,
         "components": {"api": {"healthy": True}, "db": {"healthy": True}}}},
         "x-node2": {"reachable": False, "status": None}}})
-    lines = fleet.report_lines(list(states.values()), "shop", None)
+    lines = command.report_lines(list(states.values()), "shop", None)
     assert table(lines)["site_x"] == ["shop", "1.1.0", "2/2", "-", "-", "-",
                                       "unreachable: x-node2; wave 1 canary: done"]
     assert lines[-1].startswith("  site_x: no status from x-node2")
-    fleet.apply_status(states := {"site_x": fleet.SiteState("site_x", wave)}, [plan], None)
-    lines = fleet.report_lines(list(states.values()), "shop", "1.1.0")
+    command.apply_status(states := {"site_x": command.SiteState("site_x", wave)}, [plan], None)
+    lines = command.report_lines(list(states.values()), "shop", "1.1.0")
     assert table(lines)["site_x"] == ["shop", "not installed", "-", "-", "-", "-",
                                       "unreachable: x-node1, x-node2; wave 1 canary: not started"]
 
 
 def test_rollout_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    args = fleet.parse_rollout_args(["rollback", "-i", "i", "--policy", "p", "--app", "shop", "--version", "1.0.0",
+    args = command.parse_rollout_args(["rollback", "-i", "i", "--policy", "p", "--app", "shop", "--version", "1.0.0",
                                      "-e", "app_restore_snapshot=true"])
-    assert fleet.rollout_vars(args) == {"app_name": "shop", "app_rollback_version": "1.0.0",
+    assert command.rollout_vars(args) == {"app_name": "shop", "app_rollback_version": "1.0.0",
                                         "app_restore_snapshot": True}
-    args = fleet.parse_rollout_args(["upgrade", "-i", "i", "--policy", "p", "--app", "shop",
+    args = command.parse_rollout_args(["upgrade", "-i", "i", "--policy", "p", "--app", "shop",
                                      "-e", "offline_delivery_serial=[1]"])
-    with pytest.raises(fleet.UsageError, match="the rollout sets it per wave from the policy"):
-        fleet.rollout_vars(args)
+    with pytest.raises(command.UsageError, match="the rollout sets it per wave from the policy"):
+        command.rollout_vars(args)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inv.yml").write_text("all: {}\n")
-    assert fleet.main(["rollout", "upgrade", "-i", "inv.yml", "--policy", "nope.yml", "--app", "shop"]) == \
-        fleet.EXIT_USAGE
+    assert command.main(["rollout", "upgrade", "-i", "inv.yml", "--policy", "nope.yml", "--app", "shop"]) == \
+        exits.EXIT_USAGE
     assert f"policy {tmp_path / 'nope.yml'}: cannot read it" in capsys.readouterr().err
 
 
@@ -289,7 +290,7 @@ def test_targets_outside_the_policy_are_named(tmp_path: Path, three_sites: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     runner = FakeRunner(fail={}, running={h: ("1.1.0", True) for h in ("x-node1", "y-node1")})
     rc, lines = run_rollout(tmp_path, three_sites, policy(["site_x"], ["site_y"]), runner, monkeypatch)
-    assert rc == fleet.EXIT_OK
+    assert rc == command.EXIT_OK
     assert "not in the policy (neither changed nor reported): z-node1, z-sys1" in lines
     assert all("z-" not in c["extravars"]["offline_delivery_app_hosts"] for c in runner.calls)
 
@@ -313,7 +314,7 @@ def test_rollout_exit_codes_follow_the_one_contract(tmp_path: Path, three_sites:
         if runner is not None:
             monkeypatch.setattr(ansible_runner, "run", runner)
         runs.append(f"runs{len(runs)}")  # two rollouts in one second would share a run directory
-        return fleet.main(["rollout", "upgrade", "-i", str(three_sites), "--policy", "policy.yml", "--app", "shop",
+        return command.main(["rollout", "upgrade", "-i", str(three_sites), "--policy", "policy.yml", "--app", "shop",
                            "--version", "1.1.0", "--runs-dir", runs[-1], *argv])
 
     assert rollout(policy(["site_x"], ["site_y", "site_z"]), FakeRunner({}, {h: ("1.1.0", True) for h in every})) == 0
@@ -331,17 +332,17 @@ def test_rollout_exit_codes_follow_the_one_contract(tmp_path: Path, three_sites:
     assert "site_w is not a group of the inventory" in capsys.readouterr().err
     (tmp_path / "policy.yml").unlink()
     assert rollout(None) == 2 and "policy.yml: cannot read it" in capsys.readouterr().err
-    assert fleet.main(["rollout", "upgrade", "-i", "missing.yml", "--policy", "p.yml", "--app", "shop"]) == 2
+    assert command.main(["rollout", "upgrade", "-i", "missing.yml", "--policy", "p.yml", "--app", "shop"]) == 2
     for argv in ([], ["upgrade"], ["deploy", "-i", "i", "--policy", "p", "--app", "shop"],
                  ["upgrade", "-i", "i", "--policy", "p", "--app", "shop", "--serial", "1"]):
         with pytest.raises(SystemExit) as exc:
-            fleet.main(["rollout", *argv])
+            command.main(["rollout", *argv])
         assert exc.value.code == 2, argv
         assert "usage: offline-delivery rollout" in capsys.readouterr().err
     assert nothing_runs.calls == [], "a usage error runs no playbook"
 
     def no_ansible_inventory(*_a: Any, **_kw: Any) -> Any:
         raise FileNotFoundError("ansible-inventory")
-    monkeypatch.setattr(fleet.subprocess, "run", no_ansible_inventory)
+    monkeypatch.setattr(command.subprocess, "run", no_ansible_inventory)
     assert rollout(policy(["site_x"])) == 1  # right arguments, a tool missing: a failure, not usage
     assert "ansible-inventory not found" in capsys.readouterr().err

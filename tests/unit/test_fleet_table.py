@@ -1,4 +1,4 @@
-"""Vendor's fleet table (bundle_builder/fleet_table.py, `bundle-builder fleet`): signed status files of several
+"""Vendor's fleet table (offline_delivery_common/fleet_table.py, `bundle-builder fleet`): signed status files of several
 sites are verified against pinned keys (a tampered, unknown or other site's file is refused by name, never
 shown), and the table shows versions (mixed ones visible), health, the last failure, lag and age; --json."""
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from bundle_builder import cli, fleet_table
-from bundle_builder.fleet_table import SiteRow
+from bundle_builder import cli
+from offline_delivery_common import fleet_table
+from offline_delivery_common.fleet_table import SiteRow
 from offline_delivery_core.site import have as site_have
 from offline_delivery_core.site import status as site_status
 

@@ -37,7 +37,8 @@ def test_bad_versions(version: str) -> None:
 
 def _patterns() -> list[tuple[str, int, str]]:
     found = []
-    for path in sorted([*ROOT.glob("plugins/module_utils/**/*.py"), *ROOT.glob("bundle_builder/*.py")]):
+    for path in sorted([*ROOT.glob("plugins/module_utils/**/*.py"), *ROOT.glob("bundle_builder/*.py"),
+                        *ROOT.glob("offline_delivery_cli/*.py"), *ROOT.glob("offline_delivery_common/*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "compile"
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "re" and node.args):

@@ -152,13 +152,63 @@ def test_cli_build_have_pub_checks_the_site_signature(site: Vendor, sample_world
     assert list((tmp_path / "o3").glob("*.bundle"))
 
 
+def test_one_have_file_reader_for_signed_and_plain_lists() -> None:
+    """parse_have reads what build --have and bundle_export take (a hand-made list too); verify_have adds the
+    signature and makes the same content checks (issue #15: build.py had a reader of its own)."""
+    digest = "sha256:" + "a" * 64
+    assert site_have.parse_have(b'{"blobs": []}')["blobs"] == []
+    assert site_have.parse_have(json.dumps({"mediaType": HAVE_MEDIA_TYPE, "blobs": [digest], "site": "n"}).encode(),
+                                "x") == {"mediaType": HAVE_MEDIA_TYPE, "blobs": [digest], "site": "n"}
+    for data, message in ((b"[]", 'x: expected {"blobs"'), (b"nope", "x is not JSON"),
+                          (b'{"blobs": ["sha256:abc"]}', "x: blobs[0] = 'sha256:abc' is not a"),
+                          (b'{"blobs": [], "mediaType": "text/plain"}', "x: mediaType 'text/plain' is not")):
+        with pytest.raises(site_have.HaveError, match=re.escape(message)):
+            site_have.parse_have(data, "x")
+    seed = bytes(range(32))
+    signed = site_have.signed_bytes({"mediaType": HAVE_MEDIA_TYPE, "site": "n", "blobs": [digest, "sha256:abc"]}, seed)
+    with pytest.raises(site_have.HaveError, match=re.escape("x: blobs[1] = 'sha256:abc' is not a")):
+        site_have.verify_have(signed, [site_have.public_from_seed(seed)], "x")
+    signed = site_have.signed_bytes({"mediaType": HAVE_MEDIA_TYPE, "site": "n", "blobs": [digest]}, bytes(32))
+    assert site_have.parse_have(signed)["signature"]["alg"] == "ed25519"  # read, not checked
+
+
+def test_build_checks_the_have_signature_itself(site: Vendor, sample_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """have_pub is build_bundle's, so the CLI and the bundle_export module refuse alike, before any image is read."""
+    dest = tmp_path / "north.have.json"
+    site_have.export_have(str(site.repo), "north", str(dest), str(tmp_path / "keys"))
+    pinned = ed25519.load_public_key_pem((tmp_path / "north.have.pub").read_text())
+    other = site_have.public_from_seed(bytes(32))
+    model = sample_world.write_model("app-1.1.0.yml", version="1.1.0")
+    out = tmp_path / "out"
+    out.mkdir()
+    nothing = ["oci:" + str(tmp_path / "no-such-layout")]  # reading an image would fail otherwise
+    with pytest.raises(build.BuildError, match=f"have-file {re.escape(str(dest))} is signed by key .*not the site key given"):
+        build.build_bundle(model, out, image_sources=nothing, platforms=["linux/amd64"], sign_key=site.key,
+                           have=dest, have_pub=[other])
+    with pytest.raises(build.BuildError, match="give --have too"):
+        build.build_bundle(model, out, image_sources=nothing, platforms=["linux/amd64"], sign_key=site.key,
+                           have_pub=[pinned])
+    plain = tmp_path / "plain.have.json"
+    plain.write_text(json.dumps({"mediaType": HAVE_MEDIA_TYPE, "blobs": json.loads(dest.read_bytes())["blobs"]}))
+    with pytest.raises(build.BuildError, match="carries no site signature"):
+        build.build_bundle(model, out, image_sources=nothing, platforms=["linux/amd64"], sign_key=site.key,
+                           have=plain, have_pub=[pinned])
+    assert not list(out.iterdir())
+    result = build.build_bundle(model, out, image_sources=sample_world.archives, platforms=["linux/amd64"],
+                                sign_key=site.key, have=dest, have_pub=[pinned])
+    assert read_head(str(result.path)).manifest["delta"]["have"]["file"] == "north.have.json"
+    # without have_pub a plain list still works (hand-made have-files keep working)
+    build.build_bundle(model, tmp_path, image_sources=sample_world.archives, platforms=["linux/amd64"],
+                       sign_key=site.key, have=plain)
+
+
 # --------------------------------------------------------------------------------------------------------
-# offline-delivery (bundle_builder/fleet.py): argument handling; a real run is in tests/e2e/test_have.py
+# offline-delivery (offline_delivery_cli/command.py): argument handling; a real run is in tests/e2e/test_have.py
 
 
 def _fleet_vars(tmp_path: Path, *argv: str) -> dict:
-    from bundle_builder import fleet
-    return fleet.playbook_vars(fleet.parse_args(list(argv)), tmp_path)
+    from offline_delivery_cli import command
+    return command.playbook_vars(command.parse_args(list(argv)), tmp_path)
 
 
 def test_fleet_arguments_become_playbook_vars(tmp_path: Path) -> None:
@@ -196,30 +246,31 @@ def test_fleet_arguments_become_playbook_vars(tmp_path: Path) -> None:
     (["site_status", "-i", "inv", "--version", "1.0.0"], "--version does not apply to site_status"),
 ])
 def test_fleet_refuses_bad_arguments(tmp_path: Path, argv: list[str], message: str) -> None:
-    from bundle_builder import fleet
-    with pytest.raises(fleet.UsageError, match=re.escape(message)):
+    from offline_delivery_cli import command
+    with pytest.raises(command.UsageError, match=re.escape(message)):
         _fleet_vars(tmp_path, *argv)
 
 
 def test_fleet_main_exit_codes(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from bundle_builder import fleet
+    from offline_delivery_cli import command
+    from offline_delivery_common import exits
     monkeypatch.chdir(tmp_path)
-    assert fleet.main(["status", "-i", "missing.yml", "--app", "shop"]) == fleet.EXIT_USAGE
+    assert command.main(["status", "-i", "missing.yml", "--app", "shop"]) == exits.EXIT_USAGE
     assert f"inventory {tmp_path / 'missing.yml'} does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        fleet.main(["deploy", "-i", "inv"])
+        command.main(["deploy", "-i", "inv"])
     assert exc.value.code == 2 and "invalid choice: 'deploy'" in capsys.readouterr().err
 
 
 def test_fleet_summary_from_runner_stats() -> None:
-    from bundle_builder import fleet
-    s = fleet.Summary.from_stats({"ok": {"repo": 5, "node1": 3}, "changed": {"repo": 2},
+    from offline_delivery_cli import command
+    s = command.Summary.from_stats({"ok": {"repo": 5, "node1": 3}, "changed": {"repo": 2},
                                   "failures": {"node1": 1}, "dark": {}, "skipped": {"repo": 1}})
     assert s.failed_hosts() == ["node1"]
     lines = s.lines()
     assert lines[1].split() == ["node1", "FAILED", "3", "0", "1", "0", "0"]
     assert lines[2].split() == ["repo", "changed", "5", "2", "0", "0", "1"]
-    assert fleet.Summary.from_stats(None).lines() == ["no host ran a task (check the inventory and --limit)"]
+    assert command.Summary.from_stats(None).lines() == ["no host ran a task (check the inventory and --limit)"]
 
 
 class _FakeRunner:
@@ -230,7 +281,7 @@ class _FakeRunner:
 def test_fleet_run_gives_each_run_its_own_dir_and_reports(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import ansible_runner
 
-    from bundle_builder import fleet
+    from offline_delivery_cli import command
     calls: list[dict] = []
 
     def fake_run(**kwargs):  # type: ignore[no-untyped-def]
@@ -244,13 +295,13 @@ def test_fleet_run_gives_each_run_its_own_dir_and_reports(tmp_path: Path, monkey
                            {"ok": {"node1": 2}, "changed": {}, "failures": {"node1": 1} if failed else {}})
 
     monkeypatch.setattr(ansible_runner, "run", fake_run)
-    monkeypatch.setattr(fleet.os, "getpid", lambda: len(calls))  # two runs within one second: distinct names
+    monkeypatch.setattr(command.os, "getpid", lambda: len(calls))  # two runs within one second: distinct names
     (tmp_path / "inv.yml").write_text("all: {}\n")
     lines: list[str] = []
-    args = fleet.parse_args(["upgrade", "-i", "inv.yml", "--app", "shop", "--version", "1.1.0", "--check"])
-    assert fleet.run(args, write=lines.append, cwd=tmp_path) == fleet.EXIT_OK
-    args = fleet.parse_args(["install", "-i", "inv.yml", "--app", "shop"])
-    assert fleet.run(args, write=lines.append, cwd=tmp_path) == fleet.EXIT_FAILED
+    args = command.parse_args(["upgrade", "-i", "inv.yml", "--app", "shop", "--version", "1.1.0", "--check"])
+    assert command.run(args, write=lines.append, cwd=tmp_path) == command.EXIT_OK
+    args = command.parse_args(["install", "-i", "inv.yml", "--app", "shop"])
+    assert command.run(args, write=lines.append, cwd=tmp_path) == command.EXIT_FAILED
 
     first, second = calls
     assert first["playbook"] == "offline.delivery.upgrade" and first["cmdline"] == "--check"

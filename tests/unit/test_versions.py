@@ -18,6 +18,16 @@ def test_builder_version_is_the_collection_version() -> None:
     assert build.BUILDER_VERSION == galaxy["version"]
 
 
+def test_the_collection_knows_its_version_at_run_time() -> None:
+    """bundle_export compares this constant (module_utils travel with a module; galaxy.yml does not) with the
+    installed builder's version: it must be galaxy.yml's."""
+    from offline_delivery_core.common.version import COLLECTION_VERSION
+
+    galaxy = yaml.safe_load((ROOT / "galaxy.yml").read_text())
+    assert COLLECTION_VERSION == galaxy["version"], (
+        "bump plugins/module_utils/common/version.py COLLECTION_VERSION together with galaxy.yml's version")
+
+
 def test_the_claimed_ansible_core_range_is_the_tested_range() -> None:
     """meta/runtime.yml claims exactly the ansible-core range the test extra installs, and the suite runs on a
     version inside it (it claimed >=2.16.0 while only 2.18 was ever tested)."""
