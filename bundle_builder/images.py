@@ -20,16 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from offline_delivery_core.bundle.format import OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE
-
-OCI_CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_TYPES = {OCI_INDEX_MEDIA_TYPE, DOCKER_LIST}
-MANIFEST_TYPES = {OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST}
+from offline_delivery_core.common.oci import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG_MEDIA_TYPE,
+                                              OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST_MEDIA_TYPE)
 REF_ANNOTATIONS = ("org.opencontainers.image.ref.name", "io.containerd.image.name")
 MAX_SMALL_BLOB = 16 * 1024 * 1024  # configs, manifests, indexes
 CHUNK = 1024 * 1024

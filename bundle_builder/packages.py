@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
-from offline_delivery_core.bundle.format import sha256_file
+from offline_delivery_core.common.digests import sha256_file
 
 from .distros import (
     DEB_MEDIA_TYPE,
