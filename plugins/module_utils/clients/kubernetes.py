@@ -447,7 +447,7 @@ class K8sClient:
                 raise K8sError("internal: an https connection needs a TLS context")
             server_hostname = self.tls_server_name or self.host
             if self.proxy:
-                host, port, headers = self.proxy
+                host, port, headers = self.proxy[0], self.proxy[1], self.proxy[2]
                 conn: http.client.HTTPConnection = _TLSConnection(host, port, timeout=self.timeout, context=context,
                                                                   server_hostname=server_hostname)
                 conn.set_tunnel(self._netloc_host(), self.port, headers=headers)

@@ -22,7 +22,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ..common.digests import digest_hex, is_digest
