@@ -20,17 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-DEB_MEDIA_TYPE = "application/vnd.debian.binary-package"
+from offline_delivery_core.common.arch import debian_arch
 
-# One arch map for the whole product: Debian names are canonical; kernel (uname -m) and OCI names are aliases.
-_ARCH_ALIASES: dict[str, str] = {
-    "amd64": "amd64",
-    "x86_64": "amd64",
-    "x86-64": "amd64",
-    "arm64": "arm64",
-    "aarch64": "arm64",
-    "arm64/v8": "arm64",
-}
+DEB_MEDIA_TYPE = "application/vnd.debian.binary-package"
 
 DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 # Debian release codenames we recognise in the build machine's apt sources (suites, not "stable" aliases).
@@ -200,16 +192,13 @@ def get_distro(key: str, *, require_supported: bool = True) -> Distro:
 
 def normalize_arch(arch: str) -> str:
     """Debian architecture name for ``arch``: accepts ``amd64``, ``x86_64``, ``aarch64``, ``linux/arm64``."""
-    name = arch.strip().lower()
-    if name.startswith("linux/"):
-        name = name[len("linux/"):]
-    try:
-        return _ARCH_ALIASES[name]
-    except KeyError:
+    name = debian_arch(arch)
+    if name is None:
         raise DistroError(
             f"unknown architecture {arch!r}; use one of amd64, arm64 (aliases: x86_64, aarch64, linux/amd64, "
             "linux/arm64)"
-        ) from None
+        )
+    return name
 
 
 def check_arch(distro: Distro, arch: str) -> str:

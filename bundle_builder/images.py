@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from offline_delivery_core.common.files import read_full
 from offline_delivery_core.common.oci import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG_MEDIA_TYPE,
                                               OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST_MEDIA_TYPE)
 REF_ANNOTATIONS = ("org.opencontainers.image.ref.name", "io.containerd.image.name")
@@ -179,13 +180,7 @@ class _Section:
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` from the window (fewer bytes only at its end): the builder's reused buffers, no
         fresh ``bytes`` per chunk."""
-        view = memoryview(buf)[:min(len(buf), self._left)]
-        got = 0
-        while got < len(view):
-            n = self._fh.readinto(view[got:])
-            if not n:
-                break
-            got += n
+        got = read_full(self._fh, memoryview(buf)[:min(len(buf), self._left)])
         self._left -= got
         return got
 

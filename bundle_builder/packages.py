@@ -37,6 +37,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 from offline_delivery_core.common.digests import sha256_file
+from offline_delivery_core.common.locks import flock_within
 
 from .distros import (
     DEB_MEDIA_TYPE,
@@ -179,16 +180,9 @@ def _locked(path: Path, timeout: float = TIMEOUT_LOCK) -> Iterator[None]:
     """Exclusive lock on ``path`` so concurrent builds sharing a cache do not build the same thing twice."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise PackageError(f"cache lock {path} still held after {timeout:.0f} s by another build; "
-                                       "wait for it or remove a stale lock") from None
-                time.sleep(0.5)
+        if not flock_within(handle.fileno(), timeout):
+            raise PackageError(f"cache lock {path} still held after {timeout:.0f} s by another build; "
+                               "wait for it or remove a stale lock")
         try:
             yield
         finally:

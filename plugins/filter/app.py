@@ -1,11 +1,13 @@
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery developers
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Filters the lifecycle playbooks use to place components on a site's hosts."""
+"""Filters the roles and playbooks use: placing components on a site's hosts, and a host's architecture."""
 
 from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
+
+from ansible_collections.offline.delivery.plugins.module_utils.common.arch import debian_arch as _debian_arch
 
 
 def app_placement(model, groups, app_hosts):
@@ -41,6 +43,13 @@ def host_addresses(hosts, hostvars):
     return {h: hostvars[h].get("ansible_host") or h for h in hosts}
 
 
+def debian_arch(machine):
+    """``amd64``/``arm64`` for a machine name (``ansible_facts.architecture``: x86_64, aarch64) or an alias;
+    an empty string for an architecture the product does not support."""
+    return _debian_arch(machine) or ""
+
+
 class FilterModule:
     def filters(self):
-        return {"app_placement": app_placement, "site_hosts": site_hosts, "host_addresses": host_addresses}
+        return {"app_placement": app_placement, "site_hosts": site_hosts, "host_addresses": host_addresses,
+                "debian_arch": debian_arch}

@@ -201,7 +201,7 @@ from ..module_utils.app.engine import Engine, Target
 from ..module_utils.app.model import ModelError
 from ..module_utils.app.runtime import DeployError
 from ..module_utils.app.state import AppState, StateError, app_lock
-from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for_params
 
 
 def _short(fp: str) -> str:
@@ -259,6 +259,7 @@ def main() -> None:
     def run(argv):
         return module.run_command(argv, check_rc=False)
 
+    engine = None
     try:
         with contextlib.ExitStack() as stack:
             if not module.check_mode:  # one change at a time; check mode only reads
@@ -267,27 +268,20 @@ def main() -> None:
             if state.data["target"] not in (None, p["target"]):
                 module.fail_json(msg="%s runs on %s as target %s, not %s: uninstall it first to change the target"
                                  % (p["app"], p["host"], state.data["target"], p["target"]))
-            k8s = {"config": p["kubeconfig"], "namespace": p["namespace"], "storage_class": p["storage_class"],
-                   "registry": p["registry"], "secrets": p["secrets"]}
-            runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                                  run=run, k8s=k8s)
+            runtime = runtime_for_params(p, run, storage_class=p["storage_class"], registry=p["registry"],
+                                         secrets=p["secrets"])
             target = Target(host=p["host"], platform=p["platform"], placement=p["placement"],
                             addresses=p["addresses"], registry=p["registry"], secrets=p["secrets"])
             engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
                             actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
-            overrides = p["overrides"]
-            if overrides is None:  # kept from the last deploy, also across an uninstall
-                overrides = (state.current or state.previous or {}).get("overrides") or {}
             if p["action"] == "deploy":
-                running = (state.current or {}).get("version")
-                action = "install" if not running else "upgrade" if running != p["version"] else "reconfigure"
                 result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
-                                       overrides=overrides, snapshot=p["snapshot"], auto_rollback=p["auto_rollback"],
-                                       action=action)
+                                       overrides=p["overrides"], snapshot=p["snapshot"],
+                                       auto_rollback=p["auto_rollback"])
             else:
                 result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
     except (DeployError, ModelError, StateError, OSError) as exc:
-        module.fail_json(msg=str(exc), messages=engine.messages if "engine" in locals() else [])
+        module.fail_json(msg=str(exc), messages=engine.messages if engine else [])
     if module._diff:
         result["diff"] = _diff(engine, result)
     module.exit_json(**result)

@@ -81,7 +81,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app.engine import host_status
 from ..module_utils.app.runtime import DeployError
 from ..module_utils.app.state import AppState, StateError
-from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for_params
 
 
 def main() -> None:
@@ -95,9 +95,7 @@ def main() -> None:
     )
     p = module.params
     try:
-        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                              run=lambda argv: module.run_command(argv, check_rc=False),
-                              k8s={"config": p["kubeconfig"], "namespace": p["namespace"]})
+        runtime = runtime_for_params(p, lambda argv: module.run_command(argv, check_rc=False))
         status = host_status(runtime, AppState(p["state_dir"], p["app"]), history=p["history"])
     except (DeployError, StateError, OSError) as exc:
         module.fail_json(msg=str(exc))

@@ -70,7 +70,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ..module_utils.app.engine import uninstall
 from ..module_utils.app.runtime import DeployError
 from ..module_utils.app.state import AppState, StateError, app_lock
-from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for
+from ..module_utils.targets.kinds import APP_HOST_OPTIONS, runtime_for_params
 
 
 def main() -> None:
@@ -86,9 +86,7 @@ def main() -> None:
     )
     p = module.params
     try:
-        runtime = runtime_for(p["target"], p["app"], apps_dir=p["apps_dir"], state_dir=p["state_dir"],
-                              run=lambda argv: module.run_command(argv, check_rc=False),
-                              k8s={"config": p["kubeconfig"], "namespace": p["namespace"]})
+        runtime = runtime_for_params(p, lambda argv: module.run_command(argv, check_rc=False))
         if module.check_mode:
             result = uninstall(runtime, AppState(p["state_dir"], p["app"]), keep_data=not p["remove_data"],
                                actor=p["actor"], check_mode=True)

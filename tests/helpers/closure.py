@@ -8,7 +8,6 @@ check what bundle_builder.packages resolves.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from bundle_builder.packages import (
     apt_index,
     minbase_rootfs,
 )
+from offline_delivery_core.site.apt import release_bytes
 
 
 def write_flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
@@ -36,11 +36,9 @@ def write_flat_repo(files: Sequence[PackageFile], repo: Path) -> None:
             shutil.copyfile(f.path, repo / f.filename)
     packages = apt_index(files)
     (repo / "Packages").write_bytes(packages)
-    arches = " ".join(sorted({f.target_arch for f in files}))
-    (repo / "Release").write_text(
-        f"Origin: offline-delivery\nLabel: closure-check\nDate: {email.utils.formatdate(usegmt=True)}\n"
-        f"Architectures: {arches} all\nSHA256:\n"
-        f" {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n", encoding="utf-8")
+    # the site's own Release writer, so the closure is checked against the repository shape the site serves
+    (repo / "Release").write_bytes(release_bytes("closure-check", {f.target_arch for f in files},
+                                                 {"Packages": packages}, email.utils.formatdate(usegmt=True)))
 
 
 def verify_closure(distro: str, arch: str, profiles: list[str], files: Sequence[PackageFile], *,

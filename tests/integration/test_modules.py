@@ -205,3 +205,20 @@ def test_bundle_info_verifies_and_names_a_tampered_blob(vendor, collections_path
     rc, res = run_module(collections_path, "bundle_info", {"path": str(bad), "verify": False,
                                                           "require_signature": False})
     assert rc == 0 and not res["verified"] and res["bundle"]["version"] == "1.0.0"
+
+
+def test_debian_arch_filter_is_the_one_arch_map(collections_path):
+    """The roles' architecture checks use this filter (common/arch.py): the machine names Ansible reports,
+    aliases, and an empty string for what the product does not support."""
+    cases = {"x86_64": "amd64", "aarch64": "arm64", "amd64": "amd64", "linux/arm64": "arm64", "riscv64": "",
+             "ppc64le": ""}
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections_path), ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="false", ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+               ANSIBLE_LOAD_CALLBACK_PLUGINS="1")
+    expr = "{{ %s | map('offline.delivery.debian_arch') | list }}" % json.dumps(list(cases))
+    proc = subprocess.run([str(Path(sys.executable).parent / "ansible"), "localhost", "-i", "localhost,", "-c",
+                           "local", "-o", "-m", "ansible.builtin.debug", "-a", f"msg={expr}"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.split("=> ", 1)[1])["msg"]
+    assert dict(zip(cases, got)) == cases

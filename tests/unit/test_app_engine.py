@@ -92,8 +92,7 @@ def engine(tmp_path: Path, rt: FakeRuntime, check: bool = False) -> Engine:
 def deploy(tmp_path: Path, rt: FakeRuntime, version: str, overrides=None, check: bool = False) -> dict:
     m = model(version)
     return engine(tmp_path, rt, check).deploy(version=version, model=m, images=images(m), overrides=overrides or {},
-                                              snapshot=False, auto_rollback=True,
-                                              action="install" if version == "1.0.0" else "upgrade")
+                                              snapshot=False, auto_rollback=True)
 
 
 def test_install_starts_in_dependency_order_and_records_state(tmp_path: Path) -> None:
@@ -115,6 +114,21 @@ def test_second_run_changes_nothing(tmp_path: Path) -> None:
     result = deploy(tmp_path, rt, "1.0.0")
     assert not result["changed"] and result["plan"]["unchanged"] == ["db", "redis", "api", "gateway"]
     assert [c for c in rt.calls if c[0] in ("start", "remove")] == []
+
+
+def test_the_engine_names_the_action_and_keeps_the_overrides(tmp_path: Path) -> None:
+    """install / reconfigure / upgrade is the engine's call, and overrides=None keeps the last deploy's."""
+    rt = FakeRuntime()
+
+    def run(version: str, overrides=None) -> dict:
+        m = model(version)
+        return engine(tmp_path, rt).deploy(version=version, model=m, images=images(m), overrides=overrides,
+                                           snapshot=False, auto_rollback=True)
+
+    assert run("1.0.0", {"api": {"SHOP_CURRENCY": "CHF"}})["action"] == "install"
+    assert run("1.0.0")["action"] == "reconfigure"
+    assert run("1.1.0")["action"] == "upgrade"
+    assert AppState(str(tmp_path), "shop").current["overrides"] == {"api": {"SHOP_CURRENCY": "CHF"}}
 
 
 def test_upgrade_restarts_only_the_changed_component(tmp_path: Path) -> None:
@@ -273,7 +287,7 @@ def test_snapshot_before_an_upgrade_and_restore_on_rollback(tmp_path: Path) -> N
     def run(version: str, **kw):
         m = model(version)
         return Engine(rt, AppState(str(state_dir), "shop"), target, health_cap=1, actor="t").deploy(
-            version=version, model=m, images=images(m), overrides={}, auto_rollback=True, action="upgrade", **kw)
+            version=version, model=m, images=images(m), overrides={}, auto_rollback=True, **kw)
 
     run("1.0.0", snapshot=False)
     result = run("1.1.0", snapshot=True)

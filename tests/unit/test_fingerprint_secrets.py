@@ -74,7 +74,7 @@ def engine(state_dir: Path, rt: FakeRuntime, check: bool = False) -> Engine:
 def deploy(state_dir: Path, rt: FakeRuntime, overrides: dict, check: bool = False) -> dict:
     m = model("1.0.0")
     return engine(state_dir, rt, check).deploy(version="1.0.0", model=m, images=images(m), overrides=overrides,
-                                               snapshot=False, auto_rollback=True, action="install")
+                                               snapshot=False, auto_rollback=True)
 
 
 # -- the fingerprint ------------------------------------------------------------------------------------

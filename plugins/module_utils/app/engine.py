@@ -180,10 +180,21 @@ class Engine:
 
     # -- deploy (install, upgrade, re-run) -------------------------------------------------------------
 
-    def deploy(self, *, version: str, model: dict, images: Mapping[str, Any], overrides: Mapping[str, Any],
-               snapshot: bool, auto_rollback: bool, action: str,
-               kept: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """Make this host run ``version``; ``kept`` is the state's record of it when rolling back."""
+    def deploy(self, *, version: str, model: dict, images: Mapping[str, Any],
+               overrides: Optional[Mapping[str, Any]], snapshot: bool, auto_rollback: bool) -> Dict[str, Any]:
+        """Make this host run ``version``: an install, an upgrade, or a reconfigure of the running version.
+        ``overrides`` None keeps the site's overrides of the last deploy (also across an uninstall)."""
+        if overrides is None:
+            overrides = (self.state.current or self.state.previous or {}).get("overrides") or {}
+        running = (self.state.current or {}).get("version")
+        action = "install" if not running else "upgrade" if running != version else "reconfigure"
+        return self._deploy(version=version, model=model, images=images, overrides=overrides, snapshot=snapshot,
+                            auto_rollback=auto_rollback, action=action)
+
+    def _deploy(self, *, version: str, model: dict, images: Mapping[str, Any], overrides: Mapping[str, Any],
+                snapshot: bool, auto_rollback: bool, action: str,
+                kept: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """One deploy of ``version`` as ``action``; ``kept`` is the state's record of it when rolling back."""
         before = self.state.current
         specs = self.specs(model, images, overrides, kept)
         placement, addresses = self._layout(kept)
@@ -300,8 +311,8 @@ class Engine:
         overrides = current["overrides"]
         if restore and not self.check_mode:
             self._restore(goal, kept, overrides)
-        return self.deploy(version=goal, model=kept["model"], images=kept["images"], overrides=overrides,
-                           snapshot=False, auto_rollback=True, action="rollback", kept=kept)
+        return self._deploy(version=goal, model=kept["model"], images=kept["images"], overrides=overrides,
+                            snapshot=False, auto_rollback=True, action="rollback", kept=kept)
 
     def _restore(self, version: str, kept: dict, overrides: Mapping[str, Any]) -> None:
         specs = self.specs(kept["model"], kept["images"], overrides, kept)

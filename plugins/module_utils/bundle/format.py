@@ -51,6 +51,7 @@ import re
 from typing import Any, BinaryIO, Callable, Iterator
 
 from . import ed25519
+from ..common.files import read_full
 from ..common.oci import OciError, check_descriptor
 from ..common.digests import CHUNK_SIZE, DigestError, canonical_json, digest_hex, is_digest, sha256_digest
 from ..common.names import CONTROL_RE, name_problem, version_problem
@@ -712,14 +713,7 @@ class FileReader:
         return self._fh.read(n)
 
     def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` (fewer bytes only at the end of the file), without allocating."""
-        got = 0
-        while got < len(view):
-            n = self._fh.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        return got
+        return read_full(self._fh, view)
 
     def check_current_part(self) -> None:
         return None

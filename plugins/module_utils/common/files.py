@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import BinaryIO
 
 
 def fsync_dir(path: str) -> None:
@@ -96,6 +97,18 @@ def link_or_copy(src: str, dest: str) -> None:
         shutil.copyfile(src, tmp)
         os.chmod(tmp, 0o644)
     os.replace(tmp, dest)
+
+
+def read_full(fh: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``fh`` (fewer bytes only at the end of the file), into the caller's buffer: no
+    fresh ``bytes`` per chunk."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def remove(path: str) -> None:

@@ -27,6 +27,7 @@ from ..app.model import ModelError, capabilities_of, effective_env, references, 
 from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime
 from ..app.runtime import fingerprint as keyed_fingerprint
 from ..clients.kubernetes import K8sClient, K8sError, wait_for
+from ..common.files import ensure_private_dir, write_if_changed
 from ..common.oci import OciError, split_reference
 
 MANAGED_BY = "offline-delivery"
@@ -1033,25 +1034,10 @@ def write_manifest_dir(objects: Sequence[dict], dest: str, *, check_mode: bool =
     wanted = dict(manifest_files(objects))
     existing = sorted(f for f in os.listdir(dest) if MANIFEST_FILE_RE.match(f)) if os.path.isdir(dest) else []
     if not check_mode:
-        os.makedirs(dest, mode=0o700, exist_ok=True)
-        os.chmod(dest, 0o700)
+        ensure_private_dir(dest)
     for name, data in wanted.items():
-        path = os.path.join(dest, name)
-        try:
-            with open(path, "rb") as handle:
-                same = handle.read() == data
-        except FileNotFoundError:
-            same = False
-        if same:
-            result["unchanged"].append(name)
-            continue
-        result["written"].append(name)
-        if not check_mode:
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, path)
+        written = write_if_changed(os.path.join(dest, name), data, 0o600, check_mode=check_mode)
+        result["written" if written else "unchanged"].append(name)
     for name in existing:
         if name not in wanted:
             result["removed"].append(name)

@@ -46,3 +46,10 @@ def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None,
                           secret_values=list((k8s.get("secrets") or {}).values()), **kwargs)
     except (K8sError, K8sRenderError) as exc:
         raise DeployError("k8s target (%s): %s" % (k8s.get("path") or "kubeconfig", exc)) from exc
+
+
+def runtime_for_params(params: Mapping[str, Any], run: Any, **k8s: Any) -> Runtime:
+    """:func:`runtime_for` from a module's parameters (``APP_HOST_OPTIONS``); ``k8s`` adds what only a
+    deploy passes to the k8s target (``storage_class``, ``registry``, ``secrets``)."""
+    return runtime_for(params["target"], params["app"], apps_dir=params["apps_dir"], state_dir=params["state_dir"],
+                       run=run, k8s={"config": params["kubeconfig"], "namespace": params["namespace"], **k8s})
