@@ -9,7 +9,6 @@ same bytes: fixed tar header fields, blobs in manifest order, canonical JSON, no
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from offline_delivery_core.app import model as app_model
 from offline_delivery_core.bundle import format as bundle_format
 from offline_delivery_core.bundle.format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, BackgroundHasher,
                                                  MODEL_MEDIA_TYPE, PARTS_MEDIA_TYPE, BundleError, blob_path)
-from offline_delivery_core.common.digests import canonical_json, sha256_file
+from offline_delivery_core.common.digests import canonical_json, sha256_digest, sha256_file
 from offline_delivery_core.common.oci import OCI_INDEX_MEDIA_TYPE
 from offline_delivery_core.site import have as site_have
 
@@ -122,7 +121,7 @@ def load_have_file(path: str | Path, have_pub: list[bytes] | None = None) -> tup
         doc = site_have.verify_have(raw, have_pub, source) if have_pub else site_have.parse_have(raw, source)
     except site_have.HaveError as exc:
         raise BuildError(str(exc)) from None
-    return set(doc["blobs"]), "sha256:" + hashlib.sha256(raw).hexdigest()
+    return set(doc["blobs"]), sha256_digest(raw)
 
 
 @dataclass(frozen=True)

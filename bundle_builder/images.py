@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from offline_delivery_core.common.digests import sha256_digest
 from offline_delivery_core.common.files import read_full
 from offline_delivery_core.common.oci import (INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG_MEDIA_TYPE,
                                               OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST_MEDIA_TYPE)
@@ -112,7 +113,7 @@ class Blob:
 
 
 def small_blob(data: bytes, media_type: str) -> Blob:
-    return Blob("sha256:" + hashlib.sha256(data).hexdigest(), len(data), media_type, data=data)
+    return Blob(sha256_digest(data), len(data), media_type, data=data)
 
 
 @dataclass
@@ -281,7 +282,7 @@ class DockerArchiveSource(ImageSource):
     def find_config(self, config_digest: str, reference: str) -> ResolvedImage | None:
         for entry in self._entries:
             data = self._read_small(entry["Config"])
-            if "sha256:" + hashlib.sha256(data).hexdigest() == config_digest:
+            if sha256_digest(data) == config_digest:
                 return self.load_entry(entry, reference)
         return None
 
@@ -356,7 +357,7 @@ class OciLayoutSource(ImageSource):
             data = path.read_bytes()
         except OSError:
             raise ImageError(f"{self.label}: blob {desc.get('digest')} is missing from blobs/sha256") from None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != desc["digest"]:
+        if sha256_digest(data) != desc["digest"]:
             raise ImageError(f"{self.label}: blob {desc['digest']} does not match its digest: damaged layout")
         return data
 

@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ..common.digests import digest_hex, is_digest
+from ..common.digests import digest_hex, is_digest, sha256_digest
 from ..common.oci import INDEX_TYPES, MANIFEST_TYPES
 
 MANIFEST_ACCEPT = ", ".join(INDEX_TYPES + MANIFEST_TYPES)
@@ -255,7 +255,7 @@ class RegistryClient:
 
     def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> str:
         """``PUT`` a manifest or index with its exact bytes under a tag or its digest; returns its digest."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         what = f"manifest {digest} ({media_type}) as {repository}:{reference}" if not is_digest(reference) \
             else f"manifest {digest} ({media_type}) in {repository}"
         resp = self._request("PUT", f"/v2/{repository}/manifests/{reference}", what, body=data,

@@ -12,7 +12,6 @@ See docs/kubernetes.md for every mapping decision.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from ..app.model import ModelError, capabilities_of, effective_env, references, 
 from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime
 from ..app.runtime import fingerprint as keyed_fingerprint
 from ..clients.kubernetes import K8sClient, K8sError, wait_for
+from ..common.digests import sha256_digest
 from ..common.files import ensure_private_dir, write_if_changed
 from ..common.oci import OciError, split_reference
 
@@ -859,7 +859,7 @@ class K8sRuntime(Runtime):
                 "node_port_range": list(opts.node_port_range), "labels": dict(opts.labels),
                 "group": self.groups.get(component)}
         raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
-        return "sha256:" + hashlib.sha256(raw).hexdigest()
+        return sha256_digest(raw)
 
     def objects_for(self, spec: ComponentSpec) -> List[dict]:
         """The objects ``start`` applies for a spec (stamped with the engine's fingerprint)."""
