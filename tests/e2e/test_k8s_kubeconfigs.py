@@ -44,6 +44,7 @@ pytestmark = pytest.mark.world
 NS_CERT = "od-kx-cert"
 NS_SA = "od-kx-sa"
 NS_APP = "od-kx-app"
+NS_HEADLESS = "od-kx-headless"
 SA = "deployer"
 PLUGIN_DIR = "kx"        # in the site's drop box: /srv/transfer/kx in the jump host
 
@@ -308,3 +309,29 @@ def test_missing_plugin_is_named_with_its_install_hint(world: World) -> None:
                                        r"the host that runs the deploy \(not found in PATH\): the site's credential "
                                        r"helper lives in /srv/transfer/kx"):
         K8sClient.from_kubeconfig(config).version()
+
+
+def test_a_port_less_component_gets_a_headless_service_the_api_server_accepts(world: World) -> None:
+    """Issue #20 item 4 on the real API server: a component without ports (an internal service, as compose files
+    often write them) is rendered with a headless Service so its name resolves in cluster DNS; the server takes
+    the Service and the StatefulSet whose serviceName names it, and keeps clusterIP None."""
+    from offline_delivery_core.app.model import load_model
+    from offline_delivery_core.targets.k8s import render_manifests
+
+    model = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "shop" / "app-1.0.0.yml").read_text())
+    model["components"]["db"]["ports"] = []
+    model["components"]["db"]["health"] = {"exec": ["true"]}
+    digests = {c: "sha256:" + "0f" * 32 for c in model["components"]}
+    objects = render_manifests(load_model(model), namespace=NS_HEADLESS, registry="repo:5000", image_digests=digests,
+                               secrets={"db_password": "A" * 32, "redis_password": "B" * 32},
+                               include_namespace=True, fingerprint_key=b"k" * 32)
+    db = [o for o in objects if o["kind"] == "Namespace" or o["metadata"].get("labels", {}).get(
+        "app.kubernetes.io/component") == "db"]
+    assert {o["kind"] for o in db} >= {"Namespace", "Service", "StatefulSet"}
+    for obj in db:
+        if obj["kind"] in ("Namespace", "Service"):
+            world.admin.apply(obj)
+        else:
+            world.admin.apply(obj, dry_run=True)    # validated and admitted, not run (its image is a stand-in)
+    service = world.admin.get("Service", "db", NS_HEADLESS)
+    assert service["spec"]["clusterIP"] == "None" and not service["spec"].get("ports")

@@ -333,3 +333,50 @@ def test_rollback_restores_the_data_snapshot_on_compose_and_systemd(site: Site, 
         assert rollback["action"] == "rollback" and rollback["to"] == "1.0.0", rollback
     snapshots = site.exec("node1", "ls /var/lib/offline-delivery/apps/shop/snapshots/1.0.0", timeout=30)
     assert snapshots.rc == 0 and snapshots.stdout.strip(), "the snapshot is kept where docs/lifecycle.md says"
+
+
+# Issue #20 item 3: what the controller can know is refused on every host before any host changes. shop 1.3.0
+# is 1.1.0 with replicas: 2 for the api: compose hosts could run it, the systemd hosts refuse it; no host may
+# install it. Runs after `restored` (every host on 1.0.0).
+@pytest.fixture(scope="module")
+def refused(site: Site, restored: dict[str, Any], shop_bundles: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import yaml
+
+    from tests.e2e.media import bundle_builder
+    from tests.world.shop_images import build_shop_images
+    from tests.world.util import repo_root
+
+    work = tmp_path_factory.mktemp("refused")
+    model = yaml.safe_load((repo_root() / "examples" / "shop" / "app-1.1.0.yml").read_text())
+    model["version"] = "1.3.0"
+    model["components"]["api"]["replicas"] = 2
+    (work / "app.yml").write_text(yaml.safe_dump(model, sort_keys=False))
+    bundle_builder("build", str(work / "app.yml"), "-o", str(work / "shop-1.3.0"),
+                   "--images-from", f"oci:{build_shop_images(('amd64', 'arm64'))}",
+                   "--platform", "linux/amd64,linux/arm64",
+                   "--base", str(shop_bundles["shop-1.1.0"] / "shop-1.1.0.bundle"),
+                   "--base-pub", str(shop_bundles["vendor.pub"]), "--sign-key", str(shop_bundles["vendor.key"]))
+    carry(site, {"shop-1.3.0": work / "shop-1.3.0"})
+    keys = json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})
+    ok(site.jump(["ansible-playbook", "offline.delivery.import", "-e",
+                  "offline_delivery_bundle_src=/srv/transfer/shop-1.3.0", "-e", keys], timeout=PLAY_TIMEOUT),
+       "import 1.3.0")
+    before = {h: start_times(site, h) for h in TARGETS}
+    run = play(site, "install", "-e", "app_version=1.3.0", step="install 1.3.0 (refused by the systemd hosts)")
+    return {"before": before, "run": run, "after": {h: start_times(site, h) for h in TARGETS}}
+
+
+def test_a_release_one_target_refuses_changes_no_host(site: Site, refused: dict[str, Any]) -> None:
+    run = refused["run"]
+    assert run.rc != 0, "a release a target refuses must fail the playbook"
+    for host in ("node3", "arm1"):
+        line = next(l for l in run.stdout.splitlines() if l.startswith(f"fatal: [{host}]"))
+        assert "component api: replicas 2: the systemd target runs one instance per host" in line, line
+    for host in TARGETS:
+        assert recap(run, host)["changed"] == 0, f"{host} changed:\n{run.stdout[-4000:]}"
+        assert refused["after"][host] == refused["before"][host], f"{host}: something restarted"
+        state = json.loads(site.exec(host, "cat /var/lib/offline-delivery/apps/shop/state.json").stdout)
+        assert state["current"]["version"] == "1.0.0", f"{host} installed {state['current']['version']}"
+    assert "Deploy on this host: shop (check pass: nothing changes)" in run.stdout
+    assert not re.search(r"TASK \[.*Deploy on this host: shop\]", run.stdout), "no host reached the deploy"

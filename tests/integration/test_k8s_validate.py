@@ -42,6 +42,31 @@ def test_shop_manifests_validate_strictly(version: str, options: dict) -> None:
     assert check_manifests(objects) == []
 
 
+def test_a_port_less_component_gets_a_headless_service_in_dns() -> None:
+    """Issue #20 item 4: compose files often give internal services no ports (any port is reachable on a compose
+    network). Such a component still gets its name in cluster DNS, a headless Service (no ports, clusterIP
+    None), so a dependent's ${host} resolves; with a volume its StatefulSet's serviceName names that Service.
+    Valid for the API server's schema and for the renderer's cross-object checks."""
+    model = load_model(yaml.safe_load((ROOT / "examples" / "shop" / "app-1.0.0.yml").read_text()))
+    for name in ("redis", "db"):
+        model["components"][name]["ports"] = []
+        model["components"][name]["health"] = {"exec": ["true"], "interval": 5, "timeout": 3, "retries": 3,
+                                               "start_period": 0}
+    model = load_model(model)
+    objects = render_manifests(model, namespace="shop", secrets=SECRETS, registry="repo.site:5000",
+                               image_digests={c: "sha256:" + "0f" * 32 for c in model["components"]},
+                               include_namespace=True, fingerprint_key=b"k" * 32)
+    services = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Service"}
+    assert services["redis"].get("clusterIP") == "None" and "ports" not in services["redis"]
+    assert services["db"].get("clusterIP") == "None"
+    assert "ports" in services["api"] and "clusterIP" not in services["api"]
+    sts = next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "db")
+    assert sts["spec"]["serviceName"] == "db"
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert check_manifests(objects) == []
+
+
 def test_strict_validation_catches_an_unknown_field() -> None:
     """The validator really is strict for 1.31: a misspelt field in a pod spec fails."""
     objects = shop_manifests("1.0.0")

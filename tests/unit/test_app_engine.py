@@ -131,6 +131,24 @@ def test_the_engine_names_the_action_and_keeps_the_overrides(tmp_path: Path) -> 
     assert AppState(str(tmp_path), "shop").current["overrides"] == {"api": {"SHOP_CURRENCY": "CHF"}}
 
 
+def test_a_target_refusal_is_found_in_check_mode_before_anything_runs(tmp_path: Path) -> None:
+    """Runtime.check runs in check mode too, so the role's check pass finds what a target refuses on every
+    host before any host changes (issue #20 item 3)."""
+    rt = FakeRuntime()
+
+    def refuse(specs):
+        rt.calls.append(("check", [s.name for s in specs]))
+        raise DeployError("component api: replicas 2: not on this target")
+
+    rt.check = refuse  # type: ignore[method-assign]
+    with pytest.raises(DeployError, match="replicas 2"):
+        deploy(tmp_path, rt, "1.0.0", check=True)
+    with pytest.raises(DeployError, match="replicas 2"):
+        deploy(tmp_path, rt, "1.0.0")
+    assert [c[0] for c in rt.calls] == ["check", "check"], "refused before prepare or start"
+    assert AppState(str(tmp_path), "shop").current is None
+
+
 def test_upgrade_restarts_only_the_changed_component(tmp_path: Path) -> None:
     rt = FakeRuntime()
     deploy(tmp_path, rt, "1.0.0")

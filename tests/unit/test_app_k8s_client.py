@@ -99,6 +99,19 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _serving(srv: http.server.ThreadingHTTPServer, context: ssl.SSLContext) -> Iterator[http.server.ThreadingHTTPServer]:
+    """Serve ``srv`` over TLS on a thread for one test (answers 200 {} until a test sets ``answer``)."""
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    srv.requests = []  # type: ignore[attr-defined]
+    srv.answer = lambda method, path, body: (200, {})  # type: ignore[attr-defined]
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI(tmp_path_factory.mktemp("pki"))
@@ -111,15 +124,7 @@ def server(pki: PKI) -> Iterator[http.server.ThreadingHTTPServer]:
     context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
     context.load_verify_locations(cafile=str(pki.ca_file))
     context.verify_mode = ssl.CERT_OPTIONAL   # a token-only client is allowed too; the peer cert is recorded
-    srv.socket = context.wrap_socket(srv.socket, server_side=True)
-    srv.requests = []  # type: ignore[attr-defined]
-    srv.answer = lambda method, path, body: (200, {})  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    yield from _serving(srv, context)
 
 
 def kubeconfig(url: str, pki: PKI, **user: Any) -> dict:
@@ -613,16 +618,8 @@ def named_server(pki: PKI, tmp_path: Path) -> Iterator[http.server.ThreadingHTTP
     context.load_cert_chain(str(tmp_path / "named.pem"), str(tmp_path / "named.key"))
     sni: List[Any] = []
     context.sni_callback = lambda sock, name, ctx: sni.append(name)
-    srv.socket = context.wrap_socket(srv.socket, server_side=True)
-    srv.requests = []  # type: ignore[attr-defined]
     srv.sni = sni  # type: ignore[attr-defined]
-    srv.answer = lambda method, path, body: (200, {})  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    yield from _serving(srv, context)
 
 
 def test_tls_server_name(named_server: Any, pki: PKI) -> None:

@@ -55,7 +55,8 @@ class Systemd:
             active = self.state.get(args[1], "inactive")
             return 0, (f"ActiveState={active}\nSubState={'running' if active == 'active' else 'dead'}\n"
                        f"ActiveEnterTimestamp={'@1795312800' if active == 'active' else ''}\n"
-                       "NeedDaemonReload=no\nResult=success\nExecMainStatus=0\nLoadState=loaded\n"), ""
+                       "NeedDaemonReload=no\nResult=success\nExecMainStatus=0\nLoadState=loaded\n"
+                       f"MainPID={4242 if active == 'active' else 0}\n"), ""
         if args[0] == "restart":
             self.state.setdefault(args[1], "active")
         return 0, "", ""
@@ -203,7 +204,7 @@ def test_start_writes_unit_env_config_and_volume(host) -> None:
                                        "systemctl restart od-shop-db.service",
                                        "systemctl show od-shop-db.service --timestamp=unix --property "
                                        "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,"
-                                       "ExecMainStatus,LoadState"]
+                                       "ExecMainStatus,LoadState,MainPID"]
     observed = runtime.observe()
     assert list(observed) == ["db"] and observed["db"].fingerprint == spec.fingerprint
     assert observed["db"].running and observed["db"].started_at == "2026-11-22T02:00:00+00:00"
@@ -269,9 +270,12 @@ def test_probes(host) -> None:
     assert runtime.probe(spec) == (True, "")
     probe = systemd.calls[-1]
     assert probe[:4] == ["timeout", "-k", "2", "8"] and "systemd-run" in probe
-    root = f"{tmp}/apps/shop/images/{MANIFEST.split(':')[1]}/rootfs"
-    assert f"RootDirectory={root}" in probe and f"EnvironmentFile={tmp}/state/apps/shop/env/db.env" in probe
-    assert probe[probe.index("--"):] == ["--", "pg_isready", "-h", "127.0.0.1"]
+    # in the running component's namespaces (its root, /run and private /tmp), as its user, its env file
+    assert f"EnvironmentFile={tmp}/state/apps/shop/env/db.env" in probe and "NoNewPrivileges=yes" in probe
+    assert "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_SYS_PTRACE CAP_SETUID CAP_SETGID" in probe
+    enter = probe[probe.index("--") + 1:]
+    assert enter[:4] == ["/usr/bin/nsenter", "--target=4242", "--mount", "--root"]
+    assert enter[enter.index("--"):] == ["--", "pg_isready", "-h", "127.0.0.1"]
     # a tcp probe on a port nobody listens on fails with the address
     ok, reason = runtime.probe(make_spec(health={"tcp": {"port": 1}, "timeout": 1}))
     assert not ok and "TCP 127.0.0.1:1" in reason

@@ -201,6 +201,7 @@ class Engine:
         plan = make_plan(specs, self.runtime.observe())
         if action != "rollback":
             check_ports(self.runtime, specs, plan, self.target.host)
+        self.runtime.check(specs)
         model_diff = None
         if before and before["version"] != version and self.state.release(before["version"]):
             model_diff = diff_models(self.state.release(before["version"])["model"], model)

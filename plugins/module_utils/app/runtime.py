@@ -214,6 +214,11 @@ class Runtime(abc.ABC):
     def observe(self) -> Dict[str, Observed]:
         """Components of this app present on this host, running or not."""
 
+    def check(self, specs: Sequence[ComponentSpec]) -> None:
+        """Refuse what this target cannot run (the model against the target), reading nothing and changing
+        nothing, so a multi-host deploy can check every host before any host changes (check mode does this
+        too). Raises DeployError naming the component; the default finds nothing to refuse."""
+
     @abc.abstractmethod
     def prepare(self, specs: Sequence[ComponentSpec]) -> None:
         """Fetch what ``specs`` need (images, root filesystems) without stopping anything: a failure here

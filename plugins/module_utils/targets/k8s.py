@@ -340,8 +340,9 @@ def render_component(inp: ComponentInput, opts: RenderOptions) -> List[dict]:
                         "type": "Opaque", "data": {k: _b64(v) for k, v in secret_env.items()}})
     file_objects, volumes, mounts = _file_objects(inp, kname, ns, labels)
     objects.extend(file_objects)
-    if inp.ports:
-        objects.append(_service(kname, ns, labels, inp.ports))
+    # Every component gets its name in cluster DNS, as every compose service has: without ports a headless
+    # Service (the name resolves to the pods' addresses), so ${host} of a port-less component still resolves.
+    objects.append(_service(kname, ns, labels, inp.ports))
     published = [p for p in inp.ports if p.get("publish") is not None]
     if published:
         objects.append(_published_service(kname, ns, labels, published, opts.publish_type, opts.node_port_range))
@@ -372,12 +373,15 @@ def _meta(name: str, namespace: str, labels: Mapping[str, str]) -> dict:
 
 
 def _service(kname: str, namespace: str, labels: Mapping[str, str], ports: List[dict]) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(kname, namespace, labels),
-            "spec": {"type": "ClusterIP",
-                     "selector": selector_labels(labels["app.kubernetes.io/part-of"],
-                                                 labels["app.kubernetes.io/component"]),
-                     "ports": [{"name": p["name"], "port": p["port"], "targetPort": p["name"],
-                                "protocol": p["protocol"].upper()} for p in ports]}}
+    spec: Dict[str, Any] = {"type": "ClusterIP",
+                            "selector": selector_labels(labels["app.kubernetes.io/part-of"],
+                                                        labels["app.kubernetes.io/component"])}
+    if ports:
+        spec["ports"] = [{"name": p["name"], "port": p["port"], "targetPort": p["name"],
+                          "protocol": p["protocol"].upper()} for p in ports]
+    else:
+        spec["clusterIP"] = "None"   # headless: the API accepts a Service without ports only so
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(kname, namespace, labels), "spec": spec}
 
 
 def _published_service(kname: str, namespace: str, labels: Mapping[str, str], ports: List[dict],
@@ -872,14 +876,17 @@ class K8sRuntime(Runtime):
             obj["metadata"]["annotations"] = dict(sorted(annotations.items()))
         return json.loads(json.dumps(objects))
 
-    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
-        """Render everything first (a render error stops before anything is applied) and make sure the
-        namespace exists."""
+    def check(self, specs: Sequence[ComponentSpec]) -> None:
+        """Render everything (a render error is a refusal before anything is applied)."""
         for spec in specs:
             try:
                 self.objects_for(spec)
             except K8sRenderError as exc:
                 raise DeployError("%s: %s" % (spec.name, exc)) from exc
+
+    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        """Render everything first and make sure the namespace exists."""
+        self.check(specs)
         if self._call("read namespace %s" % self.namespace, self.client.get, "Namespace", self.namespace) is None:
             self._call("create namespace %s" % self.namespace, self.client.apply,
                        {"apiVersion": "v1", "kind": "Namespace",

@@ -47,7 +47,11 @@ COMPONENT_MARK = MARK + " component: "
 SYSTEMCTL_TIMEOUT = 120         # a restart waits for the old process to stop (TimeoutStopSec below)
 STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
-SHOW_PROPERTIES = "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,ExecMainStatus,LoadState"
+SHOW_PROPERTIES = "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,ExecMainStatus,LoadState,MainPID"
+NSENTER = "/usr/bin/nsenter"  # util-linux: on every Debian host
+# What opening a component's namespace (ptrace access to its main process), joining it and dropping to its
+# user takes; nothing else reaches the probe.
+PROBE_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SETUID", "CAP_SETGID")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*\Z")   # what a path in a unit may hold unquoted
@@ -151,9 +155,12 @@ class SystemdRuntime(Runtime):
 
     # -- prepare --------------------------------------------------------------------------------------
 
-    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+    def check(self, specs: Sequence[ComponentSpec]) -> None:
         for spec in specs:
             self._check_spec(spec)
+
+    def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        self.check(specs)
         done: Dict[str, Rootfs] = {}
         for spec in specs:
             if spec.manifest_digest not in done:
@@ -356,23 +363,34 @@ class SystemdRuntime(Runtime):
             return http_probe(LOCAL_ADDRESS, int(health["http"]["port"]), health["http"].get("path", "/"), timeout)
         if "tcp" in health:
             return tcp_probe(LOCAL_ADDRESS, int(health["tcp"]["port"]), timeout)
-        return self._exec_probe(spec, list(health["exec"]), timeout)
+        return self._exec_probe(spec, list(health["exec"]), timeout, props.get("MainPID", ""))
 
-    def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float) -> Tuple[bool, str]:
-        """The health command inside the component's root, as its user, bounded in time. Root, user and
-        environment come from the unit as written (what runs), so a spec without image details probes too."""
-        settings = unit_settings(self.unit_path(spec.name))
-        props = ["MountAPIVFS=yes", "PrivateTmp=yes", "RuntimeMaxSec=%d" % max(1, int(timeout))]
-        for key in ("RootDirectory", "EnvironmentFile", "User", "Group"):
-            if key in settings:
-                props.append(f"{key}={settings[key]}")
+    def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float, main_pid: str) -> Tuple[bool, str]:
+        """The health command in the running component's own namespaces: its root, its /run and private /tmp
+        (a unix socket or pid file there is what checks like ``pg_isready`` look at), as its user, with its environment file, bounded in time. ``nsenter`` joins the main process's mount
+        namespace (so the component's read-only system and hidden paths hold for the probe too), then drops to
+        the unit's uid/gid; the transient unit keeps only the capabilities that step needs, and no new
+        privileges. Root, user and environment come from the unit as written (what runs)."""
+        unit_file = self.unit_path(spec.name)
+        settings = unit_settings(unit_file)
         if "RootDirectory" not in settings:
-            return False, f"{self.unit_path(spec.name)} has no RootDirectory=: not a unit this runtime wrote"
+            return False, f"{unit_file} has no RootDirectory=: not a unit this runtime wrote"
+        if not main_pid.isdigit() or main_pid == "0":
+            return False, f"unit {self.unit_name(spec.name)} has no main process to probe"
+        props = ["RuntimeMaxSec=%d" % max(1, int(timeout)), "NoNewPrivileges=yes",
+                 "CapabilityBoundingSet=" + " ".join(PROBE_CAPABILITIES)]
+        if "EnvironmentFile" in settings:
+            props.append(f"EnvironmentFile={settings['EnvironmentFile']}")
+        # No --wd: the process's cwd may be a directory only its user may open (postgres' data dir); the check
+        # starts in the root, as an exec in a container does without a WorkingDir.
+        enter = [NSENTER, f"--target={main_pid}", "--mount", "--root"]
+        if "User" in settings:
+            enter += [f"--setuid={settings['User']}", f"--setgid={settings.get('Group', settings['User'])}"]
         command = ["timeout", "-k", "2", str(max(1, int(timeout)) + 5), "systemd-run", "--wait", "--pipe", "--quiet",
                    "--collect", "--service-type=exec"]
         for prop in props:
             command += ["-p", prop]
-        rc, out, err = self.run(command + ["--", *argv])
+        rc, out, err = self.run(command + ["--", *enter, "--", *argv])
         if rc == 0:
             return True, ""
         text = (err.strip() or out.strip())[-300:]
