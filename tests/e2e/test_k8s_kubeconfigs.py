@@ -297,7 +297,7 @@ def test_k8s_target_module_on_the_jump_host_with_an_exec_plugin(world: World) ->
                           timeout=600)
     assert res.rc == 0, res.output[-4000:]
     out = json.loads((world.plugin_dir / "out.json").read_text())
-    assert out["changed"] is True and out["removed"] == ["Deployment/web"], out
+    assert out["changed"] is True and out["removed"] == ["Deployment/web", "Service/web"], out
     assert world.admin.get("Deployment", "web", NS_APP) is None
     (run,) = world.runs("jump.log")
     assert run["args"] == ["cert"] and run["info"]["spec"]["cluster"]["server"] == world.server

@@ -49,9 +49,9 @@ STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
 SHOW_PROPERTIES = "ActiveState,SubState,ActiveEnterTimestamp,NeedDaemonReload,Result,ExecMainStatus,LoadState,MainPID"
 NSENTER = "/usr/bin/nsenter"  # util-linux: on every Debian host
-# What opening a component's namespace (ptrace access to its main process), joining it and dropping to its
-# user takes; nothing else reaches the probe.
-PROBE_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SETUID", "CAP_SETGID")
+# What taking a component's root (ptrace access to its main process, chroot) and dropping to its user takes;
+# nothing else reaches the probe.
+PROBE_CAPABILITIES = ("CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SETUID", "CAP_SETGID")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*\Z")   # what a path in a unit may hold unquoted
@@ -366,11 +366,14 @@ class SystemdRuntime(Runtime):
         return self._exec_probe(spec, list(health["exec"]), timeout, props.get("MainPID", ""))
 
     def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float, main_pid: str) -> Tuple[bool, str]:
-        """The health command in the running component's own namespaces: its root, its /run and private /tmp
-        (a unix socket or pid file there is what checks like ``pg_isready`` look at), as its user, with its environment file, bounded in time. ``nsenter`` joins the main process's mount
-        namespace (so the component's read-only system and hidden paths hold for the probe too), then drops to
-        the unit's uid/gid; the transient unit keeps only the capabilities that step needs, and no new
-        privileges. Root, user and environment come from the unit as written (what runs)."""
+        """The health command in the running component's own view of the file system: its root with its /run
+        and private /tmp (a unix socket or pid file there is what checks like ``pg_isready`` look at) and its
+        read-only system, as its user, with its environment file, bounded in time. ``nsenter --root`` takes the
+        main process's root (``/proc/<pid>/root``: path lookups below it follow the component's own mounts),
+        then drops to the unit's uid/gid; the transient unit keeps only the capabilities that step needs, and
+        no new privileges. Not ``setns``: a mount namespace cannot be joined by a multi-threaded process (qemu
+        user emulation makes every process one) and needs CAP_SYS_ADMIN. Root, user and environment come from
+        the unit as written (what runs)."""
         unit_file = self.unit_path(spec.name)
         settings = unit_settings(unit_file)
         if "RootDirectory" not in settings:
@@ -383,7 +386,7 @@ class SystemdRuntime(Runtime):
             props.append(f"EnvironmentFile={settings['EnvironmentFile']}")
         # No --wd: the process's cwd may be a directory only its user may open (postgres' data dir); the check
         # starts in the root, as an exec in a container does without a WorkingDir.
-        enter = [NSENTER, f"--target={main_pid}", "--mount", "--root"]
+        enter = [NSENTER, f"--target={main_pid}", "--root"]
         if "User" in settings:
             enter += [f"--setuid={settings['User']}", f"--setgid={settings.get('Group', settings['User'])}"]
         command = ["timeout", "-k", "2", str(max(1, int(timeout)) + 5), "systemd-run", "--wait", "--pipe", "--quiet",
