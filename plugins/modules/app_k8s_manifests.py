@@ -154,10 +154,10 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.targets.k8s import (FINGERPRINT_ANNOTATION, K8sRenderError, check_manifests, component_of, redact,
-                                        render_manifests, write_manifest_dir)
 from ..module_utils.app.model import ModelError, load_model
 from ..module_utils.app.state import StateError, fingerprint_key
+from ..module_utils.targets.k8s import (FINGERPRINT_ANNOTATION, K8sRenderError, check_manifests, component_of, redact,
+                                        render_manifests, write_manifest_dir)
 
 
 def _digests(module: AnsibleModule, images: dict) -> dict:

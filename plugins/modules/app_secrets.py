@@ -74,8 +74,8 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.app.model import ModelError, generate_secret
-from ..module_utils.site.release import ensure_secrets
 from ..module_utils.app.state import StateError, app_dir
+from ..module_utils.site.release import ensure_secrets
 from ..module_utils.site.repo import RepoError
 
 

@@ -116,8 +116,8 @@ release:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle.format import BundleError
-from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo, import_bundle
 from ..module_utils.bundle.trust import TRUST_OPTIONS, module_trust
+from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo, import_bundle
 
 
 def main() -> None:

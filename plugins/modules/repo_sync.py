@@ -145,9 +145,9 @@ release:
 from ansible.module_utils.basic import AnsibleModule
 
 from ..module_utils.bundle.format import BundleError
+from ..module_utils.bundle.trust import TRUST_OPTIONS, module_trust
 from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 from ..module_utils.site.sync import SyncError, SyncInterrupted, parse_rate, sync_release
-from ..module_utils.bundle.trust import TRUST_OPTIONS, module_trust
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import secrets as _secrets_module
 import string
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..common.oci import reference_problem
 from ..common.names import CONTROL_RE, SEMVER_RE, name_problem
+from ..common.oci import reference_problem
 
 API_VERSION = "offline.delivery/v1"
 KIND = "Application"

@@ -50,11 +50,11 @@ import os
 import re
 from typing import Any, BinaryIO, Callable, Iterator
 
-from . import ed25519
+from ..common.digests import CHUNK_SIZE, ContentError, canonical_json, digest_hex, is_digest, sha256_digest
 from ..common.files import read_full
-from ..common.oci import OciError, check_descriptor
-from ..common.digests import CHUNK_SIZE, DigestError, canonical_json, digest_hex, is_digest, sha256_digest
 from ..common.names import CONTROL_RE, name_problem, version_problem
+from ..common.oci import OciError, check_descriptor
+from . import ed25519
 
 MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
@@ -104,7 +104,7 @@ def blob_path(digest: str) -> str:
     """Tar member name (and repository path) of a blob: ``blobs/sha256/<hex>``."""
     try:
         return BLOB_PREFIX + digest_hex(digest)
-    except DigestError as exc:
+    except ContentError as exc:
         raise BundleError(str(exc)) from None
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .format import SIGNATURE_NAME, BundleError
-from .ed25519 import Ed25519KeyError, load_public_key_files, public_key_id
 from ..common.names import name_problem
+from .ed25519 import Ed25519KeyError, load_public_key_files, public_key_id
+from .format import SIGNATURE_NAME, BundleError
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 ANY_APP = "*"

@@ -17,9 +17,10 @@ CHUNK_SIZE = 1024 * 1024
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
-class DigestError(ValueError):
-    """A digest is malformed, or a blob file is missing, unreadable, too big or does not hash to its digest.
-    The message names the digest and the file; the caller adds what to do."""
+class ContentError(ValueError):
+    """Content is not what its address or its reader says: a malformed digest, a blob file missing, unreadable,
+    too big or not hashing to its digest, bytes that are not a JSON object. The message names the digest or
+    the file; the caller adds what to do."""
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -29,13 +30,13 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def json_object(data: bytes, what: str) -> dict[str, Any]:
-    """``data`` parsed as one JSON object (a manifest, an index, a config), or DigestError naming ``what``."""
+    """``data`` parsed as one JSON object (a manifest, an index, a config), or ContentError naming ``what``."""
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise DigestError(f"{what} is not JSON ({exc})") from None
+        raise ContentError(f"{what} is not JSON ({exc})") from None
     if not isinstance(doc, dict):
-        raise DigestError(f"{what} is not a JSON object")
+        raise ContentError(f"{what} is not a JSON object")
     return doc
 
 
@@ -60,7 +61,7 @@ def is_digest(value: object) -> bool:
 def digest_hex(digest: str) -> str:
     """The hex part of a ``sha256:<64 hex>`` digest; anything else is refused (it becomes a file name)."""
     if not is_digest(digest):
-        raise DigestError(f"bad digest {digest!r}: expected 'sha256:' followed by 64 lowercase hex digits")
+        raise ContentError(f"bad digest {digest!r}: expected 'sha256:' followed by 64 lowercase hex digits")
     return digest[len("sha256:"):]
 
 
@@ -72,11 +73,11 @@ def read_verified(path: str, digest: str, *, limit: int, size: int | None = None
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:
-        raise DigestError(f"blob {digest} is missing ({path})") from None
+        raise ContentError(f"blob {digest} is missing ({path})") from None
     except OSError as exc:
-        raise DigestError(f"blob {digest} cannot be read ({path}: {exc.strerror or exc})") from None
+        raise ContentError(f"blob {digest} cannot be read ({path}: {exc.strerror or exc})") from None
     if len(data) > limit:
-        raise DigestError(f"blob {digest} ({path}) is larger than the {limit} bytes allowed here")
+        raise ContentError(f"blob {digest} ({path}) is larger than the {limit} bytes allowed here")
     if (size is not None and len(data) != size) or hashlib.sha256(data).hexdigest() != want:
-        raise DigestError(f"blob {digest} ({path}) does not match its digest")
+        raise ContentError(f"blob {digest} ({path}) does not match its digest")
     return data

@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..common.digests import DigestError, json_object
 from ..clients.registry import MAX_MANIFEST_BYTES, RegistryClient, RegistryError
+from ..common.digests import ContentError, json_object
 from ..common.oci import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX_MEDIA_TYPE, OciError, check_descriptor, split_reference
 from .repo import RepoError, SiteRepo
 
@@ -95,7 +95,7 @@ def _read_checked(repo: SiteRepo, digest: str, where: str) -> bytes:
 def _json_doc(data: bytes, digest: str, where: str) -> dict[str, Any]:
     try:
         return json_object(data, f"{where}: blob {digest}")
-    except DigestError as exc:
+    except ContentError as exc:
         raise RegistryError(str(exc)) from None
 
 

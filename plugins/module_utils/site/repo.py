@@ -36,10 +36,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
                              verify_bundle)
-from ..common.digests import DigestError, canonical_json, digest_hex, json_object, read_verified, sha256_digest, sha256_file
+from ..bundle.trust import check_signer
+from ..common.digests import (ContentError, canonical_json, digest_hex, json_object, read_verified, sha256_digest,
+                              sha256_file)
 from ..common.files import fsync_dir, remove, write_atomic
 from ..common.locks import flock_within
-from ..bundle.trust import check_signer
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
@@ -172,14 +173,14 @@ class SiteRepo:
                             "repository was changed by hand; import the bundle again")
         try:
             return json_object(raw, path)
-        except DigestError as exc:
+        except ContentError as exc:
             raise RepoError(f"{exc}; import the bundle again") from None
 
     def read_blob(self, digest: str, *, limit: int, size: int | None = None, where: str = "") -> bytes:
         """A (small) blob of the store, proven to have its digest."""
         try:
             return read_verified(self.blob_file(digest), digest, limit=limit, size=size)
-        except DigestError as exc:
+        except ContentError as exc:
             raise RepoError(f"{where + ': ' if where else ''}{exc}; the site repository is damaged: remove "
                             "that file and import the release again") from None
 

@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MANIFEST_NAME, MAX_MANIFEST_SIZE, MAX_SIGNATURE_SIZE, SIGNATURE_NAME, BundleError,
                              BundleHead, check_signature, digest_hex, parse_manifest, sha256_digest)
+from ..bundle.trust import check_signer
 from ..common.locks import flock_within
 from ..common.names import name_problem, version_problem
-from ..bundle.trust import check_signer
 from .repo import SiteRepo, publish_staged
 
 DEFAULT_TIMEOUT = 30.0

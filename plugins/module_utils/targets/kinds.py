@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from .compose import ComposeRuntime
-from .k8s import K8sRenderError, K8sRuntime, RenderOptions
 from ..app.runtime import DeployError, Runtime
-from .systemd import SystemdRuntime
 from ..clients.kubernetes import K8sClient, K8sError
 from ..common.names import name_problem
+from .compose import ComposeRuntime
+from .k8s import K8sRenderError, K8sRuntime, RenderOptions
+from .systemd import SystemdRuntime
 
 HOST_RUNTIMES = {"compose": ComposeRuntime, "systemd": SystemdRuntime}
 TARGETS = sorted(HOST_RUNTIMES) + ["k8s"]

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..clients.registry import RegistryClient, RegistryError
-from ..common.digests import DigestError, digest_hex, json_object
+from ..common.digests import ContentError, digest_hex, json_object
 from ..common.oci import (DOCKER_LAYER, DOCKER_LAYER_GZIP, INDEX_TYPES, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OciError,
                           check_descriptor)
 
@@ -145,7 +145,7 @@ def _remove_abandoned(images_dir: str, manifest_digest: str) -> None:
 def _hex(digest: str) -> str:
     try:
         return digest_hex(digest)
-    except DigestError as exc:
+    except ContentError as exc:
         raise ImageError(str(exc)) from None
 
 
@@ -197,7 +197,7 @@ def _descriptor(desc: object, where: str, role: str) -> Dict[str, Any]:
 def _json_blob(data: bytes, where: str, role: str) -> Dict[str, Any]:
     try:
         return json_object(data, f"{where}: the {role}")
-    except DigestError as exc:
+    except ContentError as exc:
         raise ImageError(str(exc)) from None
 
 

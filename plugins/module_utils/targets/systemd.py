@@ -32,11 +32,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..app.model import capabilities_of, parse_memory
 from ..app.runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
-from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from ..clients.registry import RegistryClient, RegistryError
 from ..common.files import remove, write_atomic
 from ..common.names import CONTROL_RE
-from ..clients.registry import RegistryClient, RegistryError
 from ..common.oci import OciError, split_reference
+from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
 
 UNIT_DIR = "/etc/systemd/system"
 UNIT_PREFIX = "od-"
