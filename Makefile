@@ -31,10 +31,13 @@ demo:
 	scripts/demo
 
 # Molecule on the world's images (molecule/base.yml + molecule/$(SCENARIO)/): image tags from
-# `tests.world env`, community.docker + ansible.posix from `tests.world collections`.
+# `tests.world env`, community.docker + ansible.posix from `tests.world collections`, and this checkout as
+# offline.delivery (the roles use its filters).
 SCENARIO ?= world
 molecule:
 	set -e; eval "$$($(PYTHON) -m tests.world env | sed 's/^/export /')"; \
-	export ANSIBLE_COLLECTIONS_PATH="$$($(PYTHON) -m tests.world collections)"; \
+	mkdir -p .world/molecule/ansible_collections/offline; \
+	ln -sfn "$(CURDIR)" .world/molecule/ansible_collections/offline/delivery; \
+	export ANSIBLE_COLLECTIONS_PATH="$(CURDIR)/.world/molecule:$$($(PYTHON) -m tests.world collections)"; \
 	export PATH="$(CURDIR)/.venv/bin:$$PATH"; \
 	molecule -c molecule/base.yml test -s $(SCENARIO)
