@@ -62,8 +62,7 @@ def package_sets(repo_root: str) -> list[PackageSet]:
     sets: list[PackageSet] = []
     try:
         for rel in repo.releases():
-            manifest = repo.release_manifest(rel["name"], rel["version"])
-            sets += _package_sets(rel, manifest)
+            sets += _package_sets(rel, repo.manifest_of(rel))
     except RepoError as exc:
         raise AptRepoError(str(exc)) from None
     return sets
@@ -183,8 +182,9 @@ def sync_links(repo_root: str, directory: str, files: dict[str, str], check_mode
     """Make ``directory`` hold exactly ``files`` (name -> blob digest) as links to the blobs, besides the
     index files; returns the names added, replaced or removed."""
     changed = []
+    repo = SiteRepo(repo_root)
     for name, digest in sorted(files.items()):
-        src, dest = SiteRepo(repo_root).blob_file(digest), os.path.join(directory, name)
+        src, dest = repo.blob_file(digest), os.path.join(directory, name)
         if not os.path.exists(src):
             raise AptRepoError(f"blob {digest} ({name}) is missing from {repo_root}; import its release again")
         if _same_file(src, dest):

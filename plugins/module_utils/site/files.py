@@ -93,7 +93,7 @@ def site_files(repo_root: str) -> list[SiteFile]:
     found: dict[tuple[str, str, str], SiteFile] = {}
     try:
         releases = repo.releases()
-        manifests = [repo.release_manifest(rel["name"], rel["version"]) for rel in releases]
+        manifests = [repo.manifest_of(rel) for rel in releases]
     except RepoError as exc:
         raise FilesError(str(exc)) from None
     for rel, manifest in zip(releases, manifests):
@@ -175,9 +175,10 @@ def publish_files(repo_root: str, www_dir: str, *, check_mode: bool = False) -> 
     """Make ``www_dir/files`` serve every file of every imported release, plus index.json."""
     files = site_files(repo_root)
     files_dir = os.path.join(www_dir, "files")
+    repo = SiteRepo(repo_root)
     changed: list[str] = []
     for f in files:
-        blob = SiteRepo(repo_root).blob_file(f.digest)
+        blob = repo.blob_file(f.digest)
         try:
             blob_size = os.stat(blob).st_size
         except FileNotFoundError:

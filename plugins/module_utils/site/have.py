@@ -153,7 +153,7 @@ def build_have(repo_root: str, site: str) -> tuple[dict[str, Any], int]:
         name, version = rel["name"], rel["version"]
         releases.append({"name": name, "version": version, "manifestDigest": rel["manifestDigest"]})
         try:
-            manifest = repo.release_manifest(name, version)
+            manifest = repo.manifest_of(rel)
         except RepoError as exc:
             raise HaveError(str(exc)) from None
         for desc in manifest["blobs"]:

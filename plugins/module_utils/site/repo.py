@@ -155,12 +155,17 @@ class SiteRepo:
 
     def release_manifest(self, name: str, version: str) -> dict[str, Any]:
         """The manifest of an imported release, proven to be the bytes the import validated (the catalog
-        records their digest); every reader of a release goes through here, never around it."""
+        records their digest); every reader of a release goes through here (or :meth:`manifest_of`)."""
         record = self.find_release(name, version)
         if record is None:
             have = ", ".join(f"{r['name']}:{r['version']}" for r in self.catalog()["releases"]) or "none"
             raise RepoError(f"release {name}:{version} is not in the catalog of {self.root} (releases there: "
                             f"{have}); import its bundle first")
+        return self.manifest_of(record)
+
+    def manifest_of(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`release_manifest` for a catalog record already in hand (a walk over the catalog reads it once)."""
+        name, version = record["name"], record["version"]
         path = os.path.join(self.releases_dir, name, version, "manifest.json")
         try:
             with open(path, "rb") as fh:
