@@ -1,21 +1,28 @@
-"""Build the shop example's container images from Debian packages, without any registry.
+"""Build the sample applications' container images (examples/shop, examples/poll) from Debian packages,
+without any registry.
 
 Every image is three layers so that layers are really shared (and bundle deltas/dedup mean something):
 
 1. base     -- ``mmdebstrap --variant=minbase`` of Debian 12, one per arch, shared by all images;
 2. packages -- the component's Debian packages, installed with apt in a chroot on an overlayfs whose
                upper directory becomes the layer (whiteouts converted to OCI ``.wh.`` files);
-3. app      -- the files under ``examples/shop/<component>/`` (entrypoints, nginx config, API source).
+3. app      -- the files under ``examples/<app>/<component>/`` (entrypoints, nginx config, API source).
                Only this layer differs between api 1.0.0, 1.1.0 and 1.2.0.
+
+The poll app's images (``RECIPES_BY_APP["poll"]``) reuse the shop's base and packages layers: the same
+Debian packages give the same layer (``ImageRecipe.package_set`` names the shared record), so only their
+app layers are new.
 
 Layer tars are written by :func:`write_layer` (sorted members, fixed mtime, numeric ids, no xattrs), so the
 same tree always gives the same digest. Output: an OCI image layout with one multi-platform index per image
 reference, and one ``docker save`` archive per arch that ``docker load`` accepts.
 
 Everything is cached under ``${OD_CACHE:-/var/cache/offline-delivery-test}/shop/`` keyed by a hash of its
-recipe: changing the API source rebuilds only the app layer and what references it.
+recipe: changing the API source rebuilds only the app layer and what references it. Each app has its own
+output sets (``out/`` for the shop, ``out-poll/`` for poll); the blob store is shared.
 
-CLI: ``python -m tests.world.shop_images build [--arch amd64,arm64]`` prints the OCI layout path.
+CLI: ``python -m tests.world.shop_images build [--app shop|poll] [--arch amd64,arm64]`` prints the OCI layout
+path.
 Needs root, mmdebstrap, overlayfs and (for arm64) qemu-user-static registered with binfmt_misc (flag F).
 """
 from __future__ import annotations
@@ -40,7 +47,6 @@ from typing import Iterator
 from offline_delivery_core.common.digests import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHOP_DIR = REPO_ROOT / "examples" / "shop"
 SUITE = "bookworm"
 # Fixed timestamp for every layer member and image config: rebuilds give identical digests.
 SOURCE_DATE_EPOCH = 1747699200  # 2025-05-20T00:00:00Z
@@ -68,7 +74,8 @@ CLEANUP_SHELL = (
 
 @dataclasses.dataclass(frozen=True)
 class AppFile:
-    """One file of the app layer: ``src`` relative to examples/shop, ``dest`` absolute in the image."""
+    """One file of the app layer: ``src`` relative to the recipe's ``source`` directory, ``dest`` absolute in
+    the image."""
 
     src: str
     dest: str
@@ -92,6 +99,10 @@ class ImageRecipe:
     # Extra shell run on the build root ("$1") before / after the package install.
     package_setup: str = ""
     package_cleanup: str = ""
+    # The example directory the app files come from (relative to the repository).
+    source: str = "examples/shop"
+    # Names the cached packages layer (default: the component): recipes with the same packages share it.
+    package_set: str = ""
 
     @property
     def name(self) -> str:
@@ -122,6 +133,18 @@ def _api_recipe(version: str) -> ImageRecipe:
     )
 
 
+_POSTGRES_PACKAGES: dict = dict(
+    packages=("postgresql-15",),
+    # The image's entrypoint makes the cluster in the volume; Debian's postinst would bake one in.
+    package_setup='mkdir -p "$1"/etc/postgresql-common/createcluster.d && '
+                  'echo "create_main_cluster = false" > "$1"/etc/postgresql-common/createcluster.d/shop.conf',
+    # ssl-cert generates a random snakeoil key at install: one private key in every copy of the image,
+    # and a layer that differs on each rebuild. The sample apps' postgres does not use TLS.
+    package_cleanup='rm -f "$1"/etc/ssl/private/ssl-cert-snakeoil.key "$1"/etc/ssl/certs/ssl-cert-snakeoil.pem; '
+                    'find "$1"/etc/ssl/certs -xtype l -delete',
+)
+
+
 RECIPES: tuple[ImageRecipe, ...] = (
     ImageRecipe(
         ref="shop/gateway:1.0.0",
@@ -142,20 +165,13 @@ RECIPES: tuple[ImageRecipe, ...] = (
     ImageRecipe(
         ref="shop/db:1.0.0",
         component="db",
-        packages=("postgresql-15",),
         files=(AppFile("db/entrypoint.sh", "/usr/local/bin/shop-db-entrypoint", 0o755),),
         entrypoint=("/usr/local/bin/shop-db-entrypoint",),
         env=(PATH_ENV + ":/usr/lib/postgresql/15/bin", "PGDATA=/var/lib/postgresql/data"),
         ports=(5432,),
         stop_signal="SIGINT",  # postgres: fast shutdown
         volumes=("/var/lib/postgresql/data",),
-        # The image's entrypoint makes the cluster in the volume; Debian's postinst would bake one in.
-        package_setup='mkdir -p "$1"/etc/postgresql-common/createcluster.d && '
-                      'echo "create_main_cluster = false" > "$1"/etc/postgresql-common/createcluster.d/shop.conf',
-        # ssl-cert generates a random snakeoil key at install: one private key in every copy of the image,
-        # and a layer that differs on each rebuild. The shop's postgres does not use TLS.
-        package_cleanup='rm -f "$1"/etc/ssl/private/ssl-cert-snakeoil.key "$1"/etc/ssl/certs/ssl-cert-snakeoil.pem; '
-                        'find "$1"/etc/ssl/certs -xtype l -delete',
+        **_POSTGRES_PACKAGES,
     ),
     ImageRecipe(
         ref="shop/redis:1.0.0",
@@ -167,6 +183,54 @@ RECIPES: tuple[ImageRecipe, ...] = (
         ports=(6379,),
     ),
 )
+
+
+def _poll_app_recipe(version: str) -> ImageRecipe:
+    """poll/app:<version>: web, worker and migrate in one image (the first argument picks the role); the
+    release is the image's POLL_VERSION, so the app layer is the same in every release."""
+    return ImageRecipe(
+        ref=f"poll/app:{version}",
+        component="app",
+        packages=("python3", "python3-psycopg2", "python3-redis"),
+        package_set="api",  # the shop api's packages layer
+        files=(AppFile("app/poll_common.py", "/opt/poll/poll_common.py"), AppFile("app/poll.py", "/opt/poll/poll.py")),
+        entrypoint=("/usr/bin/python3", "/opt/poll/poll.py"),
+        cmd=("web",),
+        env=(PATH_ENV, "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1", f"POLL_VERSION={version}"),
+        ports=(8090,),
+        workdir="/opt/poll",
+        source="examples/poll",
+    )
+
+
+POLL_VERSIONS = ("1.0.0", "1.1.0", "1.2.0")
+POLL_RECIPES: tuple[ImageRecipe, ...] = (
+    *(_poll_app_recipe(v) for v in POLL_VERSIONS),
+    ImageRecipe(
+        ref="poll/db:1.0.0",
+        component="db",
+        files=(AppFile("db/entrypoint.sh", "/usr/local/bin/poll-db-entrypoint", 0o755),),
+        entrypoint=("/usr/local/bin/poll-db-entrypoint",),
+        env=(PATH_ENV + ":/usr/lib/postgresql/15/bin", "PGDATA=/var/lib/postgresql/data"),
+        ports=(5432,),
+        stop_signal="SIGINT",
+        volumes=("/var/lib/postgresql/data",),
+        source="examples/poll",
+        **_POSTGRES_PACKAGES,
+    ),
+    ImageRecipe(
+        ref="poll/redis:1.0.0",
+        component="redis",
+        packages=("redis-server",),
+        files=(AppFile("redis/entrypoint.sh", "/usr/local/bin/poll-redis-entrypoint", 0o755),),
+        entrypoint=("/usr/local/bin/poll-redis-entrypoint",),
+        env=(PATH_ENV,),
+        ports=(6379,),
+        source="examples/poll",
+    ),
+)
+RECIPES_BY_APP: dict[str, tuple[ImageRecipe, ...]] = {"shop": RECIPES, "poll": POLL_RECIPES}
+ALL_RECIPES: tuple[ImageRecipe, ...] = RECIPES + POLL_RECIPES
 
 
 class BuildError(RuntimeError):
@@ -342,10 +406,10 @@ def _is_opaque(path: Path) -> bool:
 
 
 def app_layer_bytes(recipe: ImageRecipe) -> bytes:
-    """The app layer of ``recipe``: its files from examples/shop plus their parent directories."""
+    """The app layer of ``recipe``: its files from its example directory plus their parent directories."""
     members: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
     for item in recipe.files:
-        src = SHOP_DIR / item.src
+        src = REPO_ROOT / recipe.source / item.src
         if not src.is_file():
             raise BuildError(f"{src}: listed in the recipe of {recipe.ref} but missing")
         parts = item.dest.strip("/").split("/")
@@ -497,13 +561,13 @@ def _chroot_install(merged: Path, recipe: ImageRecipe, what: str) -> None:
 def build_packages_layer(arch: str, base: Path, base_key: str, recipe: ImageRecipe) -> str:
     """Digest of the packages layer of ``recipe`` on ``arch``, built into the blob store if not cached."""
     key = _packages_key(base_key, recipe)
-    record = cache_root() / "packages" / f"{recipe.component}-{arch}-{key}.digest"
+    record = cache_root() / "packages" / f"{recipe.package_set or recipe.component}-{arch}-{key}.digest"
     if record.exists() and _blob_path(record.read_text().strip()).exists():
         return record.read_text().strip()
     work = record.with_suffix(".work")
     _remove_tree(work)
     work.mkdir(parents=True)
-    what = f"{recipe.component} {arch}"
+    what = f"{recipe.package_set or recipe.component} {arch}"
     _log(f"installing {' '.join(recipe.packages)} for {what} ...")
     started = time.monotonic()
     apt_state = cache_root() / "apt" / f"{arch}-{base_key}"
@@ -599,7 +663,7 @@ def image_config(recipe: ImageRecipe, arch: str, diff_ids: list[str]) -> dict:
         "Labels": {
             "org.opencontainers.image.title": recipe.ref,
             "org.opencontainers.image.version": recipe.tag,
-            "org.opencontainers.image.source": "examples/shop",
+            "org.opencontainers.image.source": recipe.source,
         },
     }
     if recipe.cmd:
@@ -617,7 +681,7 @@ def image_config(recipe: ImageRecipe, arch: str, diff_ids: list[str]) -> dict:
         "history": [
             {"created": CREATED, "created_by": f"mmdebstrap --variant=minbase {SUITE}"},
             {"created": CREATED, "created_by": f"apt-get install --no-install-recommends {' '.join(recipe.packages)}"},
-            {"created": CREATED, "created_by": f"examples/shop/{recipe.component} files"},
+            {"created": CREATED, "created_by": f"{recipe.source}/{recipe.component} files"},
         ],
     }
     if arch == "arm64":
@@ -822,23 +886,28 @@ class ShopImages:
     indexes: dict[str, str]           # ref -> OCI index digest
 
 
-def build_all(arches: tuple[str, ...] = ARCHES) -> ShopImages:
-    """Build (or reuse) every shop image for ``arches``; write the OCI layout and docker archives."""
+def build_all(arches: tuple[str, ...] = ARCHES, app: str = "shop") -> ShopImages:
+    """Build (or reuse) every image of ``app`` (shop, poll) for ``arches``; write the OCI layout and docker
+    archives."""
+    if app not in RECIPES_BY_APP:
+        raise BuildError(f"unknown sample app {app!r}: choose from {', '.join(RECIPES_BY_APP)}")
+    recipes = RECIPES_BY_APP[app]
     unknown = set(arches) - set(ARCHES)
     if unknown or not arches:
         raise BuildError(f"unsupported arch(es) {sorted(unknown) or '(none)'}: choose from {', '.join(ARCHES)}")
     arches = tuple(a for a in ARCHES if a in arches)
     if os.geteuid() != 0:
-        raise BuildError("building the shop images needs root (mmdebstrap, overlay mounts, chroot)")
+        raise BuildError(f"building the {app} images needs root (mmdebstrap, overlay mounts, chroot)")
     sources = debian_sources()
     with _locked(cache_root() / ".lock"):
         per_ref: dict[str, list[PlatformImage]] = {}
         for arch in arches:
-            for recipe in RECIPES:
+            for recipe in recipes:
                 per_ref.setdefault(recipe.ref, []).append(build_image(recipe, arch, sources))
-        indexes = {recipe.ref: image_index(recipe, per_ref[recipe.ref]) for recipe in RECIPES}
-        out = cache_root() / "out" / _recipe_key("out", arches, sorted(indexes.items()))
-        archives = {arch: out / "docker" / f"shop-{arch}.tar" for arch in arches}
+        indexes = {recipe.ref: image_index(recipe, per_ref[recipe.ref]) for recipe in recipes}
+        out = cache_root() / ("out" if app == "shop" else f"out-{app}") / _recipe_key("out", arches,
+                                                                                       sorted(indexes.items()))
+        archives = {arch: out / "docker" / f"{app}-{arch}.tar" for arch in arches}
         if not (out / "oci" / "index.json").exists():
             tmp = out.with_name(out.name + ".tmp")
             _remove_tree(tmp)
@@ -846,7 +915,7 @@ def build_all(arches: tuple[str, ...] = ARCHES) -> ShopImages:
             (tmp / "docker").mkdir()
             for arch in arches:
                 images = {ref: next(i for i in imgs if i.arch == arch) for ref, imgs in per_ref.items()}
-                write_docker_archive(tmp / "docker" / f"shop-{arch}.tar", images)
+                write_docker_archive(tmp / "docker" / f"{app}-{arch}.tar", images)
             tmp.replace(out)
             _prune_outputs(out.parent, keep=KEEP_OUTPUTS)
         _collect_garbage(sources)
@@ -862,8 +931,9 @@ def _collect_garbage(sources: list[str]) -> None:
     root = cache_root()
     base_dirs = {root / "base" / f"{arch}-{_base_key(arch, sources)}" for arch in ARCHES}
     apt_dirs = {root / "apt" / f"{arch}-{_base_key(arch, sources)}" for arch in ARCHES}
-    records = {root / "packages" / f"{r.component}-{arch}-{_packages_key(_base_key(arch, sources), r)}.digest"
-               for r in RECIPES for arch in ARCHES}
+    records = {root / "packages" / f"{r.package_set or r.component}-{arch}-"
+                                   f"{_packages_key(_base_key(arch, sources), r)}.digest"
+               for r in ALL_RECIPES for arch in ARCHES}
     records |= {directory / "layer.digest" for directory in base_dirs}
     for directory, keep in ((root / "base", base_dirs), (root / "apt", apt_dirs)):
         for entry in directory.iterdir() if directory.is_dir() else ():
@@ -891,16 +961,22 @@ def build_shop_images(arches: tuple[str, ...] = ARCHES) -> Path:
     return build_all(tuple(arches)).oci_layout
 
 
+def build_poll_images(arches: tuple[str, ...] = ARCHES) -> Path:
+    """Build (cached) and return the OCI image layout of every poll image for ``arches``."""
+    return build_all(tuple(arches), app="poll").oci_layout
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.world.shop_images", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build the images (cached) and print the OCI layout path")
     build.add_argument("--arch", default=",".join(ARCHES), help="comma-separated: amd64,arm64 (default both)")
+    build.add_argument("--app", default="shop", choices=sorted(RECIPES_BY_APP), help="which sample app (default shop)")
     build.add_argument("--json", action="store_true", help="print layout, docker archives and index digests")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        result = build_all(tuple(a.strip() for a in args.arch.split(",") if a.strip()))
+        result = build_all(tuple(a.strip() for a in args.arch.split(",") if a.strip()), app=args.app)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
