@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--suite", default=DEFAULT_SUITE)
 
     prep = sub.add_parser("prepare", help="build (or reuse) everything the test suites use, each step timed: host "
-                                          "and jump images, the shop's images, collections, the k8s cluster's "
+                                          "and jump images, the shop's and poll's images, collections, the k8s cluster's "
                                           "programs and node image (scripts/test runs it before the suites)")
     prep.add_argument("--suite", default=DEFAULT_SUITE)
 
@@ -163,6 +163,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         ("host images amd64 + arm64 and the jump image",
          lambda: _cmd_build(argparse.Namespace(arch="amd64,arm64", suite=args.suite))),
         ("the shop's images amd64 + arm64", lambda: shop_images.build_all(shop_images.ARCHES)),
+        ("the poll app's images amd64 + arm64 (the shop's base and package layers)",
+         lambda: shop_images.build_all(shop_images.ARCHES, app="poll")),
         ("collections for the jump host", lambda: ensure_collections(tuple(DEFAULT_COLLECTIONS))),
         ("the k8s cluster's programs (from Go modules) and node image",
          lambda: print(ensure_node_image(ensure_artifacts(), args.suite))),
