@@ -31,7 +31,18 @@ _VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?\Z", re.DOTA
 _HANDLED_KEYS = {
     "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
     "depends_on", "healthcheck", "deploy", "configs", "secrets", "user", "links", "scale", "cpus", "mem_limit",
-    "cap_add",
+    "cap_add", "restart",
+}
+# compose's depends_on condition for a one-shot container its dependents wait for; the model's job kind.
+COMPLETED = "service_completed_successfully"
+# restart policies of a container meant to run once (compose's default is "no")
+_ONE_SHOT_RESTARTS = ("no", "on-failure")
+# what a job cannot have (docs/app-model.md): the converter drops these from a job, noting each
+_JOB_DROPS = {
+    "ports": "a job listens on nothing",
+    "health": "a job is done when it exits 0; no probe runs",
+    "replicas": "a job runs once",
+    "exports": "a job is not reachable",
 }
 _HINTS = {
     "restart": "the product restarts failed components itself (systemd Restart=on-failure, compose "
@@ -84,6 +95,8 @@ class _Converter:
         self.dotenv: Dict[str, str] = {}
         self.used_vars: List[str] = []
         self.missing_vars: List[str] = []
+        # (dependent component, dependency component) -> the compose condition as written
+        self.dep_conditions: Dict[Tuple[str, str], str] = {}
 
     def note(self, path: str, message: str) -> None:
         self.report.append("%s: %s" % (path, message))
@@ -108,6 +121,8 @@ class _Converter:
             component = self.convert_service(str(service), spec)
             if component is not None:
                 components[self.names[service]] = component
+        self.resolve_jobs(services, components)
+        self.export_host_references(components)
         self.note_host_name_references(components)
         model: Dict[str, Any] = {
             "apiVersion": app_model.API_VERSION,
@@ -258,7 +273,7 @@ class _Converter:
         if health:
             component["health"] = health
         self.convert_deploy(spec, path, component)
-        depends_on = self.convert_depends_on(spec, path)
+        depends_on = self.convert_depends_on(service, spec, path)
         if depends_on:
             component["depends_on"] = depends_on
         for key in spec:
@@ -730,7 +745,7 @@ class _Converter:
         if resources:
             component["resources"] = resources
 
-    def convert_depends_on(self, spec: Mapping, path: str) -> Dict[str, dict]:
+    def convert_depends_on(self, service: str, spec: Mapping, path: str) -> Dict[str, dict]:
         result: Dict[str, dict] = {}
         value = spec.get("depends_on") or {}
         entries = {str(v): {} for v in value} if isinstance(value, list) else dict(value)
@@ -741,12 +756,16 @@ class _Converter:
                 self.note(dep_path, "no service %r in the file; dependency not converted" % target)
                 continue
             condition = options.get("condition", "service_started")
+            self.dep_conditions[(self.names[service], self.names[target])] = str(condition)
             if condition == "service_healthy":
                 result[self.names[target]] = {"condition": "healthy"}
+            elif condition == COMPLETED:
+                # completed if the dependency becomes a job; resolve_jobs decides once every service is read
+                result[self.names[target]] = {"condition": "completed"}
             else:
                 if condition != "service_started":
-                    self.note(dep_path, "condition %s converted to started (the model waits for started or "
-                              "healthy only)" % condition)
+                    self.note(dep_path, "condition %s converted to started (the model waits for started, "
+                              "healthy or completed only)" % condition)
                 result[self.names[target]] = {"condition": "started"}
             for key in options:
                 if key != "condition":
@@ -761,6 +780,124 @@ class _Converter:
             else:
                 self.note(link_path, "no service %r in the file; not converted" % target)
         return {name: result[name] for name in sorted(result)}
+
+    # ------------------------------------------------------------------------------------ jobs
+
+    def resolve_jobs(self, services: Mapping, components: Dict[str, dict]) -> None:
+        """One-shot services become jobs (``kind: job``) when dependents wait for them to complete.
+
+        compose says "run once" with ``restart: "no"`` (its default) or ``on-failure``, and "wait until it
+        exited 0" with ``condition: service_completed_successfully``. A service waited for that way becomes a
+        job and every dependency on it waits for completion; what a job cannot have (ports, health check,
+        replicas) is dropped with a note. A service with volumes cannot be a job: its dependents then wait
+        for it to start, and the report says so. ``restart: always`` or ``unless-stopped`` on a service its
+        dependents wait for is a contradiction compose itself would hang on: it becomes a job, noted.
+        """
+        waited: Dict[str, List[str]] = {}
+        for (dependent, dependency), condition in sorted(self.dep_conditions.items()):
+            if condition == COMPLETED:
+                waited.setdefault(dependency, []).append(dependent)
+        for component, spec in ((c, services[s]) for s, c in self.names.items() if c in components):
+            path = "services.%s" % _service_of(self.names, component)
+            comp = components[component]
+            restart = spec.get("restart")
+            one_shot = restart is None or str(restart).split(":", 1)[0] in _ONE_SHOT_RESTARTS
+            if component not in waited:
+                if restart is not None:
+                    hint = (" — if it runs to completion, its dependents can wait for it with condition: %s and it "
+                            "becomes a job (kind: job)" % COMPLETED) if one_shot else self.hint("restart")
+                    self.note(path + ".restart", "not converted (unsupported by the model)%s" % hint)
+                continue
+            dependents = " and ".join(waited[component]) + (" wait" if len(waited[component]) > 1 else " waits")
+            if comp.get("volumes"):
+                self.note(path, "%s for it to complete (%s), but it keeps volumes, which a job cannot have: "
+                          "kept as a service, and they wait for it to start — move the data to a service, or "
+                          "drop the volumes and make it kind: job" % (dependents, COMPLETED))
+                for dependent in waited[component]:
+                    components[dependent]["depends_on"][component] = {"condition": "started"}
+                    self.note("services.%s.depends_on.%s" % (_service_of(self.names, dependent), component),
+                              "%s converted to started: %s stays a service (it has volumes)" % (COMPLETED, component))
+                continue
+            # kind first, as an author would write it
+            components[component] = comp = {"kind": "job", **comp}
+            if restart is None:
+                why = "no restart: (compose's default, \"no\")"
+            elif one_shot:
+                why = "restart: %s" % restart
+            else:
+                why = "restart: %s, which disagrees: a job runs once to completion" % restart
+            self.note(path, "converted to a job (kind: job): %s for it to complete (%s) and it has %s; it "
+                      "runs again only when it changes or its last run failed, and a failed run fails the deploy"
+                      % (dependents, COMPLETED, why))
+            if restart is not None and not one_shot:
+                self.note(path + ".restart", "%r disagrees with dependents waiting for completion: converted to a "
+                          "job anyway (under compose they would wait for its first exit); if it is a long-running "
+                          "service, make them wait with service_started or service_healthy instead" % restart)
+            elif str(restart).startswith("on-failure"):
+                self.note(path + ".restart", "%r: a failed job is not retried; it fails the deploy, which is "
+                          "rolled back" % restart)
+            for key, why_not in _JOB_DROPS.items():
+                if key in comp:
+                    del comp[key]
+                    self.note("%s.%s" % (path, _COMPOSE_KEY.get(key, key)),
+                              "dropped: %s (kind: job)" % why_not)
+        for dependent, comp in components.items():
+            for dependency, spec in comp.get("depends_on", {}).items():
+                condition = self.dep_conditions.get((dependent, dependency), "service_started")
+                is_job = components.get(dependency, {}).get("kind") == "job"
+                if is_job and condition != COMPLETED:
+                    spec["condition"] = "completed"
+                    self.note("services.%s.depends_on.%s" % (_service_of(self.names, dependent), dependency),
+                              "%s converted to completed: %s is a job, so its dependents wait for it to exit 0"
+                              % (condition, dependency))
+
+    # ------------------------------------------------------------------------------------ connection info
+
+    def export_host_references(self, components: Dict[str, dict]) -> None:
+        """``DB_HOST: db`` in a dependent of db becomes an export of db, ``DB_HOST: ${host}``.
+
+        compose services reach each other by service name, which resolves only under compose; the model's
+        exports say how dependents reach a component on each target (the service name on compose, the host's
+        address on systemd, the Service name on k8s). Converted when the value is exactly a service name, the
+        key looks like a host (``*HOST*``, ``*ADDR*``, ...), and the service depends on that one (exports are
+        injected into direct dependents only); the dependent's own entry is removed so the injected value
+        applies. Two dependencies exporting one key to one component would clash: those stay as they are.
+        """
+        wanted: Dict[str, Dict[str, List[str]]] = {}   # exporter -> key -> dependents
+        by_name = {service: component for service, component in self.names.items()}
+        for dependent, comp in components.items():
+            for key, value in comp.get("env", {}).items():
+                exporter = by_name.get(value)
+                if (exporter is None or exporter == dependent or exporter not in components
+                        or not _HOST_KEY.search(key)
+                        or exporter not in comp.get("depends_on", {})
+                        or components.get(exporter, {}).get("kind") == "job"):
+                    continue
+                wanted.setdefault(exporter, {}).setdefault(key, []).append(dependent)
+        clashes = set()
+        for dependent, comp in components.items():
+            seen: Dict[str, str] = {}
+            for dependency in comp.get("depends_on", {}):
+                for key in wanted.get(dependency, {}):
+                    if key in seen:
+                        clashes.add(key)
+                    seen[key] = dependency
+                for key in components.get(dependency, {}).get("exports", {}):
+                    if key in seen and seen[key] != dependency:
+                        clashes.add(key)
+        for exporter, keys in sorted(wanted.items()):
+            for key, dependents in sorted(keys.items()):
+                if key in clashes:
+                    continue
+                components[exporter].setdefault("exports", {})[key] = "${host}"
+                for dependent in dependents:
+                    del components[dependent]["env"][key]
+                    if not components[dependent]["env"]:
+                        del components[dependent]["env"]
+                    self.note("services.%s.environment.%s" % (_service_of(self.names, dependent), key),
+                              "service host name %r converted to an export of %s (%s: ${host}: the service name "
+                              "on compose, the host's address on systemd, the Service on k8s), injected into its "
+                              "dependents" % (_service_of(self.names, exporter), exporter, key))
 
     def note_host_name_references(self, components: Mapping[str, dict]) -> None:
         """Compose services find each other by service name; point out values that rely on it."""
@@ -792,6 +929,10 @@ class _Converter:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+# model field -> the compose key it came from, for report lines
+_COMPOSE_KEY = {"health": "healthcheck", "replicas": "deploy.replicas"}
+
 
 def _service_of(names: Mapping[str, str], component: str) -> str:
     return next((s for s, c in names.items() if c == component), component)

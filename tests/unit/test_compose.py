@@ -55,8 +55,11 @@ def test_wordpress_mysql():
         "env": {"MYSQL_ROOT_PASSWORD": "somewordpress", "MYSQL_DATABASE": "wordpress", "MYSQL_USER": "wordpress",
                 "MYSQL_PASSWORD": "wordpress"},
         "volumes": [{"name": "db-data", "path": "/var/lib/mysql"}],
+        # WORDPRESS_DB_HOST=db in wordpress, which depends on db: how to reach db is db's export now
+        "exports": {"WORDPRESS_DB_HOST": "${host}"},
     }
     wordpress = model["components"]["wordpress"]
+    assert "WORDPRESS_DB_HOST" not in wordpress["env"]
     assert wordpress["ports"] == [{"port": 80, "publish": 80}]
     assert wordpress["depends_on"] == {"db": {"condition": "started"}}
     assert wordpress["volumes"] == [{"name": "wp-data", "path": "/var/www/html"}]
@@ -64,7 +67,8 @@ def test_wordpress_mysql():
     assert has_line(report, "services.db.volumes[0]", "volume 'db_data' renamed to 'db-data'")
     assert has_line(report, "services.db.restart", "not converted")
     assert has_line(report, "services.wordpress.restart", "not converted")
-    assert has_line(report, "services.wordpress.environment.WORDPRESS_DB_HOST", "service host name 'db'")
+    assert has_line(report, "services.wordpress.environment.WORDPRESS_DB_HOST",
+                    "service host name 'db' converted to an export of db (WORDPRESS_DB_HOST: ${host}")
     # values that merely equal a service name, in keys that are no host, are not flagged
     assert not lines_for(report, "services.db.environment.MYSQL_DATABASE")
     # wordpress:latest carries its tag explicitly: no tag note
@@ -95,8 +99,8 @@ def test_shop():
     assert api["ports"] == [8000]
     # env_file (comments, export prefix, quotes) then environment; a literal ${ is escaped for the model
     assert api["env"] == {"SHOP_CURRENCY": "EUR", "LOG_LEVEL": "info", "GREETING": "Hello, $${name}!",
-                          "DB_HOST": "db", "DB_PASSWORD_FILE": "/run/secrets/db_password",
-                          "REDIS_URL": "redis://redis:6379/0"}
+                          "DB_PASSWORD_FILE": "/run/secrets/db_password", "REDIS_URL": "redis://redis:6379/0"}
+    assert comps["db"]["exports"] == {"DB_HOST": "${host}"}, "DB_HOST: db became db's export"
     assert api["health"]["exec"] == ["/bin/sh", "-c", "curl -fsS http://localhost:8000/healthz || exit 1"]
     assert (api["health"]["interval"], api["health"]["start_period"]) == (5, 10)
     assert api["depends_on"] == {"db": {"condition": "healthy"}, "redis": {"condition": "started"}}
@@ -161,7 +165,8 @@ def test_every_supported_key():
                              "timeout": 2, "retries": 4, "start_period": 20}
     assert web["replicas"] == 2
     assert web["resources"] == {"cpus": "0.5", "memory": "1Gi"}
-    assert web["depends_on"] == {"app": {"condition": "healthy"}, "worker": {"condition": "started"}}
+    # web waits for worker to complete: worker (no restart:, compose's default "no") becomes a job
+    assert web["depends_on"] == {"app": {"condition": "healthy"}, "worker": {"condition": "completed"}}
 
     app = model["components"]["app"]
     assert app["image"] == "acme/app@sha256:" + "0123456789abcdef" * 4
@@ -185,6 +190,8 @@ def test_every_supported_key():
     assert model["secrets"] == {"api_key": {"length": 32, "charset": "alphanumeric"},
                                 "signing_key": {"length": 32, "charset": "alphanumeric"}}
     worker = model["components"]["worker"]
+    assert worker["kind"] == "job" and list(worker)[0] == "kind"
+    assert app["depends_on"] == {"worker": {"condition": "completed"}}
     assert worker["image"] == "acme/worker:latest"
     assert worker["resources"] == {"cpus": "0.25", "memory": "256Mi"}
     assert worker["config_files"][0]["path"] == "/etc/worker.ini"
@@ -203,7 +210,8 @@ def test_every_supported_key():
         "services.web.volumes[4]": "anonymous volume at /tmp/scratch",
         "services.web.healthcheck.timeout": "'1500ms' rounded to 2s",
         "services.web.deploy.resources.limits.memory": "'1g' converted to 1Gi",
-        "services.web.depends_on.worker": "service_completed_successfully converted to started",
+        "services.worker": "converted to a job (kind: job): web waits for it to complete",
+        "services.app.depends_on.worker": "service_started converted to completed: worker is a job",
         "services.app.env_file[1]": "optional.env not found",
         "services.app.secrets[1]": "/etc/app/signing.key holding ${secrets.signing_key}",
         "services.worker.image": "assumed acme/worker:latest",
@@ -532,3 +540,145 @@ def test_a_service_name_in_command_or_entrypoint_arguments_is_reported(tmp_path:
     _model, report = from_compose(compose, name="votes", version="1.0.0", base_dir=tmp_path)
     flagged = sorted(line.split(":", 1)[0] for line in report if "refers to service host name" in line)
     assert flagged == ["services.worker.command[1]", "services.worker.command[2]", "services.worker.entrypoint[1]"], report
+
+
+# ------------------------------------------------------------------------------------ one-shot jobs (issue #20)
+
+POLL = pathlib.Path(__file__).resolve().parents[2] / "examples" / "poll"
+
+
+def test_poll_example_converts_with_a_job_replicas_and_exports():
+    """examples/poll, the parity suite's app, as its users convert it: migrate becomes a job the others wait for,
+    the workers keep their replicas, service host names become exports, the secret a 0400 file."""
+    model, report = convert("", name="poll", version="1.0.0", base_dir=POLL)
+    comps = model["components"]
+    assert list(comps) == ["db", "redis", "migrate", "worker", "web"]
+    migrate = comps["migrate"]
+    assert migrate["kind"] == "job" and migrate["command"] == ["migrate"]
+    assert not {"ports", "health", "replicas", "exports", "volumes"} & set(migrate)
+    for name in ("web", "worker"):
+        assert comps[name]["depends_on"] == {"db": {"condition": "healthy"}, "migrate": {"condition": "completed"},
+                                             "redis": {"condition": "healthy"}}
+        assert comps[name]["image"] == "poll/app:1.0.0", "POLL_VERSION defaults to 1.0.0 without a .env"
+    assert comps["worker"]["replicas"] == 2 and "ports" not in comps["worker"]
+    assert comps["worker"]["health"]["exec"] == ["python3", "/opt/poll/poll.py", "check-worker"]
+    assert comps["web"]["ports"] == [{"port": 8090, "publish": 8090}]
+    assert comps["db"]["exports"] == {"DB_HOST": "${host}"} and comps["redis"]["exports"] == {"REDIS_HOST": "${host}"}
+    for name in ("migrate", "worker", "web"):
+        assert "DB_HOST" not in comps[name]["env"], name
+        assert {"path": "/run/secrets/db_password", "content": "${secrets.db_password}", "mode": "0400"} in \
+            comps[name]["config_files"]
+    init = next(c for c in comps["db"]["config_files"] if c["path"].startswith("/docker-entrypoint-initdb.d/"))
+    assert init["content"] == (POLL / "db" / "init.sql").read_text()
+    assert comps["db"]["health"]["exec"][:3] == ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "/tmp"]
+    loaded = load_model(model)
+    assert start_order(loaded) == [["db", "redis"], ["migrate"], ["web", "worker"]]
+    assert has_line(report, "services.migrate", "converted to a job (kind: job): web and worker wait for it")
+    assert has_line(report, "services.web.environment.REDIS_HOST", "converted to an export of redis")
+    assert not lines_for(report, "services.migrate.restart"), "restart: 'no' is what a job is: nothing to report"
+
+
+def test_poll_release_is_chosen_by_dotenv(tmp_path):
+    shutil.copytree(POLL, tmp_path / "poll", ignore=shutil.ignore_patterns("secrets", ".env"))
+    (tmp_path / "poll" / ".env").write_text("POLL_VERSION=1.1.0\n")
+    model, report = convert("", name="poll", version="1.1.0", base_dir=tmp_path / "poll")
+    assert {model["components"][n]["image"] for n in ("migrate", "worker", "web")} == {"poll/app:1.1.0"}
+    assert has_line(report, ".env", "substituted from .env: POLL_VERSION")
+
+
+JOB_COMPOSE = """
+    services:
+      db: {image: "db:1"}
+      migrate:
+        image: "app:1"
+        restart: %s
+        ports: ["9000"]
+        healthcheck: {test: ["CMD", "true"]}
+        deploy: {replicas: 3}
+        depends_on: [db]
+      web:
+        image: "app:1"
+        depends_on:
+          migrate: {condition: service_completed_successfully}
+      cron:
+        image: "app:1"
+        depends_on:
+          migrate: {condition: service_healthy}
+"""
+
+
+@pytest.mark.parametrize("restart", ['"no"', "on-failure", '"on-failure:3"', "always", "unless-stopped"])
+def test_a_service_waited_for_with_completed_becomes_a_job(tmp_path, restart):
+    model, report = convert_text(tmp_path, JOB_COMPOSE % restart)
+    migrate = model["components"]["migrate"]
+    assert migrate == {"kind": "job", "image": "app:1", "depends_on": {"db": {"condition": "started"}}}
+    assert model["components"]["web"]["depends_on"] == {"migrate": {"condition": "completed"}}
+    # every dependency on a job waits for completion, whatever compose said; the report says so
+    assert model["components"]["cron"]["depends_on"] == {"migrate": {"condition": "completed"}}
+    assert has_line(report, "services.cron.depends_on.migrate", "service_healthy converted to completed")
+    for key in ("ports", "healthcheck", "deploy.replicas"):
+        assert has_line(report, "services.migrate." + key, "dropped:"), (key, report)
+    plain = restart.strip('"')
+    if plain in ("always", "unless-stopped"):
+        assert has_line(report, "services.migrate", "restart: %s, which disagrees" % plain)
+        assert has_line(report, "services.migrate.restart", "disagrees with dependents waiting for completion")
+    elif plain.startswith("on-failure"):
+        assert has_line(report, "services.migrate.restart", "a failed job is not retried")
+    else:
+        assert not lines_for(report, "services.migrate.restart")
+
+
+def test_a_waited_for_service_with_volumes_stays_a_service(tmp_path):
+    model, report = convert_text(tmp_path, """
+        services:
+          seed:
+            image: "seed:1"
+            restart: "no"
+            volumes: ["data:/data"]
+          web:
+            image: "web:1"
+            depends_on: {seed: {condition: service_completed_successfully}}
+        volumes: {data: {}}
+    """)
+    assert "kind" not in model["components"]["seed"]
+    assert model["components"]["web"]["depends_on"] == {"seed": {"condition": "started"}}
+    assert has_line(report, "services.seed", "keeps volumes, which a job cannot have: kept as a service")
+    assert has_line(report, "services.web.depends_on.seed", "service_completed_successfully converted to started")
+
+
+def test_a_one_shot_nobody_waits_for_stays_a_service_with_a_hint(tmp_path):
+    model, report = convert_text(tmp_path, """
+        services:
+          backup: {image: "backup:1", restart: "no"}
+          web: {image: "web:1", restart: always}
+    """)
+    assert "kind" not in model["components"]["backup"]
+    assert has_line(report, "services.backup.restart", "condition: service_completed_successfully and it becomes a job")
+    assert has_line(report, "services.web.restart", "the product restarts failed components itself")
+
+
+def test_host_names_stay_in_env_when_an_export_would_clash_or_cannot_reach(tmp_path):
+    model, report = convert_text(tmp_path, """
+        services:
+          primary: {image: "db:1"}
+          replica: {image: "db:1"}
+          api:
+            image: "api:1"
+            environment: {DB_HOST: primary, READ_HOST: replica}
+            depends_on: [primary, replica]
+          report:
+            image: "api:1"
+            environment: {DB_HOST: replica}
+            depends_on: [replica]
+          lonely:
+            image: "api:1"
+            environment: {DB_HOST: primary}
+    """)
+    comps = model["components"]
+    # DB_HOST would be exported by both primary and replica into api: left as it was, reported
+    assert comps["api"]["env"] == {"DB_HOST": "primary"} and comps["replica"]["exports"] == {"READ_HOST": "${host}"}
+    assert comps["report"]["env"] == {"DB_HOST": "replica"}
+    assert has_line(report, "services.api.environment.DB_HOST", "only resolves under compose")
+    # lonely does not depend on primary: exports reach direct dependents only
+    assert comps["lonely"]["env"] == {"DB_HOST": "primary"} and "exports" not in comps["primary"]
+    load_model(model)
