@@ -279,8 +279,7 @@ def test_systemd_unit_and_env_file_carry_the_values_literally(tmp_path: Path) ->
                     config={})
     unit = render_unit(spec, rootfs, app="tiny", env_file="/var/lib/offline-delivery/apps/tiny/env/app.env",
                        configs=[("/srv/x/config/app/0-app.conf", "/etc/app.conf")],
-                       volumes=[("/srv/x/volumes/data", "/var/lib/app@1/data+x")],
-                       unit_name=lambda c: f"od-tiny-{c}.service")
+                       volumes=[("/srv/x/volumes/data", "/var/lib/app@1/data+x")])
     exec_lines = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     assert len(exec_lines) == 1
     assert _systemd_words(exec_lines[0][len("ExecStart="):]) == LITERAL_ARGV

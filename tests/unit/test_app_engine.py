@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from offline_delivery_core.app.engine import Engine, HealthGateError, Target, make_plan, start_levels, uninstall
+from offline_delivery_core.app.engine import (Engine, HealthGateError, Target, host_status, make_plan, start_levels,
+                                           uninstall)
 from offline_delivery_core.app.model import load_model
 from offline_delivery_core.app.runtime import DeployError, Observed, Runtime, desired_specs
 from offline_delivery_core.app.state import AppState
@@ -332,3 +333,70 @@ def test_restore_without_a_snapshot_is_refused_before_any_change(tmp_path: Path)
         engine(tmp_path, rt).rollback(version=None, restore=True)
     assert (data / "orders").read_text() == "kept\n"
     assert rt.calls == [], "nothing was stopped"
+
+
+class JobRuntime(FakeRuntime):
+    """Jobs run to their end at start: ``failing`` names the commands whose run exits non-zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()
+        self.runs: list[str] = []
+
+    def start(self, specs, *, all_specs):
+        super().start(specs, all_specs=all_specs)
+        for s in specs:
+            if s.is_job:
+                self.runs.append(" ".join(s.command))
+                self.running[s.name].running = " ".join(s.command) not in self.failing
+
+    def job_state(self, spec):
+        return ("succeeded", "exited 0") if self.running[spec.name].running else ("failed", "exit status 1")
+
+
+def with_job(version: str, command: str) -> dict:
+    data = yaml.safe_load((SHOP / f"app-{version}.yml").read_text())
+    data["components"]["migrate"] = {"kind": "job", "image": data["components"]["api"]["image"],
+                                     "command": command.split()}
+    data["components"]["api"]["depends_on"]["migrate"] = None   # a dependency on a job: completed
+    return load_model(data)
+
+
+def deploy_model(tmp_path: Path, rt: FakeRuntime, m: dict) -> dict:
+    placement = {n: [HOST] for n in m["components"]}
+    target = Target(host=HOST, platform=PLATFORM, registry="repo:5000", secrets=SECRETS, placement=placement,
+                    addresses={HOST: "10.0.0.3"})
+    eng = Engine(rt, AppState(str(tmp_path), "shop"), target, health_cap=1, actor="tester")
+    return eng.deploy(version=m["version"], model=m, images=images(m), overrides={}, snapshot=False,
+                      auto_rollback=True)
+
+
+def test_a_job_runs_before_its_dependents_once_per_change(tmp_path: Path) -> None:
+    rt = JobRuntime()
+    result = deploy_model(tmp_path, rt, with_job("1.0.0", "migrate v1"))
+    started = [name for call, names in rt.calls if call == "start" for name in names]
+    assert started.index("migrate") < started.index("api")
+    assert result["health"]["migrate"] == "completed" and rt.runs == ["migrate v1"]
+    again = deploy_model(tmp_path, rt, with_job("1.0.0", "migrate v1"))
+    assert not again["changed"] and rt.runs == ["migrate v1"]   # a succeeded job is not run again
+    deploy_model(tmp_path, rt, with_job("1.1.0", "migrate v2"))
+    assert rt.runs == ["migrate v1", "migrate v2"]
+    status = host_status(rt, AppState(str(tmp_path), "shop"))
+    assert status["components"]["migrate"] == {"running": False, "job": True, "completed": True, "healthy": True,
+                                               "reason": "exited 0", "started_at": status["components"]["migrate"]
+                                               ["started_at"], "as_deployed": True}
+
+
+def test_a_failed_job_fails_the_deploy_and_rolls_back(tmp_path: Path) -> None:
+    rt = JobRuntime()
+    deploy_model(tmp_path, rt, with_job("1.0.0", "migrate v1"))
+    rt.failing.add("migrate broken")
+    api_before = rt.running["api"].started_at
+    with pytest.raises(HealthGateError) as err:
+        deploy_model(tmp_path, rt, with_job("1.1.0", "migrate broken"))
+    assert "component migrate did not complete: the job failed: exit status 1" in str(err.value)
+    assert "rolled back to 1.0.0" in str(err.value)
+    assert rt.running["api"].started_at == api_before   # the gate stopped the upgrade before api moved
+    assert rt.runs == ["migrate v1", "migrate broken", "migrate v1"]
+    last = AppState(str(tmp_path), "shop").data["history"][-1]
+    assert last["component"] == "migrate" and last["rolled_back_to"] == "1.0.0"

@@ -834,3 +834,61 @@ def test_full_example_in_docs_is_valid():
     gateway_env = effective_env(model, "gateway", secrets={}, hosts={"api": "api"})
     assert "proxy_pass http://api:8000/;" in render_config(model, "gateway", 0, env=gateway_env, secrets={})
     assert "proxy_set_header Host $host;" in render_config(model, "gateway", 0, env=gateway_env, secrets={})
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+def with_migrate(**job: object) -> dict:
+    data = shop()
+    data["components"]["migrate"] = {"kind": "job", "image": "shop/api:1.0.0", "command": ["migrate"], **job}
+    deps = data["components"]["api"].get("depends_on") or {}
+    deps = dict.fromkeys(deps) if isinstance(deps, list) else dict(deps)
+    data["components"]["api"]["depends_on"] = {**deps, "migrate": None}
+    return data
+
+
+def test_a_job_gates_its_dependents_with_completed():
+    """A dependency on a job left without a condition waits for it to complete; services keep started."""
+    model = load_model(with_migrate())
+    assert model["components"]["migrate"]["kind"] == "job"
+    assert model["components"]["api"]["kind"] == "service"
+    assert model["components"]["api"]["depends_on"]["migrate"] == {"condition": "completed"}
+    assert all(spec["condition"] in ("started", "healthy") for name, spec in
+               model["components"]["api"]["depends_on"].items() if name != "migrate")
+    listed = with_migrate()
+    listed["components"]["api"]["depends_on"] = ["migrate"]
+    assert load_model(listed)["components"]["api"]["depends_on"] == {"migrate": {"condition": "completed"}}
+    level = {name: i for i, names in enumerate(start_order(model)) for name in names}
+    assert level["migrate"] < level["api"]
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("ports", [8000], "a job cannot have ports: a job listens on nothing"),
+    ("health", {"exec": ["true"]}, "a job cannot have health"),
+    ("exports", {"X": "${host}"}, "a job cannot have exports"),
+    ("volumes", [{"name": "mig", "path": "/data"}], "a job cannot have volumes"),
+    ("replicas", 2, "a job runs once"),
+])
+def test_what_a_job_cannot_have(field, value, pattern):
+    assert_error(with_migrate(**{field: value}), "components.migrate.%s" % field, pattern)
+
+
+def test_conditions_must_fit_the_dependency_kind():
+    data = with_migrate()
+    data["components"]["api"]["depends_on"]["migrate"] = {"condition": "healthy"}
+    assert_error(data, "components.api.depends_on.migrate.condition", "migrate is a job: .*condition: completed")
+    data = with_migrate()
+    data["components"]["api"]["depends_on"] = {"db": {"condition": "completed"}, "migrate": None}
+    assert_error(data, "components.api.depends_on.db.condition", "db is a service, which never completes")
+    bad = shop()
+    bad["components"]["api"]["kind"] = "cronjob"
+    assert_error(bad, "components.api.kind", "expected one of service, job, got 'cronjob'")
+
+
+def test_a_model_stored_before_jobs_existed_diffs_clean():
+    """Releases recorded by earlier versions carry no kind: comparing them with today's form finds no change."""
+    new = load_model(shop())
+    old = copy.deepcopy(new)
+    for comp in old["components"].values():
+        del comp["kind"]
+    assert diff_models(old, new)["changed"] == {}

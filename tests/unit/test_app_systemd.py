@@ -42,6 +42,8 @@ class Systemd:
     def __init__(self) -> None:
         self.calls: List[List[str]] = []
         self.state: Dict[str, str] = {}   # unit -> ActiveState
+        self.results: Dict[str, Tuple[str, str]] = {}   # unit -> (Result, ExecMainStatus)
+        self.after_start = "active"        # a oneshot that ran to its end: "inactive"
 
     def __call__(self, argv: List[str]) -> Tuple[int, str, str]:
         self.calls.append(argv)
@@ -53,12 +55,17 @@ class Systemd:
             return 0, "2026-11-22T02:00:00+0000 node2 shop-db[1]: FATAL: something\n", ""
         if args[0] == "show":
             active = self.state.get(args[1], "inactive")
+            result, status = self.results.get(args[1], ("success", "0"))
             return 0, (f"ActiveState={active}\nSubState={'running' if active == 'active' else 'dead'}\n"
                        f"ActiveEnterTimestamp={'@1795312800' if active == 'active' else ''}\n"
-                       "NeedDaemonReload=no\nResult=success\nExecMainStatus=0\nLoadState=loaded\n"
+                       f"NeedDaemonReload=no\nResult={result}\nExecMainStatus={status}\nLoadState=loaded\n"
                        f"MainPID={4242 if active == 'active' else 0}\n"), ""
         if args[0] == "restart":
-            self.state.setdefault(args[1], "active")
+            for unit in args[1:]:
+                self.state.setdefault(unit, self.after_start)
+        if args[:3] == ["disable", "--quiet", "--now"]:
+            for unit in args[3:]:
+                self.state.pop(unit, None)
         return 0, "", ""
 
     def commands(self) -> List[str]:
@@ -254,10 +261,75 @@ def test_unit_of_another_app_with_the_same_name_is_not_overwritten(host) -> None
     assert runtime.observe() == {}   # not this app's unit
 
 
-def test_replicas_refused(host) -> None:
+def test_replicas_of_components_with_ports_or_volumes_refused(host) -> None:
     runtime, _systemd, _tmp = host
-    with pytest.raises(DeployError, match="replicas 2: the systemd target runs one instance"):
+    with pytest.raises(DeployError, match="replicas 2: on a systemd host every instance would listen on the same "
+                                          "host port \\(5432\\)"):
+        runtime.prepare([make_spec(replicas=2, ports=[{"port": 5432, "protocol": "tcp", "name": "pg"}])])
+    with pytest.raises(DeployError, match="would share the directory of volume pgdata"):
         runtime.prepare([make_spec(replicas=2)])
+
+
+def test_port_less_replicas_run_as_template_instances(host) -> None:
+    """replicas N of a port-less component: one template unit, N enabled instances; scaling up, down and back
+    to one unit stops exactly the instances no longer wanted."""
+    runtime, systemd, tmp = host
+    spec = make_spec(name="worker", volumes=[], replicas=3, health={"exec": ["true"], "timeout": 3, "interval": 5,
+                                                                   "retries": 3, "start_period": 0})
+    runtime.start([spec], all_specs=[spec])
+    template = tmp / "units" / "od-shop-worker@.service"
+    assert read_marks(str(template))["instances"] == "3"
+    assert "Description=shop 1.0.0: worker (shop/db:1.0.0) instance %i\n" in template.read_text()
+    instances = [f"od-shop-worker@{i}.service" for i in (1, 2, 3)]
+    assert "systemctl " + "enable --quiet " + " ".join(instances) in systemd.commands()
+    assert "systemctl " + "restart " + " ".join(instances) in systemd.commands()
+    assert runtime.observe()["worker"].running
+    systemd.state["od-shop-worker@2.service"] = "failed"
+    assert not runtime.observe()["worker"].running
+    assert not runtime.probe(spec)[0] and "od-shop-worker@2.service is failed" in runtime.probe(spec)[1]
+    systemd.state["od-shop-worker@2.service"] = "active"
+
+    two = make_spec(name="worker", volumes=[], replicas=2)
+    runtime.start([two], all_specs=[two])
+    assert "systemctl disable --quiet --now od-shop-worker@3.service" in systemd.commands()
+    assert read_marks(str(template))["instances"] == "2"
+
+    one = make_spec(name="worker", volumes=[], replicas=1)
+    runtime.start([one], all_specs=[one])
+    assert "systemctl disable --quiet --now od-shop-worker@1.service od-shop-worker@2.service" in systemd.commands()
+    assert not template.exists() and (tmp / "units" / "od-shop-worker.service").exists()
+    runtime.remove(["worker"], all_specs=[])
+    assert not list((tmp / "units").iterdir())
+
+
+def test_a_job_is_a_oneshot_its_dependents_wait_for(host) -> None:
+    """A job: Type=oneshot, never restarted, not enabled (not re-run at boot); a dependent orders itself after
+    it without pulling it in. Its state is the last run's result."""
+    runtime, systemd, tmp = host
+    job = make_spec(name="migrate", volumes=[], kind="job")
+    api = make_spec(name="api", volumes=[], local_deps=["migrate", "db"], depends_on={
+        "migrate": {"condition": "completed"}, "db": {"condition": "started"}})
+    systemd.after_start = "inactive"
+    runtime.start([job], all_specs=[job, api])
+    unit = (tmp / "units" / "od-shop-migrate.service").read_text()
+    settings = unit_settings(str(tmp / "units" / "od-shop-migrate.service"))
+    assert settings["Type"] == "oneshot" and "Restart" not in settings and "[Install]" not in unit
+    assert read_marks(str(tmp / "units" / "od-shop-migrate.service"))["kind"] == "job"
+    assert not [c for c in systemd.commands() if c.startswith("systemctl enable")]
+    assert "systemctl restart od-shop-migrate.service" in systemd.commands()
+    assert runtime.job_state(job)[0] == "succeeded" and runtime.observe()["migrate"].running
+    systemd.results["od-shop-migrate.service"] = ("exit-code", "3")
+    state, detail = runtime.job_state(job)
+    assert state == "failed" and "exit status 3" in detail and "journalctl -u od-shop-migrate.service" in detail
+    assert not runtime.observe()["migrate"].running
+    systemd.state["od-shop-migrate.service"] = "activating"
+    assert runtime.job_state(job)[0] == "running"
+
+    systemd.after_start = "active"
+    runtime.start([api], all_specs=[job, api])
+    api_unit = unit_settings(str(tmp / "units" / "od-shop-api.service"), "[Unit]")
+    assert api_unit["After"] == "network-online.target od-shop-migrate.service od-shop-db.service"
+    assert api_unit["Wants"] == "network-online.target od-shop-db.service"
 
 
 def test_probes(host) -> None:

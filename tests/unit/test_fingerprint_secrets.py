@@ -98,6 +98,7 @@ def test_the_fingerprint_is_the_hmac_of_the_spec_under_the_key() -> None:
     data = asdict(spec)
     data.pop("version")
     data.pop("fingerprint")
+    data.pop("kind")   # a service's kind is left out: fingerprints from before jobs existed stay
     assert spec.fingerprint == "hmac-sha256:" + hmac.new(KEY, canonical(data), hashlib.sha256).hexdigest()
 
 
@@ -180,7 +181,7 @@ def unit_text(tmp_path: Path, spec: ComponentSpec) -> str:
     rootfs = Rootfs(path=str(tmp_path / "rootfs"), directory=str(tmp_path), manifest_digest=spec.manifest_digest,
                     config={"Entrypoint": ["/bin/app"]})
     return render_unit(spec, rootfs, app="shop", env_file="/var/lib/offline-delivery/apps/shop/env/x.env",
-                       configs=[], volumes=[], unit_name=lambda c: f"od-shop-{c}.service")
+                       configs=[], volumes=[])
 
 
 def k8s_text(spec: ComponentSpec) -> str:

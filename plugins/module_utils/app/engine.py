@@ -20,13 +20,14 @@ from .state import AppState, check_snapshot, fingerprint_key, restore_snapshot, 
 
 
 class HealthGateError(DeployError):
-    """A component did not become healthy in time."""
+    """A component did not become healthy in time, or a job did not complete successfully."""
 
-    def __init__(self, component: str, reason: str, logs: str = "") -> None:
+    def __init__(self, component: str, reason: str, logs: str = "", job: bool = False) -> None:
         self.component = component
         self.reason = reason
         self.logs = logs
-        super().__init__("component %s failed its health check: %s" % (component, reason))
+        what = "did not complete" if job else "failed its health check"
+        super().__init__("component %s %s: %s" % (component, what, reason))
 
 
 @dataclass
@@ -94,7 +95,8 @@ def start_levels(specs: Sequence[ComponentSpec]) -> List[List[ComponentSpec]]:
 
 def apply_plan(runtime: Runtime, specs: Sequence[ComponentSpec], plan: Plan, *, health_cap: float,
                log: Callable[[str], None]) -> Dict[str, str]:
-    """Make the host match ``specs``; returns component -> "healthy". Raises HealthGateError."""
+    """Make the host match ``specs``; returns component -> "healthy" (a job: "completed"). Raises
+    HealthGateError."""
     to_start = set(plan.to_start)
     runtime.prepare([s for s in specs if s.name in to_start])
     if plan.removed:
@@ -109,8 +111,8 @@ def apply_plan(runtime: Runtime, specs: Sequence[ComponentSpec], plan: Plan, *, 
         for spec in level:
             ok, reason = wait_healthy(runtime, spec, cap=health_cap)
             if not ok:
-                raise HealthGateError(spec.name, reason, runtime.logs(spec.name))
-            health[spec.name] = "healthy"
+                raise HealthGateError(spec.name, reason, runtime.logs(spec.name), job=spec.is_job)
+            health[spec.name] = "completed" if spec.is_job else "healthy"
     return health
 
 
@@ -355,12 +357,16 @@ def host_status(runtime: Runtime, state: AppState, *, history: int = 10) -> Dict
         seen = observed.get(name)
         item: Dict[str, Any] = {"running": bool(seen and seen.running), "started_at": seen.started_at if seen else None,
                                 "as_deployed": bool(seen and seen.fingerprint == fp)}
+        spec = probe_spec(model, name)
+        if spec.is_job:   # a job that succeeded is done, not running
+            item.update(running=False, job=True, completed=bool(seen and seen.running))
         if not seen:
             item.update(healthy=False, reason="not present on this host")
         elif not seen.running:
-            item.update(healthy=False, reason="not running (%s)" % seen.detail)
+            what = "its last run did not succeed" if spec.is_job else "not running"
+            item.update(healthy=False, reason="%s (%s)" % (what, seen.detail))
         else:
-            ok, reason = runtime.probe(probe_spec(model, name))
+            ok, reason = runtime.ready(spec)
             item.update(healthy=ok, reason=reason)
         result["components"][name] = item
         result["healthy"] = result["healthy"] and item["healthy"]

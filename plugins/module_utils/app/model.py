@@ -55,14 +55,24 @@ SECRET_DEFAULTS = {"length": 32, "charset": "alphanumeric"}
 
 HEALTH_DEFAULTS = {"interval": 10, "timeout": 5, "retries": 3, "start_period": 0}
 HEALTH_KINDS = ("http", "tcp", "exec")
-CONDITIONS = ("started", "healthy")
+CONDITIONS = ("started", "healthy", "completed")
+# A service runs until stopped; a job runs to completion (exit 0) and its dependents wait for that.
+COMPONENT_KINDS = ("service", "job")
+# What a job cannot have: nobody connects to it, nothing probes it, it owns no data and runs once.
+JOB_REFUSES = {
+    "ports": "a job listens on nothing",
+    "health": "a job is healthy when it exits 0; no probe runs",
+    "exports": "a job is not reachable, so it has no connection info",
+    "volumes": "a volume belongs to one long-running component; let the service that owns the data run the job's "
+               "work, or reach it over the network",
+}
 PROTOCOLS = ("tcp", "udp")
 
 TOP_FIELDS = ("apiVersion", "kind", "name", "version", "description", "secrets", "components")
 SECRET_FIELDS = ("length", "charset")
 COMPONENT_FIELDS = (
     "image", "description", "entrypoint", "command", "user", "ports", "env", "config_files", "volumes",
-    "health", "replicas", "resources", "placement", "depends_on", "exports", "security",
+    "health", "replicas", "resources", "placement", "depends_on", "exports", "security", "kind",
 )
 SECURITY_FIELDS = ("capabilities", "privilege_escalation")
 # Every target runs a component with these Linux capabilities only (capabilities(7), without CAP_): what an
@@ -735,7 +745,7 @@ def _load_depends_on(data: object, path: str, errors: _Errors) -> Dict[str, dict
             if name is not None:
                 if name in result:
                     errors.add("%s[%d]" % (path, index), "%r is listed twice" % name)
-                result[name] = {"condition": "started"}
+                result[name] = {"condition": None}   # the natural one, set once kinds are known
         return result
     mapping = _mapping(data, path, errors, "a list of component names or a mapping name: {condition}")
     if mapping is None:
@@ -748,8 +758,8 @@ def _load_depends_on(data: object, path: str, errors: _Errors) -> Dict[str, dict
         if spec is None:
             continue
         _check_fields(spec, DEPENDENCY_FIELDS, dep_path, errors)
-        condition = spec.get("condition", "started")
-        if condition not in CONDITIONS:
+        condition = spec.get("condition")
+        if condition is not None and condition not in CONDITIONS:
             errors.add(_join(dep_path, "condition"), "expected one of %s, got %r" % (", ".join(CONDITIONS), condition))
             continue
         result[str(name)] = {"condition": condition}
@@ -790,7 +800,12 @@ def _load_component(data: object, path: str, errors: _Errors) -> Optional[dict]:
         if problem:
             errors.add(_join(path, "image"), problem)
     description = _load_description(mapping, _join(path, "description"), errors)
+    kind = mapping.get("kind", "service")
+    if kind not in COMPONENT_KINDS:
+        errors.add(_join(path, "kind"), "expected one of %s, got %r" % (", ".join(COMPONENT_KINDS), kind))
+        kind = "service"
     return {
+        "kind": kind,
         "image": image,
         "description": description,
         "entrypoint": _load_argv(mapping.get("entrypoint"), _join(path, "entrypoint"), errors),
@@ -851,6 +866,42 @@ def _check_secret_spec(spec: object, path: str, errors: _Errors) -> Optional[dic
 # ---------------------------------------------------------------------------------------------------
 # Cross-component checks
 # ---------------------------------------------------------------------------------------------------
+
+def component_kind(comp: Mapping[str, Any]) -> str:
+    """``service`` or ``job``; models normalised before jobs existed carry no kind: services."""
+    return comp.get("kind") or "service"
+
+
+def _check_job(name: str, comp: dict, errors: _Errors) -> None:
+    if comp["kind"] != "job":
+        return
+    for key, why in sorted(JOB_REFUSES.items()):
+        if comp[key]:
+            errors.add("components.%s.%s" % (name, key), "a job cannot have %s: %s" % (key, why))
+    if comp["replicas"] not in (None, 1):
+        errors.add("components.%s.replicas" % name, "a job runs once (replicas 1), got %r" % comp["replicas"])
+
+
+def _resolve_conditions(components: Dict[str, dict], errors: _Errors) -> None:
+    """A dependency on a job waits for it to complete, on a service for it to start (or be healthy): a
+    condition left out takes the natural one; one that does not fit the dependency's kind is refused."""
+    for name, comp in components.items():
+        for dep, spec in comp["depends_on"].items():
+            if dep not in components:
+                continue
+            is_job = components[dep]["kind"] == "job"
+            condition = spec["condition"]
+            if condition is None:
+                spec["condition"] = "completed" if is_job else "started"
+            elif is_job and condition != "completed":
+                errors.add("components.%s.depends_on.%s.condition" % (name, dep),
+                           "%s is a job: its dependents wait for it to complete (condition: completed), got %r"
+                           % (dep, condition))
+            elif not is_job and condition == "completed":
+                errors.add("components.%s.depends_on.%s.condition" % (name, dep),
+                           "%s is a service, which never completes: use started or healthy, or make it a job "
+                           "(kind: job)" % dep)
+
 
 def _check_graph(components: Dict[str, dict], errors: _Errors) -> None:
     """Dependencies exist and form no cycle."""
@@ -993,7 +1044,9 @@ def load_model(data: object, source: str = "app.yml") -> dict:
     components = _load_components(top.get("components"), errors)
     secret_names = _declared_names(top.get("secrets"))
     _check_graph(components, errors)
+    _resolve_conditions(components, errors)
     for comp_name, comp in components.items():
+        _check_job(comp_name, comp, errors)
         _check_component_refs(comp_name, comp, components, secret_names, errors)
         _check_export_clashes(comp_name, components, errors)
         _check_health_port(comp_name, comp, errors)
@@ -1168,6 +1221,7 @@ def diff_models(old: dict, new: dict) -> dict:
         fields: List[str] = []
         before = {k: v for k, v in old_comps[name].items() if k != "description"}
         after = {k: v for k, v in new_comps[name].items() if k != "description"}
+        before["kind"], after["kind"] = component_kind(before), component_kind(after)
         _field_diff(before, after, "", fields)
         _field_diff(_injected_templates(old, name), _injected_templates(new, name), "injected", fields)
         if fields:

@@ -27,9 +27,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..common.oci import site_reference
-from .model import ModelError, effective_env, render_config, start_order
+from .model import ModelError, component_kind, effective_env, render_config, start_order
 
 LOCAL_ADDRESS = "127.0.0.1"
+# Where a job's current run is (Runtime.job_state).
+JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED = "running", "succeeded", "failed"
 
 
 class DeployError(RuntimeError):
@@ -61,7 +63,12 @@ class ComponentSpec:
     replicas: int = 1
     resources: Dict[str, Any] = field(default_factory=dict)
     security: Dict[str, Any] = field(default_factory=dict)       # the model's, normalised: app_model.capabilities_of
+    kind: str = "service"          # or "job": runs to completion, its dependents wait for it
     fingerprint: str = ""
+
+    @property
+    def is_job(self) -> bool:
+        return self.kind == "job"
 
     def public(self) -> Dict[str, Any]:
         """The spec without env values and file contents (those may hold secrets)."""
@@ -73,7 +80,8 @@ class ComponentSpec:
 
 @dataclass
 class Observed:
-    """What a runtime sees of one component on this host now."""
+    """What a runtime sees of one component on this host now. For a job, ``running`` means its last run with
+    that fingerprint succeeded (so the plan leaves it alone); a failed or unfinished run is run again."""
 
     fingerprint: Optional[str]
     running: bool
@@ -168,11 +176,12 @@ def _spec(model: dict, name: str, images: Mapping[str, Mapping[str, Any]], *, pl
         health=comp.get("health"), depends_on=dict(comp["depends_on"]),
         local_deps=sorted(d for d in comp["depends_on"] if d in mine),
         replicas=comp.get("replicas") or 1, resources=dict(comp.get("resources") or {}),
-        security=dict(comp.get("security") or {}),
+        security=dict(comp.get("security") or {}), kind=component_kind(comp),
     )
     data = asdict(spec)
-    # The version alone does not restart a component: only what it runs does.
-    for key in ("version", "fingerprint"):
+    # The version alone does not restart a component: only what it runs does. A service's kind is left out
+    # so that components deployed before jobs existed keep their fingerprints.
+    for key in ("version", "fingerprint") + (("kind",) if spec.kind == "service" else ()):
         data.pop(key)
     return ComponentSpec(**{**asdict(spec), "fingerprint": fingerprint(data, fingerprint_key)})
 
@@ -183,7 +192,7 @@ def probe_spec(model: dict, name: str) -> ComponentSpec:
     return ComponentSpec(name=name, app=model["name"], version=model["version"], image="", reference=comp["image"],
                          index_digest="", manifest_digest="", platform="", entrypoint=None, command=None, user=None,
                          env={}, config_files=[], volumes=list(comp["volumes"]), ports=list(comp["ports"]),
-                         health=comp.get("health"))
+                         health=comp.get("health"), kind=component_kind(comp))
 
 
 class Runtime(abc.ABC):
@@ -236,6 +245,17 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
         """One health check now: (healthy, reason when not). No health in the model = running."""
+
+    def job_state(self, spec: ComponentSpec) -> Tuple[str, str]:
+        """Where the job's current run is: (JOB_RUNNING | JOB_SUCCEEDED | JOB_FAILED, what to say about it)."""
+        raise DeployError("component %s is a job, which the %s target cannot run yet" % (spec.name, self.kind))
+
+    def ready(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        """Healthy now (a service) or completed successfully (a job): what a dependent waits for."""
+        if spec.is_job:
+            state, detail = self.job_state(spec)
+            return state == JOB_SUCCEEDED, detail
+        return self.probe(spec)
 
     @abc.abstractmethod
     def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:
@@ -305,7 +325,10 @@ def health_budget(health: Optional[Mapping[str, Any]], cap: float) -> float:
 def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
                  ) -> Tuple[bool, str]:
-    """Probe until healthy or the budget is spent; returns the last reason when it never became healthy."""
+    """Probe until healthy or the budget is spent; returns the last reason when it never became healthy.
+    A job is waited for until it exits (at most ``cap``): a failed run ends the wait at once."""
+    if spec.is_job:
+        return _wait_job(runtime, spec, cap=cap, clock=clock, sleep=sleep)
     deadline = clock() + health_budget(spec.health, cap)
     step = min(2.0, float((spec.health or {}).get("interval", 1)) or 1.0)
     reason = "not probed"
@@ -316,3 +339,17 @@ def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float,
         if clock() + step > deadline:
             return False, reason
         sleep(step)
+
+
+def _wait_job(runtime: Runtime, spec: ComponentSpec, *, cap: float, clock: Callable[[], float],
+              sleep: Callable[[float], None]) -> Tuple[bool, str]:
+    deadline = clock() + cap
+    while True:
+        state, detail = runtime.job_state(spec)
+        if state == JOB_SUCCEEDED:
+            return True, ""
+        if state == JOB_FAILED:
+            return False, "the job failed: %s" % detail
+        if clock() + 1.0 > deadline:
+            return False, "the job did not finish within %ds (%s)" % (cap, detail)
+        sleep(1.0)

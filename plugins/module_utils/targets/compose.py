@@ -17,15 +17,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from ..app.model import capabilities_of, parse_memory
-from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from ..app.runtime import (JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, ComponentSpec, DeployError, Observed, Runtime,
+                           http_probe, tcp_probe)
 from ..app.state import app_dir
 from ..common.files import ensure_private_dir, write_if_changed, write_private
 
 LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
 LABEL_APP = "io.offline-delivery.app"
+LABEL_KIND = "io.offline-delivery.kind"   # set on jobs only
+# How a dependent waits for a dependency when someone runs `docker compose up` by hand (the engine orders and
+# gates the start itself).
+COMPOSE_CONDITIONS = {"started": "service_started", "healthy": "service_started",
+                      "completed": "service_completed_successfully"}
 
 
 def env_file_text(env: Dict[str, str], component: str = "") -> str:
@@ -91,7 +97,8 @@ class ComposeRuntime(Runtime):
             if not name:
                 continue
             state = info["State"]
-            item = Observed(fingerprint=labels.get(LABEL_FINGERPRINT), running=bool(state.get("Running")),
+            done = labels.get(LABEL_KIND) == "job" and _job_state(state)[0] == JOB_SUCCEEDED
+            item = Observed(fingerprint=labels.get(LABEL_FINGERPRINT), running=bool(state.get("Running")) or done,
                             started_at=state.get("StartedAt"), detail=state.get("Status", ""))
             # Replicas: the component runs only if every container does, and all carry one fingerprint.
             if name in seen:
@@ -130,9 +137,20 @@ class ComposeRuntime(Runtime):
                     os.unlink(path)
         self._write_project(all_specs)
 
+    def _service_containers(self, name: str) -> List[Dict[str, Any]]:
+        return [c for c in self._containers() if (c["Config"].get("Labels") or {}).get("com.docker.compose.service")
+                == name]
+
+    def job_state(self, spec: ComponentSpec) -> Tuple[str, str]:
+        containers = self._service_containers(spec.name)
+        if not containers:
+            return JOB_FAILED, "no container"
+        return _job_state(containers[0]["State"])
+
     def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
-        containers = [c for c in self._containers()
-                      if (c["Config"].get("Labels") or {}).get("com.docker.compose.service") == spec.name]
+        if spec.is_job:
+            return self.ready(spec)
+        containers = self._service_containers(spec.name)
         if not containers:
             return False, "no container"
         for info in containers:
@@ -190,8 +208,7 @@ class ComposeRuntime(Runtime):
         return removed
 
     def logs(self, name: str, lines: int = 30) -> str:
-        ids = [c["Id"] for c in self._containers()
-               if (c["Config"].get("Labels") or {}).get("com.docker.compose.service") == name]
+        ids = [c["Id"] for c in self._service_containers(name)]
         if not ids:
             return ""
         rc, out, err = self.run(["docker", "logs", "--tail", str(lines), ids[0]])
@@ -229,6 +246,9 @@ class ComposeRuntime(Runtime):
             "labels": {LABEL_APP: spec.app, LABEL_FINGERPRINT: spec.fingerprint},
             "pull_policy": "never",
         }
+        if spec.is_job:   # runs once to its end; the engine starts it again only when its fingerprint changes
+            service["restart"] = "no"
+            service["labels"][LABEL_KIND] = "job"
         if spec.entrypoint is not None:
             service["entrypoint"] = [compose_literal(a) for a in spec.entrypoint]
         if spec.command is not None:
@@ -254,7 +274,8 @@ class ComposeRuntime(Runtime):
             service["ports"] = published
         if spec.local_deps:
             # The engine orders and health-gates the start itself; this keeps a manual `docker compose up` sane.
-            service["depends_on"] = {d: {"condition": "service_started"} for d in spec.local_deps}
+            service["depends_on"] = {d: {"condition": COMPOSE_CONDITIONS[spec.depends_on[d]["condition"]]}
+                                     for d in spec.local_deps}
         limits = {}
         if spec.resources.get("cpus"):
             limits["cpus"] = spec.resources["cpus"]
@@ -265,6 +286,17 @@ class ComposeRuntime(Runtime):
             if limits:
                 service["deploy"]["resources"] = {"limits": limits}
         return service
+
+
+def _job_state(state: Mapping[str, Any]) -> Tuple[str, str]:
+    """A job container's docker state as a job state."""
+    status = state.get("Status", "")
+    if status in ("created", "running", "restarting"):
+        return JOB_RUNNING, status
+    if status == "exited" and state.get("ExitCode") == 0:
+        return JOB_SUCCEEDED, "exited 0 at %s" % state.get("FinishedAt", "?")
+    return JOB_FAILED, "container %s, exit code %s%s" % (status, state.get("ExitCode"),
+                                                        (": " + state["Error"]) if state.get("Error") else "")
 
 
 def write_config(path: str, data: bytes, mode: int) -> bool:

@@ -28,10 +28,11 @@ import re
 import shutil
 import signal
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..app.model import capabilities_of, parse_memory
-from ..app.runtime import LOCAL_ADDRESS, ComponentSpec, DeployError, Observed, Runtime, http_probe, tcp_probe
+from ..app.runtime import (JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, LOCAL_ADDRESS, ComponentSpec, DeployError,
+                           Observed, Runtime, http_probe, tcp_probe)
 from ..clients.registry import RegistryClient, RegistryError
 from ..common.files import remove, write_atomic
 from ..common.names import CONTROL_RE
@@ -44,6 +45,8 @@ MARK = "# offline-delivery"
 FINGERPRINT_MARK = MARK + " fingerprint: "
 APP_MARK = MARK + " app: "
 COMPONENT_MARK = MARK + " component: "
+INSTANCES_MARK = MARK + " instances: "
+KIND_MARK = MARK + " kind: "
 SYSTEMCTL_TIMEOUT = 120         # a restart waits for the old process to stop (TimeoutStopSec below)
 STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
@@ -86,11 +89,24 @@ class SystemdRuntime(Runtime):
     def images_dir(self) -> str:
         return os.path.join(self.app_dir, "images")
 
-    def unit_name(self, component: str) -> str:
-        return f"{UNIT_PREFIX}{self.app}-{component}.service"
+    def unit_name(self, component: str, replicas: int = 1) -> str:
+        """The unit file's name: ``od-<a>-<c>.service``, or the template ``od-<a>-<c>@.service`` of a component
+        running several instances."""
+        return f"{UNIT_PREFIX}{self.app}-{component}{'@' if replicas > 1 else ''}.service"
 
-    def unit_path(self, component: str) -> str:
-        return os.path.join(self.unit_dir, self.unit_name(component))
+    def unit_path(self, component: str, replicas: int = 1) -> str:
+        return os.path.join(self.unit_dir, self.unit_name(component, replicas))
+
+    def units(self, component: str, replicas: int = 1) -> List[str]:
+        """The units that run the component: one, or one instance per replica (``od-<a>-<c>@1.service``...)."""
+        return instance_units(self.unit_name(component, replicas), replicas)
+
+    def deployed_units(self, component: str) -> List[str]:
+        """The units of the component as its unit file on this host says (empty when there is none)."""
+        path = self._app_units().get(component)
+        if not path:
+            return []
+        return instance_units(os.path.basename(path), int(read_marks(path).get("instances") or 1))
 
     def env_path(self, component: str) -> str:
         return os.path.join(self.state_dir, "apps", self.app, "env", f"{component}.env")
@@ -112,13 +128,21 @@ class SystemdRuntime(Runtime):
         found: Dict[str, Observed] = {}
         for component, path in self._app_units().items():
             marks = read_marks(path)
-            props = self._show(self.unit_name(component))
-            running = props.get("ActiveState") == "active"
-            detail = "%s/%s" % (props.get("ActiveState", "?"), props.get("SubState", "?"))
-            if props.get("NeedDaemonReload") == "yes":
-                detail += "; the unit file changed since systemd loaded it"
+            running, details, started = True, [], []
+            for unit in self.deployed_units(component):
+                props = self._show(unit)
+                if marks.get("kind") == "job":
+                    running = running and _job_state(props)[0] == JOB_SUCCEEDED
+                else:
+                    running = running and props.get("ActiveState") == "active"
+                detail = "%s/%s" % (props.get("ActiveState", "?"), props.get("SubState", "?"))
+                if props.get("NeedDaemonReload") == "yes":
+                    detail += "; the unit file changed since systemd loaded it"
+                details.append(detail)
+                started.append(iso_time(props.get("ActiveEnterTimestamp", "")))
             found[component] = Observed(fingerprint=marks.get("fingerprint"), running=running,
-                                        started_at=iso_time(props.get("ActiveEnterTimestamp", "")), detail=detail)
+                                        started_at=min(filter(None, started), default=None),
+                                        detail=", ".join(details))
         return found
 
     def _app_units(self) -> Dict[str, str]:
@@ -167,10 +191,15 @@ class SystemdRuntime(Runtime):
                 done[spec.manifest_digest] = self.rootfs(spec)
 
     def _check_spec(self, spec: ComponentSpec) -> None:
-        if spec.replicas != 1:
-            raise DeployError(f"component {spec.name}: replicas {spec.replicas}: the systemd target runs one "
-                              "instance per host (every component shares the host network); set replicas: 1 "
-                              "or place it on more hosts")
+        if spec.replicas != 1 and spec.ports:
+            raise DeployError(f"component {spec.name}: replicas {spec.replicas}: on a systemd host every instance "
+                              f"would listen on the same host port ({', '.join(str(p['port']) for p in spec.ports)}); "
+                              "components with ports run one instance per host: set replicas: 1 and place it on "
+                              "more hosts")
+        if spec.replicas != 1 and spec.volumes:
+            raise DeployError(f"component {spec.name}: replicas {spec.replicas}: its instances would share the "
+                              "directory of volume " + ", ".join(v["name"] for v in spec.volumes) + " on this host; "
+                              "a component with volumes runs one instance per host")
         for volume in spec.volumes:
             unit_path(volume["path"], f"component {spec.name}: volume {volume['name']} path")
         for item in spec.config_files:
@@ -204,30 +233,59 @@ class SystemdRuntime(Runtime):
     def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
         for spec in specs:
             self._check_spec(spec)
-            self._check_owner(spec.name)
+            self._check_owner(spec.name, spec.replicas)
+        replicas = {s.name: s.replicas for s in all_specs}
+        jobs = {s.name for s in all_specs if s.is_job}
         for spec in specs:
-            self.write_component(spec)
+            self._retire(spec)
+            self.write_component(spec, dep_units=lambda d: self.units(d, replicas.get(d, 1)), jobs=jobs)
         self._systemctl(["daemon-reload"], "reload the unit files")
-        units = [self.unit_name(s.name) for s in specs]
+        services = [s for s in specs if not s.is_job]
+        units = [u for s in services for u in self.units(s.name, s.replicas)]
         if units:
             self._systemctl(["enable", "--quiet", *units], "enable " + ", ".join(units))
         for spec in specs:
-            self._systemctl(["restart", self.unit_name(spec.name)], f"start component {spec.name}",
-                            component=spec.name)
-        if specs:
+            if spec.is_job:
+                self._run_job(spec)
+            else:
+                self._systemctl(["restart", *self.units(spec.name, spec.replicas)], f"start component {spec.name}",
+                                component=spec.name)
+        if services:
             self.sleep(START_SETTLE)
-        for spec in specs:
-            props = self._show(self.unit_name(spec.name))
-            if props.get("ActiveState") not in ("active", "activating", "reloading"):
-                raise DeployError(
-                    f"component {spec.name}: unit {self.unit_name(spec.name)} is {props.get('ActiveState')}/"
-                    f"{props.get('SubState')} (result {props.get('Result')}, exit status "
-                    f"{props.get('ExecMainStatus')}) right after the start; see journalctl -u "
-                    f"{self.unit_name(spec.name)}. Last lines:\n{self.logs(spec.name, 15)}")
+        for spec in services:
+            for unit in self.units(spec.name, spec.replicas):
+                props = self._show(unit)
+                if props.get("ActiveState") not in ("active", "activating", "reloading"):
+                    raise DeployError(
+                        f"component {spec.name}: unit {unit} is {props.get('ActiveState')}/{props.get('SubState')} "
+                        f"(result {props.get('Result')}, exit status {props.get('ExecMainStatus')}) right after the "
+                        f"start; see journalctl -u {unit}. Last lines:\n{self.logs(spec.name, 15)}")
 
-    def _check_owner(self, component: str) -> None:
+    def _run_job(self, spec: ComponentSpec) -> None:
+        """Run a job to its end (a oneshot's start returns when it exits). Its outcome is read by ``job_state``:
+        a failed run is the engine's to report and roll back; one still running after the systemctl time limit
+        goes on, and the engine waits for it."""
+        unit = self.unit_name(spec.name)
+        rc, out, err = self.run(["timeout", "-k", "5", str(SYSTEMCTL_TIMEOUT), "systemctl", "restart", unit])
+        if rc not in (0, 124) and self._show(unit).get("LoadState") != "loaded":
+            raise DeployError(f"component {spec.name}: systemctl restart {unit} failed: {err.strip() or out.strip()}")
+
+    def _retire(self, spec: ComponentSpec) -> None:
+        """Stop the units of the component that the new spec does not keep: instances beyond its replicas, or
+        the single unit it replaces with a template (and the other way round)."""
+        keep = set(self.units(spec.name, spec.replicas))
+        old_path = self._app_units().get(spec.name)
+        doomed = [u for u in self.deployed_units(spec.name) if u not in keep]
+        if doomed:
+            self._systemctl(["disable", "--quiet", "--now", *doomed], f"stop {', '.join(doomed)}",
+                            component=spec.name)
+            self.run(["systemctl", "reset-failed", *doomed])
+        if old_path and old_path != self.unit_path(spec.name, spec.replicas):
+            os.unlink(old_path)
+
+    def _check_owner(self, component: str, replicas: int) -> None:
         """Refuse to overwrite a unit of the same name that another app wrote (od-<a>-<b-c> = od-<a-b>-<c>)."""
-        path = self.unit_path(component)
+        path = self.unit_path(component, replicas)
         if not os.path.exists(path):
             return
         marks = read_marks(path)
@@ -236,15 +294,19 @@ class SystemdRuntime(Runtime):
                               f"component {marks.get('component')!r}; rename the app or component so the unit "
                               "names differ, or remove that unit")
 
-    def write_component(self, spec: ComponentSpec) -> None:
-        """Every file the unit needs: rootfs, config files, volumes, env file, then the unit itself."""
+    def write_component(self, spec: ComponentSpec, *, dep_units: Callable[[str], List[str]],
+                        jobs: Set[str]) -> None:
+        """Every file the unit needs: rootfs, config files, volumes, env file, then the unit itself.
+        ``dep_units`` names the units of a dependency, ``jobs`` the components that are jobs."""
         rootfs = self.rootfs(spec)
         configs = self._write_configs(spec)
         volumes = self._ensure_volumes(spec, rootfs)
         self._write_env(spec, rootfs)
+        after = [u for d in spec.local_deps for u in dep_units(d)]
+        wants = [u for d in spec.local_deps if d not in jobs for u in dep_units(d)]
         text = render_unit(spec, rootfs, app=self.app, env_file=self.env_path(spec.name), configs=configs,
-                           volumes=volumes, unit_name=self.unit_name)
-        write_atomic(self.unit_path(spec.name), text.encode("utf-8"), 0o644)
+                           volumes=volumes, after=after, wants=wants)
+        write_atomic(self.unit_path(spec.name, spec.replicas), text.encode("utf-8"), 0o644)
 
     def _write_configs(self, spec: ComponentSpec) -> List[Tuple[str, str]]:
         """Rendered config files (host path, path in the root). The directory is root-only: files may hold
@@ -317,22 +379,23 @@ class SystemdRuntime(Runtime):
 
     def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
         units = self._app_units()
-        present = stop_order([n for n in names if n in units], units, self.unit_name)
+        present = stop_order([n for n in names if n in units], units, self.deployed_units)
         for name in present:
-            unit = self.unit_name(name)
-            self._systemctl(["disable", "--quiet", "--now", unit], f"stop component {name}", component=name)
+            self._systemctl(["disable", "--quiet", "--now", *self.deployed_units(name)], f"stop component {name}",
+                            component=name)
+        stopped = [u for n in present for u in self.deployed_units(n)]
         for name in present:
             os.unlink(units[name])
             remove(self.env_path(name))
             shutil.rmtree(self.config_dir(name), ignore_errors=True)
         if present:
             self._systemctl(["daemon-reload"], "reload the unit files")
-            self.run(["systemctl", "reset-failed", *[self.unit_name(n) for n in present]])
+            self.run(["systemctl", "reset-failed", *stopped])
 
     def uninstall(self, *, keep_data: bool) -> List[str]:
         units = self._app_units()
+        removed = [os.path.basename(units[n]) for n in sorted(units)]
         self.remove(sorted(units), all_specs=[])
-        removed = [self.unit_name(n) for n in sorted(units)]
         for path in (os.path.join(self.app_dir, "config"), self.images_dir,
                      os.path.join(self.state_dir, "apps", self.app, "env")):
             if os.path.exists(path):
@@ -349,8 +412,21 @@ class SystemdRuntime(Runtime):
 
     # -- probe / logs ---------------------------------------------------------------------------------
 
-    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+    def job_state(self, spec: ComponentSpec) -> Tuple[str, str]:
         unit = self.unit_name(spec.name)
+        state, detail = _job_state(self._show(unit))
+        return state, f"unit {unit}: {detail}" + ("; see journalctl -u " + unit if state == JOB_FAILED else "")
+
+    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        if spec.is_job:
+            return self.ready(spec)
+        for unit in self.units(spec.name, spec.replicas):
+            ok, reason = self._probe_unit(spec, unit)
+            if not ok:
+                return False, reason
+        return True, ""
+
+    def _probe_unit(self, spec: ComponentSpec, unit: str) -> Tuple[bool, str]:
         props = self._show(unit)
         if props.get("ActiveState") != "active":
             return False, (f"unit {unit} is {props.get('ActiveState')}/{props.get('SubState')} (result "
@@ -363,9 +439,10 @@ class SystemdRuntime(Runtime):
             return http_probe(LOCAL_ADDRESS, int(health["http"]["port"]), health["http"].get("path", "/"), timeout)
         if "tcp" in health:
             return tcp_probe(LOCAL_ADDRESS, int(health["tcp"]["port"]), timeout)
-        return self._exec_probe(spec, list(health["exec"]), timeout, props.get("MainPID", ""))
+        return self._exec_probe(spec, list(health["exec"]), timeout, props.get("MainPID", ""), unit)
 
-    def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float, main_pid: str) -> Tuple[bool, str]:
+    def _exec_probe(self, spec: ComponentSpec, argv: List[str], timeout: float, main_pid: str,
+                    unit: str) -> Tuple[bool, str]:
         """The health command in the running component's own view of the file system: its root with its /run
         and private /tmp (a unix socket or pid file there is what checks like ``pg_isready`` look at) and its
         read-only system, as its user, with its environment file, bounded in time. ``nsenter --root`` takes the
@@ -374,12 +451,12 @@ class SystemdRuntime(Runtime):
         no new privileges. Not ``setns``: a mount namespace cannot be joined by a multi-threaded process (qemu
         user emulation makes every process one) and needs CAP_SYS_ADMIN. Root, user and environment come from
         the unit as written (what runs)."""
-        unit_file = self.unit_path(spec.name)
+        unit_file = self.unit_path(spec.name, spec.replicas)
         settings = unit_settings(unit_file)
         if "RootDirectory" not in settings:
             return False, f"{unit_file} has no RootDirectory=: not a unit this runtime wrote"
         if not main_pid.isdigit() or main_pid == "0":
-            return False, f"unit {self.unit_name(spec.name)} has no main process to probe"
+            return False, f"unit {unit} has no main process to probe"
         props = ["RuntimeMaxSec=%d" % max(1, int(timeout)), "NoNewPrivileges=yes",
                  "CapabilityBoundingSet=" + " ".join(PROBE_CAPABILITIES)]
         if "EnvironmentFile" in settings:
@@ -402,8 +479,9 @@ class SystemdRuntime(Runtime):
         return False, f"exec {' '.join(argv)} exited {rc}" + (f": {text}" if text else "")
 
     def logs(self, name: str, lines: int = 30) -> str:
-        rc, out, err = self.run(["journalctl", "-u", self.unit_name(name), "-n", str(int(lines)), "--no-pager",
-                                 "-o", "short-iso"])
+        units = self.deployed_units(name) or [self.unit_name(name)]
+        rc, out, err = self.run(["journalctl", *[a for u in units for a in ("-u", u)], "-n", str(int(lines)),
+                                 "--no-pager", "-o", "short-iso"])
         return out.strip() if rc == 0 else f"(journalctl failed: {err.strip()})"
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -413,7 +491,8 @@ class SystemdRuntime(Runtime):
         if rc == 0:
             return
         where = f"component {component}: " if component else ""
-        unit = self.unit_name(component) if component else "the app's units"
+        unit = " ".join(self.deployed_units(component) or [self.unit_name(component)]) if component else \
+            "the app's units"
         tail = f"\n{self.logs(component, 15)}" if component else ""
         late = f" (no answer within {SYSTEMCTL_TIMEOUT}s)" if rc == 124 else ""
         raise DeployError(f"{where}systemctl {' '.join(args)} failed to {what}{late}: "
@@ -427,27 +506,32 @@ class SystemdRuntime(Runtime):
 
 def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
                 configs: Sequence[Tuple[str, str]], volumes: Sequence[Tuple[str, str]],
-                unit_name: Callable[[str], str]) -> str:
-    """The unit file of one component."""
+                after: Sequence[str] = (), wants: Sequence[str] = ()) -> str:
+    """The unit file of one component (a template when it runs several instances). ``after`` are the units of
+    its dependencies on this host, ``wants`` those that a start of this unit also starts: not jobs, which run
+    when a deploy says so, not at every boot."""
     config = rootfs.config
     argv = exec_argv(spec, config, rootfs.path)
-    deps = " ".join(unit_name(d) for d in spec.local_deps)
     lines = [
         f"{FINGERPRINT_MARK}{spec.fingerprint}",
         f"{APP_MARK}{app}",
         f"{COMPONENT_MARK}{spec.name}",
+    ]
+    if spec.is_job:
+        lines.append(f"{KIND_MARK}job")
+    if spec.replicas > 1:
+        lines.append(f"{INSTANCES_MARK}{spec.replicas}")
+    instance = " instance %i" if spec.replicas > 1 else ""
+    lines += [
         "# Written by offline.delivery (systemd target); changed by the next deploy, not by hand.",
         "[Unit]",
-        f"Description={escape_specifiers(f'{app} {spec.version}: {spec.name} ({spec.reference})')}",
-    ]
-    if deps:
-        lines += [f"After=network-online.target {deps}", f"Wants=network-online.target {deps}"]
-    else:
-        lines += ["After=network-online.target", "Wants=network-online.target"]
-    lines += [
+        f"Description={escape_specifiers(f'{app} {spec.version}: {spec.name} ({spec.reference})')}{instance}",
+        " ".join(["After=network-online.target", *after]),
+        " ".join(["Wants=network-online.target", *wants]),
         "",
         "[Service]",
-        "Type=exec",
+        # A job runs to its end once per deploy that changes it: a oneshot, not restarted, not started at boot.
+        "Type=oneshot" if spec.is_job else "Type=exec",
         f"RootDirectory={unit_path(rootfs.path, 'root filesystem')}",
         "MountAPIVFS=yes",
         "PrivateTmp=yes",
@@ -465,11 +549,14 @@ def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
     if user:
         lines += [f"User={user[0]}", f"Group={user[1]}"]
     lines.append(f"KillSignal={kill_signal(config.get('StopSignal'))}")
-    lines += ["Restart=on-failure", "RestartSec=2s", f"TimeoutStopSec={STOP_TIMEOUT}s"]
+    if not spec.is_job:
+        lines += ["Restart=on-failure", "RestartSec=2s"]
+    lines.append(f"TimeoutStopSec={STOP_TIMEOUT}s")
     lines += hardening_lines(spec.security)
     lines += resource_lines(spec.resources)
-    lines += ["", "[Install]", "WantedBy=multi-user.target", ""]
-    return "\n".join(lines)
+    if not spec.is_job:
+        lines += ["", "[Install]", "WantedBy=multi-user.target"]
+    return "\n".join(lines + [""])
 
 
 def hardening_lines(security: Mapping[str, Any]) -> List[str]:
@@ -677,21 +764,22 @@ def iso_time(value: str) -> Optional[str]:
     return value
 
 
-def stop_order(names: Sequence[str], units: Mapping[str, str], unit_name: Callable[[str], str]) -> List[str]:
+def stop_order(names: Sequence[str], units: Mapping[str, str], units_of: Callable[[str], List[str]]) -> List[str]:
     """``names`` with dependents first (a unit is stopped before the units its ``After=`` names)."""
-    after = {n: set(unit_settings(units[n]).get("After", "").split()) for n in names}
+    after = {n: set(unit_settings(units[n], "[Unit]").get("After", "").split()) for n in names}
     remaining = sorted(names)
     ordered: List[str] = []
     while remaining:
-        free = [n for n in remaining if not any(unit_name(n) in after[m] for m in remaining if m != n)]
+        free = [n for n in remaining
+                if not any(set(units_of(n)) & after[m] for m in remaining if m != n)]
         pick = free[0] if free else remaining[0]   # a cycle cannot be written by start(); stop it anyway
         ordered.append(pick)
         remaining.remove(pick)
     return ordered
 
 
-def unit_settings(path: str) -> Dict[str, str]:
-    """``key -> value`` of the [Service] section of a unit file this runtime wrote (one value per key)."""
+def unit_settings(path: str, section_name: str = "[Service]") -> Dict[str, str]:
+    """``key -> value`` of a section of a unit file this runtime wrote (one value per key)."""
     settings: Dict[str, str] = {}
     section = ""
     try:
@@ -700,9 +788,29 @@ def unit_settings(path: str) -> Dict[str, str]:
                 line = line.strip()
                 if line.startswith("["):
                     section = line
-                elif section == "[Service]" and "=" in line and not line.startswith("#"):
+                elif section == section_name and "=" in line and not line.startswith("#"):
                     key, _sep, value = line.partition("=")
                     settings.setdefault(key, value)
     except FileNotFoundError:
         pass
     return settings
+
+
+def instance_units(unit_file: str, replicas: int) -> List[str]:
+    """``od-a-c.service`` -> itself; the template ``od-a-c@.service`` -> ``od-a-c@1.service`` .. ``@<replicas>``."""
+    if not unit_file.endswith("@.service"):
+        return [unit_file]
+    base = unit_file[:-len(".service")]
+    return [f"{base}{index}.service" for index in range(1, replicas + 1)]
+
+
+def _job_state(props: Mapping[str, str]) -> Tuple[str, str]:
+    """A oneshot unit's state (systemctl show) as a job state."""
+    active, sub, result = props.get("ActiveState", "?"), props.get("SubState", "?"), props.get("Result", "?")
+    if props.get("LoadState", "loaded") != "loaded":
+        return JOB_FAILED, f"not loaded ({props.get('LoadState')})"
+    if active in ("activating", "deactivating", "reloading"):
+        return JOB_RUNNING, f"{active}/{sub}"
+    if active == "failed" or result != "success":
+        return JOB_FAILED, f"{active}/{sub}, result {result}, exit status {props.get('ExecMainStatus', '?')}"
+    return JOB_SUCCEEDED, f"exited 0 ({active}/{sub})"
