@@ -88,7 +88,7 @@ options:
     type: str
     required: true
   health_timeout:
-    description: Upper bound in seconds on the wait for one component to become healthy.
+    description: Upper bound in seconds on the wait for one component to become healthy, or for a job to complete.
     type: int
     default: 300
   snapshot:
