@@ -14,7 +14,9 @@ description:
   - Renders the normalised application model of a release (as read by M(offline.delivery.app_release)) into
     Kubernetes objects - per component a Deployment, or a StatefulSet with a PersistentVolumeClaim per volume;
     a Service; a NodePort or LoadBalancer Service for published ports; a ConfigMap for config files; a Secret
-    for every env value and config file that holds a site secret (never inline).
+    for every env value and config file that holds a site secret (never inline). A component of kind job
+    becomes a Job named after its fingerprint (a changed job is a new Job that C(kubectl apply) creates and
+    runs), without a Service.
   - Images are pinned as C(<registry>/<reference>@<index digest>). Every object carries the
     C(app.kubernetes.io/*) labels and an C(offline.delivery/spec-fingerprint) annotation that changes exactly
     when the component's spec does. The fingerprint is an HMAC keyed with this host's fingerprint key
@@ -213,7 +215,7 @@ def main() -> None:
         "changed": False,
         "manifests": redact(objects),
         "fingerprints": {component_of(o): o["metadata"]["annotations"][FINGERPRINT_ANNOTATION]
-                         for o in objects if o["kind"] in ("Deployment", "StatefulSet")},
+                         for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")},
     }
     if p["dest"]:
         try:

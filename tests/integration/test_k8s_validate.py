@@ -84,3 +84,24 @@ def test_cli_validates_the_written_files(tmp_path: Path) -> None:
     result = subprocess.run([cli, "--strict", "-k", K8S_VERSION, "--quiet", *sorted(map(str, tmp_path.iterdir()))],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_job_validates_strictly_with_its_dependents() -> None:
+    """Issue #20 item 6: a component of kind job renders a batch/v1 Job (its Secret and ConfigMap, no Service)
+    that the 1.31 schema takes strictly, next to the API that waits for it; the cross-object checks pass."""
+    from tests.unit.test_app_k8s import shop_with_job
+
+    model = shop_with_job()
+    objects = render_manifests(model, namespace="shop", secrets=SECRETS, registry="repo.site:5000",
+                               image_digests={c: "sha256:" + "0f" * 32 for c in model["components"]},
+                               include_namespace=True, fingerprint_key=b"k" * 32)
+    kinds = {(o["kind"], o["metadata"]["labels"].get("app.kubernetes.io/component")) for o in objects}
+    assert {("Job", "migrate"), ("Secret", "migrate"), ("ConfigMap", "migrate")} <= kinds
+    assert ("Service", "migrate") not in kinds
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert check_manifests(objects) == []
+    job = next(o for o in objects if o["kind"] == "Job")
+    job["spec"]["ttlSecondsAfterFinishedd"] = 60
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)

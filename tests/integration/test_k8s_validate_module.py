@@ -92,3 +92,32 @@ def test_errors_name_the_field(collections_path: Path, tmp_path: Path) -> None: 
     rc, res = run_module(collections_path, "app_k8s_manifests", bad)
     assert rc != 0 and "overrides: no component web" in res["msg"]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_changed_job_is_a_new_job_file(collections_path: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A component of kind job: a Job file named after its fingerprint, no Service; the job's fingerprint is
+    returned; rendered again unchanged nothing is written, changed the Job gets a new name (the earlier file
+    is removed) so `kubectl apply` creates and runs it (docs/kubernetes.md "Jobs")."""
+    from tests.unit.test_app_k8s import MIGRATE, shop_with_job
+
+    dest = tmp_path / "out"
+
+    def with_job(command: list) -> dict:
+        base = args("1.0.0", dest)
+        model = shop_with_job(command)
+        base["model"] = dump_model(model)
+        base["images"]["migrate"] = dict(base["images"]["api"])
+        return base
+
+    rc, res = run_module(collections_path, "app_k8s_manifests", with_job(MIGRATE))
+    assert rc == 0 and res["changed"], res
+    fp = res["fingerprints"]["migrate"]
+    job_file = "-job-migrate-%s.json" % fp.split(":")[1][:10]
+    assert [f for f in res["files"]["written"] if f.endswith(job_file)], res["files"]
+    assert not [f for f in res["files"]["written"] if "-service-migrate" in f]
+    rc, res = run_module(collections_path, "app_k8s_manifests", with_job(MIGRATE))
+    assert rc == 0 and not res["changed"], res
+    rc, res = run_module(collections_path, "app_k8s_manifests", with_job(MIGRATE + ["--again"]))
+    assert rc == 0 and res["changed"] and res["fingerprints"]["migrate"] != fp, res
+    assert [f for f in res["files"]["removed"] if f.endswith(job_file)], res["files"]
+    assert [f for f in res["files"]["written"] if "-job-migrate-" in f], res["files"]

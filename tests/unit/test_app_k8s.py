@@ -358,3 +358,122 @@ def test_check_names_labels_and_duplicates() -> None:
     def service_name(objs: list) -> None:
         find(objs, "StatefulSet", "db")["spec"]["serviceName"] = "postgres"
     assert any("serviceName postgres names no Service" in p for p in broken(service_name))
+
+
+# -- jobs (issue #20 item 6): a component of kind job is a batch/v1 Job -------------------------------------
+
+MIGRATE = ["python3", "-c", "import os; print('migrated', os.environ['DB_HOST'])"]
+
+
+def shop_with_job(command: list = MIGRATE, **changes: object) -> dict:
+    """The shop with a job ``migrate`` (the API's image) that needs the database and that the API waits for."""
+    data = yaml.safe_load((ROOT / "examples/shop/app-1.0.0.yml").read_text())
+    migrate = {"kind": "job", "image": "shop/api:1.0.0", "command": list(command), "user": "1000",
+               "env": {"MIGRATE_LOG": "info"},
+               "config_files": [{"path": "/etc/migrate.conf", "mode": "0640", "content": "level = ${env.MIGRATE_LOG}\n"}],
+               "resources": {"cpus": "0.5", "memory": "64Mi"}, "placement": {"group": "shop_db"},
+               "depends_on": {"db": {"condition": "healthy"}}}
+    migrate.update(changes)
+    data["components"]["migrate"] = migrate
+    data["components"]["api"]["depends_on"]["migrate"] = {"condition": "completed"}
+    return load_model(data, source="app-job.yml")
+
+
+def jobs(objects: list) -> dict:
+    return {o["metadata"]["labels"]["app.kubernetes.io/component"]: o for o in objects if o["kind"] == "Job"}
+
+
+def test_a_job_is_a_batch_job_with_the_pod_spec_of_every_component() -> None:
+    objects = render(shop_with_job())
+    job = jobs(objects)["migrate"]
+    digest = job["metadata"]["annotations"][FINGERPRINT_ANNOTATION]
+    assert job["apiVersion"] == "batch/v1"
+    assert job["metadata"]["name"] == "migrate-" + digest.split(":")[1][:10]
+    spec = job["spec"]
+    # One run, no retry in place (the engine's rollback handles a failure), the completed Job is kept as the
+    # record that this definition ran (no ttlSecondsAfterFinished), and the controller makes the selector.
+    assert spec["backoffLimit"] == 0 and spec["completions"] == 1 and spec["parallelism"] == 1
+    assert "ttlSecondsAfterFinished" not in spec and "selector" not in spec and "activeDeadlineSeconds" not in spec
+    template = spec["template"]
+    assert template["metadata"]["annotations"] == {FINGERPRINT_ANNOTATION: digest}
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "migrate"
+    assert "app.kubernetes.io/version" not in template["metadata"]["labels"]
+    pod = template["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+    assert pod["nodeSelector"] == {"offline.delivery/group.shop_db": "true"}
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == "repo.site:5000/shop/api:1.0.0@" + DIGEST and ctr["args"] == MIGRATE
+    assert ctr["securityContext"]["runAsUser"] == 1000 and ctr["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert ctr["resources"] == {"limits": {"cpu": "0.5", "memory": "64Mi"}, "requests": {"cpu": "50m", "memory": "64Mi"}}
+    assert not {"ports", "startupProbe", "readinessProbe", "livenessProbe"} & set(ctr)
+    env = {e["name"]: e for e in ctr["env"]}
+    assert env["DB_HOST"] == {"name": "DB_HOST", "value": "db"}                        # injected exports of db
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "migrate-env", "key": "DB_PASSWORD"}
+    assert ctr["volumeMounts"] == [{"name": "config-files", "mountPath": "/etc/migrate.conf",
+                                    "subPath": "f0-migrate.conf", "readOnly": True}]
+    assert find(objects, "ConfigMap", "migrate-config")["data"] == {"f0-migrate.conf": "level = info\n"}
+    # Nothing connects to a job: no Service, and the manifests pass the cross-object checks.
+    assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].startswith("migrate")]
+    assert check_manifests(objects) == []
+
+
+def test_a_job_comes_before_its_dependents_in_the_manifests() -> None:
+    order = [(o["kind"], o["metadata"]["labels"]["app.kubernetes.io/component"]) for o in render(shop_with_job())]
+    assert order.index(("Job", "migrate")) < order.index(("Deployment", "api"))
+    assert order.index(("StatefulSet", "db")) < order.index(("Secret", "migrate"))
+
+
+def test_the_job_name_follows_its_fingerprint_so_kubectl_apply_creates_a_changed_job() -> None:
+    """Same definition: same Job (applying it again changes nothing); another definition (command, env, a Secret
+    value, the image): another Job name, created and run by `kubectl apply`. Other components do not change."""
+    first = render(shop_with_job())
+    assert [o["metadata"]["name"] for o in first] == [o["metadata"]["name"] for o in render(shop_with_job())]
+    changed = render(shop_with_job(MIGRATE + ["--again"]))
+    assert jobs(changed)["migrate"]["metadata"]["name"] != jobs(first)["migrate"]["metadata"]["name"]
+    assert fingerprints(changed) == fingerprints(first)
+    other_secret = render(shop_with_job(), secrets=dict(SECRETS, db_password="Other" * 7))
+    assert jobs(other_secret)["migrate"]["metadata"]["name"] != jobs(first)["migrate"]["metadata"]["name"]
+    # Long component names still make a valid Job name (at most 63: its pods' job-name label).
+    model = shop_with_job()
+    model["components"]["m" * 60] = model["components"].pop("migrate")
+    model["components"]["api"]["depends_on"]["m" * 60] = model["components"]["api"]["depends_on"].pop("migrate")
+    (job,) = jobs(render(model)).values()
+    assert len(job["metadata"]["name"]) == 63 and check_manifests(render(model)) == []
+
+
+def test_models_stored_before_jobs_existed_render_services() -> None:
+    model = shop()
+    for comp in model["components"].values():
+        comp.pop("kind", None)
+    assert render(model) == render(shop())
+
+
+def test_a_job_with_what_a_job_cannot_have_is_refused() -> None:
+    model = shop_with_job()
+    model["components"]["migrate"]["ports"] = [{"name": "http", "port": 8000, "protocol": "tcp", "publish": None}]
+    with pytest.raises(K8sRenderError, match="components.migrate.ports: a job"):
+        render(model)
+
+
+def test_check_job_restart_policy_name_and_services() -> None:
+    def restart(objs: list) -> None:
+        jobs(objs)["migrate"]["spec"]["template"]["spec"]["restartPolicy"] = "Always"
+    objects = render(shop_with_job())
+    restart(objects)
+    assert any("Job shop/migrate-" in p and "restartPolicy Never or OnFailure, not Always" in p
+               for p in check_manifests(objects))
+
+    objects = render(shop_with_job())
+    jobs(objects)["migrate"]["metadata"]["name"] = "m" * 64
+    assert any("a Job name longer than 63" in p for p in check_manifests(objects))
+
+    objects = render(shop_with_job())
+    service = copy.deepcopy(find(objects, "Service", "redis"))
+    service["metadata"]["name"] = "migrate"
+    service["spec"]["selector"]["app.kubernetes.io/component"] = "migrate"
+    objects.append(service)
+    assert any("Service shop/migrate: its selector" in p and "but those of Job migrate-" in p
+               and "which run to completion" in p for p in check_manifests(objects))
+    # A Job has no selector of its own (the controller makes it): not an "empty selector".
+    assert check_manifests(render(shop_with_job())) == []

@@ -12,6 +12,7 @@ import http.server
 import json
 import ssl
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -21,6 +22,7 @@ from offline_delivery_core.targets.k8s import (
     FINGERPRINT_ANNOTATION,
     K8sRuntime,
     RenderOptions,
+    job_condition,
     pod_problem,
     rollout_problem,
 )
@@ -315,7 +317,7 @@ def test_runtime_start_applies_secret_first_and_stamps_the_engine_fingerprint(se
             obj = json.loads(body)
             obj["metadata"]["generation"] = 1
             return 200, obj
-        if "/statefulsets/" in path:
+        if "/statefulsets/" in path or "/jobs/" in path:
             return 404, {"kind": "Status", "reason": "NotFound"}
         return 200, {"kind": "Deployment", "metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
 
@@ -339,6 +341,8 @@ def test_runtime_replaces_a_workload_of_the_other_kind(server: Any, pki: PKI) ->
     def answer(method: str, path: str, body: bytes) -> Tuple[int, Any]:
         if method == "PATCH":
             return 200, dict(json.loads(body), status={})
+        if "/jobs/" in path:
+            return 404, {"kind": "Status", "reason": "NotFound"}
         return 200, {"kind": "Deployment", "metadata": {"generation": 0}, "status": {}}
 
     server.answer = answer
@@ -374,7 +378,7 @@ def test_observe_reads_the_fingerprint_and_notices_changed_site_options(server: 
             return 200, {"items": [{"metadata": {"name": "api-1"}, "status": {"startTime": "2026-01-01T00:00:00Z"}}]}
         if "?" in path:
             return 200, {"items": []}
-        if "/statefulsets/" in path:
+        if "/statefulsets/" in path or "/jobs/" in path:
             return 404, {"kind": "Status", "reason": "NotFound"}
         return 200, {"metadata": {"generation": 0}, "status": {}}
 
@@ -704,3 +708,218 @@ def test_discovery_for_kinds_outside_the_table(server: Any, pki: PKI) -> None:
     with pytest.raises(K8sError, match=r"kind Widget is not in the client's table .*give its apiVersion"):
         client.get("Widget", "w", "x")
     assert client.path("Deployment", namespace="a", name="b", api_version="apps/v1") == "/apis/apps/v1/namespaces/a/deployments/b"
+
+
+# -- jobs (issue #20 item 6): the runtime against a small in-memory API server ---------------------------------
+
+class FakeApi:
+    """Enough of an API server for a job's life: server-side apply creates or updates (a Job's template cannot
+    change: 422, as the real one answers), get/list (label selectors)/delete (a Job's pods go with it;
+    foreground deletion finishes one read later, as the garbage collector does), pod logs. ``controller``
+    plays the Job controller on every new Job: it returns the Job's status and its pod."""
+
+    PLURALS = ("jobs", "deployments", "statefulsets", "services", "configmaps", "secrets", "pods",
+               "persistentvolumeclaims")
+
+    def __init__(self) -> None:
+        self.objects: Dict[str, Dict[str, Any]] = {}
+        self.uids = 0
+        self.deletes: List[Tuple[str, str]] = []
+        self.controller = succeed
+        self.logs: Dict[str, str] = {}
+
+    def put(self, path: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        self.uids += 1
+        obj.setdefault("metadata", {}).update(uid="uid-%d" % self.uids, generation=1,
+                                              creationTimestamp="2026-01-01T00:00:%02dZ" % self.uids)
+        self.objects[path] = obj
+        return obj
+
+    def __call__(self, method: str, path: str, body: bytes) -> Tuple[int, Any]:
+        base, _, query = path.partition("?")
+        params = dict(urllib.parse.parse_qsl(query))
+        if method == "PATCH":
+            obj = json.loads(body)
+            current = self.objects.get(base)
+            if current is not None:
+                if obj["kind"] == "Job" and obj["spec"]["template"] != current["spec"]["template"]:
+                    return 422, {"kind": "Status", "reason": "Invalid",
+                                 "message": "Job.batch is invalid: spec.template: field is immutable"}
+                current.update(obj)
+                return 200, current
+            obj = self.put(base, obj)
+            if obj["kind"] == "Job":
+                obj["status"], pod = self.controller(obj)
+                if pod is not None:
+                    self.put("/api/v1/namespaces/shop/pods/" + pod["metadata"]["name"], pod)
+            else:
+                obj["status"] = {"observedGeneration": 1}
+            return 200, obj
+        if method == "DELETE":
+            obj = self.objects.get(base)
+            if obj is None:
+                return 404, {"kind": "Status", "reason": "NotFound"}
+            policy = json.loads(body).get("propagationPolicy")
+            self.deletes.append((base, policy))
+            uid = obj["metadata"]["uid"]
+            for other_path, other in list(self.objects.items()):
+                if any(ref.get("uid") == uid for ref in other["metadata"].get("ownerReferences") or []):
+                    del self.objects[other_path]
+            if policy == "Foreground":
+                obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+            else:
+                del self.objects[base]
+            return 200, {"kind": "Status", "status": "Success"}
+        if base.endswith("/log"):
+            return 200, self.logs.get(base.rsplit("/", 2)[-2], "").encode()
+        obj = self.objects.get(base)
+        if obj is not None:
+            if obj["metadata"].get("deletionTimestamp"):   # the garbage collector finishes the deletion
+                del self.objects[base]
+            return 200, obj
+        if base.rsplit("/", 1)[-1] not in self.PLURALS:
+            return 404, {"kind": "Status", "reason": "NotFound"}
+        wanted = dict(kv.split("=", 1) for kv in params.get("labelSelector", "").split(",") if kv)
+        return 200, {"items": [o for p, o in self.objects.items() if p.rsplit("/", 1)[0] == base
+                               and all(o["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())]}
+
+    def names(self, plural: str) -> List[str]:
+        return sorted(p.rsplit("/", 1)[1] for p in self.objects if p.rsplit("/", 2)[-2] == plural)
+
+
+def job_pod(job: Dict[str, Any], state: Dict[str, Any], *, phase: str) -> Dict[str, Any]:
+    meta = job["metadata"]
+    return {"kind": "Pod", "metadata": {
+        "name": "%s-%s" % (meta["name"], meta["uid"]), "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+        "annotations": dict(job["spec"]["template"]["metadata"]["annotations"]),
+        "ownerReferences": [{"kind": "Job", "name": meta["name"], "uid": meta["uid"]}]},
+        "status": {"phase": phase, "containerStatuses": [{"name": meta["name"], "state": state, "ready": False}]}}
+
+
+def succeed(job: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    return ({"startTime": "2026-01-01T00:00:00Z", "succeeded": 1,
+             "conditions": [{"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]},
+            job_pod(job, {"terminated": {"exitCode": 0, "reason": "Completed"}}, phase="Succeeded"))
+
+
+def fail(job: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    return ({"startTime": "2026-01-01T00:00:00Z", "failed": 1,
+             "conditions": [{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"},
+                            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                             "message": "Job has reached the specified backoff limit"}]},
+            job_pod(job, {"terminated": {"exitCode": 3, "reason": "Error"}}, phase="Failed"))
+
+
+def pull_fails(job: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    return ({"startTime": "2026-01-01T00:00:00Z", "active": 1},
+            job_pod(job, {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}},
+                    phase="Pending"))
+
+
+def job_spec(fp: str = "a", **kw: Any) -> ComponentSpec:
+    base: Dict[str, Any] = dict(name="migrate", kind="job", ports=[], health=None, env={"DB_HOST": "db"},
+                                command=["python3", "-c", "print(1)"], fingerprint="hmac-sha256:" + fp * 64)
+    base.update(kw)
+    return spec(**base)
+
+
+@pytest.fixture
+def fake(server: Any, pki: PKI) -> Iterator[Tuple[FakeApi, K8sRuntime]]:
+    api = FakeApi()
+    server.answer = api
+    client = K8sClient.from_kubeconfig(kubeconfig(url_of(server), pki, token="t"))
+    yield api, K8sRuntime("shop", client=client, options=RenderOptions(namespace="shop"), poll=0.01)
+
+
+def test_a_job_runs_as_a_new_job_and_is_left_alone_once_it_succeeded(fake: Tuple[FakeApi, K8sRuntime]) -> None:
+    api, runtime = fake
+    assert runtime.observe() == {}
+    runtime.start([job_spec()], all_specs=[job_spec()])
+    assert api.names("jobs") == ["migrate"] and api.names("services") == []
+    job = api.objects["/apis/batch/v1/namespaces/shop/jobs/migrate"]
+    assert job["metadata"]["annotations"][FINGERPRINT_ANNOTATION] == job_spec().fingerprint
+    assert job["spec"]["template"]["metadata"]["annotations"][FINGERPRINT_ANNOTATION] == job_spec().fingerprint
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    # Succeeded with this fingerprint: the plan sees it "running" (done) and leaves it alone.
+    seen = runtime.observe()["migrate"]
+    assert (seen.fingerprint, seen.running, seen.started_at) == (job_spec().fingerprint, True, "2026-01-01T00:00:00Z")
+    assert runtime.job_state(job_spec()) == ("succeeded", "Job migrate completed")
+    assert runtime.probe(job_spec()) == (True, "")
+    # The engine starts it again (changed, or its last run failed): the previous Job goes first (foreground,
+    # waited for), as a Job's template cannot change in place, and a new one runs.
+    uid = job["metadata"]["uid"]
+    runtime.start([job_spec("b")], all_specs=[job_spec("b")])
+    assert ("/apis/batch/v1/namespaces/shop/jobs/migrate", "Foreground") in api.deletes
+    job = api.objects["/apis/batch/v1/namespaces/shop/jobs/migrate"]
+    assert job["metadata"]["uid"] != uid and job["metadata"]["annotations"][FINGERPRINT_ANNOTATION] == job_spec("b").fingerprint
+    assert runtime.observe()["migrate"].fingerprint == job_spec("b").fingerprint
+    # No wait for an observedGeneration a Job does not have; its old pod went with it.
+    assert api.names("pods") == ["migrate-" + job["metadata"]["uid"]]
+
+
+def test_a_failed_job_names_its_exit_code_and_runs_again(fake: Tuple[FakeApi, K8sRuntime]) -> None:
+    api, runtime = fake
+    api.controller = fail
+    runtime.start([job_spec()], all_specs=[])
+    state, detail = runtime.job_state(job_spec())
+    assert state == "failed", detail
+    assert "Job migrate failed (BackoffLimitExceeded: Job has reached the specified backoff limit)" in detail
+    assert "container migrate exited 3 Error" in detail
+    seen = runtime.observe()["migrate"]
+    assert not seen.running and "failed" in seen.detail and seen.fingerprint == job_spec().fingerprint
+    assert runtime.probe(job_spec()) == (False, detail)
+    pod = api.names("pods")[0]
+    api.logs[pod] = "Traceback: no such table\n"
+    assert runtime.logs("migrate") == "Traceback: no such table\n"
+    # Same definition, started again (the plan's "restarted"): a new run.
+    api.controller = succeed
+    runtime.start([job_spec()], all_specs=[])
+    assert runtime.job_state(job_spec())[0] == "succeeded" and runtime.observe()["migrate"].running
+
+
+def test_job_state_while_it_runs_and_when_it_is_not_this_spec(fake: Tuple[FakeApi, K8sRuntime]) -> None:
+    api, runtime = fake
+    assert runtime.job_state(job_spec()) == ("failed", "Job shop/migrate does not exist")
+    api.controller = pull_fails
+    runtime.start([job_spec()], all_specs=[])
+    state, detail = runtime.job_state(job_spec())
+    assert state == "running" and "container migrate ImagePullBackOff: Back-off pulling image" in detail, detail
+    assert not runtime.observe()["migrate"].running
+    state, detail = runtime.job_state(job_spec("c"))
+    assert state == "failed" and "runs another spec (hmac-sha256:aaaa" in detail
+    # Status (probe_spec) carries no fingerprint: the Job's own state counts.
+    assert runtime.job_state(job_spec(fingerprint=""))[0] == "running"
+
+
+def test_a_service_that_becomes_a_job_and_back(fake: Tuple[FakeApi, K8sRuntime]) -> None:
+    """A compose "migrate" service turned into a job: its Deployment and Service go; back to a service, the Job
+    goes."""
+    api, runtime = fake
+    service = spec(name="migrate", env={}, fingerprint="hmac-sha256:" + "9" * 64)
+    runtime.start([service], all_specs=[])
+    assert api.names("deployments") == ["migrate"] and api.names("services") == ["migrate"]
+    runtime.start([job_spec()], all_specs=[])
+    assert api.names("deployments") == [] and api.names("services") == [] and api.names("jobs") == ["migrate"]
+    runtime.start([service], all_specs=[])
+    assert api.names("jobs") == [] and api.names("deployments") == ["migrate"]
+
+
+def test_remove_and_uninstall_delete_jobs_and_their_pods(fake: Tuple[FakeApi, K8sRuntime]) -> None:
+    api, runtime = fake
+    runtime.start([job_spec()], all_specs=[])
+    runtime.remove(["migrate"], all_specs=[])
+    assert api.names("jobs") == [] and api.names("pods") == [] and api.names("configmaps") == []
+    runtime.start([job_spec()], all_specs=[])
+    assert "Job/migrate" in runtime.uninstall(keep_data=True)
+    assert api.names("jobs") == [] and api.names("pods") == []
+    assert ("/apis/batch/v1/namespaces/shop/jobs/migrate", "Background") in api.deletes
+
+
+def test_job_condition() -> None:
+    def job(*conditions: str) -> Dict[str, Any]:
+        return {"status": {"active": 1, "conditions": [{"type": c, "status": "True"} for c in conditions]
+                           + [{"type": "Failed", "status": "False"}]}}
+    assert job_condition(job()) == ("running", "1 active, 0 succeeded, 0 failed pods")
+    assert job_condition(job("SuccessCriteriaMet"))[0] == "running"     # pods still finishing
+    assert job_condition(job("SuccessCriteriaMet", "Complete")) == ("succeeded", "")
+    assert job_condition(job("FailureTarget")) == ("failed", "FailureTarget")

@@ -54,6 +54,7 @@ KINDS: Dict[str, Tuple[str, str, bool]] = {
     "StatefulSet": ("apps/v1", "statefulsets", True),
     "ReplicaSet": ("apps/v1", "replicasets", True),
     "ControllerRevision": ("apps/v1", "controllerrevisions", True),
+    "Job": ("batch/v1", "jobs", True),
 }
 
 EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")

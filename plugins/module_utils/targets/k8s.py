@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 T = TypeVar("T")
 
 from ..app.model import ModelError, capabilities_of, effective_env, references, render_config, start_order
-from ..app.runtime import ComponentSpec, DeployError, Observed, Runtime
+from ..app.runtime import JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, ComponentSpec, DeployError, Observed, Runtime
 from ..app.runtime import fingerprint as keyed_fingerprint
 from ..clients.kubernetes import K8sClient, K8sError, wait_for
 from ..common.digests import sha256_digest
@@ -44,7 +44,11 @@ DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 CPU_REQUEST_FRACTION = 0.1
 
 # Order of kinds inside one component: what a workload refers to comes first.
-KIND_ORDER = ("Namespace", "Secret", "ConfigMap", "Service", "StatefulSet", "Deployment")
+KIND_ORDER = ("Namespace", "Secret", "ConfigMap", "Service", "StatefulSet", "Deployment", "Job")
+# A Job's name is the value of the job-name label of its pods, so at most 63 characters; in static manifests
+# it carries the first characters of its fingerprint (render_manifests).
+MAX_JOB_NAME = 63
+JOB_NAME_HASH = 10
 
 DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 DNS1035_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
@@ -262,6 +266,7 @@ class ComponentInput:
     group: Optional[str] = None
     description: str = ""
     security: Mapping[str, Any] = field(default_factory=dict)   # the model's (app_model.capabilities_of)
+    kind: str = "service"                       # or "job": a batch/v1 Job, run to completion
 
 
 def _env_list(inp: ComponentInput, kname: str) -> List[dict]:
@@ -328,8 +333,26 @@ def _container(inp: ComponentInput, kname: str, mounts: List[dict]) -> dict:
     return container
 
 
+def _check_job_input(inp: ComponentInput) -> None:
+    """What the model refuses on a job, refused here too (a spec from elsewhere, e.g. a hand-made one)."""
+    for what, value in (("ports", inp.ports), ("volumes", inp.volumes), ("health", inp.health)):
+        if value:
+            raise K8sRenderError("components.%s.%s: a job (kind: job) cannot have %s" % (inp.name, what, what))
+    if inp.replicas != 1:
+        raise K8sRenderError("components.%s.replicas: a job runs once (replicas 1), got %r" % (inp.name, inp.replicas))
+
+
 def render_component(inp: ComponentInput, opts: RenderOptions) -> List[dict]:
-    """The objects of one component, without release metadata or fingerprint (see ``stamp``)."""
+    """The objects of one component, without release metadata or fingerprint (see ``stamp``).
+
+    A service becomes a Deployment (a StatefulSet with volumes) and its Service(s); a job (``kind: job``) a
+    ``batch/v1`` Job with the same pod spec, ``restartPolicy: Never`` and ``backoffLimit: 0`` (a failed run
+    fails the deploy, whose rollback decides what happens next), no ``ttlSecondsAfterFinished`` (the
+    completed Job is the record that it ran with this fingerprint), and no Service (nothing connects to it).
+    """
+    is_job = inp.kind == "job"
+    if is_job:
+        _check_job_input(inp)
     kname = object_name(inp.name)
     labels = pod_labels(inp.app, inp.name)
     ns = opts.namespace
@@ -340,9 +363,10 @@ def render_component(inp: ComponentInput, opts: RenderOptions) -> List[dict]:
                         "type": "Opaque", "data": {k: _b64(v) for k, v in secret_env.items()}})
     file_objects, volumes, mounts = _file_objects(inp, kname, ns, labels)
     objects.extend(file_objects)
-    # Every component gets its name in cluster DNS, as every compose service has: without ports a headless
-    # Service (the name resolves to the pods' addresses), so ${host} of a port-less component still resolves.
-    objects.append(_service(kname, ns, labels, inp.ports))
+    if not is_job:
+        # Every service gets its name in cluster DNS, as every compose service has: without ports a headless
+        # Service (the name resolves to the pods' addresses), so ${host} of a port-less component still resolves.
+        objects.append(_service(kname, ns, labels, inp.ports))
     published = [p for p in inp.ports if p.get("publish") is not None]
     if published:
         objects.append(_published_service(kname, ns, labels, published, opts.publish_type, opts.node_port_range))
@@ -356,9 +380,16 @@ def render_component(inp: ComponentInput, opts: RenderOptions) -> List[dict]:
         pod_spec["volumes"] = volumes
     if inp.group:
         pod_spec["nodeSelector"] = {GROUP_LABEL_PREFIX + inp.group: "true"}
+    template = {"metadata": {"labels": dict(sorted(labels.items()))}, "spec": pod_spec}
+    if is_job:
+        # One pod, never restarted in place; no selector: the Job controller makes its own (controller-uid).
+        pod_spec["restartPolicy"] = "Never"
+        objects.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(kname, ns, labels),
+                        "spec": {"backoffLimit": 0, "completions": 1, "parallelism": 1, "template": template}})
+        return sorted(objects, key=lambda o: (KIND_ORDER.index(o["kind"]), o["metadata"]["name"]))
     kind = "StatefulSet" if inp.volumes else "Deployment"
     spec: Dict[str, Any] = {"replicas": inp.replicas, "selector": {"matchLabels": selector_labels(inp.app, inp.name)},
-                            "template": {"metadata": {"labels": dict(sorted(labels.items()))}, "spec": pod_spec}}
+                            "template": template}
     if kind == "StatefulSet":
         spec["serviceName"] = kname
         spec["volumeClaimTemplates"] = [
@@ -422,8 +453,20 @@ def stamp(objects: List[dict], inp: ComponentInput, opts: RenderOptions, digest:
         if inp.description:
             annotations[DESCRIPTION_ANNOTATION] = inp.description
         meta["annotations"] = dict(sorted(annotations.items()))
-        if obj["kind"] in ("Deployment", "StatefulSet"):
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
             obj["spec"]["template"]["metadata"]["annotations"] = {FINGERPRINT_ANNOTATION: digest}
+
+
+def job_name(component: str, digest: str) -> str:
+    """The name of a job's Job in static manifests: ``<component>-<first 10 hex of its fingerprint>``.
+
+    A Job's pod template cannot be changed, so ``kubectl apply`` of a changed job under the same name fails
+    ("field is immutable"). Named by its fingerprint, a changed job is a new Job that ``kubectl apply`` creates
+    (and runs), while an unchanged one is the same object and applying it again does nothing
+    (docs/kubernetes.md "Jobs")."""
+    kname = object_name(component)
+    hexdigest = digest.split(":", 1)[-1][:JOB_NAME_HASH]
+    return "%s-%s" % (kname[:MAX_JOB_NAME - JOB_NAME_HASH - 1].rstrip("-"), hexdigest)
 
 
 def model_input(model: dict, name: str, *, secrets: Mapping[str, str], overrides: Mapping[str, object],
@@ -448,7 +491,8 @@ def model_input(model: dict, name: str, *, secrets: Mapping[str, str], overrides
                           command=comp["command"], user=comp["user"], replicas=comp["replicas"],
                           resources=comp["resources"], group=comp["placement"]["group"],
                           security=comp.get("security") or {},
-                          description=comp["description"])
+                          description=comp["description"],
+                          kind=comp.get("kind") or "service")   # models stored before jobs existed: services
 
 
 def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
@@ -483,7 +527,11 @@ def render_manifests(model: dict, *, namespace: str, secrets: Mapping[str, str],
                               digest=image_digests.get(name))
             inp = model_input(model, name, secrets=secrets, overrides=overrides.get(name) or {}, image=image)
             objects = render_component(inp, opts)
-            stamp(objects, inp, opts, fingerprint(objects, fingerprint_key))
+            digest = fingerprint(objects, fingerprint_key)
+            stamp(objects, inp, opts, digest)
+            for obj in objects:
+                if obj["kind"] == "Job":
+                    obj["metadata"]["name"] = job_name(name, digest)
             out.extend(objects)
     return json.loads(json.dumps(out))
 
@@ -519,7 +567,7 @@ def _where(obj: Mapping[str, Any]) -> str:
 
 
 def _pod_spec(obj: Mapping[str, Any]) -> Optional[dict]:
-    if obj.get("kind") in ("Deployment", "StatefulSet"):
+    if obj.get("kind") in ("Deployment", "StatefulSet", "Job"):
         return ((obj.get("spec") or {}).get("template") or {}).get("spec")
     return None
 
@@ -545,6 +593,9 @@ def _check_names(objects: List[dict], problems: List[str]) -> None:
         if obj.get("kind") == "StatefulSet" and len(name) > MAX_STATEFULSET_NAME:
             problems.append("%s: a StatefulSet name longer than %d breaks its pods' controller-revision-hash "
                             "label" % (_where(obj), MAX_STATEFULSET_NAME))
+        if obj.get("kind") == "Job" and len(name) > MAX_JOB_NAME:
+            problems.append("%s: a Job name longer than %d breaks its pods' job-name label"
+                            % (_where(obj), MAX_JOB_NAME))
         for where, labels in (("labels", meta.get("labels") or {}), ("pod labels", _template_labels(obj))):
             for lkey, value in labels.items():
                 if not LABEL_KEY_RE.match(lkey) or len(lkey.rsplit("/", 1)[-1]) > 63:
@@ -557,6 +608,8 @@ def _check_selectors(objects: List[dict], problems: List[str]) -> None:
     for obj in objects:
         if _pod_spec(obj) is None:
             continue
+        if obj.get("kind") == "Job" and not (obj.get("spec") or {}).get("manualSelector"):
+            continue   # the Job controller makes the selector (its controller-uid)
         selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         labels = _template_labels(obj)
         if not selector:
@@ -576,10 +629,13 @@ def _matching_workloads(service: dict, objects: List[dict]) -> List[dict]:
 
 def _check_services(objects: List[dict], problems: List[str]) -> None:
     for svc in (o for o in objects if o.get("kind") == "Service"):
-        workloads = _matching_workloads(svc, objects)
+        matching = _matching_workloads(svc, objects)
+        workloads = [o for o in matching if o.get("kind") != "Job"]
         if not workloads:
-            problems.append("%s: its selector %s selects no pod of these manifests"
-                            % (_where(svc), (svc.get("spec") or {}).get("selector")))
+            jobs = ", ".join(o["metadata"].get("name", "") for o in matching)
+            problems.append("%s: its selector %s selects no pod of these manifests%s"
+                            % (_where(svc), (svc.get("spec") or {}).get("selector"),
+                               (" but those of Job %s, which run to completion" % jobs) if jobs else ""))
             continue
         container_ports = [p for w in workloads for c in _pod_spec(w)["containers"] for p in c.get("ports") or []]
         for port in (svc.get("spec") or {}).get("ports") or []:
@@ -678,11 +734,18 @@ def _check_volumes(objects: List[dict], obj: dict, pod: dict, problems: List[str
                                 % (_where(obj), container.get("name"), mount["subPath"], name, ", ".join(paths)))
 
 
+def _check_job(obj: dict, pod: dict, problems: List[str]) -> None:
+    """What the API server refuses of a Job but a schema does not say."""
+    policy = pod.get("restartPolicy", "Always")
+    if policy not in ("Never", "OnFailure"):
+        problems.append("%s: a Job's pods need restartPolicy Never or OnFailure, not %s" % (_where(obj), policy))
+
+
 def check_manifests(objects: Iterable[dict]) -> List[str]:
     """Problems across objects, one line each (empty = fine): names and labels, workload selectors vs pod
     labels, Services vs the pods and ports they select, probe port names, env Secret/ConfigMap references,
-    volume mounts vs volumes. ``kubernetes-validate --strict`` checks each object's schema; this checks the
-    rest."""
+    volume mounts vs volumes, a Job's restart policy. ``kubernetes-validate --strict`` checks each object's
+    schema; this checks the rest."""
     objects = list(objects)
     problems: List[str] = []
     _check_names(objects, problems)
@@ -692,6 +755,8 @@ def check_manifests(objects: Iterable[dict]) -> List[str]:
         pod = _pod_spec(obj)
         if pod is None:
             continue
+        if obj.get("kind") == "Job":
+            _check_job(obj, pod, problems)
         for container in pod.get("containers") or []:
             _check_probes(obj, container, problems)
             _check_env(objects, obj, container, problems)
@@ -704,8 +769,10 @@ def check_manifests(objects: Iterable[dict]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------
 
 WORKLOAD_KINDS = ("StatefulSet", "Deployment")
+# What a component runs as: a service's Deployment/StatefulSet or a job's Job (observe lists all three).
+RUNNING_KINDS = WORKLOAD_KINDS + ("Job",)
 # What uninstall/remove delete, in this order (workloads first so no pod restarts against a deleted Secret).
-OWNED_KINDS = ("Deployment", "StatefulSet", "Service", "ConfigMap", "Secret")
+OWNED_KINDS = ("Job", "Deployment", "StatefulSet", "Service", "ConfigMap", "Secret")
 
 
 def spec_input(spec: ComponentSpec, *, secret_values: Iterable[str], group: Optional[str] = None,
@@ -720,7 +787,31 @@ def spec_input(spec: ComponentSpec, *, secret_values: Iterable[str], group: Opti
         secret_files={i for i, f in enumerate(files) if _holds_secret(f["content"], values)},
         ports=list(spec.ports), volumes=list(spec.volumes), health=spec.health, entrypoint=spec.entrypoint,
         command=spec.command, user=spec.user, replicas=spec.replicas, resources=dict(spec.resources or {}),
-        group=group, description=description, security=dict(spec.security or {}))
+        group=group, description=description, security=dict(spec.security or {}), kind=spec.kind)
+
+
+def workload_kind(spec: ComponentSpec) -> str:
+    """The kind of object a component runs as on the cluster."""
+    if spec.is_job:
+        return "Job"
+    return "StatefulSet" if spec.volumes else "Deployment"
+
+
+def job_condition(job: Mapping[str, Any]) -> Tuple[str, str]:
+    """(JOB_RUNNING | JOB_SUCCEEDED | JOB_FAILED, the condition's reason and message) from a Job's status.
+
+    ``Failed`` (and ``FailureTarget``, which the controller sets first since 1.31 while it stops the pods) is
+    final; ``Complete`` is success (set once the pods are done: ``SuccessCriteriaMet`` alone is not yet)."""
+    true = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    for kind in ("Failed", "FailureTarget"):
+        if kind in true:
+            cond = true[kind]
+            return JOB_FAILED, ": ".join(t for t in (cond.get("reason"), cond.get("message")) if t) or kind
+    if "Complete" in true:
+        return JOB_SUCCEEDED, ""
+    status = job.get("status") or {}
+    return JOB_RUNNING, "%s active, %s succeeded, %s failed pods" % (
+        status.get("active", 0), status.get("succeeded", 0), status.get("failed", 0))
 
 
 def pod_problem(pod: Mapping[str, Any]) -> str:
@@ -821,7 +912,7 @@ class K8sRuntime(Runtime):
 
     def _workloads(self) -> List[dict]:
         out: List[dict] = []
-        for kind in WORKLOAD_KINDS:
+        for kind in RUNNING_KINDS:
             out += self._call("list %ss of %s" % (kind, self.app), self.client.list, kind, self.namespace,
                               label_selector=app_selector(self.app))
         return out
@@ -845,11 +936,20 @@ class K8sRuntime(Runtime):
             if have and annotations.get(OPTIONS_ANNOTATION) != self.options_digest(name):
                 # Same spec, other site options (storage class, publish type, labels, group): re-apply it.
                 have += " (rendered with other k8s options)"
+            detail = "%s %s" % (workload.get("kind"), meta.get("name"))
+            if workload.get("kind") == "Job":
+                # A job is "running" for the plan when its run with this definition succeeded: then it is
+                # left alone; a failed or unfinished run makes the engine run it again.
+                state, why = job_condition(workload)
+                observed[name] = Observed(fingerprint=have, running=state == JOB_SUCCEEDED,
+                                          started_at=(workload.get("status") or {}).get("startTime"),
+                                          detail="%s: %s%s" % (detail, state, (" (%s)" % why) if why else ""))
+                continue
             observed[name] = Observed(
                 fingerprint=have,
                 running=(workload.get("spec") or {}).get("replicas", 1) > 0,
                 started_at=starts[0] if starts else None,
-                detail="%s %s" % (workload.get("kind"), meta.get("name")))
+                detail=detail)
         return observed
 
     # -- writing ------------------------------------------------------------------------------------
@@ -893,24 +993,56 @@ class K8sRuntime(Runtime):
                         "metadata": {"name": self.namespace, "labels": {"app.kubernetes.io/managed-by": MANAGED_BY}}})
 
     def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
+        """Apply each spec's objects; a job's Job is created anew (its previous run deleted first), which
+        starts it. Waits until the controllers have seen the Deployments/StatefulSets (a Job needs no wait:
+        ``job_state`` follows its run)."""
         applied: List[Tuple[str, dict]] = []
         for spec in specs:
+            if spec.is_job:
+                self._clear_for_job(spec)
             for obj in self.objects_for(spec):
                 result = self._call("%s: apply %s %s" % (spec.name, obj["kind"], obj["metadata"]["name"]),
                                     self.client.apply, obj)
+                if obj["kind"] in RUNNING_KINDS:
+                    self._drop_other_workload(spec.name, obj)
                 if obj["kind"] in WORKLOAD_KINDS:
                     applied.append((spec.name, result))
-                    self._drop_other_workload(spec.name, obj)
         for name, result in applied:
             self._wait_observed(name, result)
 
     def _drop_other_workload(self, name: str, obj: Mapping[str, Any]) -> None:
-        """A component that gained (or lost) volumes changes kind: delete its workload of the other kind."""
-        other = "Deployment" if obj["kind"] == "StatefulSet" else "StatefulSet"
+        """A component that gained (or lost) volumes, or became a job or a service, changes kind: delete its
+        workload of the other kinds."""
         kname = obj["metadata"]["name"]
-        if self._call("read %s %s" % (other, kname), self.client.get, other, kname, self.namespace) is not None:
-            self._call("%s: delete %s %s (now a %s)" % (name, other, kname, obj["kind"]), self.client.delete,
-                       other, kname, self.namespace)
+        for other in RUNNING_KINDS:
+            if other == obj["kind"]:
+                continue
+            if self._call("read %s %s" % (other, kname), self.client.get, other, kname, self.namespace) is not None:
+                self._call("%s: delete %s %s (now a %s)" % (name, other, kname, obj["kind"]), self.client.delete,
+                           other, kname, self.namespace)
+
+    def _clear_for_job(self, spec: ComponentSpec) -> None:
+        """Before a job's Job is created: its previous Job goes (a Job's pod template cannot be changed, and a
+        run that failed or did not finish is run again as a new Job), waiting, bounded, until it and its pods
+        are gone (foreground deletion: the Job object goes last); Services of the component when it was a
+        service are deleted (a job has none)."""
+        kname = object_name(spec.name)
+        selector = "%s,app.kubernetes.io/component=%s" % (app_selector(self.app), spec.name)
+        self._delete_component_objects(selector, ("Service",))
+        if self._call("read Job %s" % kname, self.client.get, "Job", kname, self.namespace) is None:
+            return
+        self._call("%s: delete Job %s (its previous run)" % (spec.name, kname), self.client.delete, "Job", kname,
+                   self.namespace, propagation="Foreground")
+
+        def gone() -> Tuple[bool, str]:
+            job = self._call("read Job %s" % kname, self.client.get, "Job", kname, self.namespace)
+            return job is None, "Job %s is still there (its pods are being deleted first)" % kname
+
+        try:
+            wait_for(gone, timeout=self.remove_timeout, interval=min(self.poll, 1.0),
+                     what="the previous run of job %s to be deleted" % spec.name, clock=self.clock, sleep=self.sleep)
+        except K8sError as exc:
+            raise DeployError("%s: %s" % (spec.name, exc)) from exc
 
     def _wait_observed(self, name: str, applied: Mapping[str, Any]) -> None:
         """Bounded wait until the controller has seen the applied generation (the rollout has begun)."""
@@ -966,9 +1098,38 @@ class K8sRuntime(Runtime):
             self._delete_component_objects(selector, OWNED_KINDS)
             self._wait_pods_gone(selector, "the pods of %s to stop" % name)
 
-    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+    def _job_pods(self, spec: ComponentSpec, job: Mapping[str, Any]) -> List[dict]:
+        """The pods of this Job (owned by its uid), oldest first."""
+        uid = (job.get("metadata") or {}).get("uid")
+        pods = [p for p in self._pods(spec.name)
+                if any(ref.get("uid") == uid for ref in (p.get("metadata") or {}).get("ownerReferences") or [])]
+        return sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""))
+
+    def job_state(self, spec: ComponentSpec) -> Tuple[str, str]:
+        """Where the job's run is, from its Job's conditions; the detail names its pod's state (exit code and
+        reason of a failed run, ``ImagePullBackOff`` of one that cannot start)."""
         kname = object_name(spec.name)
-        kind = "StatefulSet" if spec.volumes else "Deployment"
+        job = self._call("read Job %s" % kname, self.client.get, "Job", kname, self.namespace)
+        if job is None:
+            return JOB_FAILED, "Job %s/%s does not exist" % (self.namespace, kname)
+        have = ((job.get("metadata") or {}).get("annotations") or {}).get(FINGERPRINT_ANNOTATION)
+        if spec.fingerprint and have != spec.fingerprint:
+            return JOB_FAILED, "Job %s runs another spec (%s)" % (kname, have)
+        state, why = job_condition(job)
+        if state == JOB_SUCCEEDED:
+            return state, "Job %s completed" % kname
+        pods = self._job_pods(spec, job)
+        pod = pod_problem(pods[-1]) if pods else "no pod yet"
+        if state == JOB_FAILED:
+            return state, "Job %s failed (%s); %s" % (kname, why, pod)
+        return state, "Job %s: %s; %s" % (kname, why, pod)
+
+    def probe(self, spec: ComponentSpec) -> Tuple[bool, str]:
+        if spec.is_job:   # not called by the engine for jobs (it follows job_state); succeeded = healthy
+            state, detail = self.job_state(spec)
+            return state == JOB_SUCCEEDED, "" if state == JOB_SUCCEEDED else detail
+        kname = object_name(spec.name)
+        kind = workload_kind(spec)
         workload = self._call("read %s %s" % (kind, kname), self.client.get, kind, kname, self.namespace)
         if workload is None:
             return False, "%s %s/%s does not exist" % (kind, self.namespace, kname)
@@ -997,9 +1158,11 @@ class K8sRuntime(Runtime):
         return removed
 
     def logs(self, name: str, lines: int = 30) -> str:
-        """The output of a not-ready pod of the component (its previous run when it is crash-looping)."""
+        """The output of a not-ready pod of the component (its previous run when it is crash-looping; a job's
+        pod that exited: its output)."""
         try:
-            pods = self._pods(name)
+            pods = sorted(self._pods(name), key=lambda p: (p.get("metadata") or {}).get("creationTimestamp", ""),
+                          reverse=True)
             for pod in sorted(pods, key=_pod_ready):
                 restarted = any(c.get("restartCount", 0) for c in pod.get("status", {}).get("containerStatuses") or [])
                 text = self.client.pod_log(self.namespace, pod["metadata"]["name"], lines=lines, previous=restarted)
