@@ -30,6 +30,7 @@ from offline_delivery_core.site import have as site_have
 from . import __version__
 from . import images as img
 from . import packages as pkgs
+from . import sbom as sbom_mod
 from . import signing
 
 # libyaml's safe loader when PyYAML was built with it (the wheels are): same results, ten times faster.
@@ -441,10 +442,13 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
         plan, model_blob, images_section = _plan(model, wanted, resolved)
         packages_section = _plan_packages(plan, packages or [], package_profiles, wanted, package_cache, progress)
         files_section = _plan_files(plan, file_inputs)
+        sbom_blob = _plan_sbom(plan, model, model_blob, wanted, resolved, packages_section, files_section,
+                               progress)
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
+        omit.discard(sbom_blob.digest)   # so does the SBOM: it describes the whole release, delta or not
         return _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
                       delta, key, out, vsize, progress)
-    except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError) as exc:
+    except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError, sbom_mod.SbomError) as exc:
         raise BuildError(str(exc)) from None
     finally:
         for source in sources:
@@ -503,6 +507,26 @@ def _plan_files(plan: _Plan, inputs: list[FileInput]) -> dict[str, Any]:
         section[f.key] = {"name": f.name, "version": f.version, "arch": f.arch, "digest": digest,
                           "size": st.st_size, "mode": mode}
     return section
+
+
+def _plan_sbom(plan: _Plan, model: dict[str, Any], model_blob: img.Blob, platforms: list[img.Platform],
+               resolved: dict[tuple[str, img.Platform], img.ResolvedImage], packages_section: dict[str, Any],
+               files_section: dict[str, Any], progress: Progress | None) -> img.Blob:
+    """The release's CycloneDX SBOM (bundle_builder/sbom.py) as a blob, listed right after the model."""
+    if progress is not None:
+        progress(0, 0, "SBOM: reading the package databases of the image layers")
+    builder = sbom_mod.SbomBuilder(model["name"], model["version"], {"name": BUILDER_NAME, "version": BUILDER_VERSION})
+    for image in sbom_mod.images_of(app_model.image_refs(model), platforms, resolved):
+        builder.add_image(image)
+    indexes = {key: plan.blobs[pset["index"]].blob.data or b"" for key, pset in packages_section.items()}
+    builder.add_host_packages(packages_section, indexes)
+    builder.add_files(files_section)
+    blob = img.small_blob(builder.to_bytes(), bundle_format.SBOM_MEDIA_TYPE)
+    rest = plan.blobs
+    plan.blobs = {model_blob.digest: rest.pop(model_blob.digest)}
+    plan.add(blob, bundle_format.SBOM_USED_BY)
+    plan.blobs.update(rest)
+    return blob
 
 
 def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_section: dict[str, Any],

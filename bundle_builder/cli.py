@@ -1,4 +1,4 @@
-"""``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, diff, fleet.
+"""``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, sbom, diff, fleet.
 
 Exit codes: the one contract of both commands (README.md, "Exit codes"), kept by
 ``offline_delivery_common.exits.run_command``: 0 ok; 1 a check failed (bad signature, damaged blob, a refused
@@ -204,6 +204,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines.append("files:" + ("" if summary["files"] else "      none"))
     for key, f in summary["files"].items():
         lines.append(f"  {key}: {f['name']} {f['version']} ({human_size(f['size'])}, mode {f['mode']}) {f['digest']}")
+    sbom = summary["sbom"]
+    lines.append("sbom:       " + (f"CycloneDX JSON, {human_size(sbom['size'])}, {sbom['digest']} ('bundle-builder sbom' "
+                                   "writes it)" if sbom else "none (built before bundles carried one)"))
     sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
@@ -212,12 +215,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # verify
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _verify_keys(args: argparse.Namespace) -> list[bytes] | None:
+    """``--pub`` keys (None with ``--integrity-only``) of verify and sbom; the bundle must exist."""
     if not args.pub and not args.integrity_only:
         raise UsageError("give --pub KEY (the vendor's public key), or --integrity-only to check the blobs "
                          "without trusting any signature")
     keys = _load_pubs(args.pub) if args.pub else None
     _need_bundle(args.bundle)
+    return keys
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    keys = _verify_keys(args)
     progress = make_progress(args.json)
     try:
         result = bundle_format.verify_bundle(
@@ -255,6 +264,30 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# sbom
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    """The release's SBOM, written only once the whole bundle verified (the same check as ``verify``)."""
+    keys = _verify_keys(args)
+    result = bundle_format.verify_bundle(args.bundle, keys)
+    desc = bundle_format.sbom_descriptor(result.manifest)
+    if desc is None:
+        raise BundleError(f"{result.manifest['name']} {result.manifest['version']} carries no SBOM: it was built "
+                          "before bundles carried one; rebuild it with this bundle-builder")
+    # read again, checked against the digest of the manifest just verified: the same bytes or an error
+    sbom = bundle_format.read_blob(args.bundle, desc["digest"])
+    if args.output == "-":
+        sys.stdout.buffer.write(sbom)  # the blob's exact bytes: sha256sum gives the manifest's digest
+        sys.stdout.buffer.flush()
+    else:
+        Path(args.output).write_bytes(sbom)
+        _err(f"wrote {args.output} (CycloneDX, {human_size(len(sbom))}; {result.manifest['name']} "
+             f"{result.manifest['version']}, signature {'OK' if result.signature_checked else 'NOT checked'})")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
 # diff
 
 
@@ -284,8 +317,9 @@ def bundle_diff(old_path: str, new_path: str) -> dict[str, Any]:
     result["images"] = image_changes
     result["files"] = files_diff(old_head.manifest.get("files", {}), new_head.manifest.get("files", {}))
     old_digests = {b["digest"] for b in old_head.manifest["blobs"]}
-    model_digest = new_head.manifest["model"]["digest"]
-    carried = [b for b in new_head.manifest["blobs"] if b["digest"] not in old_digests or b["digest"] == model_digest]
+    always = {new_head.manifest["model"]["digest"]}  # a delta always carries the model and the SBOM
+    always |= {b["digest"] for b in new_head.manifest["blobs"] if bundle_format.SBOM_USED_BY in b["usedBy"]}
+    carried = [b for b in new_head.manifest["blobs"] if b["digest"] not in old_digests or b["digest"] in always]
     result["delta"] = {"blobs": len(carried), "bytes": sum(b["size"] for b in carried),
                        "full_blobs": len(new_head.manifest["blobs"]),
                        "full_bytes": sum(b["size"] for b in new_head.manifest["blobs"])}
@@ -425,6 +459,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("sbom", help="verify a bundle, then write its SBOM (CycloneDX 1.5 JSON)")
+    s.add_argument("bundle", help="bundle file, its .parts.json or first part")
+    s.add_argument("--pub", action="append", help="trusted public key (PEM); repeatable")
+    s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
+    s.add_argument("-o", "--output", default="-", help="file to write (default: stdout); its sha256 is the "
+                   "SBOM blob's digest in the signed manifest")
+    s.set_defaults(func=cmd_sbom)
 
     s = sub.add_parser("diff", help="what changed between two bundles, and the size of a delta")
     s.add_argument("old")

@@ -73,4 +73,4 @@ def test_delta_leaves_packages_out_and_imports_on_top(built, tmp_path: Path):
     repo = SiteRepo(str(tmp_path / "repo"))
     assert import_bundle(repo, built["full"], [built["pub"]]).changed
     res = import_bundle(repo, built["delta"], [built["pub"]])
-    assert res.changed and res.blobs_new == 1  # only the new model: images and packages are unchanged
+    assert res.changed and res.blobs_new == 2  # only the new model and SBOM: images and packages are unchanged

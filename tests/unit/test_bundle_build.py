@@ -45,8 +45,8 @@ def test_dedup_across_images_and_platforms(sample_world, tmp_path: Path) -> None
     api_top = s.api["amd64"].diff_ids[1]
     assert api_top == s.api["arm64"].diff_ids[1]
     assert by_digest[api_top]["usedBy"] == ["api@linux/amd64", "api@linux/arm64"]
-    # 1 model + 2 indexes + 4 manifests + 4 configs + 4 unique layers
-    assert len(digests) == 15 == result.blobs_bundled
+    # 1 model + 1 SBOM + 2 indexes + 4 manifests + 4 configs + 4 unique layers
+    assert len(digests) == 16 == result.blobs_bundled
     names = [m.name for m in members(result.path)]
     # unsigned: manifest.json, then each blob once, in manifest order
     assert names == ["manifest.json"] + [bundle_format.blob_path(d) for d in digests]
@@ -82,7 +82,7 @@ def test_first_source_wins_per_platform(sample_world, tmp_path: Path) -> None:  
     # amd64 only in the first archive; arm64 only found in the OCI layout
     result = _build(sample_world, tmp_path / "out",
                     sources=[f"archive:{sample_world.archive_amd64}", f"oci:{sample_world.oci}"])
-    assert result.blobs_bundled == 15
+    assert result.blobs_bundled == 16
 
 
 def test_platform_missing_lists_what_exists(sample_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -168,8 +168,8 @@ def test_delta_against_base_carries_only_new_blobs(sample_world, tmp_path: Path)
     assert {b["digest"] for b in m["blobs"]} == {b["digest"] for b in _manifest(full.path)["blobs"]}
     base_digests = {b["digest"] for b in _manifest(base.path)["blobs"]}
     carried = [b for b in m["blobs"] if b["bundled"]]
-    # model, api index, 2 api manifests, 2 api configs, 1 new api layer (shared by both arches)
-    assert len(carried) == 7
+    # model, SBOM, api index, 2 api manifests, 2 api configs, 1 new api layer (shared by both arches)
+    assert len(carried) == 8
     assert all(b["digest"] not in base_digests for b in carried)
     assert {b["digest"] for b in m["blobs"] if not b["bundled"]} <= base_digests
     new_layer = sha256(sample_images(api_payload=b"v2").api["amd64"].layers[1])
@@ -179,7 +179,7 @@ def test_delta_against_base_carries_only_new_blobs(sample_world, tmp_path: Path)
     assert delta.size < full.size
     # the delta verifies on its own: omitted blobs are listed but not expected in the tar
     result = bundle_format.verify_bundle(str(delta.path), None)
-    assert result.blobs_checked == 7 and result.blobs_omitted == len(m["blobs"]) - 7
+    assert result.blobs_checked == 8 and result.blobs_omitted == len(m["blobs"]) - 8
 
 
 def test_delta_against_have_file(sample_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -191,15 +191,15 @@ def test_delta_against_have_file(sample_world, tmp_path: Path) -> None:  # type:
     delta = _build(sample_world, tmp_path / "delta", model=model, sources=sources, have=have)
     m = _manifest(delta.path)
     assert m["delta"]["have"]["digest"] == file_sha256(have)
-    assert m["delta"]["have"]["blobs"] == 15
-    assert delta.blobs_bundled == 7
+    assert m["delta"]["have"]["blobs"] == 16
+    assert delta.blobs_bundled == 8
 
 
 def test_model_blob_always_carried(sample_world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base = _build(sample_world, tmp_path / "v1")
     again = _build(sample_world, tmp_path / "v1b", base=base.path)  # same release against itself
     m = _manifest(again.path)
-    assert [b["usedBy"] for b in m["blobs"] if b["bundled"]] == [["model"]]
+    assert [b["usedBy"] for b in m["blobs"] if b["bundled"]] == [["model"], ["sbom"]]
 
 
 @pytest.mark.parametrize("content,match", [
@@ -242,7 +242,7 @@ def test_split_and_reassembly(sample_world, keypair, tmp_path: Path) -> None:  #
     pub = [load_public_key_files([str(keypair[1])])[0]]
     for form in (split.path, split.path.parent / doc["parts"][0]["name"], split.path.parent,
                  split.path.parent / "demo-1.0.0.bundle"):
-        assert bundle_format.verify_bundle(str(form), pub).blobs_checked == 15, form
+        assert bundle_format.verify_bundle(str(form), pub).blobs_checked == 16, form
     # rebuilding unsplit into the same directory removes the parts: one form of a release remains
     again = _build(sample_world, tmp_path / "split", sources=[f"archive:{archive}"], sign_key=keypair[0])
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [again.path.name]

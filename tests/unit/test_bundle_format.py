@@ -84,7 +84,7 @@ def _manifest(made: dict[str, Path]) -> dict:
     (lambda m: m.update(extra=1), r"unknown fields \['extra'\]"),
     (lambda m: m["blobs"].append(dict(m["blobs"][1])), r"blobs\[\d+\]: blob sha256:\w+ is listed twice"),
     (lambda m: m["blobs"][1].update(size=-1), r"blobs\[1\].size: must be a non-negative integer"),
-    (lambda m: m["blobs"][1].update(bundled=False), "delta: is null but 1 blobs are marked bundled: false"),
+    (lambda m: m["blobs"][2].update(bundled=False), "delta: is null but 1 blobs are marked bundled: false"),
     (lambda m: m["blobs"][0].update(bundled=False), "model: the model blob must be listed in blobs and bundled"),
     (lambda m: m["images"]["api"]["manifests"].pop("linux/arm64"), "images.api.manifests: must map each platform"),
     (lambda m: m.update(platforms=["amd64"]), "platforms: must be a list like"),
@@ -238,7 +238,7 @@ def test_appended_data_refused(made, trusted, tmp_path: Path) -> None:  # type: 
 
 def test_flipped_bit_in_every_blob_is_detected(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     blobs = [m for m in members(made["bundle"]) if m.name.startswith("blobs/")]
-    assert len(blobs) == 15
+    assert len(blobs) == 16
     for m in blobs:
         bad = copy_with_flipped_bit(made["bundle"], tmp_path / "flip.bundle", m.data_offset + m.size // 2, bit=3)
         err = _refused(bad, trusted, "blob content hashes to sha256:[0-9a-f]+, not sha256")
@@ -341,7 +341,7 @@ def test_sink_sees_the_error_before_finishing_a_bad_blob(made, trusted, tmp_path
 
     with pytest.raises(BundleError):
         bf.verify_bundle(str(bad), trusted, sink=sink)
-    assert bf.blob_path(published[-1]) != m.name and len(published) == 14
+    assert bf.blob_path(published[-1]) != m.name and len(published) == 15
 
 
 def test_read_head_and_read_blob(made) -> None:  # type: ignore[no-untyped-def]
@@ -367,7 +367,7 @@ def test_split_set_verifies_from_any_entry_point(made, trusted) -> None:  # type
     doc = json.loads(made["parts"].read_text())
     assert doc["mediaType"] == bf.PARTS_MEDIA_TYPE and len(doc["parts"]) > 4
     for entry in (made["parts"], made["parts"].parent / doc["parts"][0]["name"], made["parts"].parent):
-        assert bf.verify_bundle(str(entry), trusted).blobs_checked == 15
+        assert bf.verify_bundle(str(entry), trusted).blobs_checked == 16
 
 
 def test_flipped_bit_in_each_part_names_the_part(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -50,7 +50,7 @@ def test_build_json_prints_only_json(sample_world, keypair, tmp_path: Path, caps
                          "--sign-key", keypair[0], "--json")
     assert code == 0 and err == ""
     doc = json.loads(out)
-    assert doc["blobs_bundled"] == 15 and doc["signed_keyid"] and doc["path"].endswith("demo-1.0.0.bundle")
+    assert doc["blobs_bundled"] == 16 and doc["signed_keyid"] and doc["path"].endswith("demo-1.0.0.bundle")
 
 
 def test_build_plain_progress_lines_when_not_a_tty(sample_world, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +58,7 @@ def test_build_plain_progress_lines_when_not_a_tty(sample_world, tmp_path: Path,
                          "--images-from", f"oci:{sample_world.oci}", "--platform", BOTH, "--unsigned")
     assert code == 0 and out == ""
     assert "writing blobs: 100%" in err and "\r" not in err
-    assert "UNSIGNED" in err and "15 of 15 blobs carried" in err
+    assert "UNSIGNED" in err and "16 of 16 blobs carried" in err
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -101,7 +101,7 @@ def test_inspect_missing_and_damaged(v1: Path, tmp_path: Path, capsys) -> None: 
 
 def test_verify_ok_and_failures(v1: Path, keypair, other_keypair, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(capsys, "verify", v1, "--pub", keypair[1])
-    assert code == 0 and out.startswith("OK: demo 1.0.0: signature OK") and "15 blobs" in out
+    assert code == 0 and out.startswith("OK: demo 1.0.0: signature OK") and "16 blobs" in out
     code, _, err = run(capsys, "verify", v1, "--pub", other_keypair[1])
     assert code == 1 and "FAILED" in err and "not one of the trusted keys" in err and "member: manifest.sig" in err
     blob = [m for m in members(v1) if m.name.startswith("blobs/")][3]
@@ -153,11 +153,11 @@ def test_diff(v1: Path, sample_world, keypair, tmp_path: Path, capsys) -> None: 
     assert d["added"] == [] and d["removed"] == [] and d["unchanged"] == ["web"]
     assert {"image", "image@linux/amd64", "image@linux/arm64", "env.GREETING"} <= set(d["changed"]["api"])
     assert d["env_defaults"]["api"]["GREETING"] == {"old": "hello", "new": "hi"}
-    # model + index + 2 manifests + 2 configs + 1 new layer
-    assert d["delta"]["blobs"] == 7 and 0 < d["delta"]["bytes"] < d["delta"]["full_bytes"]
+    # model + SBOM + index + 2 manifests + 2 configs + 1 new layer
+    assert d["delta"]["blobs"] == 8 and 0 < d["delta"]["bytes"] < d["delta"]["full_bytes"]
     code, out, _ = run(capsys, "diff", v1, v11)
     assert code == 0 and "changed:   api (" in out and "unchanged: web" in out
-    assert "env default api.GREETING: 'hello' -> 'hi'" in out and "carries 7 blobs" in out
+    assert "env default api.GREETING: 'hello' -> 'hi'" in out and "carries 8 blobs" in out
     code, _, err = run(capsys, "diff", v1, tmp_path / "nope.bundle")
     assert code == 2 and "nope.bundle does not exist" in err
 

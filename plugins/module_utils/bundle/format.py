@@ -26,10 +26,11 @@ names, mode 0644 (a PAX ``size`` record precedes members of 8 GiB or more), then
      "files": {"<name>/<arch>": {"name", "version", "arch", "digest", "size", "mode": "0755"|"0644"}}}
                                                        # present only when the release carries files
 
-``usedBy`` holds ``model``, the component name (its index), ``<component>@<platform>`` (manifest,
-config, layers), ``packages:<distro>/<arch>[/<profile>]`` or ``files:<name>/<arch>`` (a carried binary).
-Blobs are listed in first-use order: model, then per component (sorted) its index and per
-platform its manifest, config and layers. ``manifest.sig``: ``{"alg": "ed25519", "keyid": <hex sha256 of
+``usedBy`` holds ``model``, ``sbom`` (the release's CycloneDX SBOM, media type SBOM_MEDIA_TYPE, at most one,
+always bundled; absent in bundles built before it existed), the component name (its index),
+``<component>@<platform>`` (manifest, config, layers), ``packages:<distro>/<arch>[/<profile>]`` or
+``files:<name>/<arch>`` (a carried binary). Blobs are listed in first-use order: model, SBOM, then per
+component (sorted) its index and per platform its manifest, config and layers. ``manifest.sig``: ``{"alg": "ed25519", "keyid": <hex sha256 of
 the raw public key>, "sig": <base64 signature of the manifest.json bytes>}``.
 
 Split sets: ``<file>.part000``, ``.part001``… and ``<file>.parts.json``: ``{"mediaType": PARTS_MEDIA_TYPE,
@@ -60,6 +61,10 @@ MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
 PARTS_MEDIA_TYPE = "application/vnd.offline-delivery.parts.v1+json"
 HAVE_MEDIA_TYPE = "application/vnd.offline-delivery.have.v1+json"
+# The release's SBOM (CycloneDX JSON, IANA's media type): a blob used by "sbom", always bundled. It is found
+# through the blob list, not a top-level field, so a site with an older collection still imports the bundle.
+SBOM_MEDIA_TYPE = "application/vnd.cyclonedx+json"
+SBOM_USED_BY = "sbom"
 SIGNATURE_ALG = "ed25519"
 
 MANIFEST_NAME = "manifest.json"
@@ -250,10 +255,28 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
           "the model blob must be listed in blobs and bundled")
     _need(by_digest[model["digest"]]["size"] == model["size"], "model.size", "differs from its blobs entry")
     _check_images(manifest.get("images"), by_digest, platforms)
+    _check_sbom(by_digest)
     _check_delta(manifest.get("delta"), by_digest)
     _check_packages(manifest.get("packages", {}), by_digest)
     _check_files(manifest.get("files", {}), by_digest, platforms)
     return manifest
+
+
+def _check_sbom(by_digest: dict[str, dict[str, Any]]) -> None:
+    sboms = [b for b in by_digest.values() if SBOM_USED_BY in b["usedBy"]]
+    _need(len(sboms) <= 1, "blobs", f"{len(sboms)} blobs are used by {SBOM_USED_BY!r}; a release has one SBOM")
+    for b in sboms:
+        _need(b["bundled"] and b["mediaType"] == SBOM_MEDIA_TYPE and b["usedBy"] == [SBOM_USED_BY],
+              f"blob {b['digest']}", f"the SBOM must be bundled, of media type {SBOM_MEDIA_TYPE} and used by "
+              f"{SBOM_USED_BY!r} only")
+
+
+def sbom_descriptor(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The blob entry of the release's SBOM, or None for a bundle built without one."""
+    for b in manifest["blobs"]:
+        if SBOM_USED_BY in b["usedBy"]:
+            return b
+    return None
 
 
 def _check_packages(packages: object, by_digest: dict[str, dict[str, Any]]) -> None:
@@ -356,7 +379,13 @@ def summarize_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
                      for key, pset in sorted(manifest.get("packages", {}).items())},
         "files": {key: {k: entry[k] for k in ("name", "version", "arch", "digest", "size", "mode")}
                   for key, entry in sorted(manifest.get("files", {}).items())},
+        "sbom": _sbom_summary(manifest),
     }
+
+
+def _sbom_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    desc = sbom_descriptor(manifest)
+    return None if desc is None else {"digest": desc["digest"], "size": desc["size"], "mediaType": desc["mediaType"]}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 Standard library only: it runs in ``bundle_import`` on the repo host. Layout under ``root``::
 
     blobs/sha256/<hex>                  every blob of every imported release, stored once
-    releases/<name>/<version>/          manifest.json, manifest.sig, release.json (who imported it, when)
+    releases/<name>/<version>/          manifest.json, manifest.sig, release.json (who imported it, when),
+                                        sbom.cdx.json (a copy of the release's SBOM blob, when it has one)
     catalog.json                        the releases the site has; replaced atomically — the commit point
     staging/<manifest hex>/<hex>        blobs of an import in progress, verified, not yet published
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
-                             verify_bundle)
+                             sbom_descriptor, verify_bundle)
 from ..bundle.trust import check_signer
 from ..common.digests import (ContentError, canonical_json, digest_hex, json_object, read_verified, sha256_digest,
                               sha256_file)
@@ -44,6 +45,7 @@ from ..common.locks import flock_within
 
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
+SBOM_FILE = "sbom.cdx.json"
 # The ``repo_root`` option of every module working on the repository (doc fragment offline.delivery.repo).
 REPO_ROOT_OPTION = {"type": "path", "default": DEFAULT_REPO_ROOT}
 _MISSING_SHOWN = 10
@@ -323,6 +325,16 @@ class SiteRepo:
                 raise RepoError(f"manifest.json: {key} {theirs[key]!r} differs from its model's {ours[key]!r} "
                                 f"(model blob {digest}); the bundle is refused, nothing was changed")
 
+    def _staged_or_stored(self, stage: str, desc: Mapping[str, Any]) -> bytes:
+        """A small blob of a release being published, proven to have its digest: staged (this import) or
+        already in the store (an earlier release)."""
+        staged = os.path.join(stage, digest_hex(desc["digest"]))
+        path = staged if os.path.exists(staged) else self.blob_file(desc["digest"])
+        try:
+            return read_verified(path, desc["digest"], limit=MAX_MANIFEST_SIZE, size=desc["size"])
+        except ContentError as exc:
+            raise RepoError(f"{exc}; the release is not published, run the import again") from None
+
     def _publish(self, stage: str, head_manifest: dict[str, Any], manifest_bytes: bytes,
                  signature: bytes | None, record: dict[str, Any], *, bundled_only: bool = True) -> tuple[int, int]:
         """Write the release record and the new catalog aside, then move the staged blobs into place,
@@ -338,6 +350,8 @@ class SiteRepo:
                                if not (r["name"] == name and r["version"] == version)] + [record]
         catalog["releases"].sort(key=lambda r: (r["name"], r["importedAt"], r["version"]))
         self._remove_leftovers()
+        sbom_desc = sbom_descriptor(head_manifest)
+        sbom = None if sbom_desc is None else self._staged_or_stored(stage, sbom_desc)
         catalog_tmp = f"{self.catalog_path}.tmp-{os.getpid()}"
         try:
             os.makedirs(tmp_dir, mode=0o755)
@@ -345,6 +359,8 @@ class SiteRepo:
             if signature is not None:
                 write_atomic(os.path.join(tmp_dir, SIGNATURE_NAME), signature, sync_dir=True)
             write_atomic(os.path.join(tmp_dir, "release.json"), canonical_json(record) + b"\n", sync_dir=True)
+            if sbom is not None:  # beside the release, for a security officer or a scanner on the repo host
+                write_atomic(os.path.join(tmp_dir, SBOM_FILE), sbom, sync_dir=True)
             _write_synced(catalog_tmp, json.dumps(catalog, indent=2, sort_keys=True).encode("utf-8") + b"\n")
             os.makedirs(os.path.dirname(rel_dir), mode=0o755, exist_ok=True)
         except OSError as exc:
@@ -499,12 +515,14 @@ def _staged_size(path: str, size: int) -> bool:
 def _release_record(head: BundleHead, imported_by: str) -> dict[str, Any]:
     manifest = head.manifest
     name, version = manifest["name"], manifest["version"]
+    sbom = sbom_descriptor(manifest)
     return {
         "name": name, "version": version, "manifestDigest": head.manifest_digest, "keyid": head.keyid,
         "importedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "importedBy": imported_by,
         "components": sorted(manifest["images"]), "platforms": manifest["platforms"],
         "blobs": len(manifest["blobs"]), "bytes": sum(b["size"] for b in manifest["blobs"]),
         "delta": manifest["delta"],
+        **({} if sbom is None else {"sbom": sbom["digest"]}),
     }
 
 

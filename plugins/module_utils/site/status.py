@@ -7,7 +7,7 @@ One file per site, carried back to the vendor (docs/status.md)::
 
     {"mediaType": "application/vnd.offline-delivery.site-status.v1+json", "site": "north",
      "collectedAt": "2026-11-22T06:00:00Z",
-     "releases": [{"name", "version", "manifestDigest", "importedAt"}],
+     "releases": [{"name", "version", "manifestDigest", "importedAt", "sbom" (when the release has one)}],
      "hosts": {"node1": {"reachable": true, "facts": {"distribution", "distributionVersion", "architecture"},
                          "freeMiB": {"/var/lib/offline-delivery": 1234, ...},
                          "apps": {"shop": {"target", "installed", "version", "previousVersion", "installedAt",
@@ -115,8 +115,11 @@ def build_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, Any
         catalog = repo.catalog()["releases"]
     except RepoError as exc:
         raise StatusError(str(exc)) from None
+    # "sbom": the digest of the release's SBOM (releases/<name>/<version>/sbom.cdx.json on the repo host), so
+    # the vendor can tell which of its SBOMs describes what a site holds; the document itself stays there.
     releases = sorted(({"name": r["name"], "version": r["version"], "manifestDigest": r["manifestDigest"],
-                        "importedAt": r.get("importedAt")} for r in catalog),
+                        "importedAt": r.get("importedAt"), **({"sbom": r["sbom"]} if r.get("sbom") else {})}
+                       for r in catalog),
                       key=lambda r: (r["name"], r["version"]))
     out_hosts = {}
     for host, entry in sorted(hosts.items()):

@@ -1,0 +1,495 @@
+"""The bundle's SBOM: a CycloneDX 1.5 JSON document of what a release delivers, made at build time.
+
+What it lists (docs/architecture.md, "SBOM"):
+
+- per image and platform, a ``container`` component (purl ``pkg:oci/<name>@sha256:..?arch=..``) and the OS
+  packages installed in it: ``var/lib/dpkg/status`` and ``var/lib/dpkg/status.d/*`` (distroless), and
+  ``lib/apk/db/installed`` (Alpine), read from the layers in order with OCI whiteouts honoured, in memory
+  (only those files are read; nothing is unpacked to disk); its ``operating-system`` from ``os-release``;
+- the Debian packages the bundle carries for the site's hosts (the manifest's ``packages``, with the
+  ``Source`` of their apt index stanza and the .deb's sha256);
+- the binaries it carries (the manifest's ``files``: name, version, arch, sha256);
+- dependencies: the release depends on its images, carried packages and files; each image on its OS and
+  packages.
+
+A package is one component per purl, shared by every image (and host package set) that has it. The same
+inputs give the same bytes: canonical JSON, sorted components, a serial number derived from the content, a
+timestamp from the newest image's ``created`` (none without images).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import tarfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import quote
+
+from offline_delivery_core.bundle.format import SBOM_MEDIA_TYPE
+from offline_delivery_core.common.digests import canonical_json, digest_hex
+from offline_delivery_core.common.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, split_reference
+
+SPEC_VERSION = "1.5"
+PROPERTY_PREFIX = "offline-delivery:"
+DPKG_STATUS = "var/lib/dpkg/status"
+DPKG_STATUS_D = "var/lib/dpkg/status.d/"
+APK_INSTALLED = "lib/apk/db/installed"
+OS_RELEASE = ("etc/os-release", "usr/lib/os-release")
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+MAX_TRACKED_FILE = 64 * 1024 * 1024  # a dpkg status of a large image is a few MB
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class SbomError(ValueError):
+    """A layer cannot be read for the SBOM (names the layer and the image)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Package URLs (https://github.com/package-url/purl-spec), canonical form
+
+
+def _enc(text: str) -> str:
+    """Percent-encoding as packageurl-python writes it (':' and '/' stay; names never hold a '/')."""
+    return quote(text, safe=":/")
+
+
+def purl(kind: str, namespace: str | None, name: str, version: str | None,
+         qualifiers: Mapping[str, str | None] | None = None) -> str:
+    """``pkg:<kind>/<namespace>/<name>@<version>?<k=v sorted>``, each part percent-encoded."""
+    out = f"pkg:{kind}/" + (f"{_enc(namespace)}/" if namespace else "") + _enc(name)
+    if version:
+        out += "@" + _enc(version)
+    quals = sorted((k, v) for k, v in (qualifiers or {}).items() if v)
+    if quals:
+        out += "?" + "&".join(f"{k}={_enc(v)}" for k, v in quals)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Package databases
+
+
+def parse_stanzas(text: str) -> list[dict[str, str]]:
+    """RFC 822-style stanzas (dpkg status, apt Packages): ``{Field: value}``, continuation lines joined."""
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last = None
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, last = {}, None
+        elif line[0] in " \t":
+            if last is not None:
+                current[last] += "\n" + line.strip()
+        elif ":" in line:
+            key, _sep, value = line.partition(":")
+            last = key.strip()
+            current[last] = value.strip()
+    if current:
+        stanzas.append(current)
+    return stanzas
+
+
+@dataclass(frozen=True)
+class OsPackage:
+    """One installed or carried OS package."""
+
+    kind: str            # "deb" or "apk"
+    name: str
+    version: str
+    arch: str
+    source: str = ""     # source package ("glibc", or "glibc@2.36-9" when its version differs)
+
+
+def dpkg_packages(text: str) -> list[OsPackage]:
+    """Installed packages of a dpkg status file (or a status.d entry, which may lack ``Status``)."""
+    out = []
+    for st in parse_stanzas(text):
+        status = st.get("Status", "install ok installed").split()
+        if "Package" not in st or "Version" not in st or status[-1:] != ["installed"]:
+            continue
+        out.append(OsPackage("deb", st["Package"], st["Version"], st.get("Architecture", ""),
+                             _deb_source(st.get("Source", ""), st["Version"])))
+    return out
+
+
+def _deb_source(field_value: str, version: str) -> str:
+    m = re.fullmatch(r"\s*(\S+)(?:\s*\((\S+)\))?\s*", field_value or "")
+    if not m:
+        return ""
+    name, src_version = m.group(1), m.group(2)
+    return f"{name}@{src_version}" if src_version and src_version != version else name
+
+
+def apk_packages(text: str) -> list[OsPackage]:
+    """Installed packages of Alpine's ``lib/apk/db/installed`` (one-letter fields, stanzas)."""
+    out = []
+    for block in text.split("\n\n"):
+        st = dict(line.split(":", 1) for line in block.splitlines() if len(line) > 2 and line[1] == ":")
+        if st.get("P") and st.get("V"):
+            origin = st.get("o", "")
+            out.append(OsPackage("apk", st["P"], st["V"], st.get("A", ""), origin if origin != st["P"] else ""))
+    return out
+
+
+def os_release(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = value.strip().strip("\"'")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers: the few tracked files, whiteouts honoured
+
+
+def _tracked(path: str) -> bool:
+    return (path in (DPKG_STATUS, APK_INSTALLED) or path in OS_RELEASE
+            or (path.startswith(DPKG_STATUS_D) and "/" not in path[len(DPKG_STATUS_D):]
+                and len(path) > len(DPKG_STATUS_D)))
+
+
+@dataclass
+class LayerScan:
+    """What one layer does to the tracked files: whiteouts (paths deleted from lower layers), opaque
+    directories (emptied of lower layers' entries), and tracked files it writes (None: something other than
+    a regular file now stands there)."""
+
+    whiteouts: list[str] = field(default_factory=list)
+    opaque: list[str] = field(default_factory=list)
+    files: dict[str, bytes | None] = field(default_factory=dict)
+
+
+def _norm(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/")
+
+
+def scan_layer(stream: IO[bytes], seekable: bool = False) -> LayerScan:
+    """Read one layer tar (plain, gzip, bzip2 or xz) and keep only what the SBOM needs."""
+    scan = LayerScan()
+    mode = "r:" if seekable else "r|*"
+    with tarfile.open(fileobj=stream, mode=mode) as tar:
+        for member in tar:
+            path = _norm(member.name)
+            parent, _sep, base = path.rpartition("/")
+            if base == OPAQUE:
+                scan.opaque.append(parent)
+            elif base.startswith(WHITEOUT):
+                scan.whiteouts.append((parent + "/" if parent else "") + base[len(WHITEOUT):])
+            elif _tracked(path):
+                data = None
+                if member.isfile() and member.size <= MAX_TRACKED_FILE:
+                    fh = tar.extractfile(member)
+                    data = fh.read() if fh is not None else None
+                scan.files[path] = data
+    return scan
+
+
+def apply_layers(scans: Iterable[LayerScan]) -> dict[str, bytes]:
+    """The tracked files of the image the layers make, lowest layer first (OCI image spec, "Whiteouts":
+    a layer's whiteouts hide lower layers only, never its own files)."""
+    state: dict[str, bytes] = {}
+    for scan in scans:
+        for gone in scan.whiteouts:
+            for path in [p for p in state if p == gone or p.startswith(gone + "/")]:
+                del state[path]
+        for directory in scan.opaque:
+            prefix = directory + "/" if directory else ""
+            for path in [p for p in state if p.startswith(prefix)]:
+                del state[path]
+        for path, data in scan.files.items():
+            if data is None:
+                state.pop(path, None)
+            else:
+                state[path] = data
+    return state
+
+
+class _ZstdReader:
+    """A zstd layer decompressed by the ``zstd`` command, fed from a thread (the stdlib has no zstd)."""
+
+    def __init__(self, raw: IO[bytes], what: str) -> None:
+        exe = shutil.which("zstd")
+        if exe is None:
+            raise SbomError(f"{what} is zstd-compressed and the zstd command is missing (apt-get install zstd)")
+        self._proc = subprocess.Popen([exe, "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
+                                      stderr=subprocess.DEVNULL)
+        self._feeder = threading.Thread(target=self._feed, args=(raw,), daemon=True)
+        self._feeder.start()
+
+    def _feed(self, raw: IO[bytes]) -> None:
+        stdin = self._proc.stdin
+        try:
+            for chunk in iter(lambda: raw.read(1024 * 1024), b""):
+                stdin.write(chunk)  # type: ignore[union-attr]
+        except (BrokenPipeError, ValueError):
+            pass
+        finally:
+            try:
+                stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+
+    def read(self, size: int = -1) -> bytes:
+        return self._proc.stdout.read(size)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._proc.stdout.close()  # type: ignore[union-attr]
+        self._proc.kill()
+        self._proc.wait()
+        self._feeder.join()
+
+
+def _scan_blob(layer: Any, what: str) -> LayerScan:
+    """Scan an ``images.Blob`` layer, however it is compressed."""
+    with layer.open() as raw:
+        try:
+            if layer.media_type == OCI_LAYER_ZSTD or _peek(raw) == ZSTD_MAGIC:
+                reader = _ZstdReader(raw, what)
+                try:
+                    return scan_layer(reader)  # type: ignore[arg-type]
+                finally:
+                    reader.close()
+            seekable = (layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP)
+                        and getattr(raw, "seekable", lambda: False)())
+            return scan_layer(raw, seekable=seekable)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise SbomError(f"{what}: cannot read it as a tar ({exc}); the image source is damaged") from None
+
+
+def _peek(raw: Any) -> bytes:
+    """The first bytes of a seekable stream (b"" otherwise, leaving it where it was)."""
+    if not getattr(raw, "seekable", lambda: False)():
+        return b""
+    head = raw.read(4)
+    raw.seek(0)
+    return head
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The document
+
+
+@dataclass
+class ImageInput:
+    """One image of the release for one platform (from the builder's resolved images)."""
+
+    component: str
+    reference: str
+    platform: str              # "linux/amd64"
+    manifest_digest: str
+    layers: Sequence[Any]      # images.Blob, lowest first
+    created: str = ""          # the image config's "created"
+
+
+def _property(name: str, value: str) -> dict[str, str]:
+    return {"name": PROPERTY_PREFIX + name, "value": value}
+
+
+def _os_component(rel: Mapping[str, str]) -> tuple[str, dict[str, Any]] | None:
+    os_id, version = rel.get("ID", ""), rel.get("VERSION_ID", "")
+    if not os_id:
+        return None
+    ref = f"os:{os_id}" + (f"@{version}" if version else "")
+    comp: dict[str, Any] = {"type": "operating-system", "bom-ref": ref, "name": os_id}
+    if version:
+        comp["version"] = version
+    if rel.get("PRETTY_NAME"):
+        comp["description"] = rel["PRETTY_NAME"]
+    return ref, comp
+
+
+def _distro(rel: Mapping[str, str]) -> str:
+    """The purl ``distro`` qualifier: ``debian-12``, ``alpine-3.19.1``."""
+    os_id, version = rel.get("ID", ""), rel.get("VERSION_ID", "")
+    return f"{os_id}-{version}" if os_id and version else os_id
+
+
+def package_purl(pkg: OsPackage, distro: str, namespace: str) -> str:
+    return purl(pkg.kind, namespace, pkg.name, pkg.version,
+                {"arch": pkg.arch, "distro": distro, "upstream": pkg.source})
+
+
+class _Components:
+    """Components by bom-ref; a package seen in several places is one component."""
+
+    def __init__(self) -> None:
+        self.by_ref: dict[str, dict[str, Any]] = {}
+
+    def package(self, pkg: OsPackage, distro: str, namespace: str) -> str:
+        ref = package_purl(pkg, distro, namespace)
+        if ref not in self.by_ref:
+            comp: dict[str, Any] = {"type": "library", "bom-ref": ref, "name": pkg.name, "version": pkg.version,
+                                    "purl": ref}
+            if pkg.source:
+                comp["properties"] = [_property("source", pkg.source)]
+            self.by_ref[ref] = comp
+        return ref
+
+    def add_property(self, ref: str, name: str, value: str) -> None:
+        props = self.by_ref[ref].setdefault("properties", [])
+        prop = _property(name, value)
+        if prop not in props:
+            props.append(prop)
+            props.sort(key=lambda p: (p["name"], p["value"]))
+
+
+def _sha256(digest: str) -> list[dict[str, str]]:
+    return [{"alg": "SHA-256", "content": digest_hex(digest)}]
+
+
+def _timestamp(created: Iterable[str]) -> str | None:
+    """The newest ``created`` of the images, as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), or None."""
+    best = None
+    for text in created:
+        m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)?", text or "")
+        if not m:
+            continue
+        when = datetime.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(2) in (None, "Z") else m.group(2)))
+        when = when.astimezone(datetime.timezone.utc)
+        best = when if best is None or when > best else best
+    return best.strftime("%Y-%m-%dT%H:%M:%SZ") if best else None
+
+
+class SbomBuilder:
+    """Collects what a release delivers and writes the CycloneDX document. Layer scans are kept by digest,
+    so a layer shared by images or platforms is read once."""
+
+    def __init__(self, name: str, version: str, builder: Mapping[str, str]) -> None:
+        self.name, self.version, self.builder = name, version, dict(builder)
+        self.components = _Components()
+        self.dependencies: dict[str, set[str]] = {"release": set()}
+        self._scans: dict[str, LayerScan] = {}
+        self._created: list[str] = []
+        self.layers_read = 0
+
+    # -- images --------------------------------------------------------------------------------------------
+
+    def _layer(self, layer: Any, what: str) -> LayerScan:
+        scan = self._scans.get(layer.digest)
+        if scan is None:
+            scan = self._scans[layer.digest] = _scan_blob(layer, f"layer {layer.digest} of {what}")
+            self.layers_read += 1
+        return scan
+
+    def add_image(self, image: ImageInput) -> None:
+        what = f"{image.reference} ({image.platform})"
+        files = apply_layers(self._layer(layer, what) for layer in image.layers)
+        rel = os_release((files.get(OS_RELEASE[0]) or files.get(OS_RELEASE[1]) or b"").decode("utf-8", "replace"))
+        packages = []
+        if DPKG_STATUS in files:
+            packages += dpkg_packages(files[DPKG_STATUS].decode("utf-8", "replace"))
+        for path in sorted(p for p in files if p.startswith(DPKG_STATUS_D)):
+            if not path.endswith(".md5sums"):
+                packages += dpkg_packages(files[path].decode("utf-8", "replace"))
+        if APK_INSTALLED in files:
+            packages += apk_packages(files[APK_INSTALLED].decode("utf-8", "replace"))
+        repository, tag, _digest = split_reference(image.reference)
+        arch = image.platform.split("/")[1]
+        ref = f"image:{image.component}@{image.platform}"
+        props = [_property("component", image.component), _property("platform", image.platform),
+                 _property("reference", image.reference)]
+        self.components.by_ref[ref] = {
+            "type": "container", "bom-ref": ref, "name": repository, "version": tag or image.manifest_digest,
+            "purl": purl("oci", None, repository.rsplit("/", 1)[-1], image.manifest_digest,
+                         {"arch": arch, "repository_url": repository, "tag": tag}),
+            "hashes": _sha256(image.manifest_digest), "properties": props}
+        depends = set()
+        os_comp = _os_component(rel)
+        if os_comp is not None:
+            self.components.by_ref.setdefault(*os_comp)
+            depends.add(os_comp[0])
+        namespace = rel.get("ID") if rel.get("ID") in ("debian", "ubuntu", "alpine") else (
+            "alpine" if any(p.kind == "apk" for p in packages) else "debian")
+        for pkg in packages:
+            depends.add(self.components.package(pkg, _distro(rel), namespace))
+        self.dependencies[ref] = depends
+        self.dependencies["release"].add(ref)
+        if image.created:
+            self._created.append(image.created)
+
+    # -- what the bundle carries for the hosts ---------------------------------------------------------------
+
+    def add_host_packages(self, packages_section: Mapping[str, Any], indexes: Mapping[str, bytes]) -> None:
+        """The manifest's ``packages`` (``<distro>/<arch>`` -> set) and each set's apt index bytes (for the
+        ``Source`` of every .deb)."""
+        for key, pset in sorted(packages_section.items()):
+            sources = {(st.get("Package"), st.get("Version"), st.get("Architecture")): st.get("Source", "")
+                       for st in parse_stanzas(indexes.get(key, b"").decode("utf-8", "replace"))}
+            for entry in pset["packages"]:
+                triple = (entry["package"], entry["version"], entry["architecture"])
+                pkg = OsPackage("deb", *triple, source=_deb_source(sources.get(triple, ""), entry["version"]))
+                ref = self.components.package(pkg, pset["distro"], "debian")
+                comp = self.components.by_ref[ref]
+                comp["hashes"] = _sha256(entry["digest"])
+                self.components.add_property(ref, "carried-for", key)
+                self.components.add_property(ref, "filename", entry["filename"])
+                self.dependencies["release"].add(ref)
+
+    def add_files(self, files_section: Mapping[str, Any]) -> None:
+        """The manifest's ``files`` (binaries for the site's file tree)."""
+        for key, entry in sorted(files_section.items()):
+            ref = f"file:{key}"
+            self.components.by_ref[ref] = {
+                "type": "application", "bom-ref": ref, "name": entry["name"], "version": entry["version"],
+                "purl": purl("generic", None, entry["name"], entry["version"],
+                             {"arch": entry["arch"], "checksum": "sha256:" + digest_hex(entry["digest"])}),
+                "hashes": _sha256(entry["digest"]),
+                "properties": [_property("arch", entry["arch"]), _property("mode", entry["mode"])]}
+            self.dependencies["release"].add(ref)
+
+    # -- output ------------------------------------------------------------------------------------------
+
+    def document(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "tools": {"components": [{"type": "application", "name": self.builder["name"],
+                                      "version": self.builder["version"]}]},
+            "component": {"type": "application", "bom-ref": "release", "name": self.name, "version": self.version},
+        }
+        stamp = _timestamp(self._created)
+        if stamp:
+            metadata["timestamp"] = stamp
+        doc: dict[str, Any] = {
+            "bomFormat": "CycloneDX", "specVersion": SPEC_VERSION, "version": 1, "metadata": metadata,
+            "components": [self.components.by_ref[r] for r in sorted(self.components.by_ref)],
+            "dependencies": [{"ref": r, "dependsOn": sorted(d)} for r, d in sorted(self.dependencies.items())],
+        }
+        # Unique per content, the same for the same content: a name-based UUID of the document's digest.
+        serial = uuid.uuid5(uuid.NAMESPACE_URL, "sha256:" + hashlib.sha256(canonical_json(doc)).hexdigest())
+        doc["serialNumber"] = f"urn:uuid:{serial}"
+        return doc
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.document())
+
+
+def images_of(model_images: Mapping[str, str], platforms: Sequence[Any],
+              resolved: Mapping[tuple[str, Any], Any]) -> Iterator[ImageInput]:
+    """ImageInputs from the builder's resolution (component -> reference; (reference, Platform) -> image)."""
+    for component, reference in sorted(model_images.items()):
+        for platform in platforms:
+            image = resolved[(reference, platform)]
+            try:
+                with image.config.open() as fh:
+                    config = json.loads(fh.read())
+                created = str(config.get("created") or "") if isinstance(config, dict) else ""
+            except ValueError:
+                created = ""
+            yield ImageInput(component, reference, str(platform), image.manifest.digest, image.layers, created)
+
+
+__all__ = ["SBOM_MEDIA_TYPE", "SPEC_VERSION", "SbomBuilder", "SbomError", "ImageInput", "images_of",
+           "scan_layer", "apply_layers", "dpkg_packages", "apk_packages", "parse_stanzas", "purl"]
