@@ -453,20 +453,18 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("verify", help="check the signature and re-hash every blob")
-    s.add_argument("bundle", help="bundle file, its .parts.json or first part")
-    s.add_argument("--pub", action="append", help="trusted public key (PEM); repeatable")
-    s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
+    for command, func, what in (("verify", cmd_verify, "check the signature and re-hash every blob"),
+                                ("sbom", cmd_sbom, "verify a bundle, then write its SBOM (CycloneDX 1.5 JSON)")):
+        s = sub.add_parser(command, help=what)
+        s.add_argument("bundle", help="bundle file, its .parts.json or first part")
+        s.add_argument("--pub", action="append", help="trusted public key (PEM); repeatable")
+        s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
+        s.set_defaults(func=func)
+    s = sub.choices["verify"]
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_verify)
-
-    s = sub.add_parser("sbom", help="verify a bundle, then write its SBOM (CycloneDX 1.5 JSON)")
-    s.add_argument("bundle", help="bundle file, its .parts.json or first part")
-    s.add_argument("--pub", action="append", help="trusted public key (PEM); repeatable")
-    s.add_argument("--integrity-only", action="store_true", help="check blobs without checking the signature")
+    s = sub.choices["sbom"]
     s.add_argument("-o", "--output", default="-", help="file to write (default: stdout); its sha256 is the "
                    "SBOM blob's digest in the signed manifest")
-    s.set_defaults(func=cmd_sbom)
 
     s = sub.add_parser("diff", help="what changed between two bundles, and the size of a delta")
     s.add_argument("old")
