@@ -128,6 +128,12 @@ bundle:
     delta:
       description: The base (release or have-list) of a delta bundle, or null.
       type: dict
+    sbom:
+      description:
+        - The release's SBOM (CycloneDX 1.5 JSON), a blob of the signed manifest - C(digest), C(size),
+          C(mediaType) - or null for a bundle built before bundles carried one.
+        - C(bundle-builder sbom) writes it; an import copies it to C(releases/<name>/<version>/sbom.cdx.json).
+      type: dict
     signed:
       description: Whether the bundle carries a signature.
       type: bool
