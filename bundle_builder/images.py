@@ -169,7 +169,23 @@ class _Section:
     def __init__(self, path: str, offset: int, size: int) -> None:
         self._fh = open(path, "rb")  # pylint: disable=consider-using-with
         self._fh.seek(offset)
+        self._start = offset
+        self._size = size
         self._left = size
+
+    def seekable(self) -> bool:
+        """Seekable within the window: the SBOM's layer scan skips file contents instead of reading them."""
+        return True
+
+    def tell(self) -> int:
+        return self._size - self._left
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = (0, self.tell(), self._size)[whence]
+        new = min(max(base + pos, 0), self._size)
+        self._fh.seek(self._start + new)
+        self._left = self._size - new
+        return new
 
     def read(self, n: int = -1) -> bytes:
         if n < 0 or n > self._left:
