@@ -45,10 +45,6 @@ CPU_REQUEST_FRACTION = 0.1
 
 # Order of kinds inside one component: what a workload refers to comes first.
 KIND_ORDER = ("Namespace", "Secret", "ConfigMap", "Service", "StatefulSet", "Deployment", "Job")
-# A Job's name is the value of the job-name label of its pods, so at most 63 characters; in static manifests
-# it carries the first characters of its fingerprint (render_manifests).
-MAX_JOB_NAME = 63
-JOB_NAME_HASH = 10
 
 DNS1123_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 DNS1035_LABEL_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
@@ -455,6 +451,11 @@ def stamp(objects: List[dict], inp: ComponentInput, opts: RenderOptions, digest:
         meta["annotations"] = dict(sorted(annotations.items()))
         if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
             obj["spec"]["template"]["metadata"]["annotations"] = {FINGERPRINT_ANNOTATION: digest}
+
+
+# A Job's name is the value of the job-name label of its pods, so at most 63 characters; in static manifests
+# it carries the first characters of its fingerprint.
+MAX_JOB_NAME, JOB_NAME_HASH = 63, 10
 
 
 def job_name(component: str, digest: str) -> str:
@@ -871,7 +872,8 @@ class K8sRuntime(Runtime):
     ``start`` renders each spec, applies it with server-side apply (dependencies first, as the engine
     orders them) and waits, bounded, until the controller has seen it; ``probe`` is healthy when the
     rollout is complete and every pod is Ready, else names the pod and the reason. ``observe`` reads the
-    fingerprint annotation, which holds the engine's ``ComponentSpec.fingerprint``.
+    fingerprint annotation, which holds the engine's ``ComponentSpec.fingerprint``. A job is a Job, created
+    anew by each ``start`` (its previous run deleted first) and followed with ``job_state``.
     """
 
     kind = "k8s"
