@@ -190,12 +190,20 @@ def scan_layer(stream: IO[bytes], seekable: bool = False) -> LayerScan:
             elif base.startswith(WHITEOUT):
                 scan.whiteouts.append((parent + "/" if parent else "") + base[len(WHITEOUT):])
             elif _tracked(path):
-                data = None
-                if member.isfile() and member.size <= MAX_TRACKED_FILE:
-                    fh = tar.extractfile(member)
-                    data = fh.read() if fh is not None else None
-                scan.files[path] = data
+                scan.files[path] = _member_bytes(tar, member)
     return scan
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:
+    """A tracked file's content; None for anything else (a directory, a symlink such as Debian's
+    ``etc/os-release``, a hard link a streamed tar cannot resolve, a file too large to be a package database)."""
+    if not (member.isfile() or member.islnk()) or member.size > MAX_TRACKED_FILE:
+        return None
+    try:
+        fh = tar.extractfile(member)
+    except (tarfile.TarError, KeyError):
+        return None
+    return fh.read(MAX_TRACKED_FILE) if fh is not None else None
 
 
 def apply_layers(scans: Iterable[LayerScan]) -> dict[str, bytes]:

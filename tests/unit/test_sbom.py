@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from bundle_builder import images as img
 from bundle_builder import sbom
 from offline_delivery_core.bundle import format as bundle_format
 from offline_delivery_core.bundle.format import BundleError
-from offline_delivery_core.common.oci import OCI_LAYER, OCI_LAYER_GZIP
+from offline_delivery_core.common.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD
 from offline_delivery_core.site.repo import SBOM_FILE, SiteRepo, import_bundle
 from offline_delivery_core.site.status import build_status
 from tests.helpers.images import TestImage, tar_bytes, write_docker_archive, write_oci_layout
@@ -141,6 +144,31 @@ def test_a_whiteout_of_the_whole_database_and_a_replaced_file() -> None:
     builder.add_image(sbom.ImageInput("b", "b/b:1", "linux/amd64", "sha256:" + "2" * 64,
                                       [blob(base_layer("amd64")), blob(again)]))
     assert packages_of(builder, "image:b@linux/amd64") == {("fresh", "2")}
+
+
+def test_zstd_layers_hard_links_and_an_image_without_packages() -> None:
+    builder = sbom.SbomBuilder("x", "1", {"name": "bundle-builder", "version": "t"})
+    zstd = subprocess.run(["zstd", "-c", "-q"], input=base_layer("amd64"), capture_output=True, check=True,
+                          timeout=60).stdout  # scripts/bootstrap installs zstd
+    builder.add_image(sbom.ImageInput("z", "z/z:1", "linux/amd64", "sha256:" + "1" * 64,
+                                      [blob(zstd, OCI_LAYER_ZSTD)]))
+    assert packages_of(builder, "image:z@linux/amd64") == {
+        ("libc6", "2.36-9+deb12u4"), ("bsdutils", "1:2.38.1-5+deb12u3"), ("distroless-x", "3")}
+    linked = io.BytesIO()
+    with tarfile.open(fileobj=linked, mode="w") as tar:
+        data = status(stanza("linked", "1", "amd64"))
+        info = tarfile.TarInfo("var/lib/dpkg/status-old")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("var/lib/dpkg/status")
+        link.type, link.linkname = tarfile.LNKTYPE, "var/lib/dpkg/status-old"
+        tar.addfile(link)
+    builder.add_image(sbom.ImageInput("l", "l/l:1", "linux/amd64", "sha256:" + "2" * 64, [blob(linked.getvalue())]))
+    assert packages_of(builder, "image:l@linux/amd64") == {("linked", "1")}
+    builder.add_image(sbom.ImageInput("e", "e/e:1", "linux/amd64", "sha256:" + "3" * 64,
+                                      [blob(tar_bytes({"bin/app": b"static"}))]))
+    assert packages_of(builder, "image:e@linux/amd64") == set()
+    assert JsonStrictValidator(SchemaVersion.V1_5).validate_str(builder.to_bytes().decode()) is None
 
 
 def test_alpine_apk_database() -> None:
