@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from offline_delivery_core.bundle import ed25519
+from offline_delivery_core.bundle.format import read_head, sbom_descriptor
 from offline_delivery_core.site import have as site_have
 from offline_delivery_core.site import status as site_status
 from tests.e2e.conftest import require_world, running_site
@@ -63,7 +64,8 @@ def fleet(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, check=False)
 
 
-def test_status_report_signed_on_site_read_by_the_fleet_command(installed: Site, tmp_path: Path) -> None:
+def test_status_report_signed_on_site_read_by_the_fleet_command(installed: Site, tmp_path: Path,
+                                                                 shop_bundles: dict[str, Path]) -> None:
     site = installed
     first = playbook(site, "site_status", "-e", f"offline_delivery_site={SITE}")
     assert recap(first)["changed"] >= 1 and f"wrote /var/lib/offline-delivery/status/{SITE}.status.json" in first.stdout
@@ -76,6 +78,11 @@ def test_status_report_signed_on_site_read_by_the_fleet_command(installed: Site,
     assert res.rc == 0 and res.stdout == pub.read_text(), res.output
     doc = site_status.verify_status(data, [ed25519.load_public_key_pem(pub.read_text())], str(report))
     assert doc["site"] == SITE and [(r["name"], r["version"]) for r in doc["releases"]] == [("shop", "1.0.0")]
+    # the release's SBOM: imported beside the release on the repo host, named by its digest in the report
+    sbom = sbom_descriptor(read_head(str(shop_bundles["shop-1.0.0"] / "shop-1.0.0.bundle")).manifest)
+    assert sbom is not None and doc["releases"][0]["sbom"] == sbom["digest"]
+    res = site.exec("repo", ["sha256sum", "/srv/offline-delivery/releases/shop/1.0.0/sbom.cdx.json"])
+    assert res.rc == 0 and "sha256:" + res.stdout.split()[0] == sbom["digest"], res.output
     node1 = doc["hosts"]["node1"]
     assert node1["reachable"] and node1["facts"]["distribution"] == "Debian" and node1["facts"]["architecture"]
     assert node1["freeMiB"]["/var/lib/offline-delivery"] > 0
