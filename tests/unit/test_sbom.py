@@ -280,6 +280,12 @@ def test_sbom_command_verifies_first_and_writes_the_exact_blob(made, keypair, ot
     capsys.readouterr()
     assert cli.main(["sbom", str(path), "--integrity-only"]) == 0
     assert capsys.readouterr().out.encode() == data
+    (made["tmp"] / "split").mkdir()  # a split bundle, from its parts.json
+    split = build.build_bundle(made["model"], made["tmp"] / "split", image_sources=[f"oci:{made['layout']}"],
+                               platforms=PLATFORMS, sign_key=keypair[0], files=[f"tool@2.0/amd64={made['binary']}"],
+                               volume_size=4096)
+    assert split.parts > 2 and cli.main(["sbom", str(split.path), "--pub", str(keypair[1]), "-o", str(out)]) == 0
+    assert out.read_bytes() == data
     assert cli.main(["sbom", str(path), "--pub", str(other_keypair[1]), "-o", str(made["tmp"] / "x.json")]) == 1
     assert "not one of the trusted keys" in capsys.readouterr().err and not (made["tmp"] / "x.json").exists()
     assert cli.main(["sbom", str(path)]) == 2  # neither --pub nor --integrity-only
