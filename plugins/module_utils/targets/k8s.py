@@ -931,8 +931,6 @@ class K8sRuntime(Runtime):
             if not name:
                 continue
             meta = workload.get("metadata") or {}
-            starts = sorted(p.get("status", {}).get("startTime", "") for p in self._pods(name)
-                            if p.get("status", {}).get("startTime"))
             annotations = meta.get("annotations") or {}
             have = annotations.get(FINGERPRINT_ANNOTATION)
             if have and annotations.get(OPTIONS_ANNOTATION) != self.options_digest(name):
@@ -947,6 +945,8 @@ class K8sRuntime(Runtime):
                                           started_at=(workload.get("status") or {}).get("startTime"),
                                           detail="%s: %s%s" % (detail, state, (" (%s)" % why) if why else ""))
                 continue
+            starts = sorted(p.get("status", {}).get("startTime", "") for p in self._pods(name)
+                            if p.get("status", {}).get("startTime"))
             observed[name] = Observed(
                 fingerprint=have,
                 running=(workload.get("spec") or {}).get("replicas", 1) > 0,
