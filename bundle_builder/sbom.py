@@ -342,8 +342,9 @@ class _Components:
         if ref not in self.by_ref:
             comp: dict[str, Any] = {"type": "library", "bom-ref": ref, "name": pkg.name, "version": pkg.version,
                                     "purl": ref}
-            if pkg.source:
-                comp["properties"] = [_property("source", pkg.source)]
+            props = _source_properties(pkg)
+            if props:
+                comp["properties"] = props
             self.by_ref[ref] = comp
         return ref
 
@@ -353,6 +354,33 @@ class _Components:
         if prop not in props:
             props.append(prop)
             props.sort(key=lambda p: (p["name"], p["value"]))
+
+
+# Trivy does not read the purl's ``upstream``: it takes a package's source from these properties of its own
+# namespace, and without them matches Debian's advisories (filed per source package) against the binary name.
+TRIVY_PREFIX = "aquasecurity:trivy:"
+
+
+def _source_properties(pkg: OsPackage) -> list[dict[str, str]]:
+    """The source package for scanners: Trivy's SrcName/SrcVersion/SrcRelease/SrcEpoch (Grype reads the purl's
+    ``upstream``). Trivy fills what is missing from the binary package's version."""
+    if pkg.kind != "deb" or not pkg.source:
+        return []
+    name, _sep, version = pkg.source.partition("@")
+    props = [{"name": TRIVY_PREFIX + "SrcName", "value": name}]
+    if version:
+        epoch, colon, rest = version.partition(":")
+        if not colon:
+            epoch, rest = "", version
+        upstream, dash, revision = rest.rpartition("-")
+        if not dash:
+            upstream, revision = rest, ""
+        if epoch and epoch != "0":
+            props.append({"name": TRIVY_PREFIX + "SrcEpoch", "value": epoch})
+        props.append({"name": TRIVY_PREFIX + "SrcVersion", "value": upstream})
+        if revision:
+            props.append({"name": TRIVY_PREFIX + "SrcRelease", "value": revision})
+    return sorted(props, key=lambda p: p["name"])
 
 
 def _sha256(digest: str) -> list[dict[str, str]]:

@@ -239,6 +239,13 @@ def test_bundle_carries_a_valid_sbom_bound_by_the_signed_manifest(made) -> None:
     # the source version differs from the binary's (no epoch): it travels in the upstream qualifier
     assert "pkg:deb/debian/bsdutils@1:2.38.1-5%2Bdeb12u3?arch=amd64&distro=debian-12&upstream=util-linux%402.38.1-5%2Bdeb12u3" \
         in comps
+    # the source package as Trivy reads it (its own properties; it fills the rest from the binary's version)
+    assert comps[libc]["properties"] == [{"name": "aquasecurity:trivy:SrcName", "value": "glibc"}]
+    bsdutils = comps["pkg:deb/debian/bsdutils@1:2.38.1-5%2Bdeb12u3?arch=amd64&distro=debian-12"
+                     "&upstream=util-linux%402.38.1-5%2Bdeb12u3"]
+    assert bsdutils["properties"] == [{"name": "aquasecurity:trivy:SrcName", "value": "util-linux"},
+                                      {"name": "aquasecurity:trivy:SrcRelease", "value": "5+deb12u3"},
+                                      {"name": "aquasecurity:trivy:SrcVersion", "value": "2.38.1"}]
     deps = {d["ref"]: set(d["dependsOn"]) for d in doc["dependencies"]}
     assert libc in deps["image:app@linux/arm64"] and "os:debian@12" in deps["image:app@linux/arm64"]
     assert deps["release"] == {"image:app@linux/amd64", "image:app@linux/arm64", "file:tool/amd64"}
