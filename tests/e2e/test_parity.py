@@ -24,14 +24,15 @@ Stages, each a module fixture building on the one before:
               upgrade to 1.1.0 finds them again. The 1.0.0 job runs again (its fingerprint changed back), applies
               nothing and records its run; the schema stays at migration 2.
 
-Kubernetes: `TestKubernetes` at the end runs the same app with the k8s target on the world's cluster once
-OD_PARITY_K8S=1 (it needs the k8s Job support and the cluster's binaries); without it the class is not
-collected, so CI neither runs nor skips it.
+Kubernetes: `test_kubernetes_runs_the_same_app_the_same_way` at the end runs the same stages with the k8s target
+on the world's one-node cluster added to this site (web reached on its NodePort from this machine: the other
+per-target part) when OD_PARITY_K8S=1; without it the test is not collected, so CI neither runs nor skips it.
 """
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import bundle_builder, carry, recap
 from tests.world.shop_images import build_poll_images
 from tests.world.site import HostSpec, Site
-from tests.world.util import Result, cache_dir, repo_root
+from tests.world.util import Result, cache_dir, docker, repo_root
 
 pytestmark = pytest.mark.world
 
@@ -90,7 +91,7 @@ def build_poll_bundles(out: Path) -> dict[str, Path]:
 
 def _inputs(oci: Path) -> list[Path]:
     root = repo_root()
-    return sorted([oci / "index.json", Path(__file__), *(p for p in POLL.rglob("*") if p.is_file()
+    return sorted([oci / "index.json", *(p for p in POLL.rglob("*") if p.is_file()
                                                            and "secrets" not in p.parts and p.name != ".env"),
                    *root.glob("bundle_builder/*.py"), *root.glob("plugins/module_utils/**/*.py")])
 
@@ -102,6 +103,7 @@ def cached_poll_bundles() -> dict[str, Path]:
     digest = hashlib.sha256()
     for path in _inputs(oci):
         digest.update(str(path.relative_to(path.anchor)).encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(inspect.getsource(build_poll_bundles).encode())   # how they are built, not the whole test file
     base = cache_dir() / "bundles-poll"
     dest = base / digest.hexdigest()[:24]
     base.mkdir(parents=True, exist_ok=True)
@@ -139,8 +141,14 @@ def ok(res: Result, what: str) -> Result:
     return res
 
 
+# Targets reached otherwise than from a host of the site: name -> request function (the k8s cluster).
+REMOTE: dict[str, Callable[[str, str, dict | None], tuple[int, Any]]] = {}
+
+
 def http(site: Site, host: str, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
     """A request to the web component from the host itself: (status, JSON answer)."""
+    if host in REMOTE:
+        return REMOTE[host](method, path, body)
     script = ("import json,sys,urllib.request as u,urllib.error as e\n"
               "b=sys.argv[3].encode() if sys.argv[3] else None\n"
               "r=u.Request('http://127.0.0.1:8090'+sys.argv[2],data=b,method=sys.argv[1],"
@@ -214,7 +222,8 @@ def site(bundles: dict[str, Path]) -> Iterator[Site]:
 
 
 @pytest.fixture(scope="module")
-def installed(site: Site, bundles: dict[str, Path]) -> dict[str, Any]:
+def prepared(site: Site, bundles: dict[str, Path]) -> None:
+    """The three releases imported into the site repository, the hosts' runtimes installed from it."""
     carry(site, {name: bundles[name] for name in (*(f"poll-{v}" for v in VERSIONS), "vendor.pub")})
     keys = json.dumps({"offline_delivery_vendor_keys_src": ["/srv/transfer/vendor.pub"]})
     for version in VERSIONS:
@@ -226,6 +235,41 @@ def installed(site: Site, bundles: dict[str, Path]) -> dict[str, Any]:
     started = time.monotonic()
     ok(site.jump(["ansible-playbook", "offline.delivery.runtime"], timeout=PLAY_TIMEOUT), "runtime")
     TIMES["runtime"] = round(time.monotonic() - started, 1)
+
+
+PLAIN = "/root/poll-plain"
+
+
+def test_the_compose_file_runs_as_is_under_docker_compose(site: Site, prepared: None) -> None:
+    """The user's source itself: `docker compose up` of examples/poll on the compose host (Compose v2 from the
+    site repository); the images, named as the file names them, come through the site registry, which the runtime
+    role made the engine's registry mirror. Runs before the install (both publish 8090), leaves nothing behind."""
+    started = time.monotonic()
+    refs = ("poll/app:1.0.0", "poll/db:1.0.0", "poll/redis:1.0.0")
+    copy = docker("cp", str(POLL), f"{site.container('c1')}:{PLAIN}", timeout=120)
+    assert copy.rc == 0, copy.output
+    try:
+        up = site.exec("c1", f"cd {PLAIN} && rm -rf secrets .env && mkdir -m 700 secrets && "
+                             "tr -dc A-Za-z0-9 </dev/urandom | head -c 32 > secrets/db_password.txt && "
+                             "docker compose up --detach --quiet-pull 2>&1", timeout=600)
+        assert up.rc == 0, up.output
+        answer = vote_and_wait(site, "c1", VOTES, len(VOTES))
+        assert counts(answer) == EXPECTED and len(answer["workers"]) == 2, answer
+        assert [(r["release"], r["applied"]) for r in answer["migrate_runs"]] == [("1.0.0", "1")]
+        ps = site.exec("c1", f"cd {PLAIN} && docker compose ps --all --format '{{{{.Service}}}} {{{{.State}}}} "
+                             "{{.ExitCode}}'", timeout=60)
+        assert sorted(ps.stdout.split("\n")[:-1]) == ["db running 0", "migrate exited 0", "redis running 0",
+                                                       "web running 0", "worker running 0", "worker running 0"], \
+            ps.output
+    finally:
+        down = site.exec("c1", f"cd {PLAIN} && docker compose down --volumes --timeout 5 2>&1; cd / && "
+                               f"rm -rf {PLAIN} && docker rmi {' '.join(refs)}", timeout=300)
+        TIMES["docker compose up (the source itself)"] = round(time.monotonic() - started, 1)
+    assert down.rc == 0, down.output
+
+
+@pytest.fixture(scope="module")
+def installed(site: Site, prepared: None) -> dict[str, Any]:
     first = ok(play(site, "install", "-e", "app_version=1.0.0", step="install 1.0.0"), "install 1.0.0")
     started = time.monotonic()
     voted = {h: vote_and_wait(site, h, VOTES, len(VOTES)) for h in TARGETS}
@@ -357,13 +401,126 @@ def test_rollback_to_1_0_0_serves_every_vote_on_the_newer_schema(site: Site, rol
 
 # ------------------------------------------------------------------------------------------- Kubernetes
 
-if os.environ.get("OD_PARITY_K8S") == "1":
-    class TestKubernetes:
-        """The same app and assertions with the k8s target on the world's cluster (test_k8s_apply.py's way:
-        the cluster as inventory host `cluster` of group k8s_clusters, the deploy running on the jump host).
-        Enabled by OD_PARITY_K8S=1 once the k8s target runs jobs; not collected otherwise."""
+K8S_NS = "poll"
+K8S_STORAGE_CLASS = "od-e2e-parity"
+K8S_INVENTORY = {"k8s_clusters": {"hosts": {"cluster": {
+    "ansible_connection": "local", "offline_delivery_kubeconfig": "/srv/transfer/kubeconfig",
+    "offline_delivery_k8s_namespace": K8S_NS, "offline_delivery_k8s_storage_class": K8S_STORAGE_CLASS,
+    "offline_delivery_repo_host": "repo"}}}}
 
-        def test_install_votes_job_and_upgrade(self, site: Site, rolled_back: dict[str, Any]) -> None:
-            pytest.fail("not written yet: bring the cluster up in this site (tests/world/k8s Cluster(site.name)), "
-                        "install poll 1.0.0 with offline_delivery_app_hosts=k8s_clusters, post VOTES through "
-                        "web's NodePort and assert counts, two workers, one migrate run, then 1.1.0 and 1.2.0")
+
+def k8s_play(site: Site, playbook: str, *args: str, step: str = "") -> Result:
+    """ansible-playbook on the jump host with the site's inventory plus the cluster host, for the cluster only."""
+    started = time.monotonic()
+    command = ('ansible-playbook -i "$ANSIBLE_INVENTORY" -i /srv/transfer/k8s-inventory.yml offline.delivery.%s '
+               "-e app_name=poll -e offline_delivery_app_hosts=k8s_clusters %s"
+               % (playbook, " ".join("'%s'" % a for a in args)))
+    res = site.jump(["bash", "-c", command], timeout=PLAY_TIMEOUT)
+    if step:
+        TIMES["k8s: " + step] = round(time.monotonic() - started, 1)
+    return res
+
+
+@pytest.fixture(scope="module")
+def cluster(site: Site, rolled_back: dict[str, Any]) -> Iterator[Any]:
+    """The world's one-node cluster added to this site (tests/world/k8s), a static volume for db's claim (the
+    test cluster has no provisioner), the cluster as inventory host `cluster`; web reached on its NodePort."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    import yaml
+
+    from offline_delivery_core.clients.kubernetes import K8sClient
+    from tests.e2e.test_k8s_apply import _kube_binaries_built
+    from tests.e2e.test_k8s_cluster import cluster_problem
+    from tests.world.k8s.cluster import Cluster
+
+    problem = cluster_problem() or _kube_binaries_built()
+    if problem:
+        pytest.skip("no Kubernetes cluster can be brought up: " + problem)
+    started = time.monotonic()
+    world = Cluster(site.name)
+    info = world.up()
+    TIMES["k8s: cluster up"] = round(time.monotonic() - started, 1)
+    client = K8sClient.from_kubeconfig(yaml.safe_load(Path(info["kubeconfig"]).read_text()))
+    client.apply({"apiVersion": "v1", "kind": "PersistentVolume",
+                  "metadata": {"name": "od-e2e-parity-pgdata"},
+                  "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                           "persistentVolumeReclaimPolicy": "Delete", "storageClassName": K8S_STORAGE_CLASS,
+                           "claimRef": {"namespace": K8S_NS, "name": "pgdata-db-0"},
+                           "hostPath": {"path": "/var/lib/od-e2e-parity/pgdata", "type": "DirectoryOrCreate"}}})
+    (site.transfer_dir / "k8s-inventory.yml").write_text(yaml.safe_dump(K8S_INVENTORY))
+    node_ip = urllib.parse.urlsplit(info["server"]).hostname or ""
+
+    def request(method: str, path: str, body: dict | None) -> tuple[int, Any]:
+        svc = client.get("Service", "web-published", K8S_NS)
+        assert svc, "Service web-published missing"
+        url = "http://%s:%d%s" % (node_ip, svc["spec"]["ports"][0]["nodePort"], path)
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=20) as answer:
+                return answer.status, json.loads(answer.read().decode())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read().decode())
+
+    REMOTE["cluster"] = request
+    try:
+        yield client
+    finally:
+        REMOTE.pop("cluster", None)
+        try:
+            k8s_play(site, "uninstall", "-e", "app_remove_data=true")
+        finally:
+            if os.environ.get("OD_WORLD_KEEP") != "1":
+                world.down()
+
+
+def _reachable(site: Site) -> Any:
+    try:
+        return results(site, "cluster")
+    except (OSError, ValueError, AssertionError):
+        return None
+
+
+# Not collected unless enabled: CI would count a skip here as a failure (tests/ci_skips.yml), and the cluster
+# adds minutes to a suite meant to stay short.
+if os.environ.get("OD_PARITY_K8S") == "1":
+    def test_kubernetes_runs_the_same_app_the_same_way(site: Site, cluster: Any) -> None:
+        """The stages above with the k8s target (the cluster as the one app host): votes through web's NodePort
+        reach the db through redis and the two worker pods, the migrate Job runs once and again on upgrade, the
+        broken 1.2.0 fails on it and 1.1.0 is applied again, rollback to 1.0.0."""
+        first = ok(k8s_play(site, "install", "-e", "app_version=1.0.0", step="install 1.0.0"), "k8s install")
+        assert "poll (none) -> 1.0.0: added db, redis, migrate, web, worker" in first.stdout, first.stdout[-3000:]
+        wait_for("web on its NodePort", lambda: _reachable(site), timeout=180, interval=3)
+        answer = vote_and_wait(site, "cluster", VOTES, len(VOTES))
+        assert counts(answer) == EXPECTED and answer["schema"] == 1, answer
+        assert len(answer["workers"]) == 2 and all(n > 0 for n in answer["workers"].values()), answer
+        assert [(r["release"], r["applied"]) for r in answer["migrate_runs"]] == [("1.0.0", "1")]
+        status, answer = http(site, "cluster", "POST", "/vote", {"choice": "durian"})
+        assert status == 400, answer
+
+        again = ok(k8s_play(site, "install", "-e", "app_version=1.0.0", step="install 1.0.0 again"), "k8s rerun")
+        assert recap(again, "cluster")["changed"] == 0, again.stdout[-4000:]
+        assert len(results(site, "cluster")["migrate_runs"]) == 1
+
+        ok(k8s_play(site, "upgrade", "-e", "app_version=1.1.0", step="upgrade 1.1.0"), "k8s upgrade")
+        wait_for("1.1.0 serving", lambda: (_reachable(site) or {}).get("version") == "1.1.0", timeout=180)
+        answer = vote_and_wait(site, "cluster", ("c",), len(VOTES) + 1, voter="ann-cluster")
+        assert answer["schema"] == 2 and answer["voters"] == {"ann-cluster": "c"}, answer
+        assert [(r["release"], r["applied"]) for r in answer["migrate_runs"]] == [("1.0.0", "1"), ("1.1.0", "2")]
+
+        broken = k8s_play(site, "upgrade", "-e", "app_version=1.2.0", step="upgrade 1.2.0")
+        assert broken.rc != 0 and recap(broken, "cluster")["failed"] == 1, broken.output[-6000:]
+        fatal = next(line for line in broken.stdout.splitlines() if line.startswith("fatal: [cluster]"))
+        assert "poll 1.2.0 on cluster: component migrate did not complete" in fatal, fatal
+        assert "rolled back to 1.1.0" in fatal, fatal
+        answer = wait_for("1.1.0 serving again", lambda: _reachable(site), timeout=180)
+        assert answer["version"] == "1.1.0" and answer["total"] == len(VOTES) + 1, answer
+
+        ok(k8s_play(site, "rollback", "-e", "app_rollback_version=1.0.0", step="rollback to 1.0.0"), "k8s rollback")
+        wait_for("1.0.0 serving", lambda: (_reachable(site) or {}).get("version") == "1.0.0", timeout=180)
+        answer = vote_and_wait(site, "cluster", ("b",), len(VOTES) + 2)
+        assert counts(answer) == {"a": 4, "b": 4, "c": 2} and answer["schema"] == 2, answer
