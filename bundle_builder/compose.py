@@ -31,7 +31,7 @@ _VAR_BODY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])(.*))?\Z", re.DOTA
 _HANDLED_KEYS = {
     "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
     "depends_on", "healthcheck", "deploy", "configs", "secrets", "user", "links", "scale", "cpus", "mem_limit",
-    "cap_add", "restart",
+    "cap_add", "restart", "profiles",
 }
 # compose's depends_on condition for a one-shot container its dependents wait for; the model's job kind.
 COMPLETED = "service_completed_successfully"
@@ -57,7 +57,6 @@ _HINTS = {
     "privileged": "refused on purpose: components run unprivileged",
     "network_mode": "each application gets one network",
     "platform": "platforms are chosen when the bundle is built (--platform)",
-    "profiles": "every service of the file is converted whatever its profile",
     "extends": "resolve extends first (docker compose config) and convert the result",
 }
 
@@ -124,6 +123,7 @@ class _Converter:
         self.resolve_jobs(services, components)
         self.export_host_references(components)
         self.note_host_name_references(components)
+        modules = self.convert_profiles(services, components)
         model: Dict[str, Any] = {
             "apiVersion": app_model.API_VERSION,
             "kind": app_model.KIND,
@@ -133,8 +133,39 @@ class _Converter:
         }
         if secrets:
             model["secrets"] = secrets
+        if modules:
+            model["modules"] = modules
         model["components"] = components
         return model
+
+    def convert_profiles(self, services: Mapping, components: Mapping[str, dict]) -> Dict[str, dict]:
+        """compose profiles -> optional modules, off unless the site turns them on (as a profile is inactive
+        unless named). A component belongs to one module: a service in several profiles joins the first."""
+        modules: Dict[str, dict] = {}
+        for service, spec in services.items():
+            component = self.names.get(service)
+            profiles = spec.get("profiles") if isinstance(spec, dict) else None
+            if component not in components or profiles is None:
+                continue
+            path = "services.%s.profiles" % service
+            if not isinstance(profiles, list) or not profiles or not all(isinstance(p, str) for p in profiles):
+                self.note(path, "expected a list of profile names; not converted (the component always runs)")
+                continue
+            module = _sanitize_name(profiles[0])
+            if not module:
+                self.note(path, "profile %r cannot be turned into a module name; not converted (the component "
+                          "always runs)" % profiles[0])
+                continue
+            modules.setdefault(module, {"components": [], "default": False,
+                                        "description": "compose profile %s" % profiles[0]})
+            modules[module]["components"].append(component)
+            if len(profiles) > 1:
+                self.note(path, "in module %s only (a component belongs to one module): profiles %s not converted"
+                          % (module, ", ".join(profiles[1:])))
+        for module, spec in sorted(modules.items()):
+            self.note("profiles", "module %s (off unless the site turns it on: app_modules: {%s: true}): %s"
+                      % (module, module, ", ".join(spec["components"])))
+        return modules
 
     def top_level_notes(self, compose: Mapping) -> None:
         for key, value in compose.items():
@@ -864,10 +895,9 @@ class _Converter:
         applies. Two dependencies exporting one key to one component would clash: those stay as they are.
         """
         wanted: Dict[str, Dict[str, List[str]]] = {}   # exporter -> key -> dependents
-        by_name = {service: component for service, component in self.names.items()}
         for dependent, comp in components.items():
             for key, value in comp.get("env", {}).items():
-                exporter = by_name.get(value)
+                exporter = self.names.get(value)   # compose service name -> component
                 if (exporter is None or exporter == dependent or exporter not in components
                         or not _HOST_KEY.search(key)
                         or exporter not in comp.get("depends_on", {})

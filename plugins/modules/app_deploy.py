@@ -83,6 +83,14 @@ options:
       - Not logged (a value may be a credential); Ansible then hides every occurrence of an override value in
         what the module returns, so a very short value (V(1)) also masks parts of versions or fingerprints there.
     type: dict
+  modules:
+    description:
+      - The site's choice of the model's optional modules - module name to V(true) (runs) or V(false) (stopped
+        and removed, its data kept). Merged over the choices recorded at the last deploy; a module the site never
+        chose runs when the model's C(default) says so.
+      - A choice that leaves a running component without a dependency is refused, naming both; so is a module the
+        release does not have.
+    type: dict
   registry:
     description: The site registry, C(host:port).
     type: str
@@ -187,8 +195,12 @@ model_diff:
   returned: when another release ran before
   type: dict
 health:
-  description: Component to V(healthy) after the gate.
+  description: Component to V(healthy) after the gate (a job - V(completed)).
   returned: success, not in check mode
+  type: dict
+modules:
+  description: The model's optional modules, each V(true) when it runs on this site.
+  returned: on deploy
   type: dict
 """
 
@@ -242,6 +254,7 @@ def main() -> None:
             "addresses": {"type": "dict", "default": {}},
             "secrets": {"type": "dict", "default": {}, "no_log": True},
             "overrides": {"type": "dict", "no_log": True},
+            "modules": {"type": "dict"},
             "registry": {"type": "str", "required": True},
             "health_timeout": {"type": "int", "default": 300},
             "snapshot": {"type": "bool", "default": False},
@@ -277,7 +290,7 @@ def main() -> None:
             if p["action"] == "deploy":
                 result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
                                        overrides=p["overrides"], snapshot=p["snapshot"],
-                                       auto_rollback=p["auto_rollback"])
+                                       auto_rollback=p["auto_rollback"], modules=p["modules"])
             else:
                 result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
     except (DeployError, ModelError, StateError, OSError) as exc:

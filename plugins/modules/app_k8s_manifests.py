@@ -70,6 +70,12 @@ options:
         what the module returns.
     type: dict
     default: {}
+  modules:
+    description:
+      - The site's choice of the model's optional modules, module name to V(true) or V(false); a module not
+        named runs when the model's C(default) says so. The manifests hold the components that run.
+    type: dict
+    default: {}
   state_dir:
     description:
       - Where this host keeps its fingerprint key (C(fingerprint.key)), the state directory of
@@ -156,7 +162,7 @@ files:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.app.model import ModelError, load_model
+from ..module_utils.app.model import ModelError, load_model, select_modules
 from ..module_utils.app.state import StateError, fingerprint_key
 from ..module_utils.targets.k8s import (FINGERPRINT_ANNOTATION, K8sRenderError, check_manifests, component_of, redact,
                                         render_manifests, write_manifest_dir)
@@ -181,6 +187,7 @@ def main() -> None:
             "registry": {"type": "str", "required": True},
             "secrets": {"type": "dict", "required": True, "no_log": True},
             "overrides": {"type": "dict", "default": {}, "no_log": True},
+            "modules": {"type": "dict", "default": {}},
             "state_dir": {"type": "path", "default": "/var/lib/offline-delivery"},
             "namespace": {"type": "str"},
             "include_namespace": {"type": "bool", "default": True},
@@ -198,7 +205,7 @@ def main() -> None:
         module.fail_json(msg="node_port_range: give [first, last], e.g. [30000, 32767]")
     try:
         key = fingerprint_key(p["state_dir"], create=not module.check_mode)
-        model = load_model(p["model"], source="model")
+        model = select_modules(load_model(p["model"], source="model"), p["modules"], asked=p["modules"])[0]
         objects = render_manifests(
             model, namespace=p["namespace"] or model["name"], secrets={k: str(v) for k, v in p["secrets"].items()},
             overrides=p["overrides"], registry=p["registry"], image_digests=_digests(module, p["images"]),

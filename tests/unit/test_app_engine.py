@@ -14,7 +14,7 @@ import yaml
 
 from offline_delivery_core.app.engine import (Engine, HealthGateError, Target, host_status, make_plan, start_levels,
                                            uninstall)
-from offline_delivery_core.app.model import load_model
+from offline_delivery_core.app.model import ModelError, load_model
 from offline_delivery_core.app.runtime import DeployError, Observed, Runtime, desired_specs
 from offline_delivery_core.app.state import AppState
 
@@ -400,3 +400,41 @@ def test_a_failed_job_fails_the_deploy_and_rolls_back(tmp_path: Path) -> None:
     assert rt.runs == ["migrate v1", "migrate broken", "migrate v1"]
     last = AppState(str(tmp_path), "shop").data["history"][-1]
     assert last["component"] == "migrate" and last["rolled_back_to"] == "1.0.0"
+
+
+def with_reports(version: str) -> dict:
+    """The shop with an optional module 'reports' (off by default) whose component needs db."""
+    data = yaml.safe_load((SHOP / f"app-{version}.yml").read_text())
+    data["components"]["reports"] = {"image": data["components"]["api"]["image"], "depends_on": ["db"]}
+    data["modules"] = {"reports": {"components": ["reports"]}}
+    return load_model(data)
+
+
+def test_modules_turned_on_and_off_on_site_and_kept_across_upgrades(tmp_path: Path) -> None:
+    rt = FakeRuntime()
+    m = with_reports("1.0.0")
+
+    def run(model: dict, modules=None, check: bool = False) -> dict:
+        placement = {n: [HOST] for n in model["components"]}
+        target = Target(host=HOST, platform=PLATFORM, registry="repo:5000", secrets=SECRETS, placement=placement,
+                        addresses={HOST: "10.0.0.3"})
+        eng = Engine(rt, AppState(str(tmp_path), "shop"), target, health_cap=1, actor="tester", check_mode=check)
+        return eng.deploy(version=model["version"], model=model, images=images(model), overrides={},
+                          snapshot=False, auto_rollback=True, modules=modules)
+
+    result = run(m)
+    assert "reports" not in rt.running and result["modules"] == {"reports": False}
+    plan = run(m, {"reports": True}, check=True)
+    assert plan["changed"] and plan["plan"]["added"] == ["reports"] and "reports" not in rt.running
+    result = run(m, {"reports": True})
+    assert result["plan"]["added"] == ["reports"] and rt.running["reports"].running
+    assert not run(m)["changed"]                                   # the choice is kept
+    upgraded = run(with_reports("1.1.0"))                          # and survives an upgrade
+    assert "reports" in rt.running and upgraded["modules"] == {"reports": True}
+    assert host_status(rt, AppState(str(tmp_path), "shop"))["modules"] == {"reports": True}
+    off = run(with_reports("1.1.0"), {"reports": False})
+    assert off["plan"]["removed"] == ["reports"] and "reports" not in rt.running
+    with pytest.raises(ModelError, match="has no module search"):
+        run(with_reports("1.1.0"), {"search": True})
+    rolled = engine(tmp_path, rt).rollback(version=None, restore=False)   # to 1.0.0, reports still off
+    assert rolled["version"] == "1.0.0" and "reports" not in rt.running

@@ -20,6 +20,7 @@ from offline_delivery_core.app.model import (
     interpolate,
     load_model,
     render_config,
+    select_modules,
     start_order,
 )
 
@@ -892,3 +893,60 @@ def test_a_model_stored_before_jobs_existed_diffs_clean():
     for comp in old["components"].values():
         del comp["kind"]
     assert diff_models(old, new)["changed"] == {}
+
+
+# ------------------------------------------------------------------------------------ optional modules
+
+def with_modules() -> dict:
+    """The shop with two optional modules: reports (on by default) needs search (off by default)."""
+    data = shop()
+    data["components"]["search"] = {"image": "shop/api:1.0.0", "ports": [9200],
+                                    "exports": {"SEARCH_HOST": "${host}"}}
+    data["components"]["reports"] = {"image": "shop/api:1.0.0", "depends_on": ["search", "db"]}
+    data["modules"] = {"reports": {"components": ["reports"], "default": True, "description": "monthly reports"},
+                       "search": {"components": ["search"]}}
+    return data
+
+
+def test_modules_normalise_and_select():
+    model = load_model(with_modules())
+    assert model["modules"]["search"] == {"description": "", "components": ["search"], "default": False}
+    assert load_model(dump_model(model)) == model
+    selected, on = select_modules(model, {"search": True})
+    assert on == {"reports": True, "search": True} and "reports" in selected["components"]
+    selected, on = select_modules(model, {"reports": False})
+    assert on == {"reports": False, "search": False}
+    assert set(selected["components"]) == set(model["components"]) - {"reports", "search"}
+    assert load_model(dump_model(selected)) == selected   # the selection is a model of its own
+
+
+def test_a_selection_that_breaks_a_dependency_is_refused_naming_both():
+    model = load_model(with_modules())
+    with pytest.raises(ModelError, match="component reports \\(module reports\\) depends on search of module "
+                                         "search, which is off: turn search on too, or turn reports off"):
+        select_modules(model, {})          # reports is on by default, search off
+    core = with_modules()
+    core["components"]["api"]["depends_on"] = ["db", "redis", "search"]
+    with pytest.raises(ModelError, match="component api depends on search of module search, which is off: turn "
+                                         "search on \\(api is outside every module, so it always runs\\)"):
+        select_modules(load_model(core), {"reports": False})
+    with pytest.raises(ModelError, match="modules.nope: shop 1.0.0 has no module nope; modules: reports, search"):
+        select_modules(model, {"nope": True, "search": True}, asked=["nope"])
+    assert select_modules(model, {"nope": True, "search": True})[1] == {"reports": True, "search": True}
+    with pytest.raises(ModelError, match="expected true or false, got 'yes'"):
+        select_modules(model, {"search": "yes"})
+
+
+@pytest.mark.parametrize("modules, path, pattern", [
+    ({"x": {"components": []}}, "modules.x.components", "required: a list"),
+    ({"x": {"components": ["nope"]}}, "modules.x.components[0]", "'nope' is not a component"),
+    ({"x": {"components": ["api"]}, "y": {"components": ["api"]}}, "modules.y.components[0]",
+     "already in module x"),
+    ({"x": {"components": ["api"], "default": "on"}}, "modules.x.default", "expected true or false"),
+    ({"Bad_Name": {"components": ["api"]}}, "modules.Bad_Name", "module name"),
+    ({"x": {"components": ["api"], "enabled": True}}, "modules.x.enabled", "unknown field"),
+])
+def test_bad_modules(modules, path, pattern):
+    data = shop()
+    data["modules"] = modules
+    assert_error(data, path, pattern)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bundle_builder.compose import ComposeError, from_compose
-from offline_delivery_core.app.model import load_model, start_order
+from offline_delivery_core.app.model import load_model, select_modules, start_order
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "compose"
 
@@ -269,7 +269,6 @@ def test_unsupported_keys_are_all_reported():
         "services.worker.deploy.resources.reservations": "limits only",
         "services.worker.links[0]": "converted to depends_on",
         "services.worker.working_dir": "WORKDIR",
-        "services.worker.profiles": "not converted",
     }
     for prefix, fragment in expected.items():
         assert has_line(report, prefix, fragment), (prefix, report)
@@ -682,3 +681,25 @@ def test_host_names_stay_in_env_when_an_export_would_clash_or_cannot_reach(tmp_p
     # lonely does not depend on primary: exports reach direct dependents only
     assert comps["lonely"]["env"] == {"DB_HOST": "primary"} and "exports" not in comps["primary"]
     load_model(model)
+
+
+def test_profiles_become_optional_modules(tmp_path):
+    """A profiled service is inactive unless its profile is named; a module is off unless the site turns it on.
+    A service in several profiles joins the first (a component belongs to one module), noted."""
+    model, report = convert_text(tmp_path, """
+services:
+  web: {image: "web:1"}
+  report: {image: "report:1", profiles: [reports], depends_on: [web]}
+  report-ui: {image: "report-ui:1", profiles: [reports, ui], depends_on: [report]}
+  debug: {image: "debug:1", profiles: [Debug_Tools]}
+""")
+    assert model["modules"] == {
+        "reports": {"components": ["report", "report-ui"], "default": False, "description": "compose profile reports"},
+        "debug-tools": {"components": ["debug"], "default": False, "description": "compose profile Debug_Tools"}}
+    assert has_line(report, "services.report-ui.profiles", "in module reports only (a component belongs to one "
+                                                           "module): profiles ui not converted")
+    assert has_line(report, "profiles", "module reports (off unless the site turns it on: app_modules: "
+                                        "{reports: true}): report, report-ui")
+    loaded = load_model(model)
+    assert select_modules(loaded, {})[1] == {"debug-tools": False, "reports": False}
+    assert set(select_modules(loaded, {"reports": True})[0]["components"]) == {"web", "report", "report-ui"}

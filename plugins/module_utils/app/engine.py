@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .model import diff_models
+from .model import diff_models, select_modules
 from .runtime import (ComponentSpec, DeployError, Observed, Runtime, desired_specs, listening_tcp_ports,
                       probe_spec, wait_healthy)
 from .state import AppState, check_snapshot, fingerprint_key, restore_snapshot, take_snapshot, utc_now
@@ -150,8 +150,12 @@ class Engine:
     # -- building blocks -------------------------------------------------------------------------------
 
     def specs(self, model: dict, images: Mapping[str, Any], overrides: Mapping[str, Any],
-              kept: Optional[Mapping[str, Any]] = None) -> List[ComponentSpec]:
+              kept: Optional[Mapping[str, Any]] = None, modules: Optional[Mapping[str, bool]] = None
+              ) -> List[ComponentSpec]:
+        """What this host runs of ``model``: the components of the site's modules (``modules``: module -> on,
+        the site's choices) that are placed here."""
         placement, addresses = self._layout(kept)
+        model = select_modules(model, modules or {})[0]
         t = self.target
         return desired_specs(model, images, host=t.host, platform=t.platform, placement=placement,
                              addresses=addresses, secrets=t.secrets, overrides=overrides,
@@ -183,22 +187,27 @@ class Engine:
     # -- deploy (install, upgrade, re-run) -------------------------------------------------------------
 
     def deploy(self, *, version: str, model: dict, images: Mapping[str, Any],
-               overrides: Optional[Mapping[str, Any]], snapshot: bool, auto_rollback: bool) -> Dict[str, Any]:
+               overrides: Optional[Mapping[str, Any]], snapshot: bool, auto_rollback: bool,
+               modules: Optional[Mapping[str, bool]] = None) -> Dict[str, Any]:
         """Make this host run ``version``: an install, an upgrade, or a reconfigure of the running version.
-        ``overrides`` None keeps the site's overrides of the last deploy (also across an uninstall)."""
+        ``overrides`` None keeps the site's overrides of the last deploy (also across an uninstall);
+        ``modules`` (module -> on) change the site's module choices of the last deploy, the others stay."""
+        last = self.state.current or self.state.previous or {}
         if overrides is None:
-            overrides = (self.state.current or self.state.previous or {}).get("overrides") or {}
+            overrides = last.get("overrides") or {}
+        choices = {**(last.get("modules") or {}), **(modules or {})}
+        select_modules(model, choices, asked=modules or {})   # an unknown module or a broken selection: refused
         running = (self.state.current or {}).get("version")
         action = "install" if not running else "upgrade" if running != version else "reconfigure"
         return self._deploy(version=version, model=model, images=images, overrides=overrides, snapshot=snapshot,
-                            auto_rollback=auto_rollback, action=action)
+                            auto_rollback=auto_rollback, action=action, modules=choices)
 
     def _deploy(self, *, version: str, model: dict, images: Mapping[str, Any], overrides: Mapping[str, Any],
-                snapshot: bool, auto_rollback: bool, action: str,
+                snapshot: bool, auto_rollback: bool, action: str, modules: Mapping[str, bool],
                 kept: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """One deploy of ``version`` as ``action``; ``kept`` is the state's record of it when rolling back."""
         before = self.state.current
-        specs = self.specs(model, images, overrides, kept)
+        specs = self.specs(model, images, overrides, kept, modules)
         placement, addresses = self._layout(kept)
         plan = make_plan(specs, self.runtime.observe())
         if action != "rollback":
@@ -207,10 +216,12 @@ class Engine:
         model_diff = None
         if before and before["version"] != version and self.state.release(before["version"]):
             model_diff = diff_models(self.state.release(before["version"])["model"], model)
-        state_changes = not before or before["version"] != version or before["overrides"] != dict(overrides)
+        state_changes = (not before or before["version"] != version or before["overrides"] != dict(overrides)
+                         or (before.get("modules") or {}) != dict(modules))
+        on = select_modules(model, modules)[1]
         if self.check_mode:
             return self._result(changed=plan.has_changes or state_changes, action=action, version=version,
-                                before=before, plan=plan, specs=specs, model_diff=model_diff)
+                                before=before, plan=plan, specs=specs, model_diff=model_diff, modules=on)
         snapshot_sizes: Dict[str, int] = {}
         if snapshot and before and plan.has_changes:
             snapshot_sizes = self._snapshot(before["version"], specs)
@@ -233,7 +244,7 @@ class Engine:
             self._recover(exc, version=version, before=before, auto_rollback=auto_rollback, at=at, action=action,
                           plan=plan)
             raise
-        self.state.record(version=version, model=model, images=images, overrides=overrides,
+        self.state.record(version=version, model=model, images=images, overrides=overrides, modules=modules,
                           placement=placement, addresses=addresses,
                           fingerprints={s.name: s.fingerprint for s in specs}, target=self.runtime.kind,
                           by=self.actor, at=at)
@@ -244,7 +255,7 @@ class Engine:
         saved = self.state.save()
         return self._result(changed=plan.has_changes or saved, action=action, version=version, before=before,
                             plan=plan, specs=specs, model_diff=model_diff, health=health,
-                            snapshot=snapshot_sizes or None)
+                            snapshot=snapshot_sizes or None, modules=on)
 
     def _snapshot(self, version: str, specs: Sequence[ComponentSpec]) -> Dict[str, int]:
         """Snapshot the volumes of the components about to change, while they are stopped."""
@@ -270,7 +281,8 @@ class Engine:
             try:
                 if before:
                     kept = self.state.release(before["version"])
-                    specs = self.specs(kept["model"], kept["images"], before["overrides"], kept)
+                    specs = self.specs(kept["model"], kept["images"], before["overrides"], kept,
+                                       before.get("modules"))
                     apply_plan(self.runtime, specs, make_plan(specs, self.runtime.observe()),
                                health_cap=self.health_cap, log=self.log)
                     event["rolled_back_to"] = before["version"]
@@ -305,20 +317,21 @@ class Engine:
         if not kept:
             raise DeployError("%s %s was never installed on %s (kept releases: %s); install it instead" %
                               (self.state.app, goal, self.target.host, ", ".join(self.state.kept_versions())))
+        modules = current.get("modules") or {}
         if goal == current["version"] and not restore:
-            specs = self.specs(kept["model"], kept["images"], current["overrides"], kept)
+            specs = self.specs(kept["model"], kept["images"], current["overrides"], kept, modules)
             plan = make_plan(specs, self.runtime.observe())
             if not plan.has_changes:
                 return self._result(changed=False, action="rollback", version=goal, before=current, plan=plan,
                                     specs=specs)
         overrides = current["overrides"]
         if restore and not self.check_mode:
-            self._restore(goal, kept, overrides)
+            self._restore(goal, kept, overrides, modules)
         return self._deploy(version=goal, model=kept["model"], images=kept["images"], overrides=overrides,
-                            snapshot=False, auto_rollback=True, action="rollback", kept=kept)
+                            snapshot=False, auto_rollback=True, action="rollback", kept=kept, modules=modules)
 
-    def _restore(self, version: str, kept: dict, overrides: Mapping[str, Any]) -> None:
-        specs = self.specs(kept["model"], kept["images"], overrides, kept)
+    def _restore(self, version: str, kept: dict, overrides: Mapping[str, Any], modules: Mapping[str, bool]) -> None:
+        specs = self.specs(kept["model"], kept["images"], overrides, kept, modules)
         stateful = [s for s in specs if s.volumes]
         dirs: Dict[str, str] = {}
         for spec in stateful:
@@ -347,11 +360,13 @@ def host_status(runtime: Runtime, state: AppState, *, history: int = 10) -> Dict
         "version": (current or {}).get("version"), "installed_at": (current or {}).get("installed_at"),
         "by": (current or {}).get("by"), "previous_version": (state.previous or {}).get("version"),
         "overridden": overridden((current or {}).get("overrides")), "kept_releases": state.kept_versions(),
+        "modules": {},
         "history": state.data["history"][-history:], "components": {}, "healthy": bool(current),
     }
     if not current:
         return result
     model = state.release(current["version"])["model"]
+    result["modules"] = select_modules(model, current.get("modules") or {})[1]
     observed = runtime.observe()
     for name, fp in sorted(current["fingerprints"].items()):
         seen = observed.get(name)

@@ -14,7 +14,7 @@ import posixpath
 import re
 import secrets as _secrets_module
 import string
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..common.names import CONTROL_RE, SEMVER_RE, name_problem
 from ..common.oci import reference_problem
@@ -68,7 +68,8 @@ JOB_REFUSES = {
 }
 PROTOCOLS = ("tcp", "udp")
 
-TOP_FIELDS = ("apiVersion", "kind", "name", "version", "description", "secrets", "components")
+TOP_FIELDS = ("apiVersion", "kind", "name", "version", "description", "secrets", "modules", "components")
+MODULE_FIELDS = ("description", "components", "default")
 SECRET_FIELDS = ("length", "charset")
 COMPONENT_FIELDS = (
     "image", "description", "entrypoint", "command", "user", "ports", "env", "config_files", "volumes",
@@ -1042,6 +1043,7 @@ def load_model(data: object, source: str = "app.yml") -> dict:
     description = _load_description(top, "description", errors)
     secret_specs = _load_secrets(top.get("secrets"), errors)
     components = _load_components(top.get("components"), errors)
+    modules = _load_modules(top.get("modules"), components, errors)
     secret_names = _declared_names(top.get("secrets"))
     _check_graph(components, errors)
     _resolve_conditions(components, errors)
@@ -1061,8 +1063,91 @@ def load_model(data: object, source: str = "app.yml") -> dict:
         "version": version,
         "description": description,
         "secrets": secret_specs,
+        "modules": modules,
         "components": components,
     }
+
+
+def _load_modules(data: object, components: Mapping[str, dict], errors: _Errors) -> Dict[str, dict]:
+    """Optional modules: named groups of components a site turns on or off (``default``: on when the site says
+    nothing). A component belongs to at most one module; components in none always run."""
+    result: Dict[str, dict] = {}
+    if data is None:
+        return result
+    mapping = _mapping(data, "modules", errors, "a mapping of module name: {components, default, description}")
+    if mapping is None:
+        return result
+    owner: Dict[str, str] = {}
+    for name, spec in mapping.items():
+        path = _join("modules", str(name))
+        if _check_name(name, path, errors, "module name") is None:
+            continue
+        spec = _mapping(spec, path, errors, "a mapping {components, default, description}")
+        if spec is None:
+            continue
+        _check_fields(spec, MODULE_FIELDS, path, errors)
+        members = spec.get("components")
+        if not isinstance(members, list) or not members:
+            errors.add(_join(path, "components"), "required: a list of the components the module turns on or off")
+            members = []
+        for index, member in enumerate(members):
+            item_path = "%s[%d]" % (_join(path, "components"), index)
+            if member not in components:
+                errors.add(item_path, "%r is not a component; components: %s"
+                           % (member, ", ".join(sorted(components))))
+            elif member in owner:
+                errors.add(item_path, "component %s is already in module %s (a component belongs to one module)"
+                           % (member, owner[member]))
+            else:
+                owner[member] = str(name)
+        default = spec.get("default", False)
+        if not isinstance(default, bool):
+            errors.add(_join(path, "default"), "expected true or false (on when the site says nothing), got %r"
+                       % (default,))
+        result[str(name)] = {"description": _load_description(spec, _join(path, "description"), errors),
+                             "components": [str(m) for m in members], "default": default is True}
+    return result
+
+
+def select_modules(model: dict, choices: Mapping[str, object], *,
+                   asked: Iterable[str] = ()) -> Tuple[dict, Dict[str, bool]]:
+    """The model as this site runs it: the components of modules that are off left out.
+
+    ``choices`` (module -> on/off, the site's) override each module's default; names the model does not know
+    are ignored (a choice kept for a later release), except those ``asked`` for now, which are refused. A
+    running component that depends on one that is off is refused, naming both. Returns (the selected model,
+    module -> on)."""
+    modules = model.get("modules") or {}
+    errors = _Errors()
+    for name in sorted(set(asked) - set(modules)):
+        errors.add("modules.%s" % name, "%s %s has no module %s; modules: %s" % (
+            model["name"], model["version"], name, ", ".join(sorted(modules)) or "none"))
+    on: Dict[str, bool] = {}
+    for name, module in sorted(modules.items()):
+        value = choices.get(name, module["default"])
+        if not isinstance(value, bool):
+            errors.add("modules.%s" % name, "expected true or false, got %r" % (value,))
+            value = module["default"]
+        on[name] = value
+    components = model["components"]
+    owner = {c: name for name, module in modules.items() for c in module["components"]}
+    running = {c for c in components if on.get(owner.get(c, ""), True)}
+    for name in sorted(running):
+        for dep in sorted(set(components[name]["depends_on"]) - running):
+            if name in owner:
+                fix = "turn %s on too, or turn %s off" % (owner[dep], owner[name])
+                who = "component %s (module %s)" % (name, owner[name])
+            else:
+                fix = "turn %s on (%s is outside every module, so it always runs)" % (owner[dep], name)
+                who = "component %s" % name
+            errors.add("modules.%s" % owner[dep], "%s depends on %s of module %s, which is off: %s"
+                       % (who, dep, owner[dep], fix))
+    if errors.items:
+        raise ModelError(errors.items)
+    selected = dict(model)
+    selected["components"] = {c: comp for c, comp in components.items() if c in running}
+    selected["modules"] = {name: module for name, module in modules.items() if on[name]}
+    return selected, on
 
 
 def _declared_names(data: object) -> Dict[str, object]:

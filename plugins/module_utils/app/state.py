@@ -160,11 +160,14 @@ class AppState:
 
     def record(self, *, version: str, model: dict, images: Mapping[str, Any], overrides: Mapping[str, Any],
                placement: Mapping[str, Any], addresses: Mapping[str, str], fingerprints: Mapping[str, str],
-               target: str, by: str, at: str) -> None:
-        """Make ``version`` current; the one before becomes previous (unless it is the same version)."""
+               target: str, by: str, at: str, modules: Optional[Mapping[str, bool]] = None) -> None:
+        """Make ``version`` current; the one before becomes previous (unless it is the same version).
+        ``modules`` are the site's module choices (module -> on), kept for the next deploy and rollback."""
         before = self.data["current"]
         entry = {"version": version, "installed_at": at, "by": by, "overrides": copy.deepcopy(dict(overrides)),
                  "fingerprints": dict(fingerprints)}
+        if modules:
+            entry["modules"] = dict(modules)
         if before and before["version"] != version:
             self.data["previous"] = before
         elif before:
