@@ -501,6 +501,15 @@ if os.environ.get("OD_PARITY_K8S") == "1":
         assert [(r["release"], r["applied"]) for r in answer["migrate_runs"]] == [("1.0.0", "1")]
         status, answer = http(site, "cluster", "POST", "/vote", {"choice": "durian"})
         assert status == 400, answer
+        # the db password file: a Secret (not a ConfigMap) mounted with the file's own mode, root only
+        for kind, name in (("StatefulSet", "db"), ("Job", None), ("Deployment", "web"), ("Deployment", "worker")):
+            objs = [cluster.get(kind, name, K8S_NS)] if name else cluster.list(kind, K8S_NS)
+            assert objs and objs[0], (kind, name)
+            for obj in objs:
+                modes = [(src, item["mode"]) for vol in obj["spec"]["template"]["spec"]["volumes"]
+                         for src in ("secret", "configMap") if src in vol
+                         for item in vol[src].get("items", []) if item["path"].endswith("db_password")]
+                assert modes and all(src == "secret" and mode & 0o077 == 0 for src, mode in modes), (kind, modes)
 
         again = ok(k8s_play(site, "install", "-e", "app_version=1.0.0", step="install 1.0.0 again"), "k8s rerun")
         assert recap(again, "cluster")["changed"] == 0, again.stdout[-4000:]
