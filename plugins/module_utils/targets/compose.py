@@ -295,8 +295,8 @@ def _job_state(state: Mapping[str, Any]) -> Tuple[str, str]:
         return JOB_RUNNING, status
     if status == "exited" and state.get("ExitCode") == 0:
         return JOB_SUCCEEDED, "exited 0 at %s" % state.get("FinishedAt", "?")
-    return JOB_FAILED, "container %s, exit code %s%s" % (status, state.get("ExitCode"),
-                                                        (": " + state["Error"]) if state.get("Error") else "")
+    error = (": " + state["Error"]) if state.get("Error") else ""
+    return JOB_FAILED, "container %s, exit code %s%s" % (status, state.get("ExitCode"), error)
 
 
 def write_config(path: str, data: bytes, mode: int) -> bool:
