@@ -478,6 +478,12 @@ def cluster(site: Site, rolled_back: dict[str, Any]) -> Iterator[Any]:
                 world.down()
 
 
+def _settled(client: Any) -> bool:
+    """No pod of the app is terminating: a replaced pod gets its grace period, and the deploy is done when the
+    new ones are available (on compose and systemd the old instance is stopped before the new one starts)."""
+    return all(not p["metadata"].get("deletionTimestamp") for p in client.list("Pod", K8S_NS))
+
+
 def _reachable(site: Site) -> Any:
     try:
         return results(site, "cluster")
@@ -517,6 +523,7 @@ if os.environ.get("OD_PARITY_K8S") == "1":
 
         ok(k8s_play(site, "upgrade", "-e", "app_version=1.1.0", step="upgrade 1.1.0"), "k8s upgrade")
         wait_for("1.1.0 serving", lambda: (_reachable(site) or {}).get("version") == "1.1.0", timeout=180)
+        wait_for("the 1.0.0 pods gone", lambda: _settled(cluster), timeout=120)
         answer = vote_and_wait(site, "cluster", ("c",), len(VOTES) + 1, voter="ann-cluster")
         assert answer["schema"] == 2 and answer["voters"] == {"ann-cluster": "c"}, answer
         assert [(r["release"], r["applied"]) for r in answer["migrate_runs"]] == [("1.0.0", "1"), ("1.1.0", "2")]
@@ -527,9 +534,11 @@ if os.environ.get("OD_PARITY_K8S") == "1":
         assert "poll 1.2.0 on cluster: component migrate did not complete" in fatal, fatal
         assert "rolled back to 1.1.0" in fatal, fatal
         answer = wait_for("1.1.0 serving again", lambda: _reachable(site), timeout=180)
+        wait_for("the 1.2.0 pods gone", lambda: _settled(cluster), timeout=120)
         assert answer["version"] == "1.1.0" and answer["total"] == len(VOTES) + 1, answer
 
         ok(k8s_play(site, "rollback", "-e", "app_rollback_version=1.0.0", step="rollback to 1.0.0"), "k8s rollback")
         wait_for("1.0.0 serving", lambda: (_reachable(site) or {}).get("version") == "1.0.0", timeout=180)
+        wait_for("the 1.1.0 pods gone", lambda: _settled(cluster), timeout=120)
         answer = vote_and_wait(site, "cluster", ("b",), len(VOTES) + 2)
         assert counts(answer) == {"a": 4, "b": 4, "c": 2} and answer["schema"] == 2, answer

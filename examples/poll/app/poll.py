@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -96,8 +97,13 @@ def worker() -> int:
     drop_privileges(settings)
     me = identity()
     log("worker", f"{me} (release {VERSION}) waiting for votes")
+    # As a container's PID 1 the process has no default SIGTERM action: without a handler a stop would wait
+    # for the runtime's kill, and a worker being replaced would go on taking votes meanwhile. The vote in hand
+    # is stored first; the blocking pop returns within 2 s.
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     conn = store = None
-    while True:
+    while not stopping:
         with open(HEARTBEAT, "w", encoding="utf-8") as handle:
             handle.write(f"{me} {time.time():.0f}\n")
         try:
@@ -123,6 +129,8 @@ def worker() -> int:
                     pass
             conn = store = None
             time.sleep(1)
+    log("worker", f"{me} stopping")
+    return 0
 
 
 def check_worker() -> int:
@@ -250,6 +258,7 @@ def web() -> int:
     Web.settings = settings
     Web.run_files = (pid_file, scratch.name)
     server = ThreadingHTTPServer(("0.0.0.0", settings.web_port), Web)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))   # PID 1 in a container: see worker()
     log("web", f"release {VERSION} on port {settings.web_port} (pid file {pid_file}, scratch {scratch.name})")
     server.serve_forever()
     return 0
