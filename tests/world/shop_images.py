@@ -47,6 +47,8 @@ from typing import Iterator
 from offline_delivery_core.common.digests import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SHOP_DIR = REPO_ROOT / "examples" / "shop"
+POLL_DIR = REPO_ROOT / "examples" / "poll"
 SUITE = "bookworm"
 # Fixed timestamp for every layer member and image config: rebuilds give identical digests.
 SOURCE_DATE_EPOCH = 1747699200  # 2025-05-20T00:00:00Z
@@ -405,11 +407,16 @@ def _is_opaque(path: Path) -> bool:
         return False
 
 
+def source_dir(recipe: ImageRecipe) -> Path:
+    """The directory a recipe's app files come from (read at call time: tests point SHOP_DIR at a copy)."""
+    return {"examples/shop": SHOP_DIR, "examples/poll": POLL_DIR}.get(recipe.source, REPO_ROOT / recipe.source)
+
+
 def app_layer_bytes(recipe: ImageRecipe) -> bytes:
     """The app layer of ``recipe``: its files from its example directory plus their parent directories."""
     members: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
     for item in recipe.files:
-        src = REPO_ROOT / recipe.source / item.src
+        src = source_dir(recipe) / item.src
         if not src.is_file():
             raise BuildError(f"{src}: listed in the recipe of {recipe.ref} but missing")
         parts = item.dest.strip("/").split("/")
