@@ -839,7 +839,9 @@ class _Converter:
                             "becomes a job (kind: job)" % COMPLETED) if one_shot else self.hint("restart")
                     self.note(path + ".restart", "not converted (unsupported by the model)%s" % hint)
                 continue
-            dependents = " and ".join(waited[component]) + (" wait" if len(waited[component]) > 1 else " waits")
+            names = waited[component]
+            dependents = (", ".join(names[:-1]) + " and " + names[-1] + " wait") if len(names) > 1 else \
+                names[0] + " waits"
             if comp.get("volumes"):
                 self.note(path, "%s for it to complete (%s), but it keeps volumes, which a job cannot have: "
                           "kept as a service, and they wait for it to start — move the data to a service, or "

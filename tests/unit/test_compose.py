@@ -548,10 +548,14 @@ POLL = pathlib.Path(__file__).resolve().parents[2] / "examples" / "poll"
 
 def test_poll_example_converts_with_a_job_replicas_and_exports():
     """examples/poll, the parity suite's app, as its users convert it: migrate becomes a job the others wait for,
-    the workers keep their replicas, service host names become exports, the secret a 0400 file."""
+    the workers keep their replicas, service host names become exports, the secret a 0400 file, the reports
+    profile an optional module that is off."""
     model, report = convert("", name="poll", version="1.0.0", base_dir=POLL)
     comps = model["components"]
-    assert list(comps) == ["db", "redis", "migrate", "worker", "web"]
+    assert list(comps) == ["db", "redis", "migrate", "worker", "web", "tally"]
+    assert model["modules"] == {"reports": {"components": ["tally"], "default": False,
+                                            "description": "compose profile reports"}}
+    assert comps["tally"]["volumes"] == [{"name": "tally", "path": "/var/lib/poll-tally"}]
     migrate = comps["migrate"]
     assert migrate["kind"] == "job" and migrate["command"] == ["migrate"]
     assert not {"ports", "health", "replicas", "exports", "volumes"} & set(migrate)
@@ -563,7 +567,7 @@ def test_poll_example_converts_with_a_job_replicas_and_exports():
     assert comps["worker"]["health"]["exec"] == ["python3", "/opt/poll/poll.py", "check-worker"]
     assert comps["web"]["ports"] == [{"port": 8090, "publish": 8090}]
     assert comps["db"]["exports"] == {"DB_HOST": "${host}"} and comps["redis"]["exports"] == {"REDIS_HOST": "${host}"}
-    for name in ("migrate", "worker", "web"):
+    for name in ("migrate", "worker", "web", "tally"):
         assert "DB_HOST" not in comps[name]["env"], name
         assert {"path": "/run/secrets/db_password", "content": "${secrets.db_password}", "mode": "0400"} in \
             comps[name]["config_files"]
@@ -571,8 +575,8 @@ def test_poll_example_converts_with_a_job_replicas_and_exports():
     assert init["content"] == (POLL / "db" / "init.sql").read_text()
     assert comps["db"]["health"]["exec"][:3] == ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "/tmp"]
     loaded = load_model(model)
-    assert start_order(loaded) == [["db", "redis"], ["migrate"], ["web", "worker"]]
-    assert has_line(report, "services.migrate", "converted to a job (kind: job): web and worker wait for it")
+    assert start_order(loaded) == [["db", "redis"], ["migrate"], ["tally", "web", "worker"]]
+    assert has_line(report, "services.migrate", "converted to a job (kind: job): tally, web and worker wait for it")
     assert has_line(report, "services.web.environment.REDIS_HOST", "converted to an export of redis")
     assert not lines_for(report, "services.migrate.restart"), "restart: 'no' is what a job is: nothing to report"
 

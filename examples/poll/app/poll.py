@@ -6,7 +6,9 @@
            heartbeat file in /tmp every loop
   migrate  a one-shot job: applies the schema migrations of this release, records its run, exits 0 (or
            non-zero when a migration fails: nothing of the failed run is kept)
-  check-web, check-worker   health checks (exec): exit 0 when healthy
+  tally    the optional "reports" module (a compose profile): every few seconds writes the counts to
+           $POLL_TALLY_DIR/summary.json (a volume), so the counts outlive the module being turned off
+  check-web, check-worker, check-tally   health checks (exec): exit 0 when healthy
 
 The release is the image's POLL_VERSION: 1.1.0 adds votes.voter (migration 2); 1.2.0's migration 3 is
 broken on purpose (it references a table that does not exist), so its deploy fails on the migrate job.
@@ -27,6 +29,8 @@ from poll_common import (HAS_VOTER, VERSION, VOTES_KEY, Settings, drop_privilege
                          version_at_least)
 
 RUN_DIR = "/run/poll"
+TALLY_EVERY = 5
+TALLY_MAX_AGE = 30
 HEARTBEAT = "/tmp/poll-worker.heartbeat"
 HEARTBEAT_MAX_AGE = 20
 MAX_BODY = 16 * 1024
@@ -275,7 +279,54 @@ def check_web() -> int:
         return 1
 
 
-ROLES = {"web": web, "worker": worker, "migrate": migrate, "check-web": check_web, "check-worker": check_worker}
+# ------------------------------------------------------------------------------------------------ tally
+
+def tally_dir() -> str:
+    return os.environ.get("POLL_TALLY_DIR", "/var/lib/poll-tally")
+
+
+def tally() -> int:
+    settings = Settings.from_env("tally", need_redis=False)
+    directory = tally_dir()
+    try:   # a fresh volume belongs to root: hand it to the app's user before dropping to it
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        os.chown(directory, settings.uid, settings.gid)
+    except OSError as exc:
+        fail("tally", f"cannot prepare {directory}: {exc}")
+    drop_privileges(settings)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))   # PID 1: see worker()
+    log("tally", f"release {VERSION}: writing the counts to {directory}/summary.json every {TALLY_EVERY} s")
+    conn = None
+    while not stopping:
+        try:
+            conn = conn or settings.db()
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT choice, count(*) FROM votes GROUP BY choice ORDER BY choice")
+                counts = {choice: count for choice, count in cur.fetchall()}
+            summary = {"counts": counts, "total": sum(counts.values()), "at": round(time.time()), "by": identity()}
+            with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False) as handle:
+                handle.write(dumps(summary) + b"\n")
+            os.replace(handle.name, os.path.join(directory, "summary.json"))
+        except Exception as exc:
+            log("tally", f"{type(exc).__name__}: {exc}; retrying")
+            conn = None
+        time.sleep(TALLY_EVERY)
+    return 0
+
+
+def check_tally() -> int:
+    try:
+        age = time.time() - os.stat(os.path.join(tally_dir(), "summary.json")).st_mtime
+    except OSError as exc:
+        print(f"no summary: {exc}")
+        return 1
+    print(f"summary written {age:.0f} s ago")
+    return 0 if age <= TALLY_MAX_AGE else 1
+
+
+ROLES = {"web": web, "worker": worker, "migrate": migrate, "tally": tally, "check-web": check_web,
+         "check-worker": check_worker, "check-tally": check_tally}
 
 
 def main(argv: list[str]) -> int:
