@@ -336,8 +336,8 @@ def test_rollback_restores_the_data_snapshot_on_compose_and_systemd(site: Site, 
 
 
 # Issue #20 item 3: what the controller can know is refused on every host before any host changes. shop 1.3.0
-# is 1.1.0 with replicas: 2 for the api: compose hosts could run it, the systemd hosts refuse it; no host may
-# install it. Runs after `restored` (every host on 1.0.0).
+# is 1.1.0 with replicas: 2 for the api: compose hosts could run it, the systemd hosts refuse it (the api has a
+# port, which two instances on one host cannot share); no host may install it. Runs after `restored` (every host on 1.0.0).
 @pytest.fixture(scope="module")
 def refused(site: Site, restored: dict[str, Any], shop_bundles: dict[str, Path],
             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -372,7 +372,8 @@ def test_a_release_one_target_refuses_changes_no_host(site: Site, refused: dict[
     assert run.rc != 0, "a release a target refuses must fail the playbook"
     for host in ("node3", "arm1"):
         line = next(l for l in run.stdout.splitlines() if l.startswith(f"fatal: [{host}]"))
-        assert "component api: replicas 2: the systemd target runs one instance per host" in line, line
+        assert "component api: replicas 2: on a systemd host every instance would listen on the same host port " \
+               "(8000)" in line, line
     for host in TARGETS:
         assert recap(run, host)["changed"] == 0, f"{host} changed:\n{run.stdout[-4000:]}"
         assert refused["after"][host] == refused["before"][host], f"{host}: something restarted"
