@@ -104,9 +104,7 @@ class SystemdRuntime(Runtime):
     def deployed_units(self, component: str) -> List[str]:
         """The units of the component as its unit file on this host says (empty when there is none)."""
         path = self._app_units().get(component)
-        if not path:
-            return []
-        return instance_units(os.path.basename(path), int(read_marks(path).get("instances") or 1))
+        return file_units(path) if path else []
 
     def env_path(self, component: str) -> str:
         return os.path.join(self.state_dir, "apps", self.app, "env", f"{component}.env")
@@ -129,7 +127,7 @@ class SystemdRuntime(Runtime):
         for component, path in self._app_units().items():
             marks = read_marks(path)
             running, details, started = True, [], []
-            for unit in self.deployed_units(component):
+            for unit in file_units(path, marks):
                 props = self._show(unit)
                 if marks.get("kind") == "job":
                     running = running and _job_state(props)[0] == JOB_SUCCEEDED
@@ -275,7 +273,7 @@ class SystemdRuntime(Runtime):
         the single unit it replaces with a template (and the other way round)."""
         keep = set(self.units(spec.name, spec.replicas))
         old_path = self._app_units().get(spec.name)
-        doomed = [u for u in self.deployed_units(spec.name) if u not in keep]
+        doomed = [u for u in (file_units(old_path) if old_path else []) if u not in keep]
         if doomed:
             self._systemctl(["disable", "--quiet", "--now", *doomed], f"stop {', '.join(doomed)}",
                             component=spec.name)
@@ -379,11 +377,12 @@ class SystemdRuntime(Runtime):
 
     def remove(self, names: Sequence[str], *, all_specs: Sequence[ComponentSpec]) -> None:
         units = self._app_units()
-        present = stop_order([n for n in names if n in units], units, self.deployed_units)
+        instances = {n: file_units(units[n]) for n in names if n in units}
+        present = stop_order(sorted(instances), units, instances.__getitem__)
         for name in present:
-            self._systemctl(["disable", "--quiet", "--now", *self.deployed_units(name)], f"stop component {name}",
+            self._systemctl(["disable", "--quiet", "--now", *instances[name]], f"stop component {name}",
                             component=name)
-        stopped = [u for n in present for u in self.deployed_units(n)]
+        stopped = [u for n in present for u in instances[n]]
         for name in present:
             os.unlink(units[name])
             remove(self.env_path(name))
@@ -794,6 +793,12 @@ def unit_settings(path: str, section_name: str = "[Service]") -> Dict[str, str]:
     except FileNotFoundError:
         pass
     return settings
+
+
+def file_units(path: str, marks: Optional[Mapping[str, str]] = None) -> List[str]:
+    """The units a unit file this runtime wrote runs (its instances when it is a template)."""
+    marks = read_marks(path) if marks is None else marks
+    return instance_units(os.path.basename(path), int(marks.get("instances") or 1))
 
 
 def instance_units(unit_file: str, replicas: int) -> List[str]:
