@@ -1,14 +1,18 @@
-"""The compose target's jobs without Docker: the project file a job and its dependents get, and how a job
-container's state is read (observe, job_state). The real containers run in tests/e2e/test_parity.py."""
+"""The compose target without Docker: the project file a job and its dependents get, how a job container's
+state is read (observe, job_state), and the bounded parallel image pulls (prepare). The real containers run in tests/e2e/test_parity.py."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from offline_delivery_core.app.runtime import ComponentSpec
-from offline_delivery_core.targets.compose import ComposeRuntime
+import pytest
+
+from offline_delivery_core.app.runtime import ComponentSpec, DeployError
+from offline_delivery_core.targets.compose import PULL_WORKERS, ComposeRuntime
 
 
 def make_spec(name: str, **changes: Any) -> ComponentSpec:
@@ -79,3 +83,75 @@ def test_a_job_container_state_is_the_job_state(tmp_path: Path) -> None:
     # an exited service is not a finished job
     rt = runtime(tmp_path, Docker([("web", "", exited0)]))
     assert not rt.observe()["web"].running
+
+
+class Registry:
+    """Answers `docker image inspect` (present or not) and `docker pull` (slow, or failing for some images),
+    recording how many pulls ran at once and the order things were asked."""
+
+    def __init__(self, present: Tuple[str, ...] = (), failing: Tuple[str, ...] = (), delay: float = 0.2) -> None:
+        self.present, self.failing, self.delay = set(present), set(failing), delay
+        self.lock = threading.Lock()
+        self.running = 0
+        self.peak = 0
+        self.pulled: List[str] = []
+
+    def __call__(self, argv: List[str]) -> Tuple[int, str, str]:
+        image = argv[-1]
+        if argv[1:3] == ["image", "inspect"]:
+            return (0, "sha256:x\n", "") if image in self.present else (1, "", "No such image: " + image)
+        assert argv[1:3] == ["pull", "--quiet"], argv
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+            self.pulled.append(image)
+        if image in self.failing:
+            return 1, "", "Error response from daemon: manifest unknown: " + image
+        return 0, image + "\n", ""
+
+
+def image(n: int) -> str:
+    return "repo:5000/shop/c%d@sha256:%064x" % (n, n)
+
+
+def test_pulls_run_side_by_side_bounded_one_per_image(tmp_path: Path) -> None:
+    specs = [make_spec("c%d" % n, image=image(n)) for n in range(9)]
+    specs.append(make_spec("c9", image=image(0)))          # shares c0's image: pulled once
+    specs.append(make_spec("c10", image=image(10)))        # already on the host: not pulled
+    registry = Registry(present=(image(10),))
+    rt = ComposeRuntime("poll", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=registry)
+    started = time.monotonic()
+    rt.prepare(specs)
+    took = time.monotonic() - started
+    assert sorted(registry.pulled) == sorted(image(n) for n in range(9))
+    assert registry.peak == PULL_WORKERS
+    assert took < 9 * registry.delay * 0.75   # 9 pulls of 0.2 s, 4 at a time: 3 rounds, not 9
+
+
+def test_failed_pulls_name_component_and_image_in_plan_order(tmp_path: Path) -> None:
+    specs = [make_spec("db", image=image(1), reference="shop/postgres:1.0.0"),
+             make_spec("api", image=image(2), reference="shop/api:1.0.0"),
+             make_spec("worker", image=image(2), reference="shop/api:1.0.0"),
+             make_spec("gateway", image=image(3), reference="shop/gateway:1.0.0")]
+    # the later image fails first (no delay): the message still follows the plan's order
+    registry = Registry(failing=(image(2), image(3)), delay=0.0)
+    rt = ComposeRuntime("shop", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=registry)
+    with pytest.raises(DeployError) as caught:
+        rt.prepare(specs)
+    assert str(caught.value) == (
+        "pulling from the site registry failed for 2 of 3 images: "
+        "api, worker (shop/api:1.0.0, %s): docker pull exited 1: Error response from daemon: manifest unknown: %s; "
+        "gateway (shop/gateway:1.0.0, %s): docker pull exited 1: Error response from daemon: manifest unknown: %s"
+        % (image(2), image(2), image(3), image(3)))
+    assert sorted(registry.pulled) == [image(1), image(2), image(3)]   # every pull ran to its end
+
+
+def test_nothing_to_pull_runs_nothing(tmp_path: Path) -> None:
+    registry = Registry(present=(image(1),))
+    rt = ComposeRuntime("shop", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=registry)
+    rt.prepare([])
+    rt.prepare([make_spec("db", image=image(1))])
+    assert registry.pulled == []

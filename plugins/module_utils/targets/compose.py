@@ -14,6 +14,7 @@ container's address on the project network (no probe tool is needed in the image
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -28,6 +29,11 @@ from ..common.files import ensure_private_dir, write_if_changed, write_private
 LABEL_FINGERPRINT = "io.offline-delivery.fingerprint"
 LABEL_APP = "io.offline-delivery.app"
 LABEL_KIND = "io.offline-delivery.kind"   # set on jobs only
+# Image pulls run side by side, at most this many at once. Each `docker pull` already fetches up to 3 layers
+# of its image at a time (dockerd's max-concurrent-downloads), so 4 pulls keep up to 12 layer downloads going
+# from the site registry on the LAN: enough to overlap one image's manifest round trips and unpacking with the
+# others' downloads, few enough not to thrash one disk or the registry when a host runs 30 components.
+PULL_WORKERS = 4
 # How a dependent waits for a dependency when someone runs `docker compose up` by hand (the engine orders and
 # gates the start itself).
 COMPOSE_CONDITIONS = {"started": "service_started", "healthy": "service_started",
@@ -111,11 +117,31 @@ class ComposeRuntime(Runtime):
         return seen
 
     def prepare(self, specs: Sequence[ComponentSpec]) -> None:
+        """Pull the images the host lacks, up to PULL_WORKERS at a time (one pull per image, however many
+        components run it). Every pull is waited for; failures are reported together, in the order of
+        ``specs`` (the engine's plan order), each naming its components and image. Nothing is started here."""
+        users: Dict[str, List[ComponentSpec]] = {}
         for spec in specs:
-            rc, dummy, dummy2 = self.run(["docker", "image", "inspect", "--format", "{{.Id}}", spec.image])
-            if rc != 0:
-                self._docker(["pull", "--quiet", spec.image],
-                             "pulling the image of %s (%s) from the site registry" % (spec.name, spec.reference))
+            users.setdefault(spec.image, []).append(spec)
+        if not users:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(PULL_WORKERS, len(users)),
+                                                   thread_name_prefix="pull") as pool:
+            problems = list(pool.map(self._fetch_image, users))   # map keeps the order of ``users``
+        failed = ["%s (%s, %s): %s" % (", ".join(s.name for s in users[image]),
+                                       ", ".join(sorted({s.reference for s in users[image]})), image, problem)
+                  for image, problem in zip(users, problems) if problem]
+        if failed:
+            raise DeployError("pulling from the site registry failed for %d of %d images: %s"
+                              % (len(failed), len(users), "; ".join(failed)))
+
+    def _fetch_image(self, image: str) -> str:
+        """Pull ``image`` unless the engine has it: what went wrong, or "" (one worker of ``prepare``)."""
+        rc, dummy, dummy2 = self.run(["docker", "image", "inspect", "--format", "{{.Id}}", image])
+        if rc == 0:
+            return ""
+        rc, out, err = self.run(["docker", "pull", "--quiet", image])
+        return "docker pull exited %d: %s" % (rc, (err or out).strip()[-2000:]) if rc != 0 else ""
 
     def start(self, specs: Sequence[ComponentSpec], *, all_specs: Sequence[ComponentSpec]) -> None:
         self._write_project(all_specs)
