@@ -34,8 +34,15 @@ options:
     required: true
   version:
     description:
-      - The release to read. Omitted, the newest imported release (Semantic Versioning precedence).
+      - The release to read. Omitted, the newest imported release (Semantic Versioning precedence; a site
+        release C(<v>+site.<n>) sorts after C(<v>) and before the vendor's next version).
     type: str
+  site_key_dir:
+    description:
+      - Where the site key is (its public half C(site-have.pub)); a site release (a field fix made on site with
+        M(offline.delivery.app_patch)) is read only when its manifest is signed by that key.
+    type: path
+    default: /etc/offline-delivery/have-signing
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -73,10 +80,15 @@ release:
     manifest_digest:
       description: sha256 of the release manifest.
       type: str
+    patch:
+      description: A site release's patch record (component, files with their sha256, who, when, base release);
+        null for a vendor release.
+      type: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ..module_utils.site.have import DEFAULT_KEY_DIR
 from ..module_utils.site.release import read_release
 from ..module_utils.site.repo import REPO_ROOT_OPTION, RepoError, SiteRepo
 
@@ -86,13 +98,15 @@ def main() -> None:
         argument_spec={
             "name": {"type": "str", "required": True},
             "version": {"type": "str"},
+            "site_key_dir": {"type": "path", "default": DEFAULT_KEY_DIR},
             "repo_root": dict(REPO_ROOT_OPTION),
         },
         supports_check_mode=True,
     )
     params = module.params
     try:
-        release = read_release(SiteRepo(params["repo_root"]), params["name"], params["version"])
+        release = read_release(SiteRepo(params["repo_root"]), params["name"], params["version"],
+                               params["site_key_dir"])
     except (RepoError, OSError) as exc:
         module.fail_json(msg=str(exc))
     module.exit_json(changed=False, release=release)

@@ -18,6 +18,8 @@ from .format import SIGNATURE_NAME, BundleError
 
 FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 ANY_APP = "*"
+# A site release (a field fix made on site, site/patch.py): the vendor's version with build metadata site.<n>.
+SITE_VERSION_RE = re.compile(r"^(?P<vendor>[^+]+)\+site\.(?P<n>[1-9][0-9]{0,8})\Z")
 
 # The options of every module that checks a vendor signature (bundle_import, bundle_info, repo_sync).
 TRUST_OPTIONS = {
@@ -115,6 +117,26 @@ def check_signer(signers: Optional[Mapping[str, Sequence[str]]], keyid: Optional
     problem = signer_problem(signers, keyid, app)
     if problem:
         raise BundleError(f"{problem}; the bundle is refused", member=SIGNATURE_NAME)
+
+
+def site_version(version: str) -> Optional[Tuple[str, int]]:
+    """``(vendor version, n)`` of a site release's version ``<vendor version>+site.<n>``, None for any other."""
+    match = SITE_VERSION_RE.match(version) if isinstance(version, str) else None
+    return (match.group("vendor"), int(match.group("n"))) if match else None
+
+
+def check_vendor_release(version: str, keyid: Optional[str], site_keyids: Iterable[str] = ()) -> None:
+    """BundleError (on manifest.sig) unless a vendor's bundle could be what it says: a vendor never signs a site
+    release's version (``+site.<n>`` is the site's alone), and a key that signed this site's own releases (the
+    site key, ``site_keyids``) never signs as the vendor, even if someone pinned it as a vendor key."""
+    if site_version(version) is not None:
+        raise BundleError(f"version {version} is a site release's (+site.<n>), which only the site's own key "
+                          "signs, on site (offline.delivery.patch); a vendor bundle cannot carry it: refused",
+                          member=SIGNATURE_NAME)
+    if keyid is not None and keyid in set(site_keyids):
+        raise BundleError(f"key sha256:{keyid} is this site's own key (it signed the site's patches); a site key "
+                          "never signs as the vendor: remove it from offline_delivery_vendor_keys. Refused",
+                          member=SIGNATURE_NAME)
 
 
 def module_trust(module: Any) -> Trust:

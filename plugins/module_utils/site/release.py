@@ -14,23 +14,32 @@ from ..app.state import app_dir
 from ..bundle.format import MAX_MANIFEST_SIZE
 from ..common.files import write_private
 from ..common.names import SEMVER_RE, name_problem, version_problem
-from .repo import RepoError, SiteRepo
+from ..bundle.trust import site_version
+from .have import DEFAULT_KEY_DIR
+from .patch import PatchError, site_public_key, verify_site_release
+from .repo import SITE_ORIGIN, RepoError, SiteRepo
 
 
 def semver_key(version: str) -> Tuple[Any, ...]:
-    """Order by Semantic Versioning precedence: a pre-release sorts before its release."""
+    """Order by Semantic Versioning precedence: a pre-release sorts before its release. Semantic Versioning
+    ignores build metadata; a site release ``<v>+site.<n>`` (site/patch.py) sorts right after its vendor release
+    ``<v>`` and before the vendor's next version, by ``n``: 1.0.0 < 1.0.0+site.1 < 1.0.0+site.2 < 1.0.1."""
     match = SEMVER_RE.match(version)
     if not match:
         return (-1, version)
     major, minor, patch, pre = match.group(1), match.group(2), match.group(3), match.group(4)
     pre_key: Tuple[Any, ...] = (1,) if pre is None else (0,) + tuple(
         (0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
-    return (int(major), int(minor), int(patch), pre_key)
+    site = site_version(version)
+    return (int(major), int(minor), int(patch), pre_key, site[1] if site else 0)
 
 
-def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Dict[str, Any]:
-    """``{name, version, model, images, platforms, manifest_digest}`` of an imported release; ``version``
-    None picks the newest imported one. Every byte read is checked against the digest that names it."""
+def read_release(repo: SiteRepo, name: str, version: Optional[str] = None,
+                 site_key_dir: str = DEFAULT_KEY_DIR) -> Dict[str, Any]:
+    """``{name, version, model, images, platforms, manifest_digest, patch}`` of an imported release; ``version``
+    None picks the newest one (``semver_key``: a site release of the newest vendor release counts). Every byte
+    read is checked against the digest that names it; a site release also against the site key in
+    ``site_key_dir`` (``patch``: its patch record; None for a vendor release)."""
     for problem in (name_problem(name, "app name"), version and version_problem(version)):
         if problem:
             raise RepoError(problem)
@@ -44,6 +53,12 @@ def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Di
     if record is None:
         raise RepoError("%s %s is not in the site repository %s (imported: %s); import its bundle first" %
                         (name, version, repo.root, ", ".join(sorted((r["version"] for r in releases), key=semver_key))))
+    patch = None
+    if record.get("origin") == SITE_ORIGIN:
+        try:
+            patch = verify_site_release(repo, record, site_public_key(site_key_dir))
+        except PatchError as exc:
+            raise RepoError(str(exc)) from None
     manifest = repo.release_manifest(name, version)
     model_desc = manifest["model"]
     model_bytes = repo.read_blob(model_desc["digest"], size=model_desc["size"], limit=MAX_MANIFEST_SIZE,
@@ -53,7 +68,7 @@ def read_release(repo: SiteRepo, name: str, version: Optional[str] = None) -> Di
     except (ValueError, ModelError) as exc:
         raise RepoError("the model of %s %s in the site repository is invalid: %s" % (name, version, exc)) from None
     return {"name": name, "version": version, "model": model, "images": manifest["images"],
-            "platforms": manifest["platforms"], "manifest_digest": record["manifestDigest"]}
+            "platforms": manifest["platforms"], "manifest_digest": record["manifestDigest"], "patch": patch}
 
 
 def ensure_secrets(state_dir: str, app: str, specs: Mapping[str, Mapping[str, Any]]) -> Tuple[Dict[str, str], list]:

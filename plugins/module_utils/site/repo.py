@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..bundle.format import (MAX_MANIFEST_SIZE, BundleError, BundleHead, SIGNATURE_NAME, blob_path, read_head,
                              sbom_descriptor, verify_bundle)
-from ..bundle.trust import check_signer
+from ..bundle.trust import check_signer, check_vendor_release
 from ..common.digests import (ContentError, canonical_json, digest_hex, json_object, read_verified, sha256_digest,
                               sha256_file)
 from ..common.files import fsync_dir, remove, write_atomic
@@ -46,6 +46,8 @@ from ..common.locks import flock_within
 CATALOG_SCHEMA = 1
 DEFAULT_REPO_ROOT = "/srv/offline-delivery"
 SBOM_FILE = "sbom.cdx.json"
+# The catalog record of a release made on site (a field fix, site/patch.py) says so: {"origin": "site", ...}.
+SITE_ORIGIN = "site"
 # The ``repo_root`` option of every module working on the repository (doc fragment offline.delivery.repo).
 REPO_ROOT_OPTION = {"type": "path", "default": DEFAULT_REPO_ROOT}
 _MISSING_SHOWN = 10
@@ -434,6 +436,7 @@ def _import_locked(repo: SiteRepo, path: str, trusted_keys: list[bytes],
     head = read_head(path, trusted_keys)  # signature first: nothing in the manifest is trusted before
     manifest = head.manifest
     check_signer(signers, head.keyid, manifest["name"])
+    check_vendor_identity(repo, head)
     name, version = manifest["name"], manifest["version"]
     stage = os.path.join(repo.staging_dir, digest_hex(head.manifest_digest))
     if _already_imported(repo, head):
@@ -484,6 +487,7 @@ def publish_staged(repo: SiteRepo, head: BundleHead, stage: str, *, imported_by:
         raise RepoError(f"there is no site repository at {repo.root}; set the repo host up with a first "
                         "import (offline.delivery.import) before publishing into it")
     with repo.lock(lock_timeout):
+        check_vendor_identity(repo, head)
         if _already_imported(repo, head):
             shutil.rmtree(stage, ignore_errors=True)
             return _result(manifest, head.manifest_digest, changed=False,
@@ -501,6 +505,34 @@ def publish_staged(repo: SiteRepo, head: BundleHead, stage: str, *, imported_by:
     shutil.rmtree(stage, ignore_errors=True)
     res = _result(manifest, head.manifest_digest, changed=True,
                   msg=f"{name} {version} published: {new_blobs} new blobs, {new_bytes} bytes")
+    res.blobs_new, res.bytes_new = new_blobs, new_bytes
+    return res
+
+
+def check_vendor_identity(repo: SiteRepo, head: BundleHead) -> None:
+    """A vendor's release (import, sync) is refused when it carries a site release's version or is signed by
+    the key that signed this site's own releases (bundle/trust.check_vendor_release)."""
+    site_keys = {r["keyid"] for r in repo.catalog()["releases"] if r.get("origin") == SITE_ORIGIN and r.get("keyid")}
+    check_vendor_release(head.manifest["version"], head.keyid, site_keys)
+
+
+def publish_site_release(repo: SiteRepo, head: BundleHead, stage: str, site_record: Mapping[str, Any], *,
+                         made_by: str, lock_timeout: float = 600.0) -> ImportResult:
+    """Publish a site release (site/patch.py: a field fix signed by the site key) whose new blobs are staged
+    in ``stage``, through the import's own steps; its catalog record carries ``origin: site`` and
+    ``site_record`` (the patch), so every reader can tell it from the vendor's releases."""
+    with repo.lock(lock_timeout):
+        if _already_imported(repo, head):
+            shutil.rmtree(stage, ignore_errors=True)
+            return _result(head.manifest, head.manifest_digest, changed=False,
+                           msg=f"{head.manifest['name']} {head.manifest['version']} is already in this repository")
+        record = {**_release_record(head, made_by), **site_record, "origin": SITE_ORIGIN}
+        new_blobs, new_bytes = repo._publish(stage, head.manifest, head.manifest_bytes, head.signature, record,
+                                             bundled_only=False)
+    shutil.rmtree(stage, ignore_errors=True)
+    res = _result(head.manifest, head.manifest_digest, changed=True,
+                  msg=f"{head.manifest['name']} {head.manifest['version']} recorded: {new_blobs} new blobs, "
+                      f"{new_bytes} bytes")
     res.blobs_new, res.bytes_new = new_blobs, new_bytes
     return res
 
@@ -560,6 +592,7 @@ def _check_only(repo: SiteRepo, path: str, trusted_keys: list[bytes],
     """Check mode: verify every byte, write nothing, say what an import would add."""
     head = read_head(path, trusted_keys)
     check_signer(signers, head.keyid, head.manifest["name"])
+    check_vendor_identity(repo, head)
     if not created and _already_imported(repo, head):
         return _result(head.manifest, head.manifest_digest, changed=False,
                        msg=f"{head.manifest['name']} {head.manifest['version']} is already imported")

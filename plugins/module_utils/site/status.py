@@ -7,14 +7,15 @@ One file per site, carried back to the vendor (docs/status.md)::
 
     {"mediaType": "application/vnd.offline-delivery.site-status.v1+json", "site": "north",
      "collectedAt": "2026-11-22T06:00:00Z",
-     "releases": [{"name", "version", "manifestDigest", "importedAt", "sbom" (when the release has one)}],
+     "releases": [{"name", "version", "manifestDigest", "importedAt", "sbom" (when the release has one),
+                   "patch" (a site release: {component, base, files, image, by, at, note})}],
      "hosts": {"node1": {"reachable": true, "facts": {"distribution", "distributionVersion", "architecture"},
                          "freeMiB": {"/var/lib/offline-delivery": 1234, ...},
                          "apps": {"shop": {"target", "installed", "version", "previousVersion", "installedAt",
                                            "healthy", "components": {"api": {"healthy", "running",
                                                                              "asDeployed", "reason"}},
                                            "history": [{"at", "by", "action", "from", "to", "result",
-                                                        "component", "rolledBackTo"}]}}}},
+                                                        "component", "rolledBackTo", "patch"}]}}}},
      "signature": {"alg": "ed25519", "keyid": "<hex>", "sig": "<base64>"}}
 
 Signed on the repo host with the site key of the have-list (site_have.signed_bytes): one site identity.
@@ -39,10 +40,10 @@ from ..bundle import ed25519
 from ..common.files import file_differs, write_if_changed
 from .have import (DEFAULT_KEY_DIR, SITE_RE, HaveError, load_or_create_key, public_from_seed, public_key_pem,
                    signed_bytes, signed_pub_path, verify_signed)
-from .repo import RepoError, SiteRepo
+from .repo import SITE_ORIGIN, RepoError, SiteRepo
 
 __all__ = ["STATUS_MEDIA_TYPE", "StatusError", "StatusResult", "build_status", "export_status", "verify_status",
-           "host_report", "app_report", "stable_part", "DEFAULT_REFRESH", "DEFAULT_HISTORY", "DEFAULT_KEY_DIR"]
+           "host_report", "app_report", "stable_part", "patch_summary", "DEFAULT_REFRESH", "DEFAULT_HISTORY", "DEFAULT_KEY_DIR"]
 
 STATUS_MEDIA_TYPE = "application/vnd.offline-delivery.site-status.v1+json"
 DEFAULT_REFRESH = 3600
@@ -117,8 +118,13 @@ def build_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, Any
         raise StatusError(str(exc)) from None
     # "sbom": the digest of the release's SBOM (releases/<name>/<version>/sbom.cdx.json on the repo host), so
     # the vendor can tell which of its SBOMs describes what a site holds; the document itself stays there.
+    # "patch": a site release's field fix (site/patch.py), so the vendor can fold it into its next release.
+    patches = {(r["name"], r["version"]): patch_summary(r["patch"]) for r in catalog
+               if r.get("origin") == SITE_ORIGIN and isinstance(r.get("patch"), Mapping)}
     releases = sorted(({"name": r["name"], "version": r["version"], "manifestDigest": r["manifestDigest"],
-                        "importedAt": r.get("importedAt"), **({"sbom": r["sbom"]} if r.get("sbom") else {})}
+                        "importedAt": r.get("importedAt"), **({"sbom": r["sbom"]} if r.get("sbom") else {}),
+                        **({"patch": patches[r["name"], r["version"]]} if (r["name"], r["version"]) in patches
+                           else {})}
                        for r in catalog),
                       key=lambda r: (r["name"], r["version"]))
     out_hosts = {}
@@ -131,8 +137,21 @@ def build_status(repo_root: str, site: str, hosts: Mapping[str, Mapping[str, Any
                                                None if entry is None else entry.get("free_mib"), history)
         except StatusError as exc:
             raise StatusError(f"host {host}: {exc}") from None
+        for app, report in out_hosts[str(host)].get("apps", {}).items():
+            for event in report["history"]:  # a change to a site release names its patch
+                if (app, event.get("to")) in patches:
+                    event["patch"] = patches[app, event["to"]]
     return {"mediaType": STATUS_MEDIA_TYPE, "site": site, "collectedAt": collected_at, "releases": releases,
             "hosts": out_hosts}
+
+
+def patch_summary(patch: Mapping[str, Any]) -> dict[str, Any]:
+    """What a status report says of a site release's patch: component, base release, files with their sha256,
+    the patched image, who, when and why."""
+    return {"component": patch.get("component"), "base": (patch.get("base") or {}).get("version"),
+            "files": [{k: f.get(k) for k in ("path", "sha256", "size", "mode")} for f in patch.get("files") or []],
+            "image": (patch.get("image") or {}).get("reference"), "by": patch.get("by"), "at": patch.get("at"),
+            "note": patch.get("note")}
 
 
 def stable_part(doc: Mapping[str, Any]) -> dict[str, Any]:
