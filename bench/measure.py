@@ -133,6 +133,40 @@ def copy_files(paths: Iterable[Path], out: Path) -> tuple[int, float, float]:
     return result
 
 
+def unzstd_files(path: Path, out: Path | None = None) -> tuple[int, float, float]:
+    """Decompress a zstd file with libzstd and sha256 what comes out, one thread: (bytes out, wall s, CPU s).
+    With ``out``: also write it there and fsync (the floor of an import, which must write every blob).
+    The reference of the compressed bundle's verify and import goals (issue 19)."""
+    from offline_delivery_core.common import zstd  # pylint: disable=import-outside-toplevel
+
+    total = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as src, zstd.ZstdReader(src) as reader:  # type: ignore[arg-type]
+        dst = open(out, "wb", buffering=0) if out is not None else None  # pylint: disable=consider-using-with
+        try:
+            while True:
+                n = reader.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+                if dst is not None:
+                    dst.write(view[:n])
+                total += n
+            if dst is not None:
+                os.fsync(dst.fileno())
+        finally:
+            if dst is not None:
+                dst.close()
+    h.hexdigest()
+    result = total, time.perf_counter() - start, time.process_time() - cpu_start
+    if out is not None:
+        out.unlink()
+    return result
+
+
 def warm(paths: Iterable[Path]) -> int:
     """Read files once so every measurement sees the same (hot) page cache; returns bytes read."""
     total = 0

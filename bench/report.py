@@ -62,6 +62,16 @@ def check_at_most(row: Row, limit: float, unit: str) -> Row:
     return row
 
 
+def check_ratio_at_most(row: Row, limit: float) -> Row:
+    """Goal: ratio <= limit (a size or a time against a reference of the same run)."""
+    row.goal = f"<= {limit:.2f} x"
+    if row.ratio is not None:
+        row.met = row.ratio <= limit
+        if not row.met:
+            row.miss = f"{(row.ratio - limit) * 100:.0f} points over"
+    return row
+
+
 def _num(value: float | None, unit: str) -> str:
     if value is None:
         return "-"

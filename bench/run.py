@@ -24,13 +24,18 @@ from typing import Any, Callable
 
 from . import measure, report, synth
 from .measure import BenchError, ChildRun, median, run_child
-from .report import Row, check_at_least, check_at_most, check_below
+from .report import Row, check_at_least, check_at_most, check_below, check_ratio_at_most
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1e6
 MIB = 1024 * 1024
 THROUGHPUT_GOAL = 0.80
 RSS_GOAL_MB = 150.0
+# issue 19: the compressed bundle against zstd of the uncompressed one, and against what users do by hand
+COMPRESS_SIZE_GOAL = 1.05
+COMPRESS_BUILD_GOAL = 1.3
+BY_HAND_TIME_GOAL = 0.5
+BY_HAND_SIZE_GOAL = 0.9
 OVERHEAD_GOAL_PCT = 1.0
 EXTRA_DISK_GOAL = 1.0
 
@@ -470,14 +475,143 @@ def measure_lifecycle(_ctx: Context) -> list[Row]:
     return rows
 
 
+def _ratio_row(row_id: str, what: str, ours: list[float], refs: list[float], reference: str, unit: str = "s",
+               note: str = "") -> Row:
+    """Our median against the reference's, with the ratio the median of the per-pair ratios."""
+    return Row(row_id, what, median(ours), unit, reference, median(refs), unit,
+               median([o / r for o, r in zip(ours, refs)]), runs=list(ours),
+               note=f"reference runs: {_secs(refs)}" + (f"; {note}" if note else ""))
+
+
+def measure_compress(ctx: Context) -> list[Row]:
+    """Issue 19: the compressed bundle (format 2, the default) against ``zstd`` of the uncompressed bundle
+    (``--compress none``, format 1) of the same release, built in this run: size, build time (against
+    ``zstd -3 -T0`` of those bytes), verify (against decompress + sha256 of the same bytes, one thread) and
+    import (against decompress + sha256 + write + fsync), peak RSS."""
+    if shutil.which("zstd") is None:
+        return [Row("compress", "compressed bundle", skipped="no zstd command (scripts/bootstrap installs it)")]
+    model, oci = ctx.gen.app_yml(synth.V1), [f"oci:{ctx.gen.oci}"]
+    dummy, plain = _build(ctx, model, ctx.work / "plain", oci, ["--compress", "none"])
+    plain_path = Path(plain["path"])
+    zst = ctx.work / "plain.bundle.zst"
+    refs: list[ChildRun] = []
+    builds: list[ChildRun] = []
+    summary: dict[str, Any] = {}
+    for i in range(ctx.repeat):
+        refs.append(run_child(["zstd", "-3", "-T0", "-q", "-f", str(plain_path), "-o", str(zst)]))
+        run, summary = _build(ctx, model, ctx.work / "packed", oci)
+        builds.append(run)
+        _log(f"compress: zstd -3 -T0 {refs[-1].seconds:.2f} s, build {run.seconds:.2f} s "
+             f"(peak RSS {run.max_rss / MIB:.0f} MiB)")
+    packed = Path(summary["path"])
+    size, ref_size, plain_size = packed.stat().st_size, zst.stat().st_size, plain_path.stat().st_size
+    rows = [check_ratio_at_most(Row(
+        "compress.size", "compressed bundle size vs zstd -3 of the uncompressed bundle of the same release",
+        size / MB, "MB", "zstd -3 of the --compress none bundle", ref_size / MB, "MB", size / ref_size,
+        note=f"uncompressed bundle {plain_size} bytes; ours {size} ({size / plain_size:.2f} x of it, "
+             f"{summary['compression']['blobs']} blobs compressed); zstd -3 {ref_size}"), COMPRESS_SIZE_GOAL)]
+    rows.append(check_ratio_at_most(_ratio_row(
+        "compress.build", "build (zstd, the default) vs zstd -3 -T0 of the uncompressed bundle's bytes",
+        [r.seconds for r in builds], [r.seconds for r in refs], "zstd -3 -T0 of the same bytes",
+        note=f"build CPU s: {_secs([r.cpu_seconds for r in builds])}; zstd CPU s: "
+             f"{_secs([r.cpu_seconds for r in refs])}"), COMPRESS_BUILD_GOAL))
+    peak = [r.max_rss / MIB for r in builds]
+    rows.append(check_below(Row("compress.build.rss", "compressed build: peak RSS", max(peak), "MiB", runs=peak),
+                            RSS_GOAL_MB, "MiB"))
+    plain_path.unlink()
+    rows += _compressed_verify_import(ctx, packed, zst)
+    shutil.rmtree(ctx.work / "packed", ignore_errors=True)
+    zst.unlink(missing_ok=True)
+    return rows
+
+
+def _compressed_verify_import(ctx: Context, packed: Path, zst: Path) -> list[Row]:
+    refs, verifies = [], []
+    for i in range(ctx.repeat):
+        refs.append(measure.unzstd_files(zst))
+        verifies.append(run_child([*ctx.builder, "verify", str(packed), "--pub", str(ctx.pub), "--json"]))
+        if not json.loads(verifies[-1].stdout).get("ok"):
+            raise BenchError(f"verify of {packed} did not say ok: {verifies[-1].stdout[:500]}")
+        _log(f"compress: decompress+sha256 {refs[-1][1]:.2f} s, verify {verifies[-1].seconds:.2f} s")
+    nbytes = refs[0][0]
+    rows = [check_at_least(Row(
+        "compress.verify", "verify of the compressed bundle vs decompress + sha256 of the same bytes",
+        _mbps(nbytes, median([v.seconds for v in verifies])), "MB/s", "decompress + sha256 (1 thread)",
+        _mbps(nbytes, median([r[1] for r in refs])), "MB/s",
+        median([r[1] / v.seconds for r, v in zip(refs, verifies)]), runs=[v.seconds for v in verifies],
+        note=f"{nbytes} bytes decompressed; verify wall s {_secs([v.seconds for v in verifies])}, reference "
+             f"{_secs([r[1] for r in refs])}; verify peak RSS {max(v.max_rss for v in verifies) / MIB:.0f} MiB"),
+        THROUGHPUT_GOAL)]
+    if _import_available():
+        return rows
+    repo = ctx.work / "repo-packed"
+    refs, imports = [], []
+    for i in range(ctx.repeat):
+        shutil.rmtree(repo, ignore_errors=True)
+        repo.mkdir(parents=True)
+        refs.append(measure.unzstd_files(zst, ctx.work / "floor-unzstd.bin"))
+        imports.append(run_child([sys.executable, "-m", "bench.import_child", str(repo), str(packed), str(ctx.pub)],
+                                 cwd=REPO_ROOT))
+        if not json.loads(imports[-1].stdout).get("changed"):
+            raise BenchError(f"import of {packed} reported no change: {imports[-1].stdout[:500]}")
+        _log(f"compress: decompress+sha256+write+fsync {refs[-1][1]:.2f} s, import {imports[-1].seconds:.2f} s")
+    shutil.rmtree(repo, ignore_errors=True)
+    rows.append(check_at_least(Row(
+        "compress.import", "import of the compressed bundle vs decompress + sha256 + write + fsync",
+        _mbps(nbytes, median([v.seconds for v in imports])), "MB/s", "decompress + sha256 + write + fsync",
+        _mbps(nbytes, median([r[1] for r in refs])), "MB/s",
+        median([r[1] / v.seconds for r, v in zip(refs, imports)]), runs=[v.seconds for v in imports],
+        note=f"import wall s {_secs([v.seconds for v in imports])}, reference {_secs([r[1] for r in refs])}; "
+             f"import peak RSS {max(v.max_rss for v in imports) / MIB:.0f} MiB"), THROUGHPUT_GOAL))
+    return rows
+
+
+def measure_by_hand(ctx: Context) -> list[Row]:
+    """Issue 19: what users do by hand today, on the same images from the Docker engine: ``skopeo copy`` each
+    image into one OCI layout (skopeo gzips the layers), then ``tar | zstd -3``; against our build from the
+    engine (signed, verifiable)."""
+    what = "build from the Docker engine vs skopeo copy into one OCI layout + tar | zstd -3"
+    missing = [c for c in ("skopeo", "zstd", "tar") if shutil.which(c) is None]
+    if ctx.docker_reason or missing:
+        return [Row("byhand", what, skipped=ctx.docker_reason or f"missing {', '.join(missing)} (scripts/bootstrap)")]
+    _ensure_docker_images(ctx)
+    model = ctx.gen.app_yml(synth.V1)
+    layout, out = ctx.work / "byhand-oci", ctx.work / "byhand.tar.zst"
+    refs, ours, ref_size, our_size = [], [], 0, 0
+    for i in range(ctx.repeat):
+        shutil.rmtree(layout, ignore_errors=True)
+        start = time.perf_counter()
+        for ref in ctx.v1_refs():
+            run_child(["skopeo", "copy", "-q", f"docker-daemon:{ref}", f"oci:{layout}:{ref}"], timeout=3600)
+        run_child(["sh", "-c", 'tar -C "$1" -cf - . | zstd -3 -T0 -q -f -o "$2"', "sh", str(layout), str(out)])
+        refs.append(time.perf_counter() - start)
+        ref_size = out.stat().st_size
+        run, summary = _build(ctx, model, ctx.work / "build-docker-z", ["docker"])
+        ours.append(run.seconds)
+        our_size = Path(summary["path"]).stat().st_size
+        _log(f"by hand: skopeo + tar | zstd {refs[-1]:.2f} s ({ref_size / MB:.0f} MB); build from docker "
+             f"{run.seconds:.2f} s ({our_size / MB:.0f} MB)")
+    shutil.rmtree(layout, ignore_errors=True)
+    out.unlink(missing_ok=True)
+    shutil.rmtree(ctx.work / "build-docker-z", ignore_errors=True)
+    return [check_ratio_at_most(_ratio_row("byhand.time", f"{what}: time", ours, refs,
+                                           "skopeo copy x N + tar | zstd -3"), BY_HAND_TIME_GOAL),
+            check_ratio_at_most(Row("byhand.size", f"{what}: size", our_size / MB, "MB", "the .tar.zst",
+                                    ref_size / MB, "MB", our_size / ref_size,
+                                    note="ours is signed and verifiable, blob by blob"), BY_HAND_SIZE_GOAL)]
+
+
 MEASUREMENTS: list[tuple[str, Callable[[Context], list[Row]]]] = [
     ("build", measure_build),      # first: produces ctx.bundle for the others
     ("verify", measure_verify),
     ("size", measure_size),
     ("delta", measure_delta),
     ("import", measure_import),
+    ("compress", measure_compress),
+    ("byhand", measure_by_hand),
     ("lifecycle", measure_lifecycle),
 ]
+NEEDS_BUILD = {"verify", "size", "delta", "import"}  # they use the bundle measure_build makes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -539,7 +673,7 @@ def run_suite(settings: synth.Settings, *, cache_root: Path | None = None, repea
     try:
         warmed = measure.warm(ctx.v1_blob_paths() + [ctx.gen.docker_archive])
         for name, fn in MEASUREMENTS:
-            if only and name not in only and name != "build":
+            if only and name not in only and not (name == "build" and NEEDS_BUILD & set(only)):
                 continue
             _log(f"measuring {name}")
             rows += fn(ctx)

@@ -9,10 +9,12 @@ same bytes: fixed tar header fields, blobs in manifest order, canonical JSON, no
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import os
 import re
 import stat
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -23,8 +25,9 @@ from offline_delivery_core.app import model as app_model
 from offline_delivery_core.bundle import format as bundle_format
 from offline_delivery_core.bundle.format import (FILE_MEDIA_TYPE, FILE_NAME_RE, FILE_VERSION_RE, BackgroundHasher,
                                                  MODEL_MEDIA_TYPE, PARTS_MEDIA_TYPE, BundleError, blob_path)
+from offline_delivery_core.common import zstd
 from offline_delivery_core.common.digests import canonical_json, sha256_digest, sha256_file
-from offline_delivery_core.common.oci import OCI_INDEX_MEDIA_TYPE
+from offline_delivery_core.common.oci import DOCKER_LAYER_GZIP, OCI_INDEX_MEDIA_TYPE, OCI_LAYER_GZIP, OCI_LAYER_ZSTD
 from offline_delivery_core.site import have as site_have
 
 from . import __version__
@@ -46,6 +49,44 @@ MIN_VOLUME_SIZE = 1024
 
 # progress(done_bytes, total_bytes, message)
 Progress = Callable[[int, int, str], None]
+
+COMPRESS_METHODS = ("zstd", "none")
+# Blobs that are compressed already travel as they are, without looking at them: gzip/zstd layers, .deb files.
+STORED_AS_IS_TYPES = frozenset({OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP, pkgs.DEB_MEDIA_TYPE,
+                                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
+# Any other blob: its first SAMPLE bytes are compressed at the build's level; it travels compressed when they
+# shrink to at most SHRINK_RATIO (a gzip layer with an unusual media type, a compressed binary do not).
+# Blobs under MIN_COMPRESS_SIZE gain nothing: a tar member takes whole 512-byte blocks anyway.
+SAMPLE = 256 * 1024
+SHRINK_RATIO = 0.9
+MIN_COMPRESS_SIZE = 1024
+# A compressed member is spooled before it is written (its tar header holds its size): in memory up to
+# this size, then in a temporary file next to the bundle.
+SPOOL_IN_MEMORY = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How blobs travel: ``method`` zstd (per blob, when it shrinks) or none; libzstd ``level`` and worker
+    ``threads`` (0: one per CPU; the bytes are the same for any count)."""
+    method: str = "zstd"
+    level: int = zstd.DEFAULT_LEVEL
+    threads: int = 0
+
+    def check(self) -> None:
+        if self.method not in COMPRESS_METHODS:
+            raise BuildError(f"--compress {self.method!r}: use one of {', '.join(COMPRESS_METHODS)}")
+        if not zstd.MIN_LEVEL <= self.level <= zstd.MAX_LEVEL:
+            raise BuildError(f"--compress-level {self.level}: use {zstd.MIN_LEVEL}-{zstd.MAX_LEVEL} (3 is zstd's "
+                             "default; higher is smaller and slower)")
+        if self.threads < 0:
+            raise BuildError(f"--compress-threads {self.threads}: use 0 (one per CPU) or a positive count")
+        if self.method == "zstd":
+            try:
+                zstd.version()
+            except zstd.ZstdError as exc:
+                raise BuildError(f"{exc}") from None
 
 
 class BuildError(ValueError):
@@ -69,6 +110,7 @@ class BuildResult:
     omitted: list[str] = field(default_factory=list)
     omitted_bytes: int = 0
     parts: int = 0
+    compression: dict[str, Any] = field(default_factory=dict)  # method, level, blobs and bytes compressed
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -355,10 +397,72 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+def _stored(blob: img.Blob, compression: Compression, sampler: zstd.ZstdWriter | None) -> str | None:
+    """How ``blob`` travels: ``"zstd"`` when a sample of it shrinks, None (as it is) otherwise. No blob is
+    compressed whole to decide: known compressed media types are not even opened."""
+    if sampler is None or blob.size < MIN_COMPRESS_SIZE or blob.media_type in STORED_AS_IS_TYPES:
+        return None
+    if blob.data is not None:
+        head = blob.data[:SAMPLE]
+    else:
+        with blob.open() as src:
+            head = src.read(SAMPLE)
+    packed = io.BytesIO()
+    sampler.restart(packed)
+    sampler.write(head)
+    sampler.close()
+    return bundle_format.STORED_ZSTD if packed.tell() <= SHRINK_RATIO * len(head) else None
+
+
+def _storage(bundled: list[_Planned], compression: Compression) -> dict[str, str]:
+    """digest -> ``"zstd"`` for each bundled blob that travels compressed."""
+    if compression.method == "none":
+        return {}
+    sampler = zstd.ZstdWriter(io.BytesIO(), compression.level, threads=1)
+    try:
+        decided = {p.blob.digest: _stored(p.blob, compression, sampler) for p in bundled}
+    finally:
+        sampler.release()
+    return {d: how for d, how in decided.items() if how}
+
+
 def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
                lanes: bundle_format.HashLanes, ring: bundle_format.BufferRing) -> Callable[[], None]:
-    """Stream one blob into the bundle. Its size is checked now; its sha256 runs on a hash lane while
-    the next blobs are copied. Returns the digest check, to run before the bundle is published."""
+    """Stream one blob into the bundle as it is (header, data, padding)."""
+    out.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
+    check = _stream_blob(planned, out.write, report, lanes, ring)
+    out.write(bundle_format.tar_padding(planned.blob.size))
+    return check
+
+
+def _copy_compressed(out: _Output, planned: _Planned, report: Callable[[int], None], lanes: bundle_format.HashLanes,
+                     ring: bundle_format.BufferRing, writer: zstd.ZstdWriter) -> Callable[[], None]:
+    """Stream one blob into the bundle as a zstd frame (member ``blobs/sha256/<hex>.zst``). The frame is
+    spooled first (the tar header before it holds its size): in memory when small, else in a temporary file
+    next to the bundle, removed at once."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=out.final.parent,
+                                       prefix=f".{out.final.name}.zst-") as spool:
+        writer.restart(spool)  # type: ignore[arg-type]
+        check = _stream_blob(planned, writer.write, report, lanes, ring)
+        writer.close()
+        size = writer.written
+        spool.seek(0)
+        out.write(bundle_format.tar_header(blob_path(planned.blob.digest) + bundle_format.ZSTD_SUFFIX, size))
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = spool.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                break
+            out.write(view[:n])
+        out.write(bundle_format.tar_padding(size))
+    return check
+
+
+def _stream_blob(planned: _Planned, sink: Callable[[bytes | memoryview], Any], report: Callable[[int], None],
+                 lanes: bundle_format.HashLanes, ring: bundle_format.BufferRing) -> Callable[[], None]:
+    """Read one blob into ``sink``. Its size is checked now; its sha256 runs on a hash lane while the next
+    blobs are copied. Returns the digest check, to run before the bundle is published."""
     blob = planned.blob
     hasher = lanes.hasher()
     size = 0
@@ -377,13 +481,12 @@ def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
             done = hasher.update(chunk)
             if readinto is not None:
                 ring.hold(slot, done)
-            out.write(chunk)
+            sink(chunk)
             size += n
             report(n)
     if size != blob.size:
         raise BuildError(f"blob {blob.digest} ({', '.join(sorted(planned.used_by))}) read as {size} bytes, "
                          f"its source said {blob.size}: the image source is damaged or changed during the build")
-    out.write(bundle_format.tar_padding(size))
 
     def check() -> None:
         got = hasher.digest()
@@ -409,17 +512,20 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
                  progress: Progress | None = None, base_pub: list[bytes] | None = None,
                  packages: list[str] | None = None, package_profiles: list[str] | None = None,
                  package_cache: str | Path | None = None, files: list[str] | None = None,
-                 have_pub: list[bytes] | None = None) -> BuildResult:
+                 have_pub: list[bytes] | None = None, compression: Compression | None = None) -> BuildResult:
     """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
     Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with;
     ``have_pub``: site keys (raw Ed25519) one of which must have signed ``have`` (None: not checked).
     ``packages``: distro releases (e.g. ``debian-12``) whose OS package closures to carry for every
     platform's architecture (``package_profiles``: which profiles; None: all of the distro's). ``files``:
-    ``--file`` specs (``NAME[@VERSION]/ARCH=PATH``) carried for the site's file tree."""
+    ``--file`` specs (``NAME[@VERSION]/ARCH=PATH``) carried for the site's file tree. ``compression``: how
+    blobs travel (default: zstd level 3 for the blobs that shrink)."""
     if base is not None and have is not None:
         raise BuildError("give either a base bundle or a have-file, not both")
     if have_pub and have is None:
         raise BuildError("--have-pub checks the site signature of a --have file; give --have too")
+    compression = compression or Compression()
+    compression.check()
     model = load_app_model(model_path)
     key = signing.load_private_key(sign_key) if isinstance(sign_key, (str, Path)) else sign_key
     wanted = sorted({img.Platform.parse(p) for p in platforms}, key=str)
@@ -447,7 +553,7 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
         omit.discard(sbom_blob.digest)   # so does the SBOM: it describes the whole release, delta or not
         return _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
-                      delta, key, out, vsize, progress)
+                      delta, key, out, vsize, progress, compression)
     except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError, sbom_mod.SbomError) as exc:
         raise BuildError(str(exc)) from None
     finally:
@@ -532,9 +638,13 @@ def _plan_sbom(plan: _Plan, model: dict[str, Any], model_blob: img.Blob, platfor
 def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_section: dict[str, Any],
            packages_section: dict[str, Any], files_section: dict[str, Any], platforms: list[img.Platform], omit: set[str],
            delta: dict[str, Any] | None, key: Any, out: Path, volume_size: int | None,
-           progress: Progress | None) -> BuildResult:
+           progress: Progress | None, compression: Compression) -> BuildResult:
+    if progress is not None and compression.method != "none":
+        progress(0, 0, "sampling blobs: which travel compressed")
+    stored = _storage([p for d, p in plan.blobs.items() if d not in omit], compression)
     descriptors = [bundle_format.blob_descriptor(d, p.blob.size, p.blob.media_type, sorted(p.used_by),
-                                                 bundled=d not in omit) for d, p in plan.blobs.items()]
+                                                 bundled=d not in omit, stored=stored.get(d))
+                   for d, p in plan.blobs.items()]
     manifest = bundle_format.build_manifest(
         name=model["name"], version=model["version"],
         builder={"name": BUILDER_NAME, "version": BUILDER_VERSION},
@@ -556,6 +666,7 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
     lanes = bundle_format.HashLanes()
     ring = bundle_format.BufferRing()
     output = _Output(final, volume_size, pool)
+    writer = zstd.ZstdWriter(io.BytesIO(), compression.level, compression.threads) if stored else None
     try:
         _write_member(output, bundle_format.MANIFEST_NAME, manifest_bytes)
         keyid = None
@@ -565,8 +676,10 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
             _write_member(output, bundle_format.SIGNATURE_NAME, sig)
         checks = []
         for planned in bundled:
-            output.write(bundle_format.tar_header(blob_path(planned.blob.digest), planned.blob.size))
-            checks.append(_copy_blob(output, planned, report, lanes, ring))
+            if writer is not None and planned.blob.digest in stored:
+                checks.append(_copy_compressed(output, planned, report, lanes, ring, writer))
+            else:
+                checks.append(_copy_blob(output, planned, report, lanes, ring))
         output.write(bundle_format.TAR_END)
         for check in checks:  # every digest confirmed before anything is published
             check()
@@ -577,6 +690,8 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
     finally:
         lanes.shutdown()
         pool.shutdown(wait=True)
+        if writer is not None:
+            writer.release()
     if progress is not None:
         progress(total, total, "done")
     omitted = [d for d in descriptors if not d["bundled"]]
@@ -585,4 +700,6 @@ def _write(model: dict[str, Any], plan: _Plan, model_blob: img.Blob, images_sect
                        platforms=[str(p) for p in platforms], blobs_total=len(descriptors),
                        blobs_bundled=len(bundled), bytes_total=sum(d["size"] for d in descriptors),
                        bytes_bundled=total, size=output.written, omitted=[d["digest"] for d in omitted],
-                       omitted_bytes=sum(d["size"] for d in omitted), parts=len(output.parts))
+                       omitted_bytes=sum(d["size"] for d in omitted), parts=len(output.parts),
+                       compression={"method": compression.method, "level": compression.level,
+                                    "blobs": len(stored), "bytes": sum(plan.blobs[d].blob.size for d in stored)})

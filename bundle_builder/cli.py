@@ -133,7 +133,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             sign_key=None if args.unsigned else args.sign_key, base=args.base, have=args.have,
             volume_size=args.volume_size, progress=make_progress(args.json), base_pub=base_pub,
             have_pub=have_pub, packages=args.packages,
-            package_profiles=_comma_list(args.package_profiles) or None, files=args.file)
+            package_profiles=_comma_list(args.package_profiles) or None, files=args.file,
+            compression=build.Compression(args.compress, args.compress_level, args.compress_threads))
     except (build.BuildError, signing.SigningError) as exc:
         for d in made:  # a refused build leaves no empty output directory behind
             if d.is_dir() and not any(d.iterdir()):
@@ -143,6 +144,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         _print_json(result.to_json())
         return EXIT_OK
     signed = f"signed by key {result.signed_keyid[:16]}…" if result.signed_keyid else "UNSIGNED"
+    packed = result.compression
+    if packed.get("blobs"):
+        signed += f"; {packed['blobs']} blobs ({human_size(packed['bytes'])}) zstd-compressed, level {packed['level']}"
     _err(f"built {result.path} ({human_size(result.size)}{f', {result.parts} parts' if result.parts else ''}, {signed})")
     _err(f"  manifest {result.manifest_digest}")
     _err(f"  {result.blobs_bundled} of {result.blobs_total} blobs carried ({human_size(result.bytes_bundled)} of "
@@ -229,6 +233,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     keys = _verify_keys(args)
     progress = make_progress(args.json)
     try:
+        if args.media:
+            bundle_format.check_media(args.bundle)
         result = bundle_format.verify_bundle(
             args.bundle, keys,
             progress=(lambda done, total: progress(done, total, "verifying")) if progress else None)
@@ -247,7 +253,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     doc = {"ok": True, "bundle": args.bundle, "name": m["name"], "version": m["version"],
            "manifest_digest": result.manifest_digest, "signed": result.signed, "keyid": result.keyid,
            "signature_checked": result.signature_checked, "blobs_checked": result.blobs_checked,
-           "bytes_checked": result.bytes_checked, "blobs_omitted": result.blobs_omitted,
+           "bytes_checked": result.bytes_checked, "bytes_stored": result.bytes_stored,
+           "format": m["schemaVersion"], "blobs_omitted": result.blobs_omitted,
            "bytes_omitted": result.bytes_omitted, "delta": m["delta"]}
     if args.json:
         _print_json(doc)
@@ -445,6 +452,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="carry a binary for the site's file tree (http://<repo>:8080/files/NAME/VERSION/ARCH/NAME), "
                         "e.g. k3s@v1.30.2+k3s1/amd64=./k3s; ARCH is one of the --platform architectures, VERSION "
                         "defaults to the release's version; repeatable (see docs/k3s.md)")
+    s.add_argument("--compress", choices=["zstd", "none"], default="zstd",
+                   help="how blobs travel: zstd (default; each blob whose sample shrinks, content addresses "
+                        "unchanged) or none (format 1, faster to build, bigger)")
+    s.add_argument("--compress-level", type=int, default=3, metavar="N", help="zstd level 1-19 (default 3)")
+    s.add_argument("--compress-threads", type=int, default=0, metavar="N",
+                   help="zstd worker threads (default 0: one per CPU; the bundle's bytes are the same for any N)")
     s.add_argument("--json", action="store_true", help="print a JSON summary on stdout, no progress")
     s.set_defaults(func=cmd_build)
 
@@ -462,6 +475,8 @@ def make_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
     s = sub.choices["verify"]
     s.add_argument("--json", action="store_true")
+    s.add_argument("--media", action="store_true", help="also check each part of a split bundle against the "
+                   "sha256 in its parts.json first (a media check; the blob digests prove the content without it)")
     s = sub.choices["sbom"]
     s.add_argument("-o", "--output", default="-", help="file to write (default: stdout); its sha256 is the "
                    "SBOM blob's digest in the signed manifest")

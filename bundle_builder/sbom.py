@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import re
-import shutil
-import subprocess
 import tarfile
-import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 from offline_delivery_core.bundle.format import SBOM_MEDIA_TYPE
+from offline_delivery_core.common import zstd
 from offline_delivery_core.common.digests import canonical_json, digest_hex
 from offline_delivery_core.common.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, split_reference
 
@@ -226,55 +225,17 @@ def apply_layers(scans: Iterable[LayerScan]) -> dict[str, bytes]:
     return state
 
 
-class _ZstdReader:
-    """A zstd layer decompressed by the ``zstd`` command, fed from a thread (the stdlib has no zstd)."""
-
-    def __init__(self, raw: IO[bytes], what: str) -> None:
-        exe = shutil.which("zstd")
-        if exe is None:
-            raise SbomError(f"{what} is zstd-compressed and the zstd command is missing (apt-get install zstd)")
-        self._proc = subprocess.Popen([exe, "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603
-                                      stderr=subprocess.DEVNULL)
-        self._feeder = threading.Thread(target=self._feed, args=(raw,), daemon=True)
-        self._feeder.start()
-
-    def _feed(self, raw: IO[bytes]) -> None:
-        stdin = self._proc.stdin
-        try:
-            for chunk in iter(lambda: raw.read(1024 * 1024), b""):
-                stdin.write(chunk)  # type: ignore[union-attr]
-        except (BrokenPipeError, ValueError):
-            pass
-        finally:
-            try:
-                stdin.close()  # type: ignore[union-attr]
-            except BrokenPipeError:
-                pass
-
-    def read(self, size: int = -1) -> bytes:
-        return self._proc.stdout.read(size)  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        self._proc.stdout.close()  # type: ignore[union-attr]
-        self._proc.kill()
-        self._proc.wait()
-        self._feeder.join()
-
-
 def _scan_blob(layer: Any, what: str) -> LayerScan:
     """Scan an ``images.Blob`` layer, however it is compressed."""
     with layer.open() as raw:
         try:
             if layer.media_type == OCI_LAYER_ZSTD or _peek(raw) == ZSTD_MAGIC:
-                reader = _ZstdReader(raw, what)
-                try:
+                with io.BufferedReader(zstd.ZstdReader(raw)) as reader:  # libzstd, the bundle's own binding
                     return scan_layer(reader)  # type: ignore[arg-type]
-                finally:
-                    reader.close()
             seekable = (layer.media_type not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP)
                         and getattr(raw, "seekable", lambda: False)())
             return scan_layer(raw, seekable=seekable)
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError, OSError, zstd.ZstdError) as exc:
             raise SbomError(f"{what}: cannot read it as a tar ({exc}); the image source is damaged") from None
 
 

@@ -89,6 +89,25 @@ options:
   volume_size:
     description: Split the bundle into parts of this size (for example V(4G), V(700M)).
     type: str
+  compress:
+    description:
+      - How blobs travel, as C(bundle-builder build --compress). V(zstd) compresses each blob whose sample
+        shrinks (format 2; content addresses unchanged, the site stores blobs uncompressed); V(none) writes
+        format 1 (faster to build, bigger, readable by collections before format 2).
+    type: str
+    choices: [zstd, none]
+    default: zstd
+    version_added: 0.2.0
+  compress_level:
+    description: zstd level, 1-19.
+    type: int
+    default: 3
+    version_added: 0.2.0
+  compress_threads:
+    description: zstd worker threads; V(0) is one per CPU. The bundle's bytes are the same for any count.
+    type: int
+    default: 0
+    version_added: 0.2.0
   packages:
     description:
       - Distro releases (for example V(debian-12)) whose OS packages the site's hosts need; their closures are
@@ -201,7 +220,7 @@ except ImportError:
 else:
     BUILDER_VERSION = str(getattr(bundle_builder, "__version__", "unknown"))
     try:
-        from bundle_builder.build import BuildError
+        from bundle_builder.build import BuildError, Compression
         from bundle_builder.export import export_bundle
         from bundle_builder.signing import SigningError
         from offline_delivery_core.bundle.ed25519 import Ed25519KeyError, load_public_key_files
@@ -225,6 +244,9 @@ def main() -> None:
             "have": {"type": "path"},
             "have_pub": {"type": "list", "elements": "path"},
             "volume_size": {"type": "str"},
+            "compress": {"type": "str", "choices": ["zstd", "none"], "default": "zstd"},
+            "compress_level": {"type": "int", "default": 3},
+            "compress_threads": {"type": "int", "default": 0},
             "packages": {"type": "list", "elements": "str", "default": []},
             "package_profiles": {"type": "list", "elements": "str"},
             "files": {"type": "list", "elements": "str", "default": []},
@@ -248,7 +270,8 @@ def main() -> None:
             have=p["have"], volume_size=p["volume_size"],
             base_pub=load_public_key_files(p["base_pub"]) if p["base_pub"] else None,
             have_pub=load_public_key_files(p["have_pub"]) if p["have_pub"] else None,
-            packages=p["packages"], package_profiles=p["package_profiles"] or None, files=p["files"])
+            packages=p["packages"], package_profiles=p["package_profiles"] or None, files=p["files"],
+            compression=Compression(p["compress"], p["compress_level"], p["compress_threads"]))
     except (BuildError, SigningError, Ed25519KeyError, ValueError, OSError) as exc:
         module.fail_json(msg=f"bundle from {p['model']} not built: {exc}")
     module.exit_json(changed=result.changed, msg=result.msg, bundle=result.to_json(),

@@ -13,6 +13,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from offline_delivery_core.bundle.format import member_name
 from tests.world.shop_images import build_shop_images
 from tests.world.site import Site
 from tests.world.util import Result, cache_dir, repo_root
@@ -32,7 +33,8 @@ def flip_byte_in_layer(src: Path, dest: Path) -> str:
     with tarfile.open(src) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
         layer = next(b for b in manifest["blobs"] if b["bundled"] and "layer" in b["mediaType"])
-        member = tar.getmember("blobs/sha256/" + layer["digest"].split(":", 1)[1])
+        # blobs/sha256/<hex>, or <hex>.zst when it travels compressed (bundle format 2)
+        member = tar.getmember(member_name(layer))
     with open(dest, "r+b") as fh:
         fh.seek(member.offset_data + member.size // 2)
         byte = fh.read(1)

@@ -181,7 +181,9 @@ def test_reimport_changes_nothing(imported: Site) -> None:
 
 
 @pytest.mark.parametrize("media, expected", [
-    ("tampered", r"blob content hashes to sha256:[0-9a-f]+, not sha256:"),
+    # a flip in a layer that travels compressed is found by the decompression or by the digest of its result
+    ("tampered", r"blob content hashes to sha256:[0-9a-f]+, not sha256:|blob sha256:[0-9a-f]+: its compressed data "
+                 r"is damaged|blob sha256:[0-9a-f]+ decompresses to"),
     ("untrusted", r"which is not one of the trusted keys"),
 ], ids=["tampered-layer", "untrusted-signer"])
 def test_refused_bundle_leaves_the_repository_unchanged(imported: Site, media: str, expected: str) -> None:

@@ -157,7 +157,7 @@ class Vendor:
     unsigned: Path           # tiny 1.0.0 built --unsigned
     foreign: Path            # tiny 1.0.0 signed by other_key
     larger: Path             # two components, two platforms, ~330 KiB (17 members)
-    parts: Path              # larger, split into 100 KiB parts (4 parts; its .parts.json)
+    parts: Path              # larger, split into 6 KiB parts (its .parts.json)
 
 
 @pytest.fixture(scope="session")
@@ -186,7 +186,7 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> Vendor:
         unsigned=build(tiny["1.0.0"], d / "unsigned", layout, "--unsigned"),
         foreign=build(tiny["1.0.0"], d / "foreign", layout, "--sign-key", str(d / "intruder.key")),
         larger=build(larger, d / "out", layout, "--sign-key", str(key), platforms=two),
-        parts=build(larger, d / "split", layout, "--sign-key", str(key), "--volume-size", "100K", platforms=two),
+        parts=build(larger, d / "split", layout, "--sign-key", str(key), "--volume-size", "6K", platforms=two),
     )
 
 

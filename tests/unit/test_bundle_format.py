@@ -39,8 +39,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     split = root / "split"
     for out, vs in ((whole, None), (split, "64K")):
         out.mkdir()
+        # format 1 (nothing compressed): the reader of today's bundles stays; format 2 in test_bundle_compressed.py
         build.build_bundle(model, out, image_sources=[f"archive:{archive}"],
-                           platforms=["linux/amd64", "linux/arm64"], sign_key=key, volume_size=vs)
+                           platforms=["linux/amd64", "linux/arm64"], sign_key=key, volume_size=vs,
+                           compression=build.Compression("none"))
     return {"bundle": whole / "demo-1.0.0.bundle", "parts": split / "demo-1.0.0.bundle.parts.json",
             "pub": pub, "key": key}
 
@@ -394,8 +396,9 @@ def test_parts_out_of_order(made, trusted, tmp_path: Path) -> None:  # type: ign
     data_a = a.read_bytes()
     a.write_bytes(b.read_bytes())
     b.write_bytes(data_a)
-    _refused(parts_json, trusted, f"part {parts[1]['name']} .*its content is that of {parts[2]['name']} "
-                                  r"\(parts out of order or renamed\?\)")
+    # the first part found damaged is named, with the part its content belongs to (either of the two)
+    _refused(parts_json, trusted, f"part ({parts[1]['name']}|{parts[2]['name']}) .*its content is that of "
+                                  f"({parts[2]['name']}|{parts[1]['name']}) " r"\(parts out of order or renamed\?\)")
 
 
 def test_truncated_part(made, trusted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -87,7 +87,8 @@ def test_inspect(v1: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(capsys, "inspect", v1, "--json")
     doc = json.loads(out)
     assert code == 0 and doc["components"] == ["api", "web"] and doc["signed"] is True
-    assert doc["manifest"]["mediaType"] == "application/vnd.offline-delivery.manifest.v1+json"
+    assert doc["manifest"]["mediaType"] == "application/vnd.offline-delivery.manifest.v2+json"
+    assert doc["format"] == 2 and doc["compressed_blobs"] > 0
 
 
 def test_inspect_missing_and_damaged(v1: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -76,7 +76,7 @@ def vendor(tmp_path_factory: pytest.TempPathFactory) -> dict:
     split_dir = d / "split"
     split_dir.mkdir()
     split = build_bundle(d / "app-1.0.0.yml", split_dir, image_sources=[f"oci:{layout}"], platforms=PLATFORMS,
-                         sign_key=key, volume_size=150_000)
+                         sign_key=key, volume_size=20_000)
     other_key, other_pub = signing.keygen(d / "other")
     return {"dir": d, "key": key, "pub": ed25519.load_public_key_pem(pub.read_text()),
             "other_pub": ed25519.load_public_key_pem(other_pub.read_text()), "other_key": other_key,

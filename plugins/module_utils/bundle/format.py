@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: offline.delivery contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Bundle format v1: manifest, blob paths, a safe streaming tar reader, verification and split parts.
+"""Bundle format v1 and v2: manifest, blob paths, a safe streaming tar reader, verification and split parts.
 
 Standard library only: the same code runs in the builder (as ``offline_delivery_core``) and in modules on
 site hosts that may have nothing but python3. Memory stays bounded whatever the bundle size: blobs are
@@ -11,6 +11,11 @@ The tar (``<name>-<version>.bundle``, uncompressed): ``manifest.json`` (canonica
 (absent when built ``--unsigned``), then ``blobs/sha256/<hex>`` for every blob the manifest marks
 ``bundled``, in manifest order. Regular files only, USTAR headers with mtime 0, uid/gid 0, no owner
 names, mode 0644 (a PAX ``size`` record precedes members of 8 GiB or more), then two zero blocks.
+
+Format 2 (MEDIA_TYPE_V2, ``schemaVersion`` 2) differs in one thing: a blob entry may say ``"stored": "zstd"``,
+and that blob's member is ``blobs/sha256/<hex>.zst``, one zstd frame of its content (common/zstd.py, the
+host's libzstd). Digests and sizes stay those of the uncompressed content; verification decompresses and
+hashes the result, bounded by the signed size. A bundle with no compressed blob is written as format 1.
 
 ``manifest.json``::
 
@@ -51,13 +56,21 @@ import os
 import re
 from typing import Any, BinaryIO, Callable, Iterator
 
-from ..common.digests import CHUNK_SIZE, ContentError, canonical_json, digest_hex, is_digest, sha256_digest
+from ..common.digests import CHUNK_SIZE, ContentError, canonical_json, digest_hex, is_digest, sha256_digest, sha256_file
 from ..common.files import read_full
 from ..common.names import CONTROL_RE, name_problem, version_problem
 from ..common.oci import OciError, check_descriptor
+from ..common import zstd
 from . import ed25519
 
 MEDIA_TYPE = "application/vnd.offline-delivery.manifest.v1+json"
+# Format 2: some blobs travel zstd-compressed (their entry says ``"stored": "zstd"``, their member is
+# ``blobs/sha256/<hex>.zst``); everything else is format 1. A bundle without a compressed blob is written as
+# format 1, byte for byte what builders before format 2 wrote, so older sites import it.
+MEDIA_TYPE_V2 = "application/vnd.offline-delivery.manifest.v2+json"
+MEDIA_TYPES = {1: MEDIA_TYPE, 2: MEDIA_TYPE_V2}
+STORED_ZSTD = "zstd"
+ZSTD_SUFFIX = ".zst"
 MODEL_MEDIA_TYPE = "application/vnd.offline-delivery.model.v1+json"
 PARTS_MEDIA_TYPE = "application/vnd.offline-delivery.parts.v1+json"
 HAVE_MEDIA_TYPE = "application/vnd.offline-delivery.have.v1+json"
@@ -78,7 +91,7 @@ MAX_PARTS_FILE_SIZE = 16 * 1024 * 1024
 BLOCK = 512
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
-_BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}\Z")
+_BLOB_NAME = re.compile(r"^blobs/sha256/[0-9a-f]{64}(\.zst)?\Z")
 _PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?\Z")
 
 
@@ -118,9 +131,18 @@ def blob_path(digest: str) -> str:
 
 
 def blob_descriptor(digest: str, size: int, media_type: str, used_by: list[str] | tuple[str, ...],
-                    bundled: bool = True) -> dict[str, Any]:
-    return {"digest": digest, "size": size, "mediaType": media_type, "usedBy": sorted(set(used_by)),
-            "bundled": bundled}
+                    bundled: bool = True, stored: str | None = None) -> dict[str, Any]:
+    """A manifest's blob entry. ``stored``: how a bundled blob travels, ``"zstd"`` or None (as it is)."""
+    out = {"digest": digest, "size": size, "mediaType": media_type, "usedBy": sorted(set(used_by)),
+           "bundled": bundled}
+    if stored is not None:
+        out["stored"] = stored
+    return out
+
+
+def member_name(desc: dict[str, Any]) -> str:
+    """Tar member name of a bundled blob: ``blobs/sha256/<hex>``, with ``.zst`` when it travels compressed."""
+    return blob_path(desc["digest"]) + (ZSTD_SUFFIX if desc.get("stored") == STORED_ZSTD else "")
 
 
 def build_manifest(*, name: str, version: str, builder: dict[str, str], platforms: list[str],
@@ -129,10 +151,11 @@ def build_manifest(*, name: str, version: str, builder: dict[str, str], platform
                    files: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble and validate a manifest (raises BundleError on an inconsistent one). ``files`` is written
     only when there are some, so a release without files keeps the manifest bytes it always had."""
+    schema = 2 if any(b.get("stored") for b in blobs) else 1
     manifest: dict[str, Any] = {
         "packages": packages or {},
-        "mediaType": MEDIA_TYPE,
-        "schemaVersion": 1,
+        "mediaType": MEDIA_TYPES[schema],
+        "schemaVersion": schema,
         "name": name,
         "version": version,
         "builder": dict(builder),
@@ -168,6 +191,7 @@ def _check_descriptor(d: object, where: str) -> None:
 
 
 _BLOB_KEYS = {"digest", "size", "mediaType", "usedBy", "bundled"}
+_BLOB_KEYS_V2 = _BLOB_KEYS | {"stored"}
 _TOP_KEYS = {"mediaType", "schemaVersion", "name", "version", "builder", "platforms", "model", "images",
              "blobs", "delta", "packages", "files"}
 _PACKAGE_SET_KEYS = {"distro", "arch", "profiles", "packages", "index"}
@@ -177,14 +201,18 @@ _DEB_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]*\.deb\Z")
 _DISTRO_ARCH = re.compile(r"^[a-z0-9][a-z0-9.-]*/[a-z0-9]+\Z")
 
 
-def _check_blobs(blobs: object) -> dict[str, dict[str, Any]]:
+def _check_blobs(blobs: object, schema: int) -> dict[str, dict[str, Any]]:
     blobs = _need_type(blobs, list, "blobs", "must be a list")
     by_digest: dict[str, dict[str, Any]] = {}
+    allowed = _BLOB_KEYS_V2 if schema == 2 else _BLOB_KEYS
     for i, b in enumerate(blobs):
         where = f"blobs[{i}]"
         _check_descriptor(b, where)
-        extra = set(b) - _BLOB_KEYS
-        _need(not extra, where, f"unknown fields {sorted(extra)} (allowed: {sorted(_BLOB_KEYS)})")
+        extra = set(b) - allowed
+        _need(not extra, where, f"unknown fields {sorted(extra)} (allowed: {sorted(allowed)})")
+        if "stored" in b:
+            _need(b["stored"] == STORED_ZSTD and b.get("bundled") is True, f"{where}.stored",
+                  f"must be {STORED_ZSTD!r} (and only on a bundled blob); a blob stored as it is has no 'stored'")
         _need(isinstance(b.get("usedBy"), list) and all(isinstance(u, str) for u in b["usedBy"]),
               f"{where}.usedBy", "must be a list of strings")
         _need(isinstance(b.get("bundled"), bool), f"{where}.bundled", "must be true or false")
@@ -231,10 +259,12 @@ def _check_delta(delta: object, by_digest: dict[str, dict[str, Any]]) -> None:
 def validate_manifest(manifest: object) -> dict[str, Any]:
     """Schema and consistency checks; returns the manifest or raises BundleError naming the field."""
     manifest = _need_type(manifest, dict, "(top)", "must be a JSON object")
-    _need(manifest.get("mediaType") == MEDIA_TYPE, "mediaType",
-          f"is {manifest.get('mediaType')!r}, expected {MEDIA_TYPE!r} (a bundle from another tool or "
-          "format version?)")
-    _need(manifest.get("schemaVersion") == 1, "schemaVersion", "must be 1")
+    _need(manifest.get("mediaType") in MEDIA_TYPES.values(), "mediaType",
+          f"is {manifest.get('mediaType')!r}, expected one of {sorted(MEDIA_TYPES.values())} (a bundle from "
+          "another tool, or a newer format: update the offline.delivery collection)")
+    schema = manifest.get("schemaVersion")
+    _need(isinstance(schema, int) and not isinstance(schema, bool) and MEDIA_TYPES.get(schema) == manifest["mediaType"],
+          "schemaVersion", f"must be the version of its mediaType ({', '.join(f'{k} for {v}' for k, v in MEDIA_TYPES.items())})")
     extra = set(manifest) - _TOP_KEYS
     _need(not extra, "(top)", f"unknown fields {sorted(extra)} (allowed: {sorted(_TOP_KEYS)})")
     # name and version become directories of the site repository: the model's rules, before any path is made
@@ -248,7 +278,7 @@ def validate_manifest(manifest: object) -> dict[str, Any]:
     platforms = manifest.get("platforms")
     _need(isinstance(platforms, list) and all(isinstance(p, str) and _PLATFORM.match(p) for p in platforms),
           "platforms", "must be a list like ['linux/amd64', 'linux/arm64']")
-    by_digest = _check_blobs(manifest.get("blobs"))
+    by_digest = _check_blobs(manifest.get("blobs"), schema)
     _check_descriptor(manifest.get("model"), "model")
     model = manifest["model"]
     _need(model["digest"] in by_digest and by_digest[model["digest"]]["bundled"], "model",
@@ -374,6 +404,9 @@ def summarize_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         "omitted_blobs": len(manifest["blobs"]) - len(bundled),
         "omitted_bytes": sum(b["size"] for b in manifest["blobs"]) - sum(b["size"] for b in bundled),
         "delta": manifest["delta"],
+        "format": manifest["schemaVersion"],
+        "compressed_blobs": sum(1 for b in bundled if b.get("stored")),
+        "compressed_blobs_bytes": sum(b["size"] for b in bundled if b.get("stored")),
         "packages": {key: {"profiles": pset["profiles"], "files": len(pset["packages"]),
                            "bytes": sum(p["size"] for p in pset["packages"])}
                      for key, pset in sorted(manifest.get("packages", {}).items())},
@@ -567,8 +600,11 @@ class BufferRing:
 
 
 class PartsReader:
-    """Reads the parts listed in ``<file>.parts.json`` as one stream, checking each part's size and
-    sha256 when its last byte is consumed (and the whole file's sha256 at the end)."""
+    """Reads the parts listed in ``<file>.parts.json`` as one stream. Each part's size is checked when it is
+    opened; its sha256 is not computed on the way: the blob digests under the signed manifest prove every
+    byte (parts.json is not signed), so a split bundle is hashed once, like a single file. The part hashes
+    name a damaged part once something inside it failed (``check_parts``), or check media on request
+    (``check_media``)."""
 
     def __init__(self, parts_json: str) -> None:
         self.parts_json = parts_json
@@ -578,9 +614,12 @@ class PartsReader:
         self._index = -1
         self._fh: BinaryIO | None = None
         self._left = 0
-        self._pool = hash_pool()
-        self._hash = BackgroundHasher(self._pool)
         self._offset = 0
+        self._starts: list[int] = []
+        pos = 0
+        for part in self.parts:
+            self._starts.append(pos)
+            pos += part["size"]
         self._open_next()
 
     @property
@@ -588,6 +627,9 @@ class PartsReader:
         if 0 <= self._index < len(self.parts):
             return self.parts[self._index]["name"]
         return None
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, self.parts[index]["name"])
 
     def _open_next(self) -> None:
         if self._fh is not None:
@@ -597,11 +639,9 @@ class PartsReader:
         if self._index >= len(self.parts):
             return
         part = self.parts[self._index]
-        path = os.path.join(self.directory, part["name"])
         self._left = 0
-        self._hash = BackgroundHasher(self._pool)
         try:
-            self._fh = open(path, "rb")  # pylint: disable=consider-using-with
+            self._fh = open(self._path(self._index), "rb")  # pylint: disable=consider-using-with
         except OSError as exc:
             raise BundleError(f"part {part['name']} ({self._index + 1} of {len(self.parts)}) is missing or "
                               f"unreadable ({exc.strerror}); copy every part next to {os.path.basename(self.parts_json)}",
@@ -615,71 +655,81 @@ class PartsReader:
                               member=part["name"], offset=self._offset)
         self._left = part["size"]
 
-    def _which_part_is_it(self, digest: str) -> str:
+    def _which_part_is_it(self, index: int, digest: str) -> str:
         """Name the other part this content belongs to, when it matches one (parts swapped or renamed)."""
         for i, other in enumerate(self.parts):
-            if i != self._index and other["sha256"] == digest:
+            if i != index and other["sha256"] == digest:
                 return f" — its content is that of {other['name']} (parts out of order or renamed?)"
         return ""
 
-    def _check_part_hash(self) -> None:
-        part = self.parts[self._index]
-        got = self._hash.digest()
+    def _check_part_hash(self, index: int) -> None:
+        """Hash part ``index`` from its file (apart from the stream) and compare it with parts.json."""
+        part = self.parts[index]
+        try:
+            got = "sha256:" + sha256_file(self._path(index))
+        except OSError as exc:
+            raise BundleError(f"part {part['name']} is unreadable ({exc.strerror}); copy it again",
+                              member=part["name"], offset=self._starts[index]) from None
         if got != part["sha256"]:
-            hint = self._which_part_is_it(got)
+            hint = self._which_part_is_it(index, got)
             raise BundleError(f"part {part['name']} has sha256 {got}, parts.json says {part['sha256']}{hint}; "
-                              "the part is damaged: copy it again", member=part["name"], offset=self._offset)
+                              "the part is damaged: copy it again", member=part["name"], offset=self._starts[index])
 
-    def _finish_part(self) -> None:
-        self._check_part_hash()
-        self._open_next()
+    def _part_at(self, offset: int) -> int:
+        index = 0
+        while index + 1 < len(self.parts) and self._starts[index + 1] <= offset:
+            index += 1
+        return index
 
     def read(self, n: int) -> bytes:
-        out = bytearray()
-        while n > 0 and self._fh is not None:
-            if self._left == 0:
-                self._finish_part()
-                continue
-            data = self._fh.read(min(n, self._left))
-            if not data:  # the file shrank while we read it
-                raise BundleError(f"part {self.current_part} ended early", member=self.current_part,
-                                  offset=self._offset)
-            self._hash.update(data)
-            self._left -= len(data)
-            self._offset += len(data)
-            n -= len(data)
-            out += data
-        if n > 0 and self._fh is None:
-            pass  # end of the last part: a short read tells the caller
-        if self._fh is not None and self._left == 0 and self._index == len(self.parts) - 1:
-            self._finish_part()
+        out = bytearray(n)
+        got = self.readinto(memoryview(out))
+        del out[got:]
         return bytes(out)
 
     def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` from the stream (fewer bytes only at its end). The part hash gets its own copy:
-        it runs in the background and the caller reuses ``view``."""
-        data = self.read(len(view))
-        view[:len(data)] = data
-        return len(data)
-
-    def check_current_part(self) -> None:
-        """Consume the rest of the current part so its checksum is checked (used to name a damaged part
-        when a blob inside it fails its digest)."""
-        if self._fh is None:
-            return
-        while self._left > 0:
-            data = self._fh.read(min(CHUNK_SIZE, self._left))
-            if not data:
+        """Fill ``view`` from the stream (fewer bytes only at its end)."""
+        got = 0
+        while got < len(view) and self._fh is not None:
+            if self._left == 0:
+                self._open_next()
+                continue
+            n = self._fh.readinto(view[got:got + min(len(view) - got, self._left)])  # type: ignore[attr-defined]
+            if not n:  # the file shrank while we read it
                 raise BundleError(f"part {self.current_part} ended early", member=self.current_part,
                                   offset=self._offset)
-            self._hash.update(data)
-            self._left -= len(data)
-            self._offset += len(data)
-        self._check_part_hash()  # not opening the next part: the question is only whether this one is sound
+            self._left -= n
+            self._offset += n
+            got += n
+        if self._fh is not None and self._left == 0 and self._index == len(self.parts) - 1:
+            self._open_next()
+        return got
+
+    def check_parts(self, offset: int | None) -> None:
+        """After a failure at stream ``offset`` (None: where the stream is now), hash the parts from the one
+        holding that offset up to the current one, and raise naming the first damaged part. The failing
+        blob may have been checked after the stream read on, so its part may be behind the current one."""
+        # a part that could not be opened (missing, wrong size) has its own error already: check those before it
+        last = self._index if self._fh is not None else self._index - 1
+        first = last if offset is None else min(self._part_at(offset), last)
+        for index in range(max(first, 0), last + 1):
+            self._check_part_hash(index)
+
+    def check_media(self) -> None:
+        """Explicit media check: every part's size and sha256 against parts.json, in order."""
+        for index, part in enumerate(self.parts):
+            try:
+                size = os.path.getsize(self._path(index))
+            except OSError as exc:
+                raise BundleError(f"part {part['name']} ({index + 1} of {len(self.parts)}) is missing or unreadable "
+                                  f"({exc.strerror})", member=part["name"], offset=self._starts[index]) from None
+            if size != part["size"]:
+                raise BundleError(f"part {part['name']} is {size} bytes, parts.json says {part['size']}; copy it "
+                                  "again", member=part["name"], offset=self._starts[index])
+            self._check_part_hash(index)
 
     def finish(self) -> None:
-        """Check that every part was read whole. Each part's sha256 was checked, so together they cover the
-        whole file; the whole-file sha256 in parts.json is for tools that reassemble the file first."""
+        """Check that every part was read whole (their sizes add up to the size parts.json gives)."""
         while self._fh is not None:
             if not self.read(CHUNK_SIZE):
                 break
@@ -691,7 +741,6 @@ class PartsReader:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        self._pool.shutdown(wait=True)
 
 
 def load_parts_doc(parts_json: str) -> dict[str, Any]:
@@ -744,7 +793,7 @@ class FileReader:
     def readinto(self, view: memoryview) -> int:
         return read_full(self._fh, view)
 
-    def check_current_part(self) -> None:
+    def check_parts(self, offset: int | None) -> None:
         return None
 
     def finish(self) -> None:
@@ -785,6 +834,20 @@ def resolve_bundle_path(path: str) -> tuple[str, str]:
 def open_bundle(path: str) -> FileReader | PartsReader:
     kind, real = resolve_bundle_path(path)
     return PartsReader(real) if kind == "parts" else FileReader(real)
+
+
+def check_media(path: str) -> int:
+    """Explicit media check of a split bundle: each part's size and sha256 against its parts.json (raises
+    BundleError naming the first bad part). Returns the number of parts; 0 for a single file (nothing to do:
+    its blob digests are its check)."""
+    stream = open_bundle(path)
+    try:
+        if isinstance(stream, PartsReader):
+            stream.check_media()
+            return len(stream.parts)
+        return 0
+    finally:
+        stream.close()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1040,7 +1103,8 @@ class VerifyResult:
         self.keyid = keyid
         self.signature_checked = signature_checked
         self.blobs_checked = 0
-        self.bytes_checked = 0
+        self.bytes_checked = 0  # content bytes hashed (decompressed)
+        self.bytes_stored = 0   # bytes of the blob members as they travel (compressed or not)
         self.blobs_omitted = 0
         self.bytes_omitted = 0
         self.members: list[str] = list(members or [])
@@ -1097,15 +1161,83 @@ def read_head(path: str, trusted_keys: list[bytes] | None = None) -> BundleHead:
         stream.close()
 
 
-def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], counter: list[int],
-                 lanes: HashLanes, ring: BufferRing) -> Iterator[memoryview]:
-    """A blob's data as views of reused buffers, hashed on a lane while the consumer uses them; the
-    digest is checked (waiting for the lane) when the data is exhausted."""
-    hasher = lanes.hasher()
+class _Inflater:
+    """Decompression state of one reader: a libzstd context and the buffer its input is read into
+    (compressed bytes are not hashed: what they decompress to is)."""
+
+    def __init__(self) -> None:
+        self._dec: zstd.Decompressor | None = None
+        self._in = BufferRing(1)
+
+    def views(self, tar: TarStreamReader, member: TarMember, desc: dict[str, Any],
+              ring: BufferRing) -> Iterator[tuple[int, memoryview]]:
+        """(slot of ``ring``, view) of the blob's content decompressed from the member's zstd data; refuses
+        data that is not zstd, ends inside a frame, or decompresses to more or fewer bytes than the manifest
+        says (the output is bounded by the signed size: no decompression bomb gets further)."""
+        try:
+            if self._dec is None:
+                self._dec = zstd.Decompressor()
+            else:
+                self._dec.reset()
+        except zstd.ZstdError as exc:
+            raise BundleError(f"blob {desc['digest']} travels zstd-compressed and this host cannot decompress it: "
+                              f"{exc}", member=member.name, offset=member.offset) from None
+        size, total = desc["size"], 0
+        while True:
+            dummy, src = tar.read_view(self._in, member.name)
+            at_end = not src
+            while True:
+                slot, buf = ring.take()
+                try:
+                    used, made = self._dec.decompress_into(src, buf)
+                except zstd.ZstdError as exc:
+                    raise BundleError(f"blob {desc['digest']}: its compressed data is damaged ({exc}); the blob was "
+                                      "damaged or tampered with: refuse this bundle and copy it again",
+                                      member=member.name, offset=member.offset) from None
+                src = src[used:]
+                if not made:
+                    if used:
+                        continue
+                    break
+                total += made
+                if total > size:
+                    raise BundleError(f"blob {desc['digest']} decompresses to more than the {size} bytes the manifest "
+                                      "says: the blob was damaged or tampered with; refuse this bundle",
+                                      member=member.name, offset=member.offset)
+                yield slot, memoryview(buf)[:made]
+            if at_end:
+                break
+        if not self._dec.frame_done or total != size:
+            raise BundleError(f"blob {desc['digest']} decompresses to {total} bytes, the manifest says {size}"
+                              + ("" if self._dec.frame_done else " (its zstd data ends inside a frame)")
+                              + ": the blob was damaged or tampered with; refuse this bundle and copy it again",
+                              member=member.name, offset=member.offset)
+
+    def close(self) -> None:
+        if self._dec is not None:
+            self._dec.release()
+
+
+def _content_views(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], ring: BufferRing,
+                   inflater: _Inflater) -> Iterator[tuple[int, memoryview]]:
+    """(slot, view) of a blob's content in reused buffers of ``ring``: the member's data, or what its zstd
+    data decompresses to."""
+    if desc.get("stored") == STORED_ZSTD:
+        yield from inflater.views(tar, member, desc, ring)
+        return
     while True:
         slot, view = tar.read_view(ring, member.name)
         if slot < 0:
-            break
+            return
+        yield slot, view
+
+
+def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], counter: list[int],
+                 lanes: HashLanes, ring: BufferRing, inflater: _Inflater) -> Iterator[memoryview]:
+    """A blob's content as views of reused buffers, hashed on a lane while the consumer uses them; the
+    digest is checked (waiting for the lane) when the data is exhausted."""
+    hasher = lanes.hasher()
+    for slot, view in _content_views(tar, member, desc, ring, inflater):
         ring.hold(slot, hasher.update(view))  # the buffer is reused only once it is hashed
         counter[0] += len(view)
         yield view
@@ -1114,7 +1246,7 @@ def _blob_chunks(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], 
 
 def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, Any],
                listed: set[str]) -> TarMember:
-    expected = blob_path(desc["digest"])
+    expected = member_name(desc)
     if member is None:
         raise BundleError(f"the bundle ends before {expected}, which the manifest lists as bundled: truncated "
                           "or incomplete bundle", member=expected, offset=tar.offset)
@@ -1123,7 +1255,7 @@ def _next_blob(tar: TarStreamReader, member: TarMember | None, desc: dict[str, A
                else "is not listed in the manifest as bundled")
         raise BundleError(f"unexpected member {member.name!r}: it {why} (expected {expected})",
                           member=member.name, offset=member.header_offset)
-    if member.size != desc["size"]:
+    if member.size != desc["size"] and desc.get("stored") != STORED_ZSTD:
         raise BundleError(f"{member.name} is {member.size} bytes, the manifest says {desc['size']}",
                           member=member.name, offset=member.header_offset)
     return member
@@ -1144,9 +1276,9 @@ def verify_bundle(path: str, trusted_keys: list[bytes] | None, sink: Sink | None
     stream = open_bundle(path)
     try:
         return _verify_stream(stream, trusted_keys, sink, progress)
-    except BundleError:
-        # In a split bundle, a damaged part is the better explanation: check the part we were in.
-        stream.check_current_part()
+    except BundleError as exc:
+        # In a split bundle, a damaged part is the better explanation: check the parts the failure lies in.
+        stream.check_parts(exc.offset)
         raise
     finally:
         stream.close()
@@ -1167,7 +1299,7 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
                           signature_checked=trusted_keys is not None,
                           members=[MANIFEST_NAME] + ([SIGNATURE_NAME] if head.signature else []))
     blobs = bundled_blobs(head.manifest)
-    listed = {blob_path(b["digest"]) for b in blobs}
+    listed = {member_name(b) for b in blobs}
     total = sum(b["size"] for b in blobs)
     counter = [0]
     # Without a sink nothing is published per blob, so digests may be checked after reading on: blobs are
@@ -1175,15 +1307,17 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
     # iterator ends (its chunks are hashed on a lane while the sink writes them).
     lanes = HashLanes()
     ring = BufferRing(VERIFY_RING)
+    inflater = _Inflater()
     deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]] = []
     try:
         for desc in blobs:
             member = _next_blob(tar, member, desc, listed)
+            result.bytes_stored += member.size
             if sink is None:
-                deferred.append((_hash_member(tar, member, lanes, ring, counter), desc, member))
+                deferred.append((_hash_member(tar, member, desc, lanes, ring, inflater, counter), desc, member))
                 _check_finished(deferred)
             else:
-                chunks = _blob_chunks(tar, member, desc, counter, lanes, ring)
+                chunks = _blob_chunks(tar, member, desc, counter, lanes, ring, inflater)
                 sink(desc, chunks)
                 _drain(chunks)  # the sink may stop early; the digest is checked all the same
             result.members.append(member.name)
@@ -1200,6 +1334,7 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
             _check_digest(hasher.digest(), desc, member)
     finally:
         lanes.shutdown()
+        inflater.close()
     result.bytes_checked = counter[0]
     omitted = [b for b in head.manifest["blobs"] if not b["bundled"]]
     result.blobs_omitted = len(omitted)
@@ -1207,15 +1342,13 @@ def _verify_stream(stream: FileReader | PartsReader, trusted_keys: list[bytes] |
     return result
 
 
-def _hash_member(tar: TarStreamReader, member: TarMember, lanes: HashLanes, ring: BufferRing,
-                 counter: list[int]) -> LaneHasher:
+def _hash_member(tar: TarStreamReader, member: TarMember, desc: dict[str, Any], lanes: HashLanes,
+                 ring: BufferRing, inflater: _Inflater, counter: list[int]) -> LaneHasher:
     hasher = lanes.hasher()
-    while True:
-        slot, view = tar.read_view(ring, member.name)
-        if slot < 0:
-            return hasher
+    for slot, view in _content_views(tar, member, desc, ring, inflater):
         ring.hold(slot, hasher.update(view))
         counter[0] += len(view)
+    return hasher
 
 
 def _check_finished(deferred: list[tuple[LaneHasher, dict[str, Any], TarMember]]) -> None:
@@ -1242,19 +1375,21 @@ def read_blob(path: str, digest: str, limit: int = MAX_MANIFEST_SIZE) -> bytes:
         for desc in bundled_blobs(head.manifest):
             if member is None:
                 break
-            if member.name == blob_path(digest) and desc["digest"] == digest:
+            if member.name == member_name(desc) and desc["digest"] == digest:
                 if desc["size"] > limit:
                     raise BundleError(f"blob {digest} is {desc['size']} bytes, over the {limit} allowed here",
                                       member=member.name)
                 lanes = HashLanes(1)
+                inflater = _Inflater()
                 try:
                     # copies: each view is valid only until the next chunk is read
                     out = bytearray()
-                    for chunk in _blob_chunks(tar, member, desc, [0], lanes, BufferRing(2)):
+                    for chunk in _blob_chunks(tar, member, desc, [0], lanes, BufferRing(2), inflater):
                         out += chunk
                     return bytes(out)
                 finally:
                     lanes.shutdown()
+                    inflater.close()
             member = tar.next_member()
         raise BundleError(f"blob {digest} is not bundled in {path}", member=blob_path(digest))
     finally:
