@@ -8,7 +8,10 @@ host (node3), both amd64. Stages, each a fixture building on the one before:
              1.0.0+site.1 (the api's image gets one layer, built on the repo host); the same patch again: no change
   deployed   upgrade --check --diff (only the api), upgrade to 1.0.0+site.1: the new behaviour over HTTP
   rolled     rollback: back to the vendor's 1.0.0
-  replaced   upgrade to 1.0.0+site.1 again, then to the vendor's 1.1.0: its plan says the patch is replaced
+  replaced   upgrade to 1.0.0+site.1 again, then to the vendor's 1.1.0: its plan says the patch is replaced; the
+             site status report names the patch
+  broken     a patch of 1.1.0's api that fails its health check (1.2.0's shop_api.py): the upgrade to 1.1.0+site.1
+             fails naming the api and every host is rolled back to 1.1.0
 """
 from __future__ import annotations
 
@@ -168,3 +171,27 @@ def test_the_site_status_report_names_the_patch(site: Site, replaced: dict[str, 
         events = [e for e in doc["hosts"][host]["apps"]["shop"]["history"] if e.get("to") == "1.0.0+site.1"]
         assert events and all(e["patch"]["component"] == "api" for e in events), doc["hosts"][host]
     assert re.search(r"1\.0\.0\+site\.1", json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def broken(site: Site, replaced: dict[str, Any]) -> dict[str, Any]:
+    source = (repo_root() / "examples" / "shop" / "api" / "1.2.0" / "shop_api.py").read_text()
+    (site.transfer_dir / "fix" / "broken_api.py").write_text(source)
+    fix = dict(FIX, patch_note="fails its health check on purpose",
+               patch_files=[{"src": "/srv/transfer/fix/broken_api.py", "path": "/opt/shop-api/shop_api.py"}])
+    made = ok(play(site, "patch", "-e", json.dumps(fix)), "a broken patch")
+    return {"made": made, "run": play(site, "upgrade", "-e", "app_version=1.1.0+site.1")}
+
+
+def test_a_broken_patch_fails_its_health_gate_and_every_host_rolls_back(site: Site, broken: dict[str, Any]) -> None:
+    assert "shop 1.1.0+site.1: api as shop/api:1.1.0-site.1" in broken["made"].stdout
+    run = broken["run"]
+    assert run.rc != 0, "a failed health gate fails the playbook"
+    for host in TARGETS:
+        line = next(l for l in run.stdout.splitlines() if l.startswith(f"fatal: [{host}]"))
+        assert f"shop 1.1.0+site.1 on {host}: component api failed its health check" in line, line
+        assert "rolled back to 1.1.0, which is healthy" in line, line
+        assert http(site, host, "GET", "/version")["version"] == "1.1.0"
+        assert [o["item"] for o in http(site, host, "GET", "/orders")["orders"]] == [f"book-{host}"]
+        failed = state(site, host)["history"][-1]
+        assert failed["to"] == "1.1.0+site.1" and failed["result"] == "failed" and failed["component"] == "api"

@@ -71,6 +71,9 @@ def test_patch_adds_one_layer_per_platform_and_the_image_unpacks(site, tmp_path)
     rel = read_release(repo, "mini", "1.0.0+site.1", site_key_dir=site["keys"])
     base = read_release(repo, "mini", "1.0.0")
     assert rel["model"]["version"] == "1.0.0+site.1"
+    manifest = repo.release_manifest("mini", "1.0.0+site.1")
+    assert manifest["schemaVersion"] == 1 and all("stored" not in b and b["bundled"] for b in manifest["blobs"])
+    assert manifest["builder"]["name"] == "offline.delivery site patch" and manifest["delta"] is None
     assert rel["model"]["components"]["web"]["image"] == "mini/web:1.0.0-site.1"
     assert rel["images"]["cache"] == base["images"]["cache"], "the other components do not move"
     assert rel["patch"]["component"] == "web" and rel["patch"]["by"] == "alice"

@@ -495,14 +495,15 @@ def _build_and_publish(repo: SiteRepo, base: Dict[str, Any], base_record: Mappin
 def _release_blobs(base: Mapping[str, Any], component: str, images: Mapping[str, Any],
                    stage: _Stage) -> List[Dict[str, Any]]:
     """The base release's blobs that the site release still uses (not its model, SBOM or patch record, nor the
-    component's old index, manifests and configs unless another component shares that image), every one stored
-    (``bundled``), then the new ones."""
+    component's old index, manifests and configs unless another component shares that image), every one in the
+    store (``bundled``; how a bundle carried it, ``stored``, does not apply to a release made on site), then the
+    new ones."""
     old = base["images"][component]
     dropped = {base["model"]["digest"]}
     if not any(img["index"] == old["index"] for name, img in images.items() if name != component):
         dropped |= {old["index"], *old["manifests"].values()}
         dropped |= stage.replaced
-    blobs = [dict(b, bundled=True) for b in base["blobs"]
+    blobs = [dict({k: v for k, v in b.items() if k != "stored"}, bundled=True) for b in base["blobs"]
              if b["digest"] not in dropped and b["digest"] not in stage.blobs
              and SBOM_USED_BY not in b["usedBy"] and PATCH_USED_BY not in b["usedBy"]]
     return blobs + [stage.blobs[d] for d in sorted(stage.blobs)]
