@@ -28,7 +28,7 @@ ALLOWED = {
 }
 # modules that run on the hosts an application runs on (or the k8s deploy host): they must not carry
 # repo-host code (site/) or the bundle reader (bundle/)
-TARGET_HOST_MODULES = ("app_deploy", "app_status", "app_uninstall", "app_k8s_manifests")
+TARGET_HOST_MODULES = ("app_deploy", "app_status", "app_uninstall", "app_k8s_manifests", "host_targets")
 
 
 def _module_name(path: Path) -> str:
