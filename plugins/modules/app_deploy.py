@@ -117,6 +117,11 @@ options:
     description: Who runs the change, recorded in the history.
     type: str
     default: ansible
+  patch:
+    description:
+      - The patch record of a site release (M(offline.delivery.app_release)'s C(patch)), when O(version) is one: its
+        component, files with their sha256, who and when go into the history entry.
+    type: dict
   storage_class:
     description: With O(target=k8s), the storage class of the volume claims (default the cluster's default).
     type: str
@@ -261,6 +266,7 @@ def main() -> None:
             "restore_snapshot": {"type": "bool", "default": False},
             "auto_rollback": {"type": "bool", "default": True},
             "actor": {"type": "str", "default": "ansible"},
+            "patch": {"type": "dict"},
             "lock_timeout": {"type": "int", "default": 600},
         },
         required_if=[("action", "deploy", ("version", "model", "images", "placement")),
@@ -290,7 +296,7 @@ def main() -> None:
             if p["action"] == "deploy":
                 result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
                                        overrides=p["overrides"], snapshot=p["snapshot"],
-                                       auto_rollback=p["auto_rollback"], modules=p["modules"])
+                                       auto_rollback=p["auto_rollback"], modules=p["modules"], patch=p["patch"])
             else:
                 result = engine.rollback(version=p["version"], restore=p["restore_snapshot"])
     except (DeployError, ModelError, StateError, OSError) as exc:

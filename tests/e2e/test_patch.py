@@ -128,6 +128,8 @@ def test_the_site_release_changes_only_the_api_and_its_behaviour(site: Site, dep
         assert [o["item"] for o in http(site, host, "GET", "/orders")["orders"]] == [f"book-{host}"]
         last = state(site, host)["history"][-1]
         assert last["to"] == "1.0.0+site.1" and last["result"] == "ok"
+        assert last["patch"]["component"] == "api" and last["patch"]["by"] == "alice", last
+        assert last["patch"]["files"][0]["path"] == "/opt/shop-api/shop_api.py"
 
 
 @pytest.fixture(scope="module")

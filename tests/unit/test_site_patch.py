@@ -277,3 +277,28 @@ def test_the_status_report_names_the_patch(site):
     assert event["patch"]["component"] == "web" and event["patch"]["files"][1]["sha256"].startswith("sha256:")
     assert PATCH_USED_BY == "site-patch"
     shutil.rmtree(site["keys"])
+
+
+def test_the_hosts_history_names_the_patch_of_a_site_release(tmp_path):
+    """The engine writes a site release's patch (component, files with their sha256, who, when) into the history
+    entry of its deploy, as app_deploy passes it from app_release."""
+    from tests.unit.test_app_engine import FakeRuntime, deploy, engine, images, model
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    m = model("1.0.0")
+    m["version"] = "1.0.0+site.1"
+    m["components"]["api"]["image"] = "shop/api:1.0.0-site.1"
+    record = {"component": "api", "base": {"version": "1.0.0", "manifestDigest": "sha256:" + "0" * 64},
+              "files": [{"path": "/opt/shop-api/shop_api.py", "sha256": "sha256:" + "a" * 64, "size": 3, "mode": "0644"}],
+              "by": "alice", "at": "2026-12-06T06:00:00Z", "note": "fix", "layer": {"digest": "sha256:" + "b" * 64}}
+    res = engine(tmp_path, rt).deploy(version="1.0.0+site.1", model=m, images=images(m), overrides={},
+                                      snapshot=False, auto_rollback=True, patch=record)
+    assert res["plan"]["changed"] == ["api"]
+    state = json.loads((tmp_path / "apps" / "shop" / "state.json").read_text())
+    assert state["history"][-1]["to"] == "1.0.0+site.1"
+    assert state["history"][-1]["patch"] == {"component": "api", "base": "1.0.0", "by": "alice",
+                                             "at": "2026-12-06T06:00:00Z", "note": "fix",
+                                             "files": [{"path": "/opt/shop-api/shop_api.py", "sha256": "sha256:" + "a" * 64}]}
+    back = engine(tmp_path, rt).rollback(version=None, restore=False)
+    assert back["version"] == "1.0.0" and "patch" not in json.loads(
+        (tmp_path / "apps" / "shop" / "state.json").read_text())["history"][-1]

@@ -146,6 +146,7 @@ class Engine:
         self.check_mode = check_mode
         self.messages: List[str] = []
         self.log = log or self.messages.append
+        self.patch: Dict[str, Any] = {}  # {"patch": ...} for the history of a deploy of a site release
 
     # -- building blocks -------------------------------------------------------------------------------
 
@@ -188,10 +189,13 @@ class Engine:
 
     def deploy(self, *, version: str, model: dict, images: Mapping[str, Any],
                overrides: Optional[Mapping[str, Any]], snapshot: bool, auto_rollback: bool,
-               modules: Optional[Mapping[str, bool]] = None) -> Dict[str, Any]:
+               modules: Optional[Mapping[str, bool]] = None, patch: Optional[Mapping[str, Any]] = None
+               ) -> Dict[str, Any]:
         """Make this host run ``version``: an install, an upgrade, or a reconfigure of the running version.
         ``overrides`` None keeps the site's overrides of the last deploy (also across an uninstall);
-        ``modules`` (module -> on) change the site's module choices of the last deploy, the others stay."""
+        ``modules`` (module -> on) change the site's module choices of the last deploy, the others stay.
+        ``patch``: a site release's patch record (a field fix made on site), named in the history entry."""
+        self.patch = patch_note(patch)
         last = self.state.current or self.state.previous or {}
         if overrides is None:
             overrides = last.get("overrides") or {}
@@ -233,7 +237,7 @@ class Engine:
             # Nothing was stopped or started yet: record the refusal, change nothing else.
             self.state.add_history({"at": at, "by": self.actor, "action": action, "result": "failed",
                                     "from": (before or {}).get("version"), "to": version, "plan": plan.as_dict(),
-                                    "error": str(exc)})
+                                    "error": str(exc), **self.patch})
             self.state.save()
             where = "%s %s on %s" % (self.state.app, version, self.target.host)
             exc.args = ("%s: %s; nothing was changed" % (where, exc.args[0]),)
@@ -251,7 +255,7 @@ class Engine:
         if plan.has_changes or state_changes:
             self.state.add_history({"at": at, "by": self.actor, "action": action, "result": "ok",
                                     "from": (before or {}).get("version"), "to": version,
-                                    "plan": plan.as_dict(), "snapshot": snapshot_sizes or None})
+                                    "plan": plan.as_dict(), "snapshot": snapshot_sizes or None, **self.patch})
         saved = self.state.save()
         return self._result(changed=plan.has_changes or saved, action=action, version=version, before=before,
                             plan=plan, specs=specs, model_diff=model_diff, health=health,
@@ -274,7 +278,7 @@ class Engine:
         """After a failed deploy: back to the release that ran before (or nothing), and write it down."""
         event: Dict[str, Any] = {"at": at, "by": self.actor, "action": action, "result": "failed",
                                  "from": (before or {}).get("version"), "to": version, "plan": plan.as_dict(),
-                                 "error": str(exc)}
+                                 "error": str(exc), **self.patch}
         if isinstance(exc, HealthGateError):
             event["component"] = exc.component
         if auto_rollback:
@@ -340,6 +344,16 @@ class Engine:
         self.runtime.remove([s.name for s in stateful], all_specs=[s for s in specs if not s.volumes])
         restore_snapshot(self.state.state_dir, self.state.app, version, dirs)
         self.log("restored the data snapshot of %s: %s" % (version, ", ".join(sorted(dirs))))
+
+
+def patch_note(patch: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``{"patch": {component, base, files, by, at, note}}`` of a site release's patch record, for a history
+    entry (what the site changed, by whom and when); {} for a vendor release."""
+    if not patch:
+        return {}
+    files = [{k: f.get(k) for k in ("path", "sha256")} for f in patch.get("files") or [] if isinstance(f, Mapping)]
+    return {"patch": {"component": patch.get("component"), "base": (patch.get("base") or {}).get("version"),
+                      "files": files, "by": patch.get("by"), "at": patch.get("at"), "note": patch.get("note")}}
 
 
 # -- status ---------------------------------------------------------------------------------------------
