@@ -95,6 +95,12 @@ options:
     description: The site registry, C(host:port).
     type: str
     required: true
+  registry_ca:
+    description:
+      - The site CA certificate on this host (PEM file). With O(target=systemd), the image pull verifies the registry
+        over HTTPS against this CA only; omitted, it pulls over plain HTTP. Compose hosts trust the CA through
+        C(/etc/docker/certs.d), k8s clusters through their own registry configuration (docs/site-repo.md "TLS").
+    type: path
   health_timeout:
     description: Upper bound in seconds on the wait for one component to become healthy, or for a job to complete.
     type: int
@@ -261,6 +267,7 @@ def main() -> None:
             "overrides": {"type": "dict", "no_log": True},
             "modules": {"type": "dict"},
             "registry": {"type": "str", "required": True},
+            "registry_ca": {"type": "path"},
             "health_timeout": {"type": "int", "default": 300},
             "snapshot": {"type": "bool", "default": False},
             "restore_snapshot": {"type": "bool", "default": False},

@@ -28,14 +28,18 @@ APP_HOST_OPTIONS = {
 }
 
 
-def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Runtime:
+def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None, registry_ca: Optional[str] = None,
+                **kwargs: Any) -> Runtime:
     """The runtime of ``kind``. For k8s, ``k8s`` holds the parsed kubeconfig (``config``) and its path
-    (``path``), ``namespace`` (default: the app's name), ``storage_class``, ``registry`` and ``secrets``."""
+    (``path``), ``namespace`` (default: the app's name), ``storage_class``, ``registry`` and ``secrets``.
+    ``registry_ca``: the site CA file (TLS) the systemd target's registry client verifies the registry against;
+    compose and k8s hosts trust it through their engine's own configuration (docs/site-repo.md "TLS")."""
     problem = name_problem(app, "app name")  # it names directories, units and a namespace
     if problem:
         raise DeployError(problem)
     if kind != "k8s":
-        return HOST_RUNTIMES[kind](app, **kwargs)
+        extra = {"registry_ca": registry_ca} if kind == "systemd" and registry_ca else {}
+        return HOST_RUNTIMES[kind](app, **kwargs, **extra)
     if not k8s or not k8s.get("config"):
         raise DeployError("target k8s needs a kubeconfig (host variable offline_delivery_kubeconfig)")
     try:
@@ -52,4 +56,5 @@ def runtime_for_params(params: Mapping[str, Any], run: Any, **k8s: Any) -> Runti
     """:func:`runtime_for` from a module's parameters (``APP_HOST_OPTIONS``); ``k8s`` adds what only a
     deploy passes to the k8s target (``storage_class``, ``registry``, ``secrets``)."""
     return runtime_for(params["target"], params["app"], apps_dir=params["apps_dir"], state_dir=params["state_dir"],
-                       run=run, k8s={"config": params["kubeconfig"], "namespace": params["namespace"], **k8s})
+                       run=run, registry_ca=params.get("registry_ca"),
+                       k8s={"config": params["kubeconfig"], "namespace": params["namespace"], **k8s})
