@@ -125,7 +125,7 @@ options:
     default: ansible
   patch:
     description:
-      - The patch record of a site release (M(offline.delivery.app_release)'s C(patch)), when O(version) is one: its
+      - The patch record of a site release (M(offline.delivery.app_release)'s C(patch)), when O(version) is one; its
         component, files with their sha256, who and when go into the history entry.
     type: dict
   storage_class:

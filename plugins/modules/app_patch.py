@@ -12,9 +12,9 @@ short_description: Record a field fix of one component as a site release signed 
 version_added: 0.3.0
 description:
   - On the repo host, adds O(files) as one new layer (a tar, gzip or uncompressed, written by the collection's own
-    code: no Docker or build tool) on top of O(component)'s image in release O(base) of the site repository,
+    code, without Docker or any build tool) on top of O(component)'s image in release O(base) of the site repository,
     for every platform the release carries (new config with the layer's diff_id and a history entry, new
-    manifest, new index), and records the site release C(<vendor version>+site.<n>) in the site repository: a
+    manifest, new index), and records the site release C(<vendor version>+site.<n>) in the site repository, a
     release manifest like the vendor's with the new image (reference C(<repository>:<tag>-site.<n>)) and the
     patch record (component, files with their sha256, who, when, base release), signed by the site key.
   - The images are not pushed here; M(offline.delivery.registry_publish) publishes the site release's images.
@@ -50,7 +50,7 @@ options:
   files:
     description:
       - The files to add, each a file on the repo host (O(files[].src)) and its path in the image
-        (O(files[].path): absolute, no C(..)), at most 64 files, 256 MiB each, 512 MiB in all.
+        (O(files[].path), absolute, without C(..)), at most 64 files, 256 MiB each, 512 MiB in all.
     type: list
     elements: dict
     required: true
