@@ -1,8 +1,9 @@
 """Hosts that are not Debian (#17 item 3) and parallel pulls on a compose host (#19 item 5), on one world site.
 
-Site `e2e-foreign` (OD_E2E_SITE_FOREIGN): a repo host, a compose host (node1, amd64, Debian 12) and two systemd
+Site `e2e-foreign` (OD_E2E_SITE_FOREIGN): a repo host, a compose host (node1, amd64, Debian 12), two systemd
 hosts made foreign after they boot (fx1 amd64, fxa arm64 under qemu): apt, dpkg and their state removed,
-os-release of openEuler 22.03 (ID_LIKE "rhel fedora"). Through the playbooks from the jump host: import shop
+os-release of openEuler 22.03 (ID_LIKE "rhel fedora"), and a Debian 12 systemd host beside them (deb1, amd64:
+the unpack tools still come from the site repository there). Through the playbooks from the jump host: import shop
 1.0.0, runtime (the foreign hosts get nothing installed and their package sources are left alone; what the
 systemd target needs is checked), install (preflight says per host which targets it takes; the shop runs on all
 three, an order through each host's gateway), a foreign host asked to be a compose host is refused naming what it
@@ -33,9 +34,10 @@ HOSTS = (
     HostSpec("node1", "amd64", ("compose_hosts",)),
     HostSpec("fx1", "amd64", ("systemd_hosts",)),
     HostSpec("fxa", "arm64", ("systemd_hosts",)),
+    HostSpec("deb1", "amd64", ("systemd_hosts",)),
 )
 FOREIGN = ("fx1", "fxa")
-TARGETS = ("node1", "fx1", "fxa")
+TARGETS = ("node1", "fx1", "fxa", "deb1")
 PLAY_TIMEOUT = 1800
 # In the test world every arm64 host is emulated (dockerd needs iptables off there; no arm64 compose host here).
 PULL_ROUNDS = 3
@@ -99,8 +101,12 @@ def test_runtime_installs_nothing_on_a_foreign_host_and_checks_it(site: Site, in
                          r"this host's package sources are left as they are", out), out[-4000:]
         res = site.exec(host, "getent group od-apps && stat -c %a /var/lib/offline-delivery /srv/offline-delivery-apps")
         assert res.rc == 0 and res.stdout.split()[-2:] == ["700", "750"], res.output
-    # the Debian compose host got its packages from the site repository as before
+    # the Debian hosts got their packages from the site repository as before
     assert site.exec("node1", "docker compose version").rc == 0
+    res = site.exec("deb1", "dpkg-query -W -f '${db:Status-Status}\\n' zstd xz-utils; "
+                            "cat /etc/apt/sources.list.d/offline-delivery.list")
+    assert res.stdout.split()[:2] == ["installed", "installed"] and "deb " in res.stdout, res.output
+    assert not re.search(r"deb1 runs debian-12 .*nothing is installed", out)
 
 
 def test_preflight_says_which_targets_each_host_takes(installed: dict[str, Any]) -> None:
@@ -110,12 +116,14 @@ def test_preflight_says_which_targets_each_host_takes(installed: dict[str, Any])
                          r"\(the Docker engine and Compose v2 [^)]*\)\), systemd yes, k8s yes", out), out[-5000:]
     assert re.search(r"node1 \(debian-12, x86_64, python 3\.\d+\.\d+, systemd \d+\): compose yes, systemd yes, "
                      r"k8s yes", out), out[-5000:]
+    assert re.search(r"deb1 \(debian-12, x86_64, python 3\.\d+\.\d+, systemd \d+\): compose no \(the Docker engine "
+                     r"[^)]*\)\), systemd yes, k8s yes", out), out[-5000:]
 
 
 def test_the_shop_runs_on_the_foreign_hosts(installed: dict[str, Any], site: Site) -> None:
     for host in TARGETS:
         assert installed["orders"][host]["item"] == "pen", installed["orders"][host]
-    for host in FOREIGN:
+    for host in FOREIGN + ("deb1",):
         res = site.exec(host, "systemctl is-active od-shop-db od-shop-redis od-shop-api od-shop-gateway")
         assert res.stdout.split() == ["active"] * 4, res.output
 
