@@ -3,7 +3,8 @@
 The app is examples/poll (web, worker ×2, a one-shot migrate job, redis, db initialised from a mounted SQL
 file with its password in a secret file), delivered only through `bundle-builder from-compose` output and the
 images, through the playbooks a user runs from the jump host. Its own site (`e2e-parity`, OD_E2E_SITE_PARITY):
-a repo host, one compose host (c1, amd64), two systemd hosts (s1 amd64, a1 arm64 under qemu).
+a repo host, one compose host (c1, amd64), two systemd hosts (s1 amd64, a1 arm64 under qemu), all Debian 12, and a
+Debian 13 jump host running the newest claimed ansible-core (the other flows run the oldest, on Debian 12).
 
 The same assertions run against every target host; the only per-target code is `secret_file` (where each
 target keeps a rendered config file on the host). Everything else goes through the app itself, from the host:
@@ -49,6 +50,7 @@ import pytest
 
 from tests.e2e.conftest import require_world, running_site
 from tests.e2e.media import bundle_builder, carry, recap
+from tests.world.ansible_cores import NEWEST_JUMP_SUITE, newest_for
 from tests.world.shop_images import build_poll_images
 from tests.world.site import HostSpec, Site
 from tests.world.util import Result, cache_dir, docker, repo_root
@@ -221,9 +223,19 @@ def bundles() -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def site(bundles: dict[str, Path]) -> Iterator[Site]:
     require_world(h.arch for h in HOSTS)
-    yield from running_site(Site(os.environ.get("OD_E2E_SITE_PARITY", "e2e-parity"), HOSTS))
+    # A Debian 13 jump host: this flow also proves the newest claimed ansible-core (Python 3.13; the other flows
+    # run the test extra's pin on Debian 12 jump hosts). tests/world/ansible_cores.py, README.md "ansible-core".
+    yield from running_site(Site(os.environ.get("OD_E2E_SITE_PARITY", "e2e-parity"), HOSTS,
+                                 jump_suite=NEWEST_JUMP_SUITE))
     if os.environ.get("OD_PARITY_TIMES"):
         Path(os.environ["OD_PARITY_TIMES"]).write_text(json.dumps(TIMES, indent=1) + "\n")
+
+
+def test_the_jump_host_runs_the_newest_claimed_ansible_core(site: Site) -> None:
+    res = site.jump(["ansible", "--version"], timeout=120)
+    newest = newest_for(NEWEST_JUMP_SUITE)
+    assert res.rc == 0 and f"[core {newest.series}." in res.stdout, res.output
+    assert "python version = 3.13" in res.stdout, res.stdout
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,17 @@ def _cert(subject: str, key: Any, issuer: Tuple[str, Any] | None, *, ca: bool = 
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    # Key usage and key identifiers as real cluster PKIs (Go's x509) have them: Python >= 3.13 verifies with
+    # VERIFY_X509_STRICT, which refuses a chain without them.
+    if ca:
+        builder = (builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False, encipher_only=False,
+                                                decipher_only=False), critical=True))
+    if issuer:
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                                        critical=False)
     if ip:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
                                         critical=False)
@@ -614,6 +625,7 @@ def named_server(pki: PKI, tmp_path: Path) -> Iterator[http.server.ThreadingHTTP
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("api.cluster.internal")]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.ca_key.public_key()), critical=False)
             .sign(pki.ca_key, hashes.SHA256()))
     (tmp_path / "named.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "named.key").write_bytes(_key_pem(key))

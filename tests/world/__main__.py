@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from .ansible_cores import NEWEST_JUMP_SUITE
 from .hostimages import current_image_tags, ensure_host_image, ensure_jump_image, remove_stale_images
 from .extra_collections import DEFAULT_COLLECTIONS, ensure_collections
 from .rootfs import DEFAULT_SUITE, RootfsRecipe
@@ -162,6 +163,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     steps = (
         ("host images amd64 + arm64 and the jump image",
          lambda: _cmd_build(argparse.Namespace(arch="amd64,arm64", suite=args.suite))),
+        (f"the {NEWEST_JUMP_SUITE} jump image (the newest claimed ansible-core; the parity flow's)",
+         lambda: _cmd_build(argparse.Namespace(arch="amd64", suite=NEWEST_JUMP_SUITE))),
         ("the shop's images amd64 + arm64", lambda: shop_images.build_all(shop_images.ARCHES)),
         ("the poll app's images amd64 + arm64 (the shop's base and package layers)",
          lambda: shop_images.build_all(shop_images.ARCHES, app="poll")),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .util import WorldError, cache_dir, file_lock, log, run
 
-# The community package whose collections match the ansible-core pin (2.18 <-> ansible 11).
-ANSIBLE_PACKAGE = "ansible==11.13.0"
+# The community package whose collections match the test extra's ansible-core pin (2.19 <-> ansible 12).
+ANSIBLE_PACKAGE = "ansible==12.3.0"
 DEFAULT_COLLECTIONS = ("community.docker", "ansible.posix")
 
 

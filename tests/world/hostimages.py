@@ -3,7 +3,8 @@
 Host images are made from the cached root filesystem as a one-layer docker-archive whose config we write
 ourselves (this engine labels `docker import --platform linux/arm64` images amd64, and `docker import`
 rejects STOPSIGNAL), then `docker load`ed. The jump image is a legacy `docker build` on top of the amd64
-host image that adds ansible-core in a venv. Tags carry a hash of everything that made the image, so a
+host image that adds ansible-core in a venv: the newest claimed series that suite's python3 runs
+(tests/world/ansible_cores.py). Tags carry a hash of everything that made the image, so a
 stale image is never reused.
 """
 from __future__ import annotations
@@ -16,9 +17,9 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import tomllib
 from pathlib import Path
 
+from .ansible_cores import newest_for
 from .rootfs import Rootfs, RootfsRecipe, build_rootfs, cached_rootfs
 from .util import IMAGE_REPO, WorldError, cache_dir, docker, file_lock, log, repo_root, run
 
@@ -136,17 +137,6 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def ansible_core_requirement() -> str:
-    """The ansible-core pin of pyproject.toml's test extra, so the jump host runs what the venv runs."""
-    pyproject = repo_root() / "pyproject.toml"
-    data = tomllib.loads(pyproject.read_text())
-    for req in data.get("project", {}).get("optional-dependencies", {}).get("test", []):
-        if req.replace(" ", "").startswith("ansible-core"):
-            return req.replace(" ", "")
-    raise WorldError(f"{pyproject}: no ansible-core requirement in [project.optional-dependencies].test; "
-                     "add one (e.g. 'ansible-core>=2.18,<2.19')")
-
-
 def _jump_dockerfile(base_tag: str, ansible_req: str) -> str:
     # The machine's CA bundle is used for pip only during the build (egress proxies with their own CA).
     return f"""\
@@ -166,8 +156,14 @@ LABEL offline-delivery.world.role=jump
 """
 
 
+def jump_ansible_core(suite: str) -> str:
+    """The ansible-core a jump host of `suite` installs: the newest claimed series its python3 runs (Debian 12:
+    the test extra's pin, so the jump host runs what the venv runs; Debian 13: the newest claimed)."""
+    return newest_for(suite).requirement()
+
+
 def jump_image_tag(base: HostImage) -> str:
-    dockerfile = _jump_dockerfile(base.tag, ansible_core_requirement())
+    dockerfile = _jump_dockerfile(base.tag, jump_ansible_core(base.suite))
     key = hashlib.sha256((dockerfile + ANSIBLE_CFG).encode()).hexdigest()[:16]
     return f"{IMAGE_REPO}/jump:{base.suite}-amd64-{key}"
 
@@ -176,7 +172,7 @@ def ensure_jump_image(base: HostImage) -> str:
     """Build (or reuse) the jump host image on top of the amd64 host image; returns its tag."""
     if base.arch != "amd64":
         raise WorldError(f"the jump host image is built on the amd64 host image, got {base.arch}")
-    dockerfile = _jump_dockerfile(base.tag, ansible_core_requirement())
+    dockerfile = _jump_dockerfile(base.tag, jump_ansible_core(base.suite))
     tag = jump_image_tag(base)
     with file_lock(_lock_path(tag)):
         if image_exists(tag):

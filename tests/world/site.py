@@ -86,7 +86,8 @@ def group_name(site: str) -> str:
 class Site:
     """Handle on one site by name; `up()` creates it, `down()` removes everything labelled with it."""
 
-    def __init__(self, name: str, hosts: Sequence[HostSpec] = DEFAULT_HOSTS, suite: str = DEFAULT_SUITE):
+    def __init__(self, name: str, hosts: Sequence[HostSpec] = DEFAULT_HOSTS, suite: str = DEFAULT_SUITE,
+                 jump_suite: str | None = None):
         if not _NAME_RE.match(name):
             raise WorldError(f"site name {name!r}: use [a-z0-9-], at most 20 chars, start/end alphanumeric")
         names = [h.name for h in hosts]
@@ -97,6 +98,9 @@ class Site:
         self.name = name
         self.hosts = tuple(hosts)
         self.suite = suite
+        # The jump host's Debian suite (default: the hosts'); its ansible-core is the newest claimed one that
+        # suite's python3 runs (tests/world/hostimages.py), so a Debian 13 jump host runs a newer one.
+        self.jump_suite = jump_suite or suite
 
     @classmethod
     def load(cls, name: str) -> "Site":
@@ -104,7 +108,7 @@ class Site:
         info = cls(name, hosts=()).info()
         hosts = [HostSpec(h["name"], h["arch"], tuple(h["groups"]), tuple(h.get("run_args", ())))
                  for h in info["hosts"]]
-        return cls(name, hosts=hosts, suite=info["suite"])
+        return cls(name, hosts=hosts, suite=info["suite"], jump_suite=info.get("jump_suite"))
 
     # ---- names and paths -------------------------------------------------------------------------
     @property
@@ -203,7 +207,8 @@ class Site:
         arches = sorted({h.arch for h in self.hosts} | {"amd64"})
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(arches)) as pool:
             futures = {a: pool.submit(ensure_host_image, RootfsRecipe(arch=a, suite=self.suite)) for a in arches}
-            amd64: HostImage = futures["amd64"].result()
+            amd64: HostImage = (futures["amd64"].result() if self.jump_suite == self.suite
+                                else ensure_host_image(RootfsRecipe(arch="amd64", suite=self.jump_suite)))
             jump = ensure_jump_image(amd64)
             tags = {a: f.result().tag for a, f in futures.items()}
         tags[JUMP] = jump
@@ -279,7 +284,8 @@ class Site:
     def _write_state(self) -> dict:
         ips = self.ips()
         info = {
-            "site": self.name, "suite": self.suite, "network": self.network, "subnet": self.subnet(),
+            "site": self.name, "suite": self.suite, "jump_suite": self.jump_suite, "network": self.network,
+            "subnet": self.subnet(),
             "jump": {"container": self.container(JUMP), "ip": ips[JUMP]},
             "hosts": [{"name": h.name, "arch": h.arch, "groups": list(h.groups), "ip": ips[h.name],
                        "container": self.container(h.name), "run_args": list(h.run_args)} for h in self.hosts],

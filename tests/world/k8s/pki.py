@@ -59,6 +59,9 @@ def make_pki(out: Path, node_name: str, node_ip: str, service_ip: str) -> None:
     ca_name = _name("od-world-k8s-ca")
     ca = (_builder(ca_name, ca_name, ca_key.public_key())
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          # Key identifiers as Go's x509 (kubeadm, k3s) writes them: Python >= 3.13 (a Debian 13 controller) verifies
+          # with VERIFY_X509_STRICT and refuses a chain without them.
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
@@ -71,7 +74,9 @@ def make_pki(out: Path, node_name: str, node_ip: str, service_ip: str) -> None:
         usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
         builder = (_builder(_name(cn, org), ca_name, key.public_key())
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage(usage), critical=False))
+                   .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                                  critical=False))
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
