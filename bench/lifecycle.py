@@ -9,7 +9,10 @@ import 1.0.0, import 1.1.0 (delta), runtime, install 1.0.0, upgrade to 1.1.0, up
 Checks, failing the run loudly (exit 1, no result written): after the install every component answers with
 1.0.0; the upgrade restarted exactly the one changed component on each target (container id + start time,
 or unit main PID + start timestamp, of the other N-1 unchanged) and the engine's plan said so; the second
-upgrade changed nothing. Appends the result to bench/results/<date>-lifecycle.json and prints a table.
+upgrade changed nothing. With both targets it also measures the layer-store goals (issue 19 item 3): the
+systemd host's install against the compose host's in the same run (when each host's last component started),
+the systemd host's disk for the images against their unique layer bytes, and the layers the upgrade unpacked.
+Appends the result to bench/results/<date>-lifecycle.json and prints a table.
 The site is removed at the end, also on failure or Ctrl-C (unless --keep-site).
 """
 from __future__ import annotations
@@ -89,7 +92,9 @@ class Bench:
         self.restarted: dict[str, list[str]] = {}
         self.timelines: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.pulls: dict[str, dict[str, dict[str, Any]]] = {}
-        self.disk: dict[str, str] = {}
+        self.disk: dict[str, int] = {}
+        self.store_added: list[str] = []     # layers the upgrade added to the systemd host's store
+        self.exposure: dict[str, float] = {}  # systemd unit -> systemd-analyze security's exposure level
 
     def play(self, step: str, playbook: str, *args: str) -> str:
         """Run a playbook from the jump host, timed; its stdout, or RunFailed with the output's tail."""
@@ -138,18 +143,40 @@ class Bench:
         return pull_span(res.stdout, since)
 
     def disk_used(self) -> None:
-        """What the app's images take on each target: the Docker engine's image store (layers shared), or
-        the systemd target's unpacked root filesystems (one per image, under the role's app_apps_dir)."""
+        """Bytes on disk for the app's images on each target: the Docker engine's image store (layers shared),
+        or the systemd target's layer store + image directories (`du -x`: not into the mounted roots)."""
         for kind, host in self.targets.items():
             cmd = (["docker", "system", "df", "--format", "{{.Type}} {{.Size}}"] if kind == "compose" else
-                   ["du", "-sh", f"{APPS_DIR}/{APP}/images"])
+                   ["du", "-sxcB1", f"{APPS_DIR}/.layers", f"{APPS_DIR}/{APP}/images"])
             res = self.site.exec(host, cmd, timeout=300)
             lines = [l.split() for l in res.stdout.splitlines() if l.split()]
-            size = next((l[1] for l in lines if l[0] == "Images") if kind == "compose" else (l[0] for l in lines), "")
+            size = next((l[1] for l in lines if l[0] == "Images") if kind == "compose" else
+                        (l[0] for l in lines if l[-1] == "total"), "")
             if res.rc != 0 or not size:
                 raise RunFailed(f"{host}: measuring the images' disk use ({' '.join(cmd)}) failed: "
                                 f"{res.output[-1000:]}")
-            self.disk[host] = size
+            self.disk[host] = size_bytes(size)
+
+    def measure_exposure(self) -> None:
+        """systemd-analyze security of every unit of the app on the systemd host (docs/reliability.md)."""
+        host = self.targets["systemd"]
+        script = (f"for c in {' '.join(self.names)}; do echo $c $(systemd-analyze security --no-pager "
+                  f"od-{APP}-$c.service | tail -n 1); done")
+        res = self.site.exec(host, script, timeout=900)
+        for line in res.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[-2].replace(".", "", 1).isdigit():
+                self.exposure[fields[0]] = float(fields[-2])
+        if res.rc != 0 or sorted(self.exposure) != sorted(self.names):
+            raise RunFailed(f"{host}: systemd-analyze security of the units failed: {res.output[-2000:]}")
+
+    def store(self) -> set[str]:
+        """The layers in the systemd host's layer store."""
+        host = self.targets["systemd"]
+        res = self.site.exec(host, ["ls", f"{APPS_DIR}/.layers"], timeout=60)
+        if res.rc != 0:
+            raise RunFailed(f"{host}: listing the layer store failed: {res.output[-1000:]}")
+        return {name for name in res.stdout.split() if not name.startswith(".")}
 
     def check_answers(self, version: str) -> None:
         expected = expected_answers(self.count, version)
@@ -185,7 +212,15 @@ class Bench:
         before = self.identities()
         self.timeline(f"install {V1}", before)
         self.disk_used()
+        if "systemd" in self.targets:
+            self.measure_exposure()
+        store_before = self.store() if "systemd" in self.targets else set()
         out = self.app_play(f"upgrade {V2}", "upgrade", V2)
+        if "systemd" in self.targets:
+            self.store_added = sorted(self.store() - store_before)
+            if len(self.store_added) != 1:
+                raise RunFailed(f"upgrade {V2}: the layer store gained {self.store_added}, expected exactly "
+                                f"{self.media.changed}'s new top layer")
         after = self.identities()
         self.check_plans(out, "upgrade", {"added": [], "changed": [self.media.changed], "removed": []})
         for host in self.targets.values():
@@ -203,6 +238,37 @@ class Bench:
             raise RunFailed(f"the second upgrade changed something (changed= per host): {busy}\n{out[-4000:]}")
         if self.identities() != after:
             raise RunFailed("the second upgrade restarted components")
+
+
+def size_bytes(text: str) -> int:
+    """`du -B1` bytes, or Docker's human size (`193.2MB`, `1.1GB`, `512kB`) as bytes."""
+    units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    if text.isdigit():
+        return int(text)
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit) and text[:-len(unit)].replace(".", "", 1).isdigit():
+            return round(float(text[:-len(unit)]) * units[unit])
+    raise ValueError(f"not a size: {text!r}")
+
+
+def install_done(levels: list[dict[str, Any]]) -> float:
+    """Seconds after the playbook's start at which the host's last component started."""
+    return max(level["last_s"] for level in levels)
+
+
+def layer_store_goals(bench: Bench, media: Media) -> dict[str, Any]:
+    """Issue 19 item 3's goals from one run with both targets: systemd install <= 1.3x the compose host's,
+    disk <= 1.2x the unique layer bytes, an upgrade of one top layer unpacks that layer only."""
+    compose, systemd = TARGET_HOSTS["compose"].name, TARGET_HOSTS["systemd"].name
+    install = bench.timelines[f"install {V1}"]
+    unique = sum(media.layers.values())
+    return {
+        "install_done_s": {compose: install_done(install[compose]), systemd: install_done(install[systemd])},
+        "install_ratio": round(install_done(install[systemd]) / install_done(install[compose]), 2),
+        "unique_layer_bytes": unique,
+        "disk_ratio": round(bench.disk[systemd] / unique, 2),
+        "upgrade_unpacked_layers": len(bench.store_added),
+    }
 
 
 def _bundle_bytes(path: Path) -> int:
@@ -225,6 +291,9 @@ def result_doc(bench: Bench, media: Media, kinds: list[str], started: str, load:
         "start_timeline": bench.timelines,
         "image_pulls": bench.pulls,
         "images_disk_after_install": bench.disk,
+        "layer_store_goals": layer_store_goals(bench, media) if len(kinds) == 2 else None,
+        "systemd_exposure": ({"min": min(bench.exposure.values()), "max": max(bench.exposure.values()),
+                              "units": len(bench.exposure)} if bench.exposure else None),
         "conditions": {"load_before": load, "load_after": os.getloadavg(), "media_from_cache": not media.built},
     }
 
@@ -238,13 +307,19 @@ def print_table(doc: dict[str, Any]) -> None:
         f"import {V2}": f"{sizes[V2]:.2f} MB delta: {changed}'s new top layer",
         "runtime": "Docker + Compose / unpack tools from the site repo",
         f"install {V1}": f"{n} components, level by level, each health-gated; images on disk: "
-                         + ", ".join(f"{h} {v}" for h, v in doc["images_disk_after_install"].items()),
+                         + ", ".join(f"{h} {v / 1e6:.0f} MB" for h, v in doc["images_disk_after_install"].items()),
         f"upgrade {V2}": "restarted: " + "; ".join(f"{h}: {', '.join(v) or '-'}" for h, v in doc["restarted"].items()),
         f"upgrade {V2} again (no change)": "changed=0 everywhere",
     }
     rows = [(step, f"{secs:.1f} s", notes.get(step, "")) for step, secs in doc["steps_s"].items()]
     print(f"lifecycle of a {n}-component app on {hosts} ({doc['date']})")
     print(format_table(rows))
+    goals = doc.get("layer_store_goals")
+    if goals:
+        print(f"layer store: systemd install {goals['install_ratio']}x the compose host's (goal <= 1.3; last start "
+              f"{goals['install_done_s']}); disk {goals['disk_ratio']}x the {goals['unique_layer_bytes'] / 1e6:.0f} MB "
+              f"of unique layers (goal <= 1.2); the upgrade unpacked {goals['upgrade_unpacked_layers']} layer(s) "
+              "(goal 1)")
     for step, hosts_lines in doc["start_timeline"].items():
         for host, levels in hosts_lines.items():
             spans = ", ".join(f"level {l['level']} ({l['started']}): {l['first_s']}-{l['last_s']} s" for l in levels)

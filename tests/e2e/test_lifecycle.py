@@ -155,6 +155,46 @@ def test_systemd_units_are_contained(site: Site, installed: dict[str, Any]) -> N
         Path(os.environ["OD_EXPOSURE_FILE"]).write_text(json.dumps(figures, indent=2) + "\n")
 
 
+SYSTEMD_HOSTS = ("node3", "arm1")
+APPS = "/srv/offline-delivery-apps"
+IMAGE_LAYERS = ("import glob, json; print(json.dumps({p.split('/')[-2]: json.load(open(p))['layers'] "
+                f"for p in glob.glob('{APPS}/shop/images/*/image.json')}}))")
+
+
+def store_layers(site: Site, host: str) -> set[str]:
+    res = site.exec(host, ["ls", f"{APPS}/.layers"], timeout=30)
+    assert res.rc == 0, res.output
+    return {name for name in res.stdout.split() if not name.startswith(".")}
+
+
+def image_layers(site: Site, host: str) -> dict[str, list[str]]:
+    res = site.exec(host, ["python3", "-c", IMAGE_LAYERS], timeout=30)
+    assert res.rc == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_systemd_roots_are_read_only_overlays_of_shared_layers(site: Site, installed: dict[str, Any]) -> None:
+    """Each image's root is a read-only overlay of the host's layer store, each layer stored once (the shop's
+    images share their Debian layers); a component writes only to its volumes, /tmp and /run."""
+    for host in SYSTEMD_HOSTS:
+        images = image_layers(site, host)
+        assert len(images) == 4, (host, images)
+        unique = {d.split(":", 1)[1] for layers in images.values() for d in layers}
+        assert store_layers(site, host) == unique, host
+        assert len(unique) < sum(len(layers) for layers in images.values()), f"{host}: no layer is shared"
+        mounts = site.exec(host, f"findmnt -rn -o TARGET,FSTYPE,OPTIONS | grep {APPS}/shop/roots/", timeout=30)
+        rows = [line.split() for line in mounts.stdout.splitlines()]
+        assert len(rows) == 4 and all(r[1] == "overlay" and r[2].startswith("ro,") for r in rows), mounts.output
+        # --root: the main process's root, below which paths follow its own mounts (joining its mount namespace
+        # fails under qemu-user, docs/systemd-target.md)
+        inside = ("cd / && nsenter -t $(systemctl show -p MainPID --value od-shop-db.service) --root sh -c "
+                  "'touch /tmp/ok && echo tmp-writable; touch /var/lib/postgresql/data/ok && echo volume-writable "
+                  "&& rm /var/lib/postgresql/data/ok; touch /usr/lib/x 2>&1; touch /var/x 2>&1; touch /etc/x 2>&1; true'")
+        res = site.exec(host, inside, timeout=60)
+        assert "tmp-writable" in res.stdout and "volume-writable" in res.stdout, (host, res.output)
+        assert res.stdout.count("Read-only file system") == 3, (host, res.output)
+
+
 def test_secrets_are_private_on_site(site: Site, installed: dict[str, Any]) -> None:
     mode, _ = installed["secrets"]
     assert mode == "600"
@@ -171,12 +211,27 @@ def test_secrets_are_private_on_site(site: Site, installed: dict[str, Any]) -> N
 @pytest.fixture(scope="module")
 def upgraded(site: Site, installed: dict[str, Any]) -> dict[str, Any]:
     before = {h: start_times(site, h) for h in TARGETS}
+    layers_before = {h: store_layers(site, h) for h in SYSTEMD_HOSTS}
     plan = ok(play(site, "upgrade", "-e", "app_version=1.1.0", "--check", "--diff", step="upgrade --check --diff"),
               "upgrade --check --diff")
     after_plan = {h: start_times(site, h) for h in TARGETS}
     run = ok(play(site, "upgrade", "-e", "app_version=1.1.0", step="upgrade 1.1.0"), "upgrade to 1.1.0")
     return {"before": before, "plan": plan, "after_plan": after_plan, "run": run,
-            "after": {h: start_times(site, h) for h in TARGETS}}
+            "after": {h: start_times(site, h) for h in TARGETS}, "layers_before": layers_before,
+            "layers_after": {h: store_layers(site, h) for h in SYSTEMD_HOSTS},
+            "images_after": {h: image_layers(site, h) for h in SYSTEMD_HOSTS}}
+
+
+def test_an_upgrade_unpacks_only_the_layers_it_adds(upgraded: dict[str, Any]) -> None:
+    """1.1.0 changes the api image's top layer: the layer store gains exactly the layers the host lacked, all
+    of them the new api image's; the 1.0.0 layers stay (a rollback needs them)."""
+    for host in SYSTEMD_HOSTS:
+        added = upgraded["layers_after"][host] - upgraded["layers_before"][host]
+        assert upgraded["layers_before"][host] <= upgraded["layers_after"][host], host
+        assert 1 <= len(added) <= 2, (host, added)
+        images = upgraded["images_after"][host]
+        owners = [name for name, layers in images.items() if added <= {d.split(":", 1)[1] for d in layers}]
+        assert len(owners) == 1, (host, added, images)
 
 
 def test_upgrade_plan_shows_only_the_api_and_touches_nothing(upgraded: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -303,6 +304,25 @@ def test_install_runs_every_component_on_every_target(site: Site, installed: dic
         # the component's own user (web would not have started otherwise) and still there
         assert status == 200 and health == {"status": "ok", "version": "1.0.0"}, (host, health)
     assert out.count("poll (none) -> 1.0.0: added db, redis, migrate, web, worker") == len(TARGETS), out[-4000:]
+
+
+def test_every_systemd_unit_is_contained(site: Site, installed: dict[str, Any]) -> None:
+    """systemd-analyze security rates every unit poll's compose file gives a systemd host 'OK' (4.9 or less):
+    a PostgreSQL that starts as root and drops privileges, redis, web, the worker instances and the job, on a
+    read-only root. Figures to OD_EXPOSURE_FILE_PARITY when set (docs/reliability.md, "Containment")."""
+    figures = {}
+    for host in ("s1", "a1"):
+        files = site.exec(host, "ls /etc/systemd/system | grep '^od-poll-.*\\.service$'", timeout=30).stdout.split()
+        units = [f.replace("@.service", "@1.service") for f in files]
+        assert len(units) == 5, (host, files)
+        for unit in units:
+            res = site.exec(host, f"systemd-analyze security --no-pager {unit} | tail -n 1", timeout=120)
+            match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", res.stdout)
+            assert res.rc == 0 and match, (host, unit, res.output)
+            figures[f"{host} {unit}"] = f"{match.group(1)} {match.group(2)}"
+            assert float(match.group(1)) <= 4.9, (host, unit, res.stdout)
+    if os.environ.get("OD_EXPOSURE_FILE_PARITY"):
+        Path(os.environ["OD_EXPOSURE_FILE_PARITY"]).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def test_a_vote_flows_through_web_redis_worker_db_and_back(installed: dict[str, Any]) -> None:

@@ -171,7 +171,6 @@ import re  # noqa: E402
 from offline_delivery_core.targets.compose import ComposeRuntime, env_file_text  # noqa: E402
 from offline_delivery_core.app.runtime import ComponentSpec, DeployError  # noqa: E402
 from offline_delivery_core.targets.systemd import render_env_file, render_unit  # noqa: E402
-from offline_delivery_core.targets.rootfs import Rootfs  # noqa: E402
 
 # Every kind of character the model lets through in env values and argv items.
 LITERAL_ARGV = ["/bin/sh", "-c", "echo $(id) ${HOME} $HOME $$ {{ x }} %h %% \"q\" 'q' \\ ; # not a comment",
@@ -275,9 +274,7 @@ def _systemd_env(text: str) -> dict[str, str]:
 
 def test_systemd_unit_and_env_file_carry_the_values_literally(tmp_path: Path) -> None:
     spec = _spec(dict(LITERAL_VALUES), LITERAL_ARGV)
-    rootfs = Rootfs(path=str(tmp_path / "rootfs"), directory=str(tmp_path), manifest_digest=spec.manifest_digest,
-                    config={})
-    unit = render_unit(spec, rootfs, app="tiny", env_file="/var/lib/offline-delivery/apps/tiny/env/app.env",
+    unit = render_unit(spec, {}, root=str(tmp_path / "root"), view=str(tmp_path / "rootfs"), app="tiny", env_file="/var/lib/offline-delivery/apps/tiny/env/app.env",
                        configs=[("/srv/x/config/app/0-app.conf", "/etc/app.conf")],
                        volumes=[("/srv/x/volumes/data", "/var/lib/app@1/data+x")])
     exec_lines = [line for line in unit.splitlines() if line.startswith("ExecStart=")]

@@ -77,6 +77,10 @@ class FakeRuntime(Runtime):
     def volume_dirs(self, spec):
         return {}
 
+    def prune(self, keep):
+        self.calls.append(("prune", sorted(keep)))
+        return []
+
     def uninstall(self, *, keep_data):
         names = sorted(self.running)
         self.running.clear()
@@ -159,6 +163,17 @@ def test_upgrade_restarts_only_the_changed_component(tmp_path: Path) -> None:
     assert result["model_diff"]["env_defaults"]["api"]["SHOP_PAGE_SIZE"] == {"old": "20", "new": "50"}
     for name in ("db", "redis", "gateway"):
         assert rt.running[name].started_at == before[name].started_at
+
+
+def test_after_a_deploy_the_host_prunes_what_no_kept_release_uses(tmp_path: Path) -> None:
+    """The runtime is told the images of every release the state keeps (the rollback targets), not just the
+    running one's; a release the state trims is no longer among them."""
+    rt = FakeRuntime()
+    deploy(tmp_path, rt, "1.0.0")
+    deploy(tmp_path, rt, "1.1.0")
+    kept = [c[1] for c in rt.calls if c[0] == "prune"][-1]
+    both = {d for v in ("1.0.0", "1.1.0") for i in images(model(v)).values() for d in i["manifests"].values()}
+    assert set(kept) == both and len(both) > len(images(model("1.1.0")))
 
 
 def test_check_mode_plans_without_touching(tmp_path: Path) -> None:

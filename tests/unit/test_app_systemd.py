@@ -14,11 +14,13 @@ from typing import Dict, List, Tuple
 import pytest
 
 from offline_delivery_core.app.runtime import ComponentSpec, DeployError
-from offline_delivery_core.targets.systemd import (SystemdRuntime, exec_argv, iso_time, kill_signal, quote_arg,
-                                               read_marks, render_env_file, resolve_user, unit_path, unit_settings)
+from offline_delivery_core.targets.systemd import (SystemdRuntime, exec_argv, iso_time, kill_signal, mount_unit_name,
+                                                   quote_arg, read_marks, render_env_file, resolve_user, unit_path,
+                                                   unit_settings)
 from offline_delivery_core.targets.rootfs import load_rootfs
 
 MANIFEST = "sha256:" + "ab" * 32
+LAYER = "sha256:" + "12" * 32
 ROOT = os.geteuid() == 0
 
 
@@ -37,7 +39,8 @@ def make_spec(**changes: object) -> ComponentSpec:
 
 
 class Systemd:
-    """Answers the runtime's commands like systemd would; ``cp`` really runs (volume seeding)."""
+    """Answers the runtime's commands like systemd would; ``cp`` (volume seeding), ``mount`` and ``umount``
+    (reading the image) really run."""
 
     def __init__(self) -> None:
         self.calls: List[List[str]] = []
@@ -48,7 +51,7 @@ class Systemd:
     def __call__(self, argv: List[str]) -> Tuple[int, str, str]:
         self.calls.append(argv)
         args = argv[argv.index("systemctl") + 1:] if "systemctl" in argv else argv
-        if argv[0] == "cp":
+        if argv[0] in ("cp", "mount", "umount"):
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             return proc.returncode, proc.stdout, proc.stderr
         if argv[0] == "journalctl":
@@ -74,11 +77,12 @@ class Systemd:
 
 @pytest.fixture()
 def host(tmp_path: Path):
-    """apps/state/unit dirs and an unpacked image with users, a seeded volume path and an nginx binary."""
+    """apps/state/unit dirs and an image (one layer in the store) with users, a seeded volume path and a binary."""
     apps, state, units = tmp_path / "apps", tmp_path / "state", tmp_path / "units"
     units.mkdir()
     image = apps / "shop" / "images" / MANIFEST.split(":")[1]
-    root = image / "rootfs"
+    image.mkdir(parents=True)
+    root = apps / ".layers" / LAYER.split(":")[1]
     for d in ("etc", "usr/bin", "var/lib/postgresql/data", "usr/share/empty"):
         (root / d).mkdir(parents=True)
     (root / "bin").symlink_to("usr/bin")
@@ -91,7 +95,7 @@ def host(tmp_path: Path):
     os.chmod(root / "var/lib/postgresql/data", 0o700)
     (image / "image.json").write_text(json.dumps({"config": {
         "Entrypoint": ["postgres"], "Cmd": ["-c", "listen_addresses=*"], "Env": ["PATH=/usr/bin:/bin", "PGDATA=/x"],
-        "WorkingDir": "/var/lib/postgresql", "User": None, "StopSignal": "SIGINT"}}))
+        "WorkingDir": "/var/lib/postgresql", "User": None, "StopSignal": "SIGINT"}, "layers": [LAYER]}))
     systemd = Systemd()
     runtime = SystemdRuntime("shop", apps_dir=str(apps), state_dir=str(state), run=systemd, unit_dir=str(units),
                              sleep=lambda _s: None)
@@ -146,7 +150,7 @@ def test_unknown_stop_signal_refused() -> None:
 
 def test_users_resolved_in_the_image(host) -> None:
     runtime, _systemd, _tmp = host
-    root = load_rootfs(runtime.images_dir, MANIFEST).path
+    root = load_rootfs(runtime.images_dir, runtime.store, MANIFEST).lowerdirs[0]   # the image's one layer
     assert resolve_user("postgres", root) == (105, 110)
     assert resolve_user("postgres:ssl-cert", root) == (105, 111)
     assert resolve_user("105", root) == (105, 110)
@@ -159,14 +163,15 @@ def test_users_resolved_in_the_image(host) -> None:
 
 def test_argv_follows_dockers_rules(host) -> None:
     runtime, _systemd, _tmp = host
-    rootfs = load_rootfs(runtime.images_dir, MANIFEST)
-    assert exec_argv(make_spec(), rootfs.config, rootfs.path) == ["/usr/bin/postgres", "-c", "listen_addresses=*"]
-    assert exec_argv(make_spec(command=["-p", "1"]), rootfs.config, rootfs.path) == ["/usr/bin/postgres", "-p", "1"]
-    assert exec_argv(make_spec(entrypoint=["/bin/sh"]), rootfs.config, rootfs.path) == ["/bin/sh"]
+    rootfs = load_rootfs(runtime.images_dir, runtime.store, MANIFEST)
+    layer = rootfs.lowerdirs[0]   # the image's one layer is all there is to read
+    assert exec_argv(make_spec(), rootfs.config, layer) == ["/usr/bin/postgres", "-c", "listen_addresses=*"]
+    assert exec_argv(make_spec(command=["-p", "1"]), rootfs.config, layer) == ["/usr/bin/postgres", "-p", "1"]
+    assert exec_argv(make_spec(entrypoint=["/bin/sh"]), rootfs.config, layer) == ["/bin/sh"]
     with pytest.raises(DeployError, match="'nope' is not in the image's PATH"):
-        exec_argv(make_spec(entrypoint=["nope"]), rootfs.config, rootfs.path)
+        exec_argv(make_spec(entrypoint=["nope"]), rootfs.config, layer)
     with pytest.raises(DeployError, match="neither the model nor the image"):
-        exec_argv(make_spec(), {}, rootfs.path)
+        exec_argv(make_spec(), {}, layer)
 
 
 # -- start, observe, probe, remove ---------------------------------------------------------------------
@@ -178,9 +183,9 @@ def test_start_writes_unit_env_config_and_volume(host) -> None:
     runtime.prepare([spec])
     runtime.start([spec], all_specs=[spec])
     unit = (tmp / "units" / "od-shop-db.service").read_text()
-    root = f"{tmp}/apps/shop/images/{MANIFEST.split(':')[1]}/rootfs"
+    root = f"{tmp}/apps/shop/roots/db/root"
     assert read_marks(str(tmp / "units" / "od-shop-db.service")) == {
-        "fingerprint": spec.fingerprint, "app": "shop", "component": "db"}
+        "fingerprint": spec.fingerprint, "app": "shop", "component": "db", "unit format": "2"}
     settings = unit_settings(str(tmp / "units" / "od-shop-db.service"))
     assert settings["RootDirectory"] == root and settings["MountAPIVFS"] == "yes"
     assert settings["EnvironmentFile"] == f"{tmp}/state/apps/shop/env/db.env"
@@ -299,7 +304,7 @@ def test_port_less_replicas_run_as_template_instances(host) -> None:
     assert "systemctl disable --quiet --now od-shop-worker@1.service od-shop-worker@2.service" in systemd.commands()
     assert not template.exists() and (tmp / "units" / "od-shop-worker.service").exists()
     runtime.remove(["worker"], all_specs=[])
-    assert not list((tmp / "units").iterdir())
+    assert not list((tmp / "units").glob("*.service"))   # the image's mount unit goes with a prune
 
 
 def test_a_job_is_a_oneshot_its_dependents_wait_for(host) -> None:
@@ -366,11 +371,15 @@ def test_remove_and_uninstall_keep_volumes(host) -> None:
                      "systemctl disable --quiet --now od-shop-db.service"]
     runtime.start([db], all_specs=[db, web])
     runtime.remove(["web", "not-there"], all_specs=[db])
-    assert sorted(os.listdir(tmp / "units")) == ["od-shop-db.service"]
+    mount = root_mount(runtime, "db")
+    assert sorted(os.listdir(tmp / "units")) == ["od-shop-db.service", mount]   # web's root went with web
+    assert os.listdir(tmp / "apps/shop/roots") == ["db"]
     assert not (tmp / "state/apps/shop/env/web.env").exists()
     assert "systemctl disable --quiet --now od-shop-web.service" in systemd.commands()
     removed = runtime.uninstall(keep_data=True)
     assert removed[0] == "od-shop-db.service" and f"{tmp}/apps/shop/images" in removed
+    assert f"systemctl stop {mount}" in systemd.commands()
+    assert removed[2] == f"{tmp}/apps/.layers/{LAYER[7:]}"     # no image on the host uses it any more
     assert os.listdir(tmp / "units") == [] and (tmp / "apps/shop/volumes/pgdata/seed").exists()
     assert runtime.volume_dirs(db) == {"pgdata": f"{tmp}/apps/shop/volumes/pgdata"}
     runtime.uninstall(keep_data=False)
@@ -397,3 +406,66 @@ def test_start_times_iso_and_older_systemd_text(host) -> None:
         return rc, out.replace("@1795312800", "Sun 2026-11-22 03:00:00 CET"), err
     runtime.run = old_systemd
     assert runtime.observe()["db"].started_at == "Sun 2026-11-22 03:00:00 CET"
+
+
+@pytest.mark.parametrize("path, name", [   # what systemd-escape --path --suffix=mount prints (systemd 252)
+    ("/srv/offline-delivery-apps/shop/images/ab12/root", "srv-offline\\x2ddelivery\\x2dapps-shop-images-ab12-root.mount"),
+    ("/srv/a+b@c/.x/d_e:f", "srv-a\\x2bb\\x40c-.x-d_e:f.mount"),
+    ("/", "-.mount"),
+])
+def test_mount_unit_names_as_systemd_escapes_them(path: str, name: str) -> None:
+    assert mount_unit_name(path) == name
+
+
+def test_prune_removes_images_no_component_or_kept_release_uses_and_their_layers(host) -> None:
+    """After a deploy: the image a component runs from stays, a kept release's image stays for a rollback, any
+    other image goes, and so do the layers no image of any app on the host lists."""
+    runtime, _systemd, tmp = host
+    images, store = tmp / "apps/shop/images", tmp / "apps/.layers"
+    for digest, layer in (("cd" * 32, "34" * 32), ("ef" * 32, "56" * 32)):
+        (images / digest).mkdir(parents=True)
+        (images / digest / "image.json").write_text(json.dumps({"config": {}, "layers": [LAYER, "sha256:" + layer]}))
+        (store / layer).mkdir()
+    (tmp / "apps/other/images/77").mkdir(parents=True)     # another app's image keeps its layer
+    (tmp / "apps/other/images/77/image.json").write_text(json.dumps({"layers": ["sha256:" + "78" * 32]}))
+    (store / ("78" * 32)).mkdir()
+    (store / ("99" * 32)).mkdir()                          # a layer nothing lists
+    spec = make_spec()
+    runtime.start([spec], all_specs=[spec])
+    removed = runtime.prune({"sha256:" + "cd" * 32})       # the running db's image is not among the kept ones
+    assert removed == [str(images / ("ef" * 32)), str(store / ("56" * 32)), str(store / ("99" * 32))]
+    assert sorted(os.listdir(images)) == sorted([MANIFEST[7:], "cd" * 32])
+    assert sorted(os.listdir(store)) == sorted([".lock", LAYER[7:], "34" * 32, "78" * 32])
+    assert runtime.prune({"sha256:" + "cd" * 32}) == []       # a second run finds nothing to do
+
+
+def test_a_component_root_is_its_mount_points_over_the_image_layers(host) -> None:
+    """The root a unit runs from: a mount unit of a read-only overlay, the component's own mount points layer
+    first (what the image lacks of its volume and config paths, with the image's owners on the way), then the
+    image's layers; made again (the component stopped first) only when these change."""
+    runtime, systemd, tmp = host
+    spec = make_spec(volumes=[{"name": "pgdata", "path": "/var/lib/postgresql/data"},
+                              {"name": "extra", "path": "/srv/new/dir"}])
+    runtime.start([spec], all_specs=[spec])
+    name = root_mount(runtime, "db")
+    text = (tmp / "units" / name).read_text()
+    mounts = tmp / "apps/shop/roots/db/mounts"
+    assert f"Where={tmp}/apps/shop/roots/db/root\n" in text and "Type=overlay\n" in text
+    assert f"Options=ro,lowerdir={mounts}:{tmp}/apps/.layers/{LAYER[7:]}\n" in text
+    assert (mounts / "srv/new/dir").is_dir() and (mounts / "etc/shop/app.conf").is_file()
+    assert not (mounts / "var/lib/postgresql/data").exists()     # the image has it
+    assert (mounts / "etc/hosts").is_file() and (mounts / "etc/resolv.conf").is_file()
+    assert stat.S_IMODE((mounts / "tmp").stat().st_mode) == 0o1777
+    assert f"systemctl start {name}" in systemd.commands()
+    systemd.calls.clear()
+    runtime.start([spec], all_specs=[spec])                   # same root: nothing stops, the mount stays
+    assert not [c for c in systemd.commands() if c.startswith("systemctl stop")]
+    moved = make_spec(volumes=[{"name": "pgdata", "path": "/var/lib/postgresql/data"}], config_files=[])
+    systemd.calls.clear()
+    runtime.start([moved], all_specs=[moved])
+    assert systemd.commands()[:2] == ["systemctl stop od-shop-db.service", f"systemctl stop {name}"]
+    assert not (mounts / "srv").exists() and not (mounts / "etc/shop").exists()
+
+
+def root_mount(runtime: SystemdRuntime, component: str) -> str:
+    return mount_unit_name(runtime.root_dir(component) + "/root")

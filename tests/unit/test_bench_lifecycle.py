@@ -180,7 +180,9 @@ def test_the_printed_table_has_every_step_and_the_timelines(capsys: pytest.Captu
            "app": {"components": 30, "changed": "c09", "bundle_bytes": {"odlc-1.0.0": 297e6, "odlc-1.1.0": 324096}},
            "steps_s": {"import 1.0.0": 48.1, "import 1.1.0": 20.4, "install 1.0.0": 148.5, "upgrade 1.1.0": 41.3},
            "restarted": {"node1": ["c09"], "node2": ["c09"]},
-           "images_disk_after_install": {"node1": "Images: 190MB", "node2": "5.4G"},
+           "images_disk_after_install": {"node1": 190_000_000, "node2": 210_000_000},
+           "layer_store_goals": {"install_done_s": {"node1": 27.0, "node2": 30.1}, "install_ratio": 1.11,
+                                 "unique_layer_bytes": 193_000_000, "disk_ratio": 1.09, "upgrade_unpacked_layers": 1},
            "start_timeline": {"install 1.0.0": {"node1": [{"level": 0, "started": 3, "first_s": 19.5,
                                                            "last_s": 19.7}]}},
            "image_pulls": {"install 1.0.0": {"node1": {"pulls": 30, "first_done_s": 9.0, "last_done_s": 17.0}}}}
@@ -188,9 +190,20 @@ def test_the_printed_table_has_every_step_and_the_timelines(capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "node1 (compose), node2 (systemd)" in out
     assert "297 MB bundle" in out and "0.32 MB delta: c09's new top layer" in out
-    assert "restarted: node1: c09; node2: c09" in out and "node2 5.4G" in out
+    assert "restarted: node1: c09; node2: c09" in out and "node2 210 MB" in out
+    assert ("layer store: systemd install 1.11x the compose host's (goal <= 1.3; last start {'node1': 27.0, "
+            "'node2': 30.1}); disk 1.09x the 193 MB of unique layers (goal <= 1.2); the upgrade unpacked 1 layer(s) "
+            "(goal 1)") in out
     assert ("install 1.0.0 on node1, after the playbook's start: 30 image pulls done 9.0-17.0 s; "
             "level 0 (3): 19.5-19.7 s") in out
+
+
+def test_sizes_from_du_and_docker() -> None:
+    from bench.lifecycle import size_bytes
+    assert size_bytes("210000000") == 210_000_000 and size_bytes("193.2MB") == 193_200_000
+    assert size_bytes("1.1GB") == 1_100_000_000 and size_bytes("512kB") == 512_000
+    with pytest.raises(ValueError, match="not a size"):
+        size_bytes("5.4G")
 
 
 def _free_port() -> int:

@@ -67,7 +67,7 @@ def test_systemd_units_are_contained(tmp_path) -> None:  # type: ignore[no-untyp
     for line in hardening_lines({}):
         assert line in unit.splitlines(), line
     assert "CapabilityBoundingSet=" + " ".join("CAP_" + c for c in DEFAULT_CAPS) in unit
-    assert "NoNewPrivileges=yes" in unit and "PrivateDevices=yes" in unit and "ProtectSystem=full" in unit
+    assert "NoNewPrivileges=yes" in unit and "PrivateDevices=yes" in unit and "ProtectSystem=strict" in unit
 
 
 def test_k8s_containers_are_contained() -> None:

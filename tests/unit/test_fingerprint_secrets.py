@@ -31,7 +31,6 @@ from offline_delivery_core.targets.k8s import (FINGERPRINT_ANNOTATION, K8sRuntim
 from offline_delivery_core.app.runtime import ComponentSpec, Observed, desired_specs
 from offline_delivery_core.app.state import AppState, StateError
 from offline_delivery_core.targets.systemd import render_unit
-from offline_delivery_core.targets.rootfs import Rootfs
 from offline_delivery_core.site.status import app_report
 from tests.unit.test_app_engine import HOST, PLATFORM, SECRETS, FakeRuntime, images, model
 
@@ -178,9 +177,8 @@ def compose_text(tmp_path: Path, all_specs: list[ComponentSpec]) -> str:
 
 
 def unit_text(tmp_path: Path, spec: ComponentSpec) -> str:
-    rootfs = Rootfs(path=str(tmp_path / "rootfs"), directory=str(tmp_path), manifest_digest=spec.manifest_digest,
-                    config={"Entrypoint": ["/bin/app"]})
-    return render_unit(spec, rootfs, app="shop", env_file="/var/lib/offline-delivery/apps/shop/env/x.env",
+    return render_unit(spec, {"Entrypoint": ["/bin/app"]}, root=str(tmp_path / "root"),
+                       view=str(tmp_path / "rootfs"), app="shop", env_file="/var/lib/offline-delivery/apps/shop/env/x.env",
                        configs=[], volumes=[])
 
 

@@ -1,8 +1,10 @@
-"""image_rootfs: images from a (tiny, in-process) OCI registry unpacked into root filesystems.
+"""targets/rootfs: images from a (tiny, in-process) OCI registry unpacked into the host's layer store and
+mounted as read-only overlays, as the systemd target's mount units do.
 
 The registry serves manifests and blobs over plain HTTP as Distribution does; tests build layers with
-tarfile, including whiteouts, opaque directories, hardlinks, merged-usr symlinks and hostile members.
-Ownership checks need root (the product unpacks as root); they are skipped otherwise."""
+tarfile, including whiteouts, opaque directories, hardlinks, merged-usr symlinks and hostile members. The
+merged view is checked through a real overlayfs mount: whiteouts (0/0 devices), trusted xattrs and mounts need
+root, as the product does on a host (the test command runs as root)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ import os
 import shutil
 import stat
 import tarfile
+import subprocess
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from offline_delivery_core.targets.rootfs import (ImageError, ensure_rootfs, load_rootfs, read_in_root,
-                                                resolve_in_root, unpack_layer)
+from offline_delivery_core.targets.rootfs import (ImageError, LayerStore, Rootfs, ensure_rootfs, load_rootfs,
+                                                  make_mount_points, overlay_options, read_in_root, resolve_in_root,
+                                                  unpack_layer)
 from offline_delivery_core.clients.registry import RegistryClient, RegistryError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -31,6 +36,7 @@ TAR = "application/vnd.oci.image.layer.v1.tar"
 TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 ROOT = os.geteuid() == 0
+pytestmark = pytest.mark.skipif(not ROOT, reason="whiteouts, trusted xattrs and overlay mounts need root")
 Entry = Tuple[str, str, object]   # (type, name, data): file bytes / link target / dir mode
 
 
@@ -136,10 +142,24 @@ def registry() -> Iterator[Tuple[Registry, str]]:
         server.server_close()
 
 
-def unpack(registry: Tuple[Registry, str], images: Path, manifest: str):
-    reg, address = registry
+def unpack(registry: Tuple[Registry, str], apps: Path, manifest: str) -> Rootfs:
+    _reg, address = registry
     with RegistryClient(address, timeout=10) as client:
-        return ensure_rootfs(client, "shop/app", manifest, str(images))
+        return ensure_rootfs(client, "shop/app", manifest, str(apps / "shop" / "images"), LayerStore(str(apps)))
+
+
+@contextmanager
+def mounted(lowerdirs: List[str], at: Path) -> Iterator[Path]:
+    """Directories as a read-only overlay, as the systemd target's mount units mount a root (an empty bottom
+    layer: overlayfs wants two lower directories)."""
+    (at / "root").mkdir(parents=True)
+    (at / "empty").mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", overlay_options([*lowerdirs, str(at / "empty")]),
+                    str(at / "root")], check=True)
+    try:
+        yield at / "root"
+    finally:
+        subprocess.run(["umount", str(at / "root")], check=True)
 
 
 BASE = layer(
@@ -147,7 +167,7 @@ BASE = layer(
     ("symlink", "lib", "usr/lib"), ("symlink", "bin", "/usr/bin"),
     ("exec", "usr/bin/app", b"#!/bin/sh\n"), ("suid", "usr/bin/su", b"su"),
     ("hardlink", "usr/bin/app2", "usr/bin/app"),
-    ("dir", "etc", 0o755), ("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\napp:x:101:102::/:/bin/false\n"),
+    ("dir", "etc", 0o751), ("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\napp:x:101:102::/:/bin/false\n"),
     ("symlink", "etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf"),
     ("dir", "var", 0o755), ("dir", "var/cache", 0o755), ("file", "var/cache/a", b"a"), ("file", "var/cache/b", b"b"),
     ("dir", "data", 0o700), ("file", "data/old", b"old"), ("dir", "data/sub", 0o755),
@@ -155,71 +175,112 @@ BASE = layer(
 )
 TOP = layer(
     ("file", "var/cache/.wh.a", b""),                  # delete a lower file
-    ("dir", "data", 0o700), ("file", "data/.wh..wh..opq", b""), ("file", "data/new", b"new"),  # opaque dir
-    ("file", "lib/libx.so", b"elf"),                  # through the merged-usr symlink
-    ("file", "bin/tool", b"tool"),                    # through an absolute symlink: inside the root
+    ("dir", "data", 0o700), ("file", "data/.wh.old", b""), ("file", "data/.wh..wh..opq", b""),
+    ("file", "data/new", b"new"),                     # opaque dir (its redundant whiteout dropped)
+    ("file", "usr/lib/libx.so", b"elf"),              # a file beside a lower layer's
     ("file", ".wh.run-fifo", b""),
 )
+CONFIG = {"Entrypoint": ["/usr/bin/app"], "Cmd": ["--serve"], "Env": ["PATH=/usr/bin"], "WorkingDir": "/data",
+          "User": "app", "StopSignal": "SIGQUIT"}
 
 
-def test_layers_applied_in_order_with_whiteouts_links_and_modes(registry, tmp_path):
+def test_layers_stored_once_and_mounted_read_only_with_whiteouts_links_and_modes(registry, tmp_path):
     reg, _ = registry
-    manifest = reg.image([(BASE, TAR), (gzip.compress(TOP), TAR_GZIP)],
-                         config={"Entrypoint": ["/usr/bin/app"], "Cmd": ["--serve"], "Env": ["PATH=/usr/bin"],
-                                 "WorkingDir": "/data", "User": "app", "StopSignal": "SIGQUIT"})
-    rootfs = unpack(registry, tmp_path / "images", manifest)
-    root = Path(rootfs.path)
-    assert rootfs.created and root == tmp_path / "images" / manifest.split(":")[1] / "rootfs"
-    assert not (root / "var/cache/a").exists() and (root / "var/cache/b").read_bytes() == b"b"
-    assert sorted(os.listdir(root / "data")) == ["new"]           # opaque: lower entries gone, own kept
-    assert (root / "usr/lib/libx.so").read_bytes() == b"elf" and os.readlink(root / "lib") == "usr/lib"
-    assert (root / "usr/bin/tool").read_bytes() == b"tool" and os.readlink(root / "bin") == "/usr/bin"
-    assert os.stat(root / "usr/bin/app").st_ino == os.stat(root / "usr/bin/app2").st_ino
-    assert stat.S_IMODE(os.stat(root / "usr/bin/su").st_mode) == 0o4755
-    assert stat.S_IMODE(os.stat(root / "data").st_mode) == 0o700
-    assert os.stat(root / "usr/bin/app").st_mtime == 1_700_000_000
-    assert not (root / "run-fifo").exists() and not (root / "dev-null").exists()
+    manifest = reg.image([(BASE, TAR), (gzip.compress(TOP), TAR_GZIP)], config=CONFIG)
+    rootfs = unpack(registry, tmp_path, manifest)
+    image = tmp_path / "shop/images" / manifest.split(":")[1]
+    assert rootfs.created and rootfs.directory == str(image)
+    assert rootfs.lowerdirs == [str(tmp_path / ".layers" / sha(TOP)[7:]), str(tmp_path / ".layers" / sha(BASE)[7:])]
+    top = tmp_path / ".layers" / sha(TOP)[7:]
+    assert os.getxattr(top / "data", "trusted.overlay.opaque") == b"y"
+    assert os.stat(top / "var/cache/a", follow_symlinks=False).st_rdev == 0 and not (top / "data/old").exists()
+    with mounted(rootfs.lowerdirs, tmp_path / "view") as root:
+        assert not (root / "var/cache/a").exists() and (root / "var/cache/b").read_bytes() == b"b"
+        assert sorted(os.listdir(root / "data")) == ["new"]           # opaque: lower entries gone, own kept
+        assert (root / "usr/lib/libx.so").read_bytes() == b"elf" and os.readlink(root / "lib") == "usr/lib"
+        assert os.readlink(root / "bin") == "/usr/bin"
+        assert os.stat(root / "usr/bin/app").st_ino == os.stat(root / "usr/bin/app2").st_ino
+        assert stat.S_IMODE(os.stat(root / "usr/bin/su").st_mode) == 0o4755
+        assert stat.S_IMODE(os.stat(root / "data").st_mode) == 0o700
+        assert os.stat(root / "usr/bin/app").st_mtime == 1_700_000_000
+        assert not (root / "run-fifo").exists() and not (root / "dev-null").exists()
+        assert read_in_root(str(root), "/etc/passwd").startswith(b"root:")
+        with pytest.raises(OSError, match="Read-only file system"):
+            (root / "var/cache/b").write_text("changed")
     assert any("dev-null" in note and "skipped" in note for note in rootfs.notes)
-    # mount points of the unit: regular files (the resolv.conf symlink replaced), API dirs
-    for name in ("etc/hosts", "etc/resolv.conf"):
-        assert (root / name).is_file() and not (root / name).is_symlink()
-    for name in ("proc", "sys", "dev", "run", "tmp"):
-        assert (root / name).is_dir()
-    assert stat.S_IMODE(os.stat(root / "tmp").st_mode) == 0o1777
-    meta = json.loads((root.parent / "image.json").read_text())
-    assert meta["config"] == {"Entrypoint": ["/usr/bin/app"], "Cmd": ["--serve"], "Env": ["PATH=/usr/bin"],
-                              "WorkingDir": "/data", "User": "app", "StopSignal": "SIGQUIT"}
-    assert read_in_root(str(root), "/etc/passwd").startswith(b"root:")
-    # content-addressed: a second call finds the tree and fetches nothing
+    meta = json.loads((image / "image.json").read_text())
+    assert meta["config"] == CONFIG and meta["layers"] == [sha(BASE), sha(TOP)]
+    # content-addressed: a second call finds the image and fetches nothing
     reg.requests.clear()
-    again = unpack(registry, tmp_path / "images", manifest)
-    assert not again.created and again.path == rootfs.path and reg.requests == []
-    assert os.listdir(tmp_path / "images") == [manifest.split(":")[1]]
+    again = unpack(registry, tmp_path, manifest)
+    assert not again.created and again.lowerdirs == rootfs.lowerdirs and reg.requests == []
 
 
-@pytest.mark.skipif(not ROOT, reason="ownership needs root (the product unpacks as root)")
+def test_a_component_root_gets_the_mount_points_the_image_lacks(registry, tmp_path):
+    """The component's top layer: API mount points, regular files for the bind-mounted /etc/hosts and
+    /etc/resolv.conf (the image's resolv.conf symlink hidden), and the volume and config paths the image lacks,
+    resolved as the service sees them (/lib -> usr/lib), their directories with the image's owners and modes."""
+    reg, _ = registry
+    rootfs = unpack(registry, tmp_path, reg.image([(BASE, TAR), (TOP, TAR)]))
+    mounts = tmp_path / "mounts"
+    with mounted(rootfs.lowerdirs, tmp_path / "view") as view:
+        entries = make_mount_points(str(mounts), str(view), dirs=["/var/cache", "/lib/new/vol", "/opt/x"],
+                                    files=["/etc/passwd", "/etc/app/app.conf"])
+    assert "d /usr/lib 755 0 0" in entries and "d /usr/lib/new/vol 755 0 0" in entries    # through lib -> usr/lib
+    assert "f /etc/app/app.conf" in entries and "f /etc/hosts" in entries and "d /opt/x 755 0 0" in entries
+    assert not (mounts / "var/cache").exists() and not (mounts / "etc/passwd").exists()   # the image has them
+    with mounted([str(mounts), *rootfs.lowerdirs], tmp_path / "component") as root:
+        for name in ("etc/hosts", "etc/resolv.conf", "etc/app/app.conf"):
+            assert (root / name).is_file() and not (root / name).is_symlink()
+        for name in ("proc", "sys", "dev", "run", "tmp", "usr/lib/new/vol", "opt/x"):
+            assert (root / name).is_dir()
+        assert stat.S_IMODE(os.stat(root / "tmp").st_mode) == 0o1777
+        assert stat.S_IMODE(os.stat(root / "etc").st_mode) == 0o751        # the image's etc, as it was
+        assert (root / "usr/lib/libx.so").read_bytes() == b"elf" and (root / "etc/passwd").read_bytes()
+        assert sorted(os.listdir(root / "data")) == ["new"]
+
+
+def test_an_image_sharing_layers_fetches_and_unpacks_only_its_own(registry, tmp_path):
+    reg, _ = registry
+    first = reg.image([(BASE, TAR), (TOP, TAR)])
+    unpack(registry, tmp_path, first)
+    other = layer(("file", "usr/bin/other", b"other"))
+    second = reg.image([(BASE, TAR), (TOP, TAR), (other, TAR)])
+    reg.requests.clear()
+    rootfs = unpack(registry, tmp_path, second)
+    blobs = [r for r in reg.requests if "/blobs/" in r]
+    assert len(blobs) == 2 and blobs[-1].endswith(sha(other))    # the config, then the one new layer
+    assert sorted(os.listdir(tmp_path / ".layers")) == sorted([".lock", sha(BASE)[7:], sha(TOP)[7:], sha(other)[7:]])
+    with mounted(rootfs.lowerdirs, tmp_path / "view") as root:
+        assert (root / "usr/bin/other").read_bytes() == b"other" and (root / "usr/bin/app").exists()
+
+
 def test_ownership_kept(registry, tmp_path):
     reg, _ = registry
     manifest = reg.image([(layer(("dir", "srv", 0o750), ("file", "srv/x", b"x"), ("symlink", "srv/l", "x"),
                                  uid=4321), TAR)])
-    root = Path(unpack(registry, tmp_path / "images", manifest).path)
-    for name in ("srv", "srv/x", "srv/l"):
-        st = os.lstat(root / name)
-        assert (st.st_uid, st.st_gid) == (4321, 4321), name
+    with mounted(unpack(registry, tmp_path, manifest).lowerdirs, tmp_path / "view") as root:
+        for name in ("srv", "srv/x", "srv/l"):
+            st = os.lstat(root / name)
+            assert (st.st_uid, st.st_gid) == (4321, 4321), name
 
 
 @pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd command not installed")
 def test_zstd_layer(registry, tmp_path):
-    import subprocess
     reg, _ = registry
     plain = layer(("file", "hello", b"zstd"))
     packed = subprocess.run(["zstd", "-q", "-c"], input=plain, capture_output=True, check=True).stdout
     manifest = reg.image([(packed, TAR_ZSTD)], diff_ids=[sha(plain)])
-    assert (Path(unpack(registry, tmp_path / "images", manifest).path) / "hello").read_bytes() == b"zstd"
+    with mounted(unpack(registry, tmp_path, manifest).lowerdirs, tmp_path / "view") as root:
+        assert (root / "hello").read_bytes() == b"zstd"
 
 
-def _no_leftovers(images: Path) -> None:
+def _no_leftovers(apps: Path) -> None:
+    """No image directory, and no partial layer or blob in the store (complete, verified layers may stay)."""
+    images = apps / "shop/images"
     assert not images.exists() or os.listdir(images) == [], os.listdir(images)
+    store = apps / ".layers"
+    assert not store.exists() or not [n for n in os.listdir(store) if n.startswith(".partial")]
 
 
 def test_layer_digest_mismatch_refused_and_nothing_left(registry, tmp_path):
@@ -228,9 +289,10 @@ def test_layer_digest_mismatch_refused_and_nothing_left(registry, tmp_path):
     manifest = reg.image([(BASE, TAR), (bad, TAR)])
     reg.tamper[sha(bad)] = layer(("file", "x", b"2"))       # same size, other bytes
     with pytest.raises(ImageError, match=r"do not match the\s+digest"):
-        unpack(registry, tmp_path / "images", manifest)
-    _no_leftovers(tmp_path / "images")
-    assert load_rootfs(str(tmp_path / "images"), manifest) is None
+        unpack(registry, tmp_path, manifest)
+    _no_leftovers(tmp_path)
+    assert not (tmp_path / ".layers" / sha(bad)[7:]).exists()
+    assert load_rootfs(str(tmp_path / "shop/images"), LayerStore(str(tmp_path)), manifest) is None
 
 
 def test_manifest_digest_mismatch_refused(registry, tmp_path):
@@ -238,8 +300,8 @@ def test_manifest_digest_mismatch_refused(registry, tmp_path):
     manifest = reg.image([(BASE, TAR)])
     reg.tamper[manifest] = reg.blobs[manifest] + b" "
     with pytest.raises(RegistryError, match="do not match the digest"):
-        unpack(registry, tmp_path / "images", manifest)
-    _no_leftovers(tmp_path / "images")
+        unpack(registry, tmp_path, manifest)
+    _no_leftovers(tmp_path)
 
 
 def test_diff_id_mismatch_refused(registry, tmp_path):
@@ -247,64 +309,88 @@ def test_diff_id_mismatch_refused(registry, tmp_path):
     top = layer(("file", "x", b"1"))
     manifest = reg.image([(gzip.compress(top), TAR_GZIP)], diff_ids=[sha(b"other")])
     with pytest.raises(ImageError, match="the image config says"):
-        unpack(registry, tmp_path / "images", manifest)
-    _no_leftovers(tmp_path / "images")
+        unpack(registry, tmp_path, manifest)
+    _no_leftovers(tmp_path)
+    assert os.listdir(tmp_path / ".layers") == [".lock"]
 
 
 def test_missing_image_names_it(registry, tmp_path):
     with pytest.raises(RegistryError, match="not published in the site registry"):
-        unpack(registry, tmp_path / "images", "sha256:" + "0" * 64)
+        unpack(registry, tmp_path, "sha256:" + "0" * 64)
 
 
 @pytest.mark.parametrize("entries, fragment", [
     ([("file", "../evil", b"x")], "escapes the root"),
     ([("dir", "a", 0o755), ("file", "a/../../evil", b"x")], "escapes the root"),
     ([("hardlink", "h", "../../etc/passwd")], "escapes the root"),
-    ([("hardlink", "h", "missing")], "the target is not in the image"),
-    ([("file", "f", b"x"), ("file", "f/g", b"y")], "is not a directory in the image"),
+    ([("hardlink", "h", "missing")], "not an earlier file of the layer"),
+    ([("dir", "d", 0o755), ("hardlink", "h", "d")], "not an earlier file of the layer"),
+    ([("file", "f", b"x"), ("file", "f/g", b"y")], "is not a directory in the layer"),
+    ([("symlink", "abs", "/etc"), ("file", "abs/passwd", b"x")], "is not a directory in the layer"),
+    ([("symlink", "up", "../../.."), ("file", "up/y", b"x")], "is not a directory in the layer"),
+    ([("symlink", "l", "/"), ("hardlink", "h", "l/etc/passwd")], "is not a directory in the layer"),
 ])
 def test_escaping_members_refused(registry, tmp_path, entries, fragment):
     reg, _ = registry
     manifest = reg.image([(layer(*entries), TAR)])
     with pytest.raises(ImageError, match=fragment):
-        unpack(registry, tmp_path / "images", manifest)
-    _no_leftovers(tmp_path / "images")
+        unpack(registry, tmp_path, manifest)
+    _no_leftovers(tmp_path)
 
 
-def test_symlinks_never_lead_out_of_the_root(tmp_path):
-    """Absolute and ../ symlinks are resolved inside the root: files land in the root, never on the host."""
+def test_paths_in_the_view_resolve_inside_the_root(tmp_path):
+    """Absolute and ../ symlinks of an image are resolved from its root when the product reads it (users,
+    programs, volume seeds), never on the host; a loop is refused."""
     root = tmp_path / "root"
-    root.mkdir()
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    hostile = layer(("symlink", "abs", str(outside)), ("symlink", "up", "../../../.."),
-                    ("file", "abs/x", b"1"), ("file", "up/y", b"2"), ("hardlink", "h", "abs/x"))
-    unpack_layer(io.BytesIO(hostile), str(root), [])
-    assert os.listdir(outside) == []
-    assert (root / str(outside).lstrip("/") / "x").read_bytes() == b"1"
-    assert (root / "y").read_bytes() == b"2"
-    assert os.stat(root / "h").st_ino == os.stat(root / str(outside).lstrip("/") / "x").st_ino
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/tool").write_bytes(b"tool")
+    (root / "bin").symlink_to("/usr/bin")
+    (root / "up").symlink_to("../../../..")
+    (root / "a").symlink_to("b")
+    (root / "b").symlink_to("a")
+    assert resolve_in_root(str(root), "bin") == str(root / "usr/bin")
     assert resolve_in_root(str(root), "up") == str(root)
-
-
-def test_symlink_loop_refused(tmp_path):
-    root = tmp_path / "root"
-    root.mkdir()
+    assert read_in_root(str(root), "/bin/tool") == b"tool"
     with pytest.raises(ImageError, match="too many symlinks"):
-        unpack_layer(io.BytesIO(layer(("symlink", "a", "b"), ("symlink", "b", "a"), ("file", "a/x", b""))),
-                     str(root), [])
+        resolve_in_root(str(root), "a/x")
 
 
 def test_whiteout_of_a_directory_and_replacing_types(tmp_path):
-    root = tmp_path / "root"
-    root.mkdir()
+    store = tmp_path / "store"
+    lower, upper = store / "lower", store / "upper"
+    for directory in (lower, upper):
+        directory.mkdir(parents=True)
     notes: List[str] = []
     unpack_layer(io.BytesIO(layer(("dir", "d", 0o755), ("file", "d/f", b"x"), ("file", "t", b"file"),
-                                  ("dir", "u", 0o755), ("file", "u/f", b"x"))), str(root), notes)
+                                  ("dir", "u", 0o755), ("file", "u/f", b"x"))), str(lower), notes)
     unpack_layer(io.BytesIO(layer(("file", ".wh.d", b""), ("symlink", "t", "d"), ("file", "u", b"now a file"))),
-                 str(root), notes)
-    assert not (root / "d").exists() and os.readlink(root / "t") == "d"
-    assert (root / "u").read_bytes() == b"now a file"
+                 str(upper), notes)
+    with mounted([str(upper), str(lower)], tmp_path / "view") as root:
+        assert not (root / "d").exists() and os.readlink(root / "t") == "d"
+        assert (root / "u").read_bytes() == b"now a file"
+
+
+def test_store_on_overlayfs_refused_with_the_reason(registry, tmp_path):
+    """A store where whiteouts cannot be made (overlayfs itself, as a container's root is) is refused."""
+    reg, _ = registry
+    for name in ("lower", "upper", "work", "apps"):
+        (tmp_path / name).mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
+                    f"workdir={tmp_path}/work", str(tmp_path / "apps")], check=True)
+    try:
+        with pytest.raises(ImageError, match="cannot hold overlayfs whiteouts.*ext4, xfs or btrfs"):
+            unpack(registry, tmp_path / "apps", reg.image([(BASE, TAR)]))
+    finally:
+        subprocess.run(["umount", str(tmp_path / "apps")], check=True)
+
+
+def test_prune_keeps_what_is_used_and_partials_of_live_runs(tmp_path):
+    store = LayerStore(str(tmp_path))
+    for name in ("a" * 64, "b" * 64, f".partial-{'c' * 64}-999999999", f".partial-{'d' * 64}-{os.getppid()}"):
+        os.makedirs(os.path.join(store.root, name))
+    removed = store.prune({"sha256:" + "a" * 64})
+    assert sorted(os.listdir(store.root)) == [f".partial-{'d' * 64}-{os.getppid()}", "a" * 64]
+    assert len(removed) == 2
 
 
 def test_copy_blob_refuses_a_short_body(registry):
@@ -332,5 +418,5 @@ def test_unsupported_layer_media_type_refused(registry, tmp_path):
     reg, _ = registry
     manifest = reg.image([(layer(("file", "x", b"1")), "application/vnd.oci.image.layer.nondistributable.v1.tar")])
     with pytest.raises(ImageError, match="unsupported layer media type"):
-        unpack(registry, tmp_path / "images", manifest)
-    _no_leftovers(tmp_path / "images")
+        unpack(registry, tmp_path, manifest)
+    _no_leftovers(tmp_path)

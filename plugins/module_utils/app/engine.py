@@ -257,9 +257,22 @@ class Engine:
                                     "from": (before or {}).get("version"), "to": version,
                                     "plan": plan.as_dict(), "snapshot": snapshot_sizes or None, **self.patch})
         saved = self.state.save()
-        return self._result(changed=plan.has_changes or saved, action=action, version=version, before=before,
-                            plan=plan, specs=specs, model_diff=model_diff, health=health,
+        pruned = self._prune()
+        return self._result(changed=plan.has_changes or saved or bool(pruned), action=action, version=version,
+                            before=before, plan=plan, specs=specs, model_diff=model_diff, health=health,
                             snapshot=snapshot_sizes or None, modules=on)
+
+    def _prune(self) -> List[str]:
+        """What the host keeps for releases the state no longer keeps goes (unpacked images, layers). A
+        failure is reported, not raised: the deploy itself succeeded."""
+        try:
+            pruned = self.runtime.prune(self.state.kept_images())
+        except DeployError as exc:
+            self.log("could not remove what no kept release uses: %s" % exc)
+            return []
+        if pruned:
+            self.log("removed what no kept release uses: %s" % ", ".join(pruned))
+        return pruned
 
     def _snapshot(self, version: str, specs: Sequence[ComponentSpec]) -> Dict[str, int]:
         """Snapshot the volumes of the components about to change, while they are stopped."""

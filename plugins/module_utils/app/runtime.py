@@ -24,7 +24,7 @@ import json
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..common.oci import site_reference
 from .model import ModelError, component_kind, effective_env, render_config, start_order
@@ -256,6 +256,11 @@ class Runtime(abc.ABC):
             state, detail = self.job_state(spec)
             return state == JOB_SUCCEEDED, detail
         return self.probe(spec)
+
+    def prune(self, keep: Set[str]) -> List[str]:
+        """After a deploy: remove what the host keeps for releases it no longer keeps (``keep``: the image
+        manifest digests of the kept releases); returns what was removed. The default keeps everything."""
+        return []
 
     @abc.abstractmethod
     def volume_dirs(self, spec: ComponentSpec) -> Dict[str, str]:

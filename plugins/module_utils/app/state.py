@@ -24,7 +24,7 @@ import tarfile
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set
 
 from ..common.files import ensure_private_dir, write_private
 from ..common.locks import flock_within
@@ -155,6 +155,12 @@ class AppState:
 
     def kept_versions(self) -> List[str]:
         return sorted(self.data["releases"])
+
+    def kept_images(self) -> Set[str]:
+        """The image manifest digests (every platform) of the releases this host keeps for rollback."""
+        return {digest for release in self.data["releases"].values()
+                for image in (release.get("images") or {}).values()
+                for digest in (image.get("manifests") or {}).values()}
 
     # -- writing -----------------------------------------------------------------------------------
 

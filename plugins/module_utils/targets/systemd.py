@@ -4,8 +4,11 @@
 
 No container runtime on the host. Per component ``<c>`` of app ``<a>``:
 
-- root filesystem ``<apps_dir>/<a>/images/<manifest hex>/rootfs`` (image_rootfs.py, shared by releases);
-- unit ``/etc/systemd/system/od-<a>-<c>.service`` with ``RootDirectory=``, ``MountAPIVFS=yes``,
+- root filesystem ``<apps_dir>/<a>/roots/<c>/root``: a read-only overlay of the component's mount points
+  layer (``roots/<c>/mounts``) over its image's layers from the host's layer store (targets/rootfs.py),
+  mounted by a mount unit; nothing a component writes outside its volumes, /tmp and /run outlives its run;
+- unit ``/etc/systemd/system/od-<a>-<c>.service`` with ``RootDirectory=`` that root (which makes systemd mount
+  it first), ``MountAPIVFS=yes``,
   ``PrivateTmp=yes`` (a fresh /tmp per start, as a container has), the host's /etc/hosts and
   /etc/resolv.conf bind-mounted read-only, each config file rendered to ``<apps_dir>/<a>/config/<c>/<path>``
   and bind-mounted read-only, each volume ``<apps_dir>/<a>/volumes/<volume>`` bind-mounted read-write
@@ -23,21 +26,25 @@ Standard library only.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
 import signal
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..app.model import capabilities_of, parse_memory
 from ..app.runtime import (JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, LOCAL_ADDRESS, ComponentSpec, DeployError,
                            Observed, Runtime, http_probe, tcp_probe)
 from ..clients.registry import RegistryClient, RegistryError
-from ..common.files import remove, write_atomic
+from ..common.files import file_bytes, remove, write_atomic
 from ..common.names import CONTROL_RE
 from ..common.oci import OciError, split_reference
-from .rootfs import ImageError, Rootfs, ensure_rootfs, load_rootfs, read_in_root, resolve_in_root
+from .rootfs import (ImageError, LayerStore, Rootfs, ensure_rootfs, image_layers, load_rootfs, make_mount_points,
+                     overlay_options, read_in_root, resolve_in_root)
 
 UNIT_DIR = "/etc/systemd/system"
 UNIT_PREFIX = "od-"
@@ -47,6 +54,12 @@ APP_MARK = MARK + " app: "
 COMPONENT_MARK = MARK + " component: "
 INSTANCES_MARK = MARK + " instances: "
 KIND_MARK = MARK + " kind: "
+IMAGE_MARK = MARK + " image: "
+ROOTS = "roots"                 # <app_dir>/roots/<component>/{mounts,root,mounts.json}
+FORMAT_MARK = MARK + " unit format: "
+# 2: the root is a read-only overlay (roots/<c>/root). A unit of an older format is restarted by the next deploy
+# (observe reports no fingerprint for it), so no component keeps running from a writable root.
+UNIT_FORMAT = "2"
 SYSTEMCTL_TIMEOUT = 120         # a restart waits for the old process to stop (TimeoutStopSec below)
 STOP_TIMEOUT = 30
 START_SETTLE = 2.0              # seconds to see a unit that dies at once (bad ExecStart, missing binary)
@@ -68,16 +81,19 @@ class SystemdRuntime(Runtime):
 
     def __init__(self, app: str, *, apps_dir: str, state_dir: str,
                  run: Callable[[List[str]], Tuple[int, str, str]], registry: Optional[str] = None,
-                 unit_dir: str = UNIT_DIR, zstd: str = "zstd", registry_timeout: float = 120.0,
+                 registry_ca: Optional[str] = None, unit_dir: str = UNIT_DIR, zstd: str = "zstd",
+                 registry_timeout: float = 120.0,
                  log: Callable[[str], None] = lambda _msg: None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run)
         self.registry = registry
+        self.registry_ca = registry_ca  # the site CA (TLS): HTTPS verified against it; None: plain HTTP
         self.unit_dir = unit_dir
         self.zstd = zstd
         self.registry_timeout = registry_timeout
         self.log = log
         self.sleep = sleep
+        self.store = LayerStore(apps_dir)
 
     # -- layout ---------------------------------------------------------------------------------------
 
@@ -105,6 +121,10 @@ class SystemdRuntime(Runtime):
         """The units of the component as its unit file on this host says (empty when there is none)."""
         path = self._app_units().get(component)
         return file_units(path) if path else []
+
+    def root_dir(self, component: str) -> str:
+        """``roots/<c>``: the component's mount points layer, the mount point of its root, what they hold."""
+        return os.path.join(self.app_dir, ROOTS, component)
 
     def env_path(self, component: str) -> str:
         return os.path.join(self.state_dir, "apps", self.app, "env", f"{component}.env")
@@ -138,7 +158,8 @@ class SystemdRuntime(Runtime):
                     detail += "; the unit file changed since systemd loaded it"
                 details.append(detail)
                 started.append(iso_time(props.get("ActiveEnterTimestamp", "")))
-            found[component] = Observed(fingerprint=marks.get("fingerprint"), running=running,
+            current = marks.get("unit format") == UNIT_FORMAT
+            found[component] = Observed(fingerprint=marks.get("fingerprint") if current else None, running=running,
                                         started_at=min(filter(None, started), default=None),
                                         detail=", ".join(details))
         return found
@@ -205,17 +226,18 @@ class SystemdRuntime(Runtime):
 
     def rootfs(self, spec: ComponentSpec) -> Rootfs:
         """The component's unpacked image (fetched from the site registry the first time)."""
-        existing = load_rootfs(self.images_dir, spec.manifest_digest)
+        existing = load_rootfs(self.images_dir, self.store, spec.manifest_digest)
         if existing is not None:
             return existing
         registry = self.registry or spec.image.split("/", 1)[0]
         try:
             repository = split_reference(spec.reference)[0]
-            with RegistryClient(registry, insecure=True, timeout=self.registry_timeout) as client:
+            with RegistryClient(registry, insecure=not self.registry_ca, ca_file=self.registry_ca,
+                                timeout=self.registry_timeout) as client:
                 os.makedirs(self.app_dir, mode=0o750, exist_ok=True)
                 started = time.monotonic()
-                rootfs = ensure_rootfs(client, repository, spec.manifest_digest, self.images_dir, zstd=self.zstd,
-                                       log=self.log)
+                rootfs = ensure_rootfs(client, repository, spec.manifest_digest, self.images_dir, self.store,
+                                       zstd=self.zstd, log=self.log)
                 self.log(f"component {spec.name}: unpacked {spec.reference} ({spec.platform}) in "
                          f"{time.monotonic() - started:.1f}s")
                 return rootfs
@@ -294,17 +316,81 @@ class SystemdRuntime(Runtime):
 
     def write_component(self, spec: ComponentSpec, *, dep_units: Callable[[str], List[str]],
                         jobs: Set[str]) -> None:
-        """Every file the unit needs: rootfs, config files, volumes, env file, then the unit itself.
-        ``dep_units`` names the units of a dependency, ``jobs`` the components that are jobs."""
+        """Every file the unit needs: config files, volumes, the component's root, env file, then the unit
+        itself. ``dep_units`` names the units of a dependency, ``jobs`` the components that are jobs."""
         rootfs = self.rootfs(spec)
         configs = self._write_configs(spec)
-        volumes = self._ensure_volumes(spec, rootfs)
+        with self._image_view(spec, rootfs) as view:
+            volumes = self._ensure_volumes(spec, view)
+            root = self._mount_root(spec, rootfs, view)
+            after = [u for d in spec.local_deps for u in dep_units(d)]
+            wants = [u for d in spec.local_deps if d not in jobs for u in dep_units(d)]
+            text = render_unit(spec, rootfs.config, root=root, view=view, app=self.app,
+                               env_file=self.env_path(spec.name), configs=configs, volumes=volumes, after=after,
+                               wants=wants)
         self._write_env(spec, rootfs)
-        after = [u for d in spec.local_deps for u in dep_units(d)]
-        wants = [u for d in spec.local_deps if d not in jobs for u in dep_units(d)]
-        text = render_unit(spec, rootfs, app=self.app, env_file=self.env_path(spec.name), configs=configs,
-                           volumes=volumes, after=after, wants=wants)
         write_atomic(self.unit_path(spec.name, spec.replicas), text.encode("utf-8"), 0o644)
+
+    @contextmanager
+    def _image_view(self, spec: ComponentSpec, rootfs: Rootfs) -> Iterator[str]:
+        """The image mounted read-only for a moment, to read it as the service will (users, programs, volume
+        seeds, mount points); an empty bottom layer, because overlayfs wants two lower directories."""
+        os.makedirs(self.app_dir, mode=0o750, exist_ok=True)
+        base = tempfile.mkdtemp(prefix=".view-", dir=self.app_dir)
+        view, empty = os.path.join(base, "root"), os.path.join(base, "empty")
+        os.mkdir(view)
+        os.mkdir(empty)
+        try:
+            rc, out, err = self.run(["mount", "-t", "overlay", "overlay", "-o",
+                                     overlay_options(rootfs.lowerdirs + [empty]), view])
+            if rc != 0:
+                raise DeployError(f"component {spec.name}: mounting image {spec.reference} ({spec.manifest_digest}) "
+                                  f"read-only failed: {err.strip() or out.strip()}; does the kernel have overlayfs?")
+            try:
+                yield view
+            finally:
+                self.run(["umount", "--lazy", view])   # lazy: a busy view is never left mounted below base
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def _mount_root(self, spec: ComponentSpec, rootfs: Rootfs, view: str) -> str:
+        """The component's root, mounted by its mount unit: a read-only overlay of its mount points layer over
+        the image's layers. When the image or the mount points change, the component's units (restarted by
+        this start anyway) stop first, and the mount is made again."""
+        base = self.root_dir(spec.name)
+        root, mounts = os.path.join(base, "root"), os.path.join(base, "mounts")
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        new = mounts + f".new-{os.getpid()}"
+        shutil.rmtree(new, ignore_errors=True)
+        try:
+            entries = make_mount_points(new, view, [v["path"] for v in spec.volumes],
+                                        [f["path"] for f in spec.config_files])
+        except ImageError as exc:
+            shutil.rmtree(new, ignore_errors=True)
+            raise DeployError(f"component {spec.name}: {exc}") from None
+        name = mount_unit_name(unit_path(root, "component root"))
+        text = render_mount_unit(root, [mounts] + rootfs.lowerdirs, app=self.app, component=spec.name,
+                                 image=spec.manifest_digest)
+        meta = json.dumps({"image": spec.manifest_digest, "entries": entries}, indent=1, sort_keys=True)
+        unit_file = os.path.join(self.unit_dir, name)
+        same = (file_bytes(os.path.join(base, "mounts.json")) == meta.encode("utf-8")
+                and file_bytes(unit_file) == text.encode("utf-8") and os.path.isdir(mounts))
+        if same:
+            shutil.rmtree(new)
+        else:
+            running = self.deployed_units(spec.name)
+            if running:
+                self._systemctl(["stop", *running], f"stop component {spec.name} to change its root",
+                                component=spec.name)
+            if os.path.exists(unit_file):
+                self._systemctl(["stop", name], f"unmount the root of component {spec.name}")
+            shutil.rmtree(mounts, ignore_errors=True)
+            os.rename(new, mounts)
+            write_atomic(os.path.join(base, "mounts.json"), meta.encode("utf-8"), 0o644)
+            write_atomic(unit_file, text.encode("utf-8"), 0o644)
+            self._systemctl(["daemon-reload"], "reload the unit files")
+        self._systemctl(["start", name], f"mount the root of component {spec.name}", component=spec.name)
+        return root
 
     def _write_configs(self, spec: ComponentSpec) -> List[Tuple[str, str]]:
         """Rendered config files (host path, path in the root). The directory is root-only: files may hold
@@ -323,17 +409,17 @@ class SystemdRuntime(Runtime):
             mounts.append((host, item["path"]))
         return mounts
 
-    def _ensure_volumes(self, spec: ComponentSpec, rootfs: Rootfs) -> List[Tuple[str, str]]:
+    def _ensure_volumes(self, spec: ComponentSpec, view: str) -> List[Tuple[str, str]]:
         mounts = []
         dirs = self.volume_dirs(spec)
         for volume in spec.volumes:
             host = dirs[volume["name"]]
             if not os.path.isdir(host):
-                self._seed_volume(spec, volume, host, rootfs)
+                self._seed_volume(spec, volume, host, view)
             mounts.append((host, volume["path"]))
         return mounts
 
-    def _seed_volume(self, spec: ComponentSpec, volume: Mapping[str, str], host: str, rootfs: Rootfs) -> None:
+    def _seed_volume(self, spec: ComponentSpec, volume: Mapping[str, str], host: str, view: str) -> None:
         """A fresh volume gets the image's content at its path, owners and modes kept (as Docker does);
         built beside and renamed, so a half-copied volume is never used."""
         parent = os.path.dirname(host)
@@ -341,7 +427,7 @@ class SystemdRuntime(Runtime):
         seed = host + ".seeding"
         shutil.rmtree(seed, ignore_errors=True)
         try:
-            source = resolve_in_root(rootfs.path, volume["path"])
+            source = resolve_in_root(view, volume["path"])
         except ImageError:
             source = ""
         if source:
@@ -387,16 +473,74 @@ class SystemdRuntime(Runtime):
             os.unlink(units[name])
             remove(self.env_path(name))
             shutil.rmtree(self.config_dir(name), ignore_errors=True)
+        self._remove_roots(present)
         if present:
             self._systemctl(["daemon-reload"], "reload the unit files")
             self.run(["systemctl", "reset-failed", *stopped])
+
+    def _remove_roots(self, names: Sequence[str]) -> None:
+        """Unmount the roots of these (stopped) components and delete their mount units and directories."""
+        units = {n: mount_unit_name(os.path.join(self.root_dir(n), "root")) for n in names}
+        mounted = [u for u in units.values() if os.path.exists(os.path.join(self.unit_dir, u))]
+        if mounted:
+            self._systemctl(["stop", *mounted], "unmount " + ", ".join(mounted))
+        for name, unit in units.items():
+            remove(os.path.join(self.unit_dir, unit))
+            shutil.rmtree(self.root_dir(name), ignore_errors=True)
+
+    def prune(self, keep: Set[str]) -> List[str]:
+        """Remove the app's images that no component runs from and no kept release (``keep``: manifest
+        digests) uses, then the layers no image of any app on the host lists."""
+        try:
+            return self._prune(keep)
+        except (ImageError, OSError) as exc:
+            raise DeployError(f"pruning {self.images_dir} and the layer store {self.store.root}: {exc}") from None
+
+    def _prune(self, keep: Set[str]) -> List[str]:
+        legacy_roots = {unit_settings(path).get("RootDirectory", "") for path in self._app_units().values()}
+        running = set()
+        roots = os.path.join(self.app_dir, ROOTS)
+        for name in os.listdir(roots) if os.path.isdir(roots) else []:
+            try:
+                running.add(json.loads(file_bytes(os.path.join(roots, name, "mounts.json")) or b"")["image"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        doomed = []
+        for name in sorted(os.listdir(self.images_dir)) if os.path.isdir(self.images_dir) else []:
+            directory = os.path.join(self.images_dir, name)
+            legacy = os.path.join(directory, "rootfs")    # the one-tree layout before the layer store
+            if os.path.isdir(legacy) and legacy not in legacy_roots:
+                shutil.rmtree(legacy)
+            if f"sha256:{name}" not in keep | running and legacy not in legacy_roots:
+                shutil.rmtree(directory)
+                doomed.append(directory)
+        return doomed + self._prune_layers()
+
+    def _prune_layers(self) -> List[str]:
+        """Layers of the host's store that no image directory of any app lists."""
+        if not os.path.isdir(self.store.root):
+            return []
+        with self.store.locked():
+            used: Set[str] = set()
+            for app in os.listdir(self.apps_dir):
+                images = os.path.join(self.apps_dir, app, "images")
+                for name in os.listdir(images) if not app.startswith(".") and os.path.isdir(images) else []:
+                    used.update(image_layers(os.path.join(images, name)))
+            return self.store.prune(used)
 
     def uninstall(self, *, keep_data: bool) -> List[str]:
         units = self._app_units()
         removed = [os.path.basename(units[n]) for n in sorted(units)]
         self.remove(sorted(units), all_specs=[])
-        for path in (os.path.join(self.app_dir, "config"), self.images_dir,
-                     os.path.join(self.state_dir, "apps", self.app, "env")):
+        roots = os.path.join(self.app_dir, ROOTS)
+        if os.path.isdir(roots):
+            self._remove_roots(sorted(os.listdir(roots)))
+            shutil.rmtree(roots)
+        if os.path.isdir(self.images_dir):
+            shutil.rmtree(self.images_dir)
+            removed.append(self.images_dir)
+        removed += self._prune_layers()
+        for path in (os.path.join(self.app_dir, "config"), os.path.join(self.state_dir, "apps", self.app, "env")):
             if os.path.exists(path):
                 shutil.rmtree(path)
                 removed.append(path)
@@ -503,18 +647,19 @@ class SystemdRuntime(Runtime):
 # Rendering (pure functions)
 
 
-def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
-                configs: Sequence[Tuple[str, str]], volumes: Sequence[Tuple[str, str]],
+def render_unit(spec: ComponentSpec, config: Mapping[str, Any], *, root: str, view: str, app: str,
+                env_file: str, configs: Sequence[Tuple[str, str]], volumes: Sequence[Tuple[str, str]],
                 after: Sequence[str] = (), wants: Sequence[str] = ()) -> str:
-    """The unit file of one component (a template when it runs several instances). ``after`` are the units of
-    its dependencies on this host, ``wants`` those that a start of this unit also starts: not jobs, which run
-    when a deploy says so, not at every boot."""
-    config = rootfs.config
-    argv = exec_argv(spec, config, rootfs.path)
+    """The unit file of one component (a template when it runs several instances): ``config`` is the image's,
+    ``root`` the component's root (``RootDirectory=``), ``view`` the image as it can be read now. ``after`` are
+    the units of its dependencies on this host, ``wants`` those that a start of this unit also starts: not jobs,
+    which run when a deploy says so, not at every boot."""
+    argv = exec_argv(spec, config, view)
     lines = [
         f"{FINGERPRINT_MARK}{spec.fingerprint}",
         f"{APP_MARK}{app}",
         f"{COMPONENT_MARK}{spec.name}",
+        f"{FORMAT_MARK}{UNIT_FORMAT}",
     ]
     if spec.is_job:
         lines.append(f"{KIND_MARK}job")
@@ -531,7 +676,7 @@ def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
         "[Service]",
         # A job runs to its end once per deploy that changes it: a oneshot, not restarted, not started at boot.
         "Type=oneshot" if spec.is_job else "Type=exec",
-        f"RootDirectory={unit_path(rootfs.path, 'root filesystem')}",
+        f"RootDirectory={unit_path(root, 'root filesystem')}",
         "MountAPIVFS=yes",
         "PrivateTmp=yes",
         "BindReadOnlyPaths=/etc/hosts /etc/resolv.conf",
@@ -544,7 +689,7 @@ def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
     workdir = config.get("WorkingDir") or "/"
     lines.append(f"WorkingDirectory={unit_path(workdir, 'image WorkingDir')}")
     lines.append("ExecStart=" + " ".join(quote_arg(a) for a in argv))
-    user = resolve_user(spec.user or config.get("User") or "", rootfs.path)
+    user = resolve_user(spec.user or config.get("User") or "", view)
     if user:
         lines += [f"User={user[0]}", f"Group={user[1]}"]
     lines.append(f"KillSignal={kill_signal(config.get('StopSignal'))}")
@@ -558,17 +703,51 @@ def render_unit(spec: ComponentSpec, rootfs: Rootfs, *, app: str, env_file: str,
     return "\n".join(lines + [""])
 
 
+def render_mount_unit(where: str, lowerdirs: Sequence[str], *, app: str, component: str, image: str) -> str:
+    """The mount unit of a component's read-only root: overlayfs over its layers, no upper directory."""
+    for directory in lowerdirs:
+        unit_path(directory, "image layer")
+    return "\n".join([
+        f"{APP_MARK}{app}",
+        f"# offline-delivery root of: {component}",
+        f"{IMAGE_MARK}{image}",
+        "# Written by offline.delivery (systemd target): a component's read-only root, its mount points over its "
+        "image's layers.",
+        "[Unit]",
+        f"Description={app}: read-only root of {component}",
+        "",
+        "[Mount]",
+        "What=overlay",
+        f"Where={unit_path(where, 'component root')}",
+        "Type=overlay",
+        "Options=" + overlay_options(lowerdirs),
+        "",
+    ])
+
+
+def mount_unit_name(path: str) -> str:
+    """systemd's name for the mount unit of ``path`` (``systemd-escape --path --suffix=mount``)."""
+    parts = []
+    for part in [p for p in path.split("/") if p]:
+        parts.append("".join(ch if (ch.isascii() and ch.isalnum()) or ch in ":_." else "\\x%02x" % ord(ch)
+                             for ch in part))
+    name = "-".join(parts) or "-"
+    if name.startswith("."):
+        name = "\\x2e" + name[1:]
+    return name + ".mount"
+
+
 def hardening_lines(security: Mapping[str, Any]) -> List[str]:
     """What contains a component beyond its root directory (docs/systemd-target.md, "Containment"): the model's
     capabilities only, no new privileges (unless the model allows escalation), no devices but the basic ones,
-    kernel, cgroups, clock and hostname protected, /usr /boot /etc read-only inside the root, setuid/setgid
+    kernel, cgroups, clock and hostname protected, the whole root read-only (it is a read-only overlay too), setuid/setgid
     files refused, namespaces and realtime refused, the native system-call set of a service. systemd-analyze
     security rates the shop's units 'OK' (docs/reliability.md)."""
     return [
         "CapabilityBoundingSet=" + " ".join("CAP_" + c for c in capabilities_of(security)),
         f"NoNewPrivileges={'no' if security.get('privilege_escalation') else 'yes'}",
         "PrivateDevices=yes",
-        "ProtectSystem=full",
+        "ProtectSystem=strict",
         "ProtectHome=yes",
         "ProtectKernelTunables=yes",
         "ProtectKernelModules=yes",
