@@ -717,4 +717,3 @@ def read_in_root(root: str, rel: str, limit: int = 1024 * 1024) -> Optional[byte
         return None
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit)
-
