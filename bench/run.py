@@ -580,6 +580,7 @@ def measure_by_hand(ctx: Context) -> list[Row]:
     refs, ours, ref_size, our_size = [], [], 0, 0
     for i in range(ctx.repeat):
         shutil.rmtree(layout, ignore_errors=True)
+        _ensure_docker_images(ctx)  # the engine is shared: check the images are (still) there before each run
         start = time.perf_counter()
         for ref in ctx.v1_refs():
             run_child(["skopeo", "copy", "-q", f"docker-daemon:{ref}", f"oci:{layout}:{ref}"], timeout=3600)

@@ -55,11 +55,15 @@ COMPRESS_METHODS = ("zstd", "none")
 STORED_AS_IS_TYPES = frozenset({OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP, pkgs.DEB_MEDIA_TYPE,
                                 "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                                 "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
-# Any other blob: its first SAMPLE bytes are compressed at the build's level; it travels compressed when they
-# shrink to at most SHRINK_RATIO (a gzip layer with an unusual media type, a compressed binary do not).
+# Any other blob: a sample of SAMPLE bytes (SAMPLE_SLICES slices spread over the blob when its source can
+# seek, else its start) is compressed at the build's level; the blob travels compressed when the sample
+# shrinks to at most SHRINK_RATIO (a gzip layer with an unusual media type, a compressed binary do not). One
+# slice from the start misjudges a layer whose first file is a binary: measured on the bench's layers, the
+# first 256 KiB said 0.99 where the whole layer gives 0.80; four slices of 64 KiB said 0.44-0.88 (all < 0.95).
 # Blobs under MIN_COMPRESS_SIZE gain nothing: a tar member takes whole 512-byte blocks anyway.
 SAMPLE = 256 * 1024
-SHRINK_RATIO = 0.9
+SAMPLE_SLICES = 4
+SHRINK_RATIO = 0.95
 MIN_COMPRESS_SIZE = 1024
 # A compressed member is spooled before it is written (its tar header holds its size): in memory up to
 # this size, then in a temporary file next to the bundle.
@@ -406,7 +410,15 @@ def _stored(blob: img.Blob, compression: Compression, sampler: zstd.ZstdWriter |
         head = blob.data[:SAMPLE]
     else:
         with blob.open() as src:
-            head = src.read(SAMPLE)
+            if blob.size > SAMPLE and getattr(src, "seekable", lambda: False)():
+                piece = SAMPLE // SAMPLE_SLICES
+                parts = []
+                for i in range(SAMPLE_SLICES):
+                    src.seek(i * (blob.size - piece) // (SAMPLE_SLICES - 1))
+                    parts.append(src.read(piece))
+                head = b"".join(parts)
+            else:
+                head = src.read(SAMPLE)
     packed = io.BytesIO()
     sampler.restart(packed)
     sampler.write(head)
