@@ -27,7 +27,6 @@ Standard library only; zstd layers go through the ``zstd`` command (the systemd_
 
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import json
