@@ -72,7 +72,7 @@ def test_a_debian_host_with_docker_takes_every_target(tmp_path: Path) -> None:
     got = report(make_root(tmp_path, DEBIAN), host)
     assert all(got["targets"][kind]["ok"] for kind in ("compose", "systemd", "k8s")), got
     assert (got["found"]["distro"], got["found"]["package_manager"], got["found"]["zstd"]) == (
-        "debian-12", "apt", "zstd command")
+        "debian-12", "apt", "libzstd 1.5.4")
 
 
 def test_what_is_missing_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@
 The systemd target needs no package of ours: systemd (as the service manager, ``MIN_SYSTEMD`` or newer),
 python3 (``MIN_PYTHON``, standard library only), the util-linux and coreutils commands its units and probes run
 (``SYSTEMD_COMMANDS``), overlayfs in the kernel (root filesystems are assembled from shared layers) and, for
-zstd-compressed layers, the ``zstd`` command or libzstd (``common/zstd.py``). Any distro family with those
+zstd-compressed layers, libzstd (``common/zstd.py``). Any distro family with those
 qualifies. The compose target needs the Docker engine with Compose v2 (``offline.delivery.runtime`` installs
 them on the distros of the site repository). The k8s target runs its module here against the cluster's API:
 python3 only. Standard library only.
@@ -59,10 +59,8 @@ def overlay_support(filesystems: str, modules_dir: str) -> str:
     return ""
 
 
-def zstd_support(which: Callable[[str], Optional[str]]) -> str:
-    """What unpacks zstd-compressed layers here: the ``zstd`` command, libzstd, or "" (nothing)."""
-    if which("zstd"):
-        return "zstd command"
+def zstd_support() -> str:
+    """What unpacks zstd-compressed layers here (targets/rootfs.py reads them through libzstd): its version, or ""."""
     try:
         return "libzstd %s" % libzstd_version()
     except ZstdError:
@@ -113,7 +111,7 @@ def host_report(*, run: Run, which: Callable[[str], Optional[str]] = shutil.whic
         "systemd_booted": os.path.isdir(os.path.join(root, "run/systemd/system")),
         "systemd": systemd_version(run) if which("systemctl") else 0,
         "overlay": overlay_support(read("/proc/filesystems"), os.path.join(root, "lib/modules", kernel)),
-        "zstd": zstd_support(which),
+        "zstd": zstd_support(),
         "commands": {name: which(name) or "" for name in SYSTEMD_COMMANDS},
     }
     python_missing = [] if tuple(python[:2]) >= MIN_PYTHON else [
@@ -133,8 +131,7 @@ def host_report(*, run: Run, which: Callable[[str], Optional[str]] = shutil.whic
         systemd.append("overlayfs in the kernel (not in /proc/filesystems, no overlay module under %s)"
                        % os.path.join("/lib/modules", kernel))
     if not found["zstd"]:
-        systemd.append("zstd for zstd-compressed layers: the zstd command or libzstd.so.1 (package zstd or "
-                       "libzstd / libzstd1)")
+        systemd.append("zstd for zstd-compressed layers: libzstd.so.1 (package libzstd / libzstd1)")
     compose = python_missing + docker_state(run, which)
     missing = {"compose": compose, "systemd": systemd, "k8s": list(python_missing)}
     return {"targets": {kind: {"ok": not missing[kind], "missing": missing[kind]} for kind in TARGETS},

@@ -22,19 +22,20 @@ whose hardlink target is not earlier in the same layer refuses the whole image. 
 a note: the service gets ``/dev`` from systemd (``PrivateDevices=``). The store must be on a file system that
 holds whiteouts and trusted xattrs (ext4, xfs, btrfs; not overlayfs itself): ``LayerStore.check`` says so.
 
-Standard library only; zstd layers go through the ``zstd`` command (the systemd_host role installs it).
+Standard library only; zstd layers are read through libzstd (``common/zstd.py``, ctypes), which every Debian
+host has (apt depends on it), so no command is needed.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import posixpath
 import shutil
 import stat
-import subprocess
 import tarfile
 import zlib
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from ..common.files import write_atomic
 from ..common.locks import flock_within
 from ..common.oci import (DOCKER_LAYER, DOCKER_LAYER_GZIP, INDEX_TYPES, OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OciError,
                           check_descriptor)
+from ..common.zstd import ZstdError, ZstdReader
 
 LAYER_TAR = (OCI_LAYER, DOCKER_LAYER)
 LAYER_GZIP = (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP)
@@ -200,8 +202,7 @@ def image_layers(directory: str) -> List[str]:
 
 
 def ensure_rootfs(client: RegistryClient, repository: str, manifest_digest: str, images_dir: str,
-                  store: LayerStore, *, zstd: str = "zstd",
-                  log: Callable[[str], None] = lambda _msg: None) -> Rootfs:
+                  store: LayerStore, *, log: Callable[[str], None] = lambda _msg: None) -> Rootfs:
     """Image ``manifest_digest`` of ``repository`` ready to mount: the layers the store lacks fetched,
     verified and unpacked, the image directory written. On failure the image directory is as it was (a layer
     that was completed stays in the store, verified, for the next run or the next prune)."""
@@ -214,7 +215,7 @@ def ensure_rootfs(client: RegistryClient, repository: str, manifest_digest: str,
         directory = image_dir(images_dir, manifest_digest)
         fresh = not os.path.exists(directory)
         try:
-            return _build(client, repository, manifest_digest, directory, store, zstd=zstd, log=log)
+            return _build(client, repository, manifest_digest, directory, store, log=log)
         except BaseException:
             if fresh:
                 shutil.rmtree(directory, ignore_errors=True)
@@ -233,7 +234,7 @@ def _hex(digest: str) -> str:
 
 
 def _build(client: RegistryClient, repository: str, manifest_digest: str, directory: str, store: LayerStore, *,
-           zstd: str, log: Callable[[str], None]) -> Rootfs:
+           log: Callable[[str], None]) -> Rootfs:
     where = f"image {repository}@{manifest_digest}"
     manifest = _json_blob(client.get_manifest(repository, manifest_digest)[0], where, "manifest")
     if manifest.get("mediaType") in INDEX_TYPES or "manifests" in manifest:
@@ -254,7 +255,7 @@ def _build(client: RegistryClient, repository: str, manifest_digest: str, direct
         if store.has(diff_id):
             continue
         log(f"{where}: layer {index + 1}/{len(descs)} {desc['digest']} ({desc['size']} bytes)")
-        _add_layer(client, repository, desc, diff_id, store, where, notes, zstd=zstd)
+        _add_layer(client, repository, desc, diff_id, store, where, notes)
         unpacked += 1
     os.makedirs(directory, mode=0o755, exist_ok=True)
     config = {key: (config_doc.get("config") or {}).get(key) for key in CONFIG_KEYS}
@@ -312,7 +313,7 @@ def _fetch_small(client: RegistryClient, repository: str, desc: Dict[str, Any], 
 
 
 def _add_layer(client: RegistryClient, repository: str, desc: Dict[str, Any], diff_id: str, store: LayerStore,
-               where: str, notes: List[str], *, zstd: str) -> None:
+               where: str, notes: List[str]) -> None:
     """Fetch one layer, unpack it beside the store and move it in once its diff_id is proven."""
     media_type = desc["mediaType"]
     what = f"{where}: layer {desc['digest']} ({media_type})"
@@ -327,7 +328,7 @@ def _add_layer(client: RegistryClient, repository: str, desc: Dict[str, Any], di
         with open(blob, "wb") as out:
             client.copy_blob(repository, desc["digest"], out, size=desc["size"])
         os.mkdir(partial, 0o755)
-        with _decompressed(blob, media_type, zstd, what) as stream:
+        with _decompressed(blob, media_type, what) as stream:
             hashing = _HashingReader(stream)
             unpack_layer(hashing, partial, notes, what)
             hashing.drain()
@@ -363,51 +364,36 @@ class _HashingReader:
         return "sha256:" + self.hasher.hexdigest()
 
 
-class _ZstdStream:
-    """``zstd -dc FILE`` as a readable stream; a failure of the command is an error after the last read."""
-
-    def __init__(self, zstd: str, path: str, what: str) -> None:
-        try:
-            self.proc = subprocess.Popen([zstd, "-dcq", "--", path], stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise ImageError(f"{what}: cannot run {zstd} ({exc}); install zstd (the systemd_host role does)") \
-                from None
-        self.what = what
-
-    def read(self, size: int = -1) -> bytes:
-        return self.proc.stdout.read(size)  # type: ignore[union-attr]  # Popen made with stdout=PIPE
-
-    def close(self) -> None:
-        self.proc.stdout.close()  # type: ignore[union-attr]  # stdout and stderr are PIPEs
-        err = self.proc.stderr.read(4096).decode("utf-8", "replace").strip()
-        rc = self.proc.wait(timeout=60)
-        if rc != 0:
-            raise ImageError(f"{self.what}: zstd failed (exit {rc}): {err}")
-
-
 class _decompressed:
     """Context manager: the layer file as an uncompressed tar stream."""
 
-    def __init__(self, path: str, media_type: str, zstd: str, what: str) -> None:
-        self.path, self.media_type, self.zstd, self.what = path, media_type, zstd, what
+    def __init__(self, path: str, media_type: str, what: str) -> None:
+        self.path, self.media_type, self.what = path, media_type, what
+        self.file: Any = None
         self.stream: Any = None
 
     def __enter__(self) -> IO[bytes]:
+        self.file = open(self.path, "rb")
         if self.media_type in LAYER_ZSTD:
-            self.stream = _ZstdStream(self.zstd, self.path, self.what)
+            try:
+                self.stream = io.BufferedReader(ZstdReader(self.file), COPY_BLOCK)
+            except ZstdError as exc:
+                self.file.close()
+                raise ImageError(f"{self.what}: {exc}") from None
         elif self.media_type in LAYER_GZIP:
-            self.stream = gzip.open(self.path, "rb")
+            self.stream = gzip.GzipFile(fileobj=self.file, mode="rb")
         else:
-            self.stream = open(self.path, "rb")
+            self.stream = self.file
         return self.stream
 
     def __exit__(self, exc_type: object, *_rest: object) -> None:
         try:
             self.stream.close()
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, EOFError, zlib.error, ZstdError) as exc:
             if exc_type is None:
                 raise ImageError(f"{self.what}: {exc}") from None
+        finally:
+            self.file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +407,7 @@ def unpack_layer(stream: IO[bytes], root: str, notes: List[str], what: str = "la
         with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 layer.apply(tar, member)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, ZstdError, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise ImageError(f"{what}: unpacking failed: {exc}") from None
         raise ImageError(f"{what}: not a valid tar stream ({exc}); the blob is damaged or not a layer") from None

@@ -75,21 +75,19 @@ _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*\Z")   # what a path in a unit ma
 
 class SystemdRuntime(Runtime):
     """Runs an app's components as systemd services. ``registry`` (host:port) defaults to the one in each
-    spec's ``image``; ``zstd`` is the command unpacking zstd layers."""
+    spec's ``image``."""
 
     kind = "systemd"
 
     def __init__(self, app: str, *, apps_dir: str, state_dir: str,
                  run: Callable[[List[str]], Tuple[int, str, str]], registry: Optional[str] = None,
-                 registry_ca: Optional[str] = None, unit_dir: str = UNIT_DIR, zstd: str = "zstd",
-                 registry_timeout: float = 120.0,
+                 registry_ca: Optional[str] = None, unit_dir: str = UNIT_DIR, registry_timeout: float = 120.0,
                  log: Callable[[str], None] = lambda _msg: None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run)
         self.registry = registry
         self.registry_ca = registry_ca  # the site CA (TLS): HTTPS verified against it; None: plain HTTP
         self.unit_dir = unit_dir
-        self.zstd = zstd
         self.registry_timeout = registry_timeout
         self.log = log
         self.sleep = sleep
@@ -237,7 +235,7 @@ class SystemdRuntime(Runtime):
                 os.makedirs(self.app_dir, mode=0o750, exist_ok=True)
                 started = time.monotonic()
                 rootfs = ensure_rootfs(client, repository, spec.manifest_digest, self.images_dir, self.store,
-                                       zstd=self.zstd, log=self.log)
+                                       log=self.log)
                 self.log(f"component {spec.name}: unpacked {spec.reference} ({spec.platform}) in "
                          f"{time.monotonic() - started:.1f}s")
                 return rootfs
