@@ -138,3 +138,9 @@ def recap(result: Result, host: str = "repo") -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
+def exposure(site: Site, host: str, unit: str) -> tuple[float, str]:
+    """systemd-analyze security's overall exposure of a unit on a host: (level, rating such as "OK")."""
+    res = site.exec(host, f"systemd-analyze security --no-pager {unit} | tail -n 1", timeout=120)
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", res.stdout)
+    assert res.rc == 0 and match, (host, unit, res.output)
+    return float(match.group(1)), match.group(2)
