@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -163,10 +164,7 @@ class Bench:
         script = (f"for c in {' '.join(self.names)}; do echo $c $(systemd-analyze security --no-pager "
                   f"od-{APP}-$c.service | tail -n 1); done")
         res = self.site.exec(host, script, timeout=900)
-        for line in res.stdout.splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[-2].replace(".", "", 1).isdigit():
-                self.exposure[fields[0]] = float(fields[-2])
+        self.exposure = parse_exposure(res.stdout)
         if res.rc != 0 or sorted(self.exposure) != sorted(self.names):
             raise RunFailed(f"{host}: systemd-analyze security of the units failed: {res.output[-2000:]}")
 
@@ -238,6 +236,16 @@ class Bench:
             raise RunFailed(f"the second upgrade changed something (changed= per host): {busy}\n{out[-4000:]}")
         if self.identities() != after:
             raise RunFailed("the second upgrade restarted components")
+
+
+def parse_exposure(stdout: str) -> dict[str, float]:
+    """`<component> <systemd-analyze security's last line>` lines -> component: exposure level."""
+    out = {}
+    for line in stdout.splitlines():
+        match = re.match(r"(\S+) .*Overall exposure level for \S+: ([0-9.]+) ", line)
+        if match:
+            out[match.group(1)] = float(match.group(2))
+    return out
 
 
 def size_bytes(text: str) -> int:

@@ -198,6 +198,13 @@ def test_the_printed_table_has_every_step_and_the_timelines(capsys: pytest.Captu
             "level 0 (3): 19.5-19.7 s") in out
 
 
+def test_exposure_lines() -> None:
+    from bench.lifecycle import parse_exposure
+    out = ("c00 \u2192 Overall exposure level for od-odlc-c00.service: 2.5 OK :-)\n"
+           "c01 \u2192 Overall exposure level for od-odlc-c01.service: 9.6 UNSAFE \U0001f628\nc02\n")
+    assert parse_exposure(out) == {"c00": 2.5, "c01": 9.6}
+
+
 def test_sizes_from_du_and_docker() -> None:
     from bench.lifecycle import size_bytes
     assert size_bytes("210000000") == 210_000_000 and size_bytes("193.2MB") == 193_200_000
