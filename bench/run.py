@@ -497,7 +497,7 @@ def measure_compress(ctx: Context) -> list[Row]:
     refs: list[ChildRun] = []
     builds: list[ChildRun] = []
     summary: dict[str, Any] = {}
-    for i in range(ctx.repeat):
+    for dummy in range(ctx.repeat):
         refs.append(run_child(["zstd", "-3", "-T0", "-q", "-f", str(plain_path), "-o", str(zst)]))
         run, summary = _build(ctx, model, ctx.work / "packed", oci)
         builds.append(run)
@@ -527,7 +527,7 @@ def measure_compress(ctx: Context) -> list[Row]:
 
 def _compressed_verify_import(ctx: Context, packed: Path, zst: Path) -> list[Row]:
     refs, verifies = [], []
-    for i in range(ctx.repeat):
+    for dummy in range(ctx.repeat):
         refs.append(measure.unzstd_files(zst))
         verifies.append(run_child([*ctx.builder, "verify", str(packed), "--pub", str(ctx.pub), "--json"]))
         if not json.loads(verifies[-1].stdout).get("ok"):
@@ -578,7 +578,7 @@ def measure_by_hand(ctx: Context) -> list[Row]:
     model = ctx.gen.app_yml(synth.V1)
     layout, out = ctx.work / "byhand-oci", ctx.work / "byhand.tar.zst"
     refs, ours, ref_size, our_size = [], [], 0, 0
-    for i in range(ctx.repeat):
+    for dummy in range(ctx.repeat):
         shutil.rmtree(layout, ignore_errors=True)
         _ensure_docker_images(ctx)  # the engine is shared: check the images are (still) there before each run
         start = time.perf_counter()
