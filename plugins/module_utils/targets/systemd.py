@@ -352,9 +352,10 @@ class SystemdRuntime(Runtime):
             shutil.rmtree(base, ignore_errors=True)
 
     def _mount_root(self, spec: ComponentSpec, rootfs: Rootfs, view: str) -> str:
-        """The component's root, mounted by its mount unit: a read-only overlay of its mount points layer over
-        the image's layers. When the image or the mount points change, the component's units (restarted by
-        this start anyway) stop first, and the mount is made again."""
+        """The component's root: the mount unit of a read-only overlay of its mount points layer over the
+        image's layers. The start's one daemon-reload loads it and the unit's restart mounts it (RootDirectory=
+        requires it). When the image or the mount points change, the component's units (restarted by this start
+        anyway) and the old mount stop first."""
         base = self.root_dir(spec.name)
         root, mounts = os.path.join(base, "root"), os.path.join(base, "mounts")
         os.makedirs(root, mode=0o755, exist_ok=True)
@@ -386,8 +387,6 @@ class SystemdRuntime(Runtime):
             os.rename(new, mounts)
             write_atomic(os.path.join(base, "mounts.json"), meta.encode("utf-8"), 0o644)
             write_atomic(unit_file, text.encode("utf-8"), 0o644)
-            self._systemctl(["daemon-reload"], "reload the unit files")
-        self._systemctl(["start", name], f"mount the root of component {spec.name}", component=spec.name)
         return root
 
     def _write_configs(self, spec: ComponentSpec) -> List[Tuple[str, str]]:
