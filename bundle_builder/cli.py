@@ -1,4 +1,4 @@
-"""``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, sbom, diff, fleet.
+"""``bundle-builder``: keygen, fingerprint, from-compose, build, inspect, verify, sbom, diff, fleet, jumpkit.
 
 Exit codes: the one contract of both commands (README.md, "Exit codes"), kept by
 ``offline_delivery_common.exits.run_command``: 0 ok; 1 a check failed (bad signature, damaged blob, a refused
@@ -410,6 +410,21 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return EXIT_FAILED if report.refused else EXIT_OK
 
 
+def cmd_jumpkit(args: argparse.Namespace) -> int:
+    from . import jumpkit, signing
+
+    out = Path(args.output)
+    try:
+        manifest = jumpkit.write_kit(out, Path(args.key), args.python, args.arch)
+    except (jumpkit.KitError, signing.SigningError) as exc:
+        raise UsageError(str(exc)) from None
+    for line in jumpkit.summary(manifest, out):
+        _err(line)
+    pub = ed25519.load_public_key_pem((out / jumpkit.PUBLIC_KEY).read_bytes())
+    print(f"on the jump host: python3 {out.name}/{jumpkit.INSTALLER} --pin {trust.fingerprint(pub)}")
+    return EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bundle-builder", description="Build, inspect and verify offline delivery bundles.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -496,6 +511,15 @@ def make_parser() -> argparse.ArgumentParser:
                    "(default: the newest any file names); repeatable")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_fleet)
+
+    s = sub.add_parser("jumpkit", help="write the signed kit a bare Debian jump host installs ansible-core, the "
+                       "collection and offline-delivery from (docs/jump-host.md)")
+    s.add_argument("output", help="new directory to write the kit to")
+    s.add_argument("--python", action="append", default=[], metavar="3.X", help="a jump host Python (Debian 12: "
+                   "3.11, Debian 13: 3.13); repeatable")
+    s.add_argument("--arch", action="append", default=[], choices=["amd64", "arm64"], help="repeatable")
+    s.add_argument("--key", required=True, help="ed25519 private key (PEM, from 'keygen') that signs the kit")
+    s.set_defaults(func=cmd_jumpkit)
     return p
 
 
