@@ -200,6 +200,9 @@ def test_failed_gate_rolls_back_and_names_the_component(tmp_path: Path) -> None:
     assert state.current["version"] == "1.1.0"
     last = state.data["history"][-1]
     assert last["result"] == "failed" and last["component"] == "api" and last["rolled_back_to"] == "1.1.0"
+    # what 1.2.0 unpacked goes with the rollback: the prune after it keeps only the kept releases' images
+    assert rt.calls[-1] == ("prune", sorted(state.kept_images()))
+    assert not any("-1.2.0" in d for d in rt.calls[-1][1]) and any("-1.1.0" in d for d in rt.calls[-1][1])
 
 
 def test_rollback_to_previous_keeps_overrides(tmp_path: Path) -> None:
@@ -286,6 +289,7 @@ def test_a_failed_fetch_changes_nothing_and_says_so(tmp_path: Path) -> None:
     assert rt.running == before
     state = AppState(str(tmp_path), "shop")
     assert state.current["version"] == "1.0.0" and state.data["history"][-1]["result"] == "failed"
+    assert rt.calls[-1] == ("prune", sorted(state.kept_images()))   # a half-done fetch is removed
 
 
 def test_one_change_at_a_time_per_app_and_host(tmp_path: Path) -> None:

@@ -234,7 +234,8 @@ class Engine:
         try:
             self.runtime.prepare([s for s in specs if s.name in set(plan.to_start)])
         except DeployError as exc:
-            # Nothing was stopped or started yet: record the refusal, change nothing else.
+            # Nothing was stopped or started yet: record the refusal, remove what the fetch unpacked.
+            self._prune()
             self.state.add_history({"at": at, "by": self.actor, "action": action, "result": "failed",
                                     "from": (before or {}).get("version"), "to": version, "plan": plan.as_dict(),
                                     "error": str(exc), **self.patch})
@@ -303,6 +304,7 @@ class Engine:
                     apply_plan(self.runtime, specs, make_plan(specs, self.runtime.observe()),
                                health_cap=self.health_cap, log=self.log)
                     event["rolled_back_to"] = before["version"]
+                    self._prune()   # what the failed release unpacked goes: the host is as it was
                 else:
                     removed = self.runtime.uninstall(keep_data=True)
                     event["rolled_back_to"] = None
