@@ -240,9 +240,10 @@ class Site:
 
     def _run_hosts(self, images: dict[str, str]) -> None:
         for host in self.hosts:
-            # dockerd inside a target needs a real filesystem under /var/lib/docker for overlay2.
+            # dockerd inside a target needs a real filesystem under /var/lib/docker for overlay2, and so does the
+            # systemd target's layer store (whiteouts and trusted xattrs; a real host has ext4/xfs there too).
             args = self._common_run_args(host.name, host.arch, "target") + [
-                "-v", "/var/lib/docker", *host.run_args, images[host.arch]]
+                "-v", "/var/lib/docker", "-v", "/srv/offline-delivery-apps", *host.run_args, images[host.arch]]
             docker(*args, timeout=120).check(f"starting host {host.name} of site {self.name}")
         jump_args = self._common_run_args(JUMP, "amd64", JUMP) + [
             "-v", f"{repo_root()}:{COLLECTION_MOUNT}:ro",
