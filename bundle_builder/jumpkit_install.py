@@ -140,6 +140,9 @@ def install(staged, manifest, target, prefix, collections):
     """venv + wheels + collection; an earlier install at ``prefix`` is kept aside and put back on failure."""
     old = None
     if os.path.lexists(prefix):
+        if not os.path.isfile(os.path.join(prefix, STAMP)):
+            raise KitRefused(f"{prefix} exists and is not an install of this kit (no {STAMP}): choose another "
+                             "--prefix, or remove it yourself; nothing was changed")
         old = prefix + ".previous"
         shutil.rmtree(old, ignore_errors=True)
         os.rename(prefix, old)

@@ -155,3 +155,12 @@ def test_jumpkit_never_writes_into_an_existing_directory(tmp_path: Path, capsys:
     (tmp_path / "kit").mkdir()
     assert cli.main(["jumpkit", str(tmp_path / "kit"), "--key", str(key), "--python", "3.11", "--arch", "amd64"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_an_existing_prefix_that_is_not_a_kit_install_is_left_alone(tmp_path: Path) -> None:
+    kit, pin = make_kit(tmp_path)
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / "mine").write_text("keep")
+    res = install(kit, tmp_path, "--pin", pin)
+    assert res.returncode == 1 and "is not an install of this kit" in res.stderr, res.stderr
+    assert (tmp_path / "venv" / "mine").read_text() == "keep" and not (tmp_path / "collections").exists()
