@@ -154,8 +154,8 @@ def mounted(lowerdirs: List[str], at: Path) -> Iterator[Path]:
     layer: overlayfs wants two lower directories)."""
     (at / "root").mkdir(parents=True)
     (at / "empty").mkdir()
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", overlay_options([*lowerdirs, str(at / "empty")]),
-                    str(at / "root")], check=True)
+    subprocess.run(["env", "LIBMOUNT_FORCE_MOUNT2=always", "mount", "-t", "overlay", "overlay", "-o",
+                    overlay_options([*lowerdirs, str(at / "empty")]), str(at / "root")], check=True)
     try:
         yield at / "root"
     finally:
@@ -380,7 +380,8 @@ def test_store_on_overlayfs_refused_with_the_reason(registry, tmp_path):
     reg, _ = registry
     for name in ("lower", "upper", "work", "apps"):
         (tmp_path / name).mkdir()
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
+    subprocess.run(["env", "LIBMOUNT_FORCE_MOUNT2=always", "mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
                     f"workdir={tmp_path}/work", str(tmp_path / "apps")], check=True)
     try:
         with pytest.raises(ImageError, match="cannot hold overlayfs whiteouts.*ext4, xfs or btrfs"):

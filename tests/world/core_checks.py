@@ -122,7 +122,10 @@ def run_checks(core: AnsibleCore, timeout: float = 2400) -> Result:
     home_cache = cache_dir() / "ansible-core" / f"{core.series}-{core.suite()}" / "ansible-test"
     home_cache.mkdir(parents=True, exist_ok=True)
     ca = _machine_ca_bundle()
-    args = ["docker", "run", "--rm", "-i", "--network", "bridge",
+    # The systemd target's unit tests unpack layers as overlayfs reads them and mount them (whiteouts, trusted
+    # xattrs, overlay mounts): SYS_ADMIN, and /tmp on a volume (the container's own root is overlayfs).
+    args = ["docker", "run", "--rm", "-i", "--network", "bridge", "--cap-add", "SYS_ADMIN",
+            "--security-opt", "apparmor=unconfined", "-v", "/tmp",
             "--label", "offline-delivery.check=ansible-core",
             "-v", f"{home_cache}:/root/.ansible/test", "-v", f"{ca}:/etc/ssl/certs/ca-certificates.crt:ro",
             "-e", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", "--entrypoint", "bash", tag, "-c", _CHECK_SCRIPT]

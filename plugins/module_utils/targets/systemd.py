@@ -56,6 +56,7 @@ INSTANCES_MARK = MARK + " instances: "
 KIND_MARK = MARK + " kind: "
 IMAGE_MARK = MARK + " image: "
 ROOTS = "roots"                 # <app_dir>/roots/<component>/{mounts,root,mounts.json}
+FORCE_MOUNT2 = "LIBMOUNT_FORCE_MOUNT2=always"   # see render_mount_unit
 FORMAT_MARK = MARK + " unit format: "
 # 2: the root is a read-only overlay (roots/<c>/root). A unit of an older format is restarted by the next deploy
 # (observe reports no fingerprint for it), so no component keeps running from a writable root.
@@ -339,7 +340,7 @@ class SystemdRuntime(Runtime):
         os.mkdir(view)
         os.mkdir(empty)
         try:
-            rc, out, err = self.run(["mount", "-t", "overlay", "overlay", "-o",
+            rc, out, err = self.run(["env", FORCE_MOUNT2, "mount", "-t", "overlay", "overlay", "-o",
                                      overlay_options(rootfs.lowerdirs + [empty]), view])
             if rc != 0:
                 raise DeployError(f"component {spec.name}: mounting image {spec.reference} ({spec.manifest_digest}) "
@@ -714,6 +715,9 @@ def render_mount_unit(where: str, lowerdirs: Sequence[str], *, app: str, compone
         f"Description={app}: read-only root of {component}",
         "",
         "[Mount]",
+        # util-linux 2.39+ (Debian 13) mounts through fsconfig(2), which takes at most 256 bytes per option:
+        # a few layers' lowerdir is longer. mount(2) takes a page.
+        f"Environment={FORCE_MOUNT2}",
         "What=overlay",
         f"Where={unit_path(where, 'component root')}",
         "Type=overlay",
