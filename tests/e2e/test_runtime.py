@@ -55,10 +55,11 @@ def runtime(site: Site, *extra: str) -> Result:
 
 def host_state(site: Site, host: str) -> str:
     """What the runtime roles would change on a host, one line per thing present: active apt sources, site
-    key, docker config, the layout, packages installed. A fresh world host gives just its sources.list."""
+    key, docker config, the layout, packages installed. A fresh world host gives just its sources.list (its
+    apps directory is a volume of the world's, there from the start: the layout shows in its group)."""
     script = (f"{SOURCES_NOW}; ls /etc/apt/keyrings; getent group od-apps; "
-              "for p in /etc/docker /srv/offline-delivery-apps /var/lib/offline-delivery; do "
-              "[ -e $p ] && echo $p; done; "
+              "for p in /etc/docker /var/lib/offline-delivery; do [ -e $p ] && echo $p; done; "
+              "[ \"$(stat -c %G /srv/offline-delivery-apps 2>/dev/null)\" = od-apps ] && echo /srv/offline-delivery-apps; "
               "dpkg-query -W -f '${Package} ${db:Status-Status}\\n' docker.io zstd 2>/dev/null | grep ' installed$'; "
               "true")
     res = site.exec(host, ["bash", "-c", script], timeout=60)
