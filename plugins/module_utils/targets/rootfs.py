@@ -596,6 +596,13 @@ def make_mount_points(mounts: str, view: str, dirs: Iterable[str] = (), files: I
         os.chmod(path, mode)
         entries.append(f"d /{rel} {mode:o} {uid} {gid}")
 
+    def empty_file(rel: str) -> None:
+        parents(rel)
+        fd = os.open(os.path.join(mounts, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.close(fd)
+        os.chmod(os.path.join(mounts, rel), 0o644)
+        entries.append(f"f /{rel}")
+
     def parents(rel: str) -> None:
         parts = rel.split("/")[:-1]
         for index in range(1, len(parts) + 1):
@@ -616,11 +623,7 @@ def make_mount_points(mounts: str, view: str, dirs: Iterable[str] = (), files: I
     for name, mode in MOUNT_DIRS:
         directory(name, mode)
     for rel in ("etc/" + name for name in MOUNT_FILES):
-        parents(rel)
-        fd = os.open(os.path.join(mounts, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        os.close(fd)
-        os.chmod(os.path.join(mounts, rel), 0o644)
-        entries.append(f"f /{rel}")
+        empty_file(rel)
     for path in sorted(set(dirs)):
         rel = inside(path)
         if not os.path.isdir(os.path.join(view, rel)):
@@ -629,10 +632,7 @@ def make_mount_points(mounts: str, view: str, dirs: Iterable[str] = (), files: I
     for path in sorted(set(files)):
         rel = inside(path)
         if not os.path.lexists(os.path.join(view, rel)) and not os.path.lexists(os.path.join(mounts, rel)):
-            parents(rel)
-            fd = os.open(os.path.join(mounts, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            os.close(fd)
-            entries.append(f"f /{rel}")
+            empty_file(rel)
     return entries
 
 
