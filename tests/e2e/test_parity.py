@@ -268,7 +268,7 @@ def test_the_compose_file_runs_as_is_under_docker_compose(site: Site, prepared: 
     try:
         up = site.exec("c1", f"cd {PLAIN} && rm -rf secrets .env && mkdir -m 700 secrets && "
                              "tr -dc A-Za-z0-9 </dev/urandom | head -c 32 > secrets/db_password.txt && "
-                             "docker compose up --detach --quiet-pull 2>&1", timeout=600)
+                             "docker compose up --detach --quiet-pull --wait --wait-timeout 300 2>&1", timeout=600)
         assert up.rc == 0, up.output
         answer = vote_and_wait(site, "c1", VOTES, len(VOTES))
         assert counts(answer) == EXPECTED and len(answer["workers"]) == 2, answer
