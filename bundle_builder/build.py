@@ -68,6 +68,9 @@ MIN_COMPRESS_SIZE = 1024
 # A compressed member is spooled before it is written (its tar header holds its size): in memory up to
 # this size, then in a temporary file next to the bundle.
 SPOOL_IN_MEMORY = 8 * 1024 * 1024
+# Written straight into a one-file bundle when even zstd's worst case (incompressible input grows by under
+# 1 %) keeps the frame's size within a plain USTAR header (one 512-byte block, no PAX record before it).
+DIRECT_MAX = 8 ** 11 * 99 // 100
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,23 @@ class _Output:
             self._part_left -= n
             pos += n
 
+    @property
+    def patchable(self) -> bool:
+        """One output file (not parts): a header can be written after the member it heads."""
+        return not self.volume_size
+
+    def placeholder(self, size: int) -> int:
+        """Write ``size`` zero bytes where :meth:`patch` writes later; returns their offset."""
+        at = self.written
+        self.write(bytes(size))
+        return at
+
+    def patch(self, at: int, data: bytes) -> None:
+        """Overwrite bytes written at offset ``at`` (by :meth:`placeholder`) of the one output file."""
+        assert self._fh is not None and self.patchable
+        self._fh.flush()
+        os.pwrite(self._fh.fileno(), data, at)
+
     def commit(self) -> tuple[Path, list[Path]]:
         self._close_part()
         directory = self.final.parent
@@ -449,9 +469,19 @@ def _copy_blob(out: _Output, planned: _Planned, report: Callable[[int], None],
 
 def _copy_compressed(out: _Output, planned: _Planned, report: Callable[[int], None], lanes: bundle_format.HashLanes,
                      ring: bundle_format.BufferRing, writer: zstd.ZstdWriter) -> Callable[[], None]:
-    """Stream one blob into the bundle as a zstd frame (member ``blobs/sha256/<hex>.zst``). The frame is
-    spooled first (the tar header before it holds its size): in memory when small, else in a temporary file
-    next to the bundle, removed at once."""
+    """Stream one blob into the bundle as a zstd frame (member ``blobs/sha256/<hex>.zst``). Its tar header
+    holds the frame's size, known only at its end: into one output file the frame goes straight after a
+    placeholder header, which is then written in place; into parts (whose hashes run as they are written)
+    the frame is spooled first, in memory when small, else in a temporary file next to the bundle."""
+    name = blob_path(planned.blob.digest) + bundle_format.ZSTD_SUFFIX
+    if out.patchable and planned.blob.size < DIRECT_MAX:
+        at = out.placeholder(bundle_format.BLOCK)
+        writer.restart(out)  # type: ignore[arg-type]
+        check = _stream_blob(planned, writer.write, report, lanes, ring)
+        writer.close()
+        out.patch(at, bundle_format.tar_header(name, writer.written))
+        out.write(bundle_format.tar_padding(writer.written))
+        return check
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, dir=out.final.parent,
                                        prefix=f".{out.final.name}.zst-") as spool:
         writer.restart(spool)  # type: ignore[arg-type]
@@ -459,7 +489,7 @@ def _copy_compressed(out: _Output, planned: _Planned, report: Callable[[int], No
         writer.close()
         size = writer.written
         spool.seek(0)
-        out.write(bundle_format.tar_header(blob_path(planned.blob.digest) + bundle_format.ZSTD_SUFFIX, size))
+        out.write(bundle_format.tar_header(name, size))
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         while True:

@@ -194,6 +194,12 @@ class _Section:
         self._left -= len(data)
         return data
 
+    def read_at(self, pos: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` of the window, without moving its position (``os.pread``): the SBOM's
+        layer scan reads each tar header with one system call."""
+        n = max(0, min(n, self._size - pos))
+        return os.pread(self._fh.fileno(), n, self._start + pos) if n else b""
+
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` from the window (fewer bytes only at its end): the builder's reused buffers, no
         fresh ``bytes`` per chunk."""

@@ -23,6 +23,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import uuid
@@ -177,20 +178,179 @@ def _norm(name: str) -> str:
 
 
 def scan_layer(stream: IO[bytes], seekable: bool = False) -> LayerScan:
-    """Read one layer tar (plain, gzip, bzip2 or xz) and keep only what the SBOM needs."""
+    """Read one layer tar (plain, gzip, bzip2 or xz) and keep only what the SBOM needs. A seekable plain tar
+    is walked header by header (:func:`_scan_headers`, ~10x faster than ``tarfile``); anything that walk does
+    not handle exactly as ``tarfile`` does is read with ``tarfile`` from the start."""
+    if seekable:
+        start = stream.tell()
+        try:
+            return _scan_headers(_positional_reader(stream, start))
+        except _Unsupported:
+            stream.seek(start)
     scan = LayerScan()
     mode = "r:" if seekable else "r|*"
     with tarfile.open(fileobj=stream, mode=mode) as tar:
         for member in tar:
-            path = _norm(member.name)
-            parent, _sep, base = path.rpartition("/")
-            if base == OPAQUE:
-                scan.opaque.append(parent)
-            elif base.startswith(WHITEOUT):
-                scan.whiteouts.append((parent + "/" if parent else "") + base[len(WHITEOUT):])
-            elif _tracked(path):
-                scan.files[path] = _member_bytes(tar, member)
+            _record(scan, _norm(member.name), lambda m=member: _member_bytes(tar, m))
     return scan
+
+
+def _record(scan: LayerScan, path: str, content: Any) -> None:
+    """What one tar member means for the SBOM: a whiteout, an opaque directory, or a tracked file
+    (``content()`` gives its bytes, None when it is not a regular file)."""
+    parent, _sep, base = path.rpartition("/")
+    if base == OPAQUE:
+        scan.opaque.append(parent)
+    elif base.startswith(WHITEOUT):
+        scan.whiteouts.append((parent + "/" if parent else "") + base[len(WHITEOUT):])
+    elif _tracked(path):
+        scan.files[path] = content()
+
+
+class _Unsupported(Exception):
+    """The header walk met something it leaves to ``tarfile`` (read the layer again with it)."""
+
+
+_BLOCK = 512
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_NO_DATA_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE,
+                  tarfile.FIFOTYPE)
+_NAME_ENCODING = "utf-8"
+
+
+def _positional_reader(stream: Any, start: int) -> Any:
+    """``read_at(pos, n)`` over a seekable stream from ``start``: ``os.pread`` on its file (one system call
+    a header, the stream's position untouched), or the stream's own ``read_at`` (a window of a file), else
+    seek + read."""
+    own = getattr(stream, "read_at", None)
+    if own is not None:
+        return own
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    if fd is not None:
+        return lambda pos, n: os.pread(fd, n, start + pos)
+
+    def read_at(pos: int, n: int) -> bytes:
+        stream.seek(start + pos)
+        return stream.read(n)
+    return read_at
+
+
+def _scan_headers(read_at: Any) -> LayerScan:
+    """The members of a seekable plain tar, 512-byte header by header, seeking over the data: ustar and GNU
+    headers, GNU long names and pax ``path``/``size`` records, as ``tarfile`` reads them. Raises
+    ``_Unsupported`` for what it leaves to ``tarfile``: a damaged or truncated header (``tarfile`` decides
+    whether that ends the archive or is an error), pax global headers, GNU sparse files, and hard links to a
+    tracked path (``tarfile`` resolves those)."""
+    scan = LayerScan()
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    pos = 0
+    while True:
+        buf = read_at(pos, _BLOCK)
+        if len(buf) < _BLOCK:
+            if not buf and pos and long_name is None and not pax:
+                return scan  # a tar without end blocks: tarfile stops here too
+            raise _Unsupported  # an empty file is an error to tarfile, a truncated header is its call
+        pos += _BLOCK
+        if not buf[0] and buf.count(0) == _BLOCK:
+            if long_name is not None or pax:
+                raise _Unsupported
+            return scan
+        if _number(buf, 148, 156) != 256 + sum(buf) - sum(buf[148:156]):
+            raise _Unsupported  # tarfile also accepts a signed checksum; let it judge
+        kind = buf[156:157]
+        size = _number(buf, 124, 136)
+        data = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        if kind == tarfile.GNUTYPE_LONGLINK:  # a long link target: not needed, and the names stay pending
+            pos += data
+            continue
+        if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            if size > MAX_TRACKED_FILE:
+                raise _Unsupported
+            payload = read_at(pos, data)
+            if len(payload) < data:
+                raise _Unsupported
+            pos += data
+            if kind == tarfile.GNUTYPE_LONGNAME:
+                long_name = tarfile.nts(payload, _NAME_ENCODING, "surrogateescape")
+            else:
+                pax.update(_pax_records(payload[:size]))
+            continue
+        if kind in (tarfile.GNUTYPE_SPARSE, tarfile.XGLTYPE) or any(k.startswith("GNU.sparse") for k in pax):
+            raise _Unsupported
+        name = buf[0:100].split(b"\0", 1)[0].decode(_NAME_ENCODING, "surrogateescape")  # tarfile.nts
+        if kind == tarfile.AREGTYPE and name.endswith("/"):
+            kind = tarfile.DIRTYPE  # an old V7 directory, as tarfile reads it
+        if buf[345] and kind not in tarfile.GNU_TYPES:  # a ustar prefix, as tarfile reads it whatever the magic
+            name = buf[345:500].split(b"\0", 1)[0].decode(_NAME_ENCODING, "surrogateescape") + "/" + name
+        if long_name is not None:
+            name, long_name = long_name, None
+        if "path" in pax:
+            name = pax["path"]
+        if "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise _Unsupported from None
+            data = (size + _BLOCK - 1) // _BLOCK * _BLOCK
+        pax = {}
+        path = _norm(name)
+        if kind == tarfile.LNKTYPE and _tracked(path):
+            raise _Unsupported
+        _record(scan, path, lambda k=kind, at=pos, n=size: _header_file_bytes(read_at, k, at, n))
+        if kind not in _NO_DATA_TYPES:
+            pos += data
+
+
+def _number(buf: bytes, start: int, end: int) -> int:
+    """A numeric header field as ``tarfile.nti`` reads it (octal text, or base-256 when the high bit is
+    set); ``_Unsupported`` when it is neither."""
+    if buf[start] & 0x80:
+        try:
+            return tarfile.nti(buf[start:end])
+        except tarfile.HeaderError:
+            raise _Unsupported from None
+    try:
+        return int(buf[start:end].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _Unsupported from None
+
+
+def _header_file_bytes(read_at: Any, kind: bytes, pos: int, size: int) -> bytes | None:
+    """A tracked member's content (as :func:`_member_bytes` gives it)."""
+    if kind not in _FILE_TYPES or size > MAX_TRACKED_FILE:
+        return None
+    content = read_at(pos, size)
+    if len(content) < size:
+        raise _Unsupported
+    return content
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """``"<length> <key>=<value>\\n"`` records of a pax extended header (keys and values UTF-8)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload) and payload[pos] != 0:
+        space = payload.find(b" ", pos)
+        if space < 0:
+            raise _Unsupported
+        try:
+            length = int(payload[pos:space])
+        except ValueError:
+            raise _Unsupported from None
+        record = payload[space + 1:pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise _Unsupported
+        key, _eq, value = record[:-1].partition(b"=")
+        try:
+            records[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Unsupported from None  # a hdrcharset=BINARY name: tarfile's rules
+        pos += length
+    return records
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:

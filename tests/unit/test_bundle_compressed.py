@@ -181,6 +181,15 @@ def test_split_parts_read_once_and_damage_names_the_part(made, trusted, tmp_path
         bf.check_media(str(media / parts_json.name))
 
 
+def test_one_file_and_parts_hold_the_same_bytes(made) -> None:  # type: ignore[no-untyped-def]
+    """Into one file a compressed member is written straight after a placeholder header that is filled in
+    afterwards; into parts it is spooled first. Both give the same stream, byte for byte."""
+    doc = json.loads(made["parts"].read_text())
+    joined = b"".join((made["parts"].parent / p["name"]).read_bytes() for p in doc["parts"])
+    assert joined == made["bundle"].read_bytes()
+    assert _compressed_members(made["bundle"])
+
+
 def test_split_verify_does_not_hash_the_parts(made, trusted, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Hash every byte once: a sound split bundle verifies without computing any part sha256."""
     calls = []
