@@ -41,9 +41,19 @@ options:
   hub:
     description:
       - URL of the hub, C(http://HOST:PORT), or of its served repository (default path C(/repo/)).
+      - C(https://HOST:PORT) for a hub with its TLS option on (O(hub_ca)).
       - Environment proxies are not used and redirects are refused.
     type: str
     required: true
+  hub_ca:
+    description:
+      - PEM text of the CA certificate of a hub with its TLS option on (the hub repo host's
+        C(/etc/offline-delivery/tls/site-ca.crt)), carried to the site out of band like a vendor key.
+      - The hub's certificate is then verified against this CA alone, not the machine's CAs, and O(hub) must be
+        an C(https://) URL. Without it, an C(https://) hub is verified against the machine's CAs.
+      - This is transport only. The release is still accepted only with a signature by a trusted key, and every blob by
+        its digest.
+    type: str
   name:
     description: Name of the application release to sync.
     type: str
@@ -154,6 +164,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             "hub": {"type": "str", "required": True},
+            "hub_ca": {"type": "str"},
             "name": {"type": "str", "required": True},
             "version": {"type": "str", "required": True},
             "repo_root": dict(REPO_ROOT_OPTION),
@@ -174,7 +185,8 @@ def main() -> None:
         result = sync_release(SiteRepo(params["repo_root"]), params["hub"], params["name"], params["version"], trust.keys,
                               bandwidth_limit=parse_rate(params["bandwidth_limit"]), timeout=params["timeout"],
                               check_mode=module.check_mode, imported_by=params["imported_by"],
-                              lock_timeout=params["lock_timeout"], signers=trust.signers)
+                              lock_timeout=params["lock_timeout"], signers=trust.signers,
+                              hub_ca=params["hub_ca"])
     except SyncInterrupted as exc:
         module.fail_json(msg=f"{what} interrupted, nothing published: {exc}", refused_keys=trust.refused)
     except (SyncError, BundleError, RepoError, OSError) as exc:

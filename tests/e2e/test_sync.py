@@ -5,7 +5,8 @@ imports 1.0.0. Only the two repo hosts share the link. From the city's jump host
 offline.delivery.sync` pulls 1.1.0: check mode says what would be sent and writes nothing; a partial file
 pre-seeded in the city's staging area (what an interrupted transfer leaves) is continued with a Range request;
 exactly the blobs the city lacked travel; the city's catalog and registry then have 1.1.0; a rerun changes
-nothing. The hub serves the catalog, release records and blobs only.
+nothing. The hub serves the catalog, release records and blobs only. Last, the hub turns its TLS option on (with
+the import of 1.2.0) and the city syncs 1.2.0 over HTTPS, trusting the hub's site CA alone, carried as a file.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def playbook(site: Site, name: str, *extra: str) -> tuple[int, dict[str, int], s
     return res.rc, (recap(res) if res.rc == 0 else {}), res.output
 
 
-def import_media(site: Site, *media: str, serve: bool = False) -> None:
+def import_media(site: Site, *media: str, serve: bool = False, options: tuple[str, ...] = ()) -> None:
     for name in media:
-        extra = ["-e", "offline_repo_serve_repository=true"] if serve else []
+        extra = [*(["-e", "offline_repo_serve_repository=true"] if serve else []), *options]
         rc, counts, out = playbook(site, "import", "-e", f"offline_delivery_bundle_src=/srv/transfer/{name}",
                                    "-e", f"'{KEYS}'", *extra)
         assert rc == 0 and counts["failed"] == 0, f"import of {name} into {site.name} failed:\n{out[-5000:]}"
@@ -94,13 +95,14 @@ def linked(shop_bundles: dict[str, Path]) -> Iterator[tuple[Site, Site, str, str
         hub_up.close()
 
 
-def sync(city: Site, hub_ip: str, *extra: str) -> tuple[int, dict[str, int], str]:
-    return playbook(city, "sync", "-e", f"offline_delivery_sync_from=http://{hub_ip}:8080", "-e", "app_name=shop",
-                    "-e", "app_version=1.1.0", *extra)
+def sync(city: Site, hub_ip: str, *extra: str, url: str = "", version: str = "1.1.0") -> tuple[int, dict[str, int], str]:
+    """The sync playbook on the city's jump host: from http://<hub_ip>:8080 unless `url` names the hub."""
+    return playbook(city, "sync", "-e", f"offline_delivery_sync_from={url or f'http://{hub_ip}:8080'}",
+                    "-e", "app_name=shop", "-e", f"app_version={version}", *extra)
 
 
-def sent(out: str) -> dict[str, Any]:
-    m = re.search(r"shop 1\.1\.0 synced from (\S+): (\d+) blobs, (\d+) bytes sent"
+def sent(out: str, version: str = "1.1.0") -> dict[str, Any]:
+    m = re.search(rf"shop {re.escape(version)} synced from (\S+): (\d+) blobs, (\d+) bytes sent"
                   r"(?:, (\d+) bytes resumed from an earlier run)?", out)
     assert m, f"no sync report in the output:\n{out[-5000:]}"
     return {"hub": m.group(1), "blobs": int(m.group(2)), "bytes": int(m.group(3)), "resumed": int(m.group(4) or 0)}
@@ -185,3 +187,33 @@ def test_hub_serves_only_catalog_releases_and_blobs(linked: tuple[Site, Site, st
         assert http_status(city, base + path) in (403, 404), path
     # a site that is not a hub serves no repository
     assert http_status(hub, f"http://{city_ip}:8080/repo/catalog.json") == 404
+
+
+def test_sync_from_a_hub_with_tls_trusts_the_carried_hub_ca_alone(linked: tuple[Site, Site, str, str],
+                                                                   shop_bundles: dict[str, Path]) -> None:
+    """Runs last: the hub's nginx speaks only TLS afterwards. The engineer carries the hub's site-ca.crt to the
+    city's jump host like the vendor key; plain HTTP, and HTTPS against the machine's CAs, are refused with the
+    city's repository unchanged."""
+    hub, city, hub_ip, dummy = linked
+    carry(hub, {"shop-1.2.0": shop_bundles["shop-1.2.0"]})
+    tls = json.dumps({"offline_delivery_tls": True, "offline_repo_tls_names": [hub_ip]})
+    import_media(hub, "shop-1.2.0", serve=True, options=("-e", f"'{tls}'"))
+    ca = hub.exec("repo", ["cat", "/etc/offline-delivery/tls/site-ca.crt"])
+    assert ca.rc == 0 and "BEGIN CERTIFICATE" in ca.stdout, ca.output
+    (city.transfer_dir / "hub-ca.crt").write_text(ca.stdout)
+    before = city.exec("repo", ["sh", "-c", f"cat {REPO}/catalog.json; ls -A {REPO}/staging"]).stdout
+    https = f"https://{hub_ip}:8080"
+
+    rc, dummy_counts, out = sync(city, hub_ip, version="1.2.0")
+    assert rc != 0 and "answered 400" in out and "use https://" in out, out[-3000:]
+    rc, dummy_counts, out = sync(city, hub_ip, url=https, version="1.2.0")   # the machine's CAs
+    assert rc != 0 and "presented a certificate this site does not trust" in out, out[-3000:]
+    assert city.exec("repo", ["sh", "-c", f"cat {REPO}/catalog.json; ls -A {REPO}/staging"]).stdout == before
+
+    rc, counts, out = sync(city, hub_ip, "-e", "offline_delivery_sync_hub_ca=/srv/transfer/hub-ca.crt", url=https,
+                           version="1.2.0")
+    assert rc == 0 and counts["failed"] == 0 and counts["changed"] >= 1, out[-5000:]
+    report = sent(out, "1.2.0")
+    assert report["hub"] == f"{https}/repo/" and report["blobs"] > 0, report
+    head = read_head(str(shop_bundles["shop-1.2.0"] / "shop-1.2.0.bundle"))
+    assert catalog(city)[("shop", "1.2.0")]["manifestDigest"] == head.manifest_digest

@@ -1,6 +1,7 @@
 """Hub -> site sync against a real HTTP server on 127.0.0.1 (Range support like nginx): only the missing blobs
 travel, an interrupted transfer resumes from its partial file, a wrong blob or an untrusted signature is
-refused with the repository unchanged, the bandwidth limit holds, a second sync changes nothing."""
+refused with the repository unchanged, the bandwidth limit holds, a second sync changes nothing; over HTTPS, the
+hub is verified against its own site CA alone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import http.server
 import os
 import re
 import shutil
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from bundle_builder import signing
 from bundle_builder.build import build_bundle
 from offline_delivery_core.bundle import ed25519
 from offline_delivery_core.bundle.format import blob_path, digest_hex, read_head
+from offline_delivery_core.site import tls as site_tls
 from offline_delivery_core.site.repo import SiteRepo, import_bundle
 from offline_delivery_core.site.sync import (BlobRefused, Hub, SyncError, SyncInterrupted, TokenBucket, hub_base,
                                              parse_rate, stage_dir, sync_release)
@@ -146,7 +149,8 @@ class HubServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
+        return f"{scheme}://127.0.0.1:{self.server_address[1]}"
 
     def blob_requests(self) -> list[tuple[str, str | None]]:
         return [r for r in self.requests if "/blobs/" in r[0]]
@@ -203,6 +207,33 @@ def test_only_missing_blobs_travel_then_publish_and_rerun_is_no_change(vendor, h
     again = sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]])
     assert not again.changed and again.bytes_sent == 0 and "nothing to send" in again.msg
     assert not hub.blob_requests() and tree_hash(Path(site.root)) == before
+
+
+def test_an_https_hub_is_verified_against_its_site_ca_alone(vendor, hub, site, tmp_path):
+    """The hub's TLS option (nginx with a certificate of the hub's site CA), here the test server with one:
+    the sync trusts exactly that CA; the machine's CAs, another CA, or a CA with an http:// URL are refused
+    before any blob, with the repository unchanged."""
+    made = site_tls.ensure_site_tls(str(tmp_path / "hub-tls"), ["127.0.0.1"])
+    other = site_tls.ensure_site_tls(str(tmp_path / "other-tls"), ["127.0.0.1"])
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(made.server_cert, made.server_key)
+    plain_url = hub.url
+    hub.socket = server.wrap_socket(hub.socket, server_side=True)
+    hub_ca, other_ca = Path(made.ca_cert).read_text(), Path(other.ca_cert).read_text()
+    before = tree_hash(Path(site.root))
+    with pytest.raises(SyncError, match="presented a certificate this site does not trust .*offline_delivery_sync_hub_ca"):
+        sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], timeout=10)   # the machine's CAs
+    with pytest.raises(SyncError, match="does not trust"):
+        sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], hub_ca=other_ca, timeout=10)
+    with pytest.raises(SyncError, match="must be reached over https://"):
+        sync_release(site, plain_url, "mini", "1.1.0", [vendor["pub"]], hub_ca=hub_ca)
+    with pytest.raises(SyncError, match="the hub CA is not a PEM certificate"):
+        sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], hub_ca="not a certificate")
+    assert not hub.requests and tree_hash(Path(site.root)) == before
+
+    res = sync_release(site, hub.url, "mini", "1.1.0", [vendor["pub"]], hub_ca=hub_ca, timeout=10)
+    assert res.changed and res.hub == hub.url + "/repo/" and res.blobs_sent == len(lacking(vendor)) > 0
+    assert all(site.has_blob(b["digest"], b["size"]) for b in vendor["m11"]["blobs"])
 
 
 def test_check_mode_says_what_would_be_sent_and_writes_nothing(vendor, hub, site):

@@ -5,7 +5,9 @@
 
 Standard library only: it runs in ``repo_sync`` on the site's repo host, where the site's repository and its
 trusted vendor keys are. The hub serves ``catalog.json``, ``releases/`` and ``blobs/`` of its repository
-(docs/sync.md). The hub is trusted no more than a USB disk:
+(docs/sync.md), over plain HTTP or, from a hub with TLS on, HTTPS verified against that hub's site CA alone
+(``hub_ca``: carried to the site like a vendor key; the machine's CAs then play no part). The hub is trusted no
+more than a USB disk:
 
 * the release's ``manifest.json`` is accepted only with a ``manifest.sig`` by one of the site's own trusted keys;
 * only the blobs this repository lacks are fetched, each into ``staging/sync-<manifest hex>/`` (kept across runs)
@@ -25,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -45,7 +48,6 @@ MIN_RATE = 1024  # bytes/s a transfer must average after its first timeout (a hu
 DEFAULT_REPO_PATH = "/repo/"
 READ_SIZE = 64 * 1024
 MAX_SLEEP = 1.0  # one bandwidth-limit sleep never exceeds this (a stop is seen within a second)
-MIN_RATE = 1024
 MAX_CATALOG_SIZE = 16 * 1024 * 1024
 STAGE_PREFIX = "sync-"
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?(?:/s)?\s*\Z", re.I)
@@ -168,14 +170,34 @@ def hub_base(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.rstrip("/") + "/", "", ""))
 
 
-class Hub:
-    """Read-only HTTP access to a hub's repository; every wait bounded by ``timeout`` seconds."""
+HUB_CA_HINT = ("give the hub's CA certificate (offline_delivery_sync_hub_ca: a copy of the hub repo host's "
+               "/etc/offline-delivery/tls/site-ca.crt, carried to the site like the vendor key, docs/sync.md)")
 
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+
+def hub_tls_context(ca_pem: str) -> ssl.SSLContext:
+    """A client context that trusts exactly the hub's site CA (PEM text), not the machine's CAs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cadata=ca_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise SyncError(f"the hub CA is not a PEM certificate ({exc}); {HUB_CA_HINT}") from None
+    return context
+
+
+class Hub:
+    """Read-only HTTP(S) access to a hub's repository; every wait bounded by ``timeout`` seconds."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, ca_pem: str | None = None) -> None:
         self.base = hub_base(url)
         self.timeout = timeout
-        # no proxy from the environment (the link is internal) and no redirects
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        handlers: list[Any] = [urllib.request.ProxyHandler({}), _NoRedirect()]  # internal link: no proxy, redirect
+        if ca_pem:
+            if not self.base.startswith("https://"):
+                raise SyncError(f"hub {self.base}: a hub CA is given, so the hub must be reached over https:// "
+                                "(its TLS option serves the repository over HTTPS only)")
+            handlers.append(urllib.request.HTTPSHandler(context=hub_tls_context(ca_pem)))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def url(self, path: str) -> str:
         return self.base + "/".join(urllib.parse.quote(p, safe="") for p in path.split("/"))
@@ -194,6 +216,10 @@ class Hub:
             if isinstance(exc, urllib.error.HTTPError):
                 raise  # an answer from the hub: the caller says what it means
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise SyncError(f"the hub {self.base} presented a certificate this site does not trust "
+                                f"({reason.verify_message}); {HUB_CA_HINT}, and reach the hub by a name its "
+                                "certificate carries (offline_repo_tls_names on the hub)") from None
             raise SyncInterrupted(f"the hub {self.base} cannot be reached ({reason}) fetching {url}; check the "
                                   f"link and that the hub serves its repository (docs/sync.md), then run again") \
                 from None
@@ -211,7 +237,10 @@ class Hub:
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
-            raise SyncError(f"the hub answered {exc.code} {exc.reason} for {url}") from None
+            tls = ""
+            if exc.code == 400 and self.base.startswith("http://"):
+                tls = f" (a hub with its TLS option on answers plain HTTP so: use https:// and {HUB_CA_HINT})"
+            raise SyncError(f"the hub answered {exc.code} {exc.reason} for {url}{tls}") from None
         if len(data) > limit:
             raise SyncError(f"{url} is larger than {limit} bytes: not a file of an offline.delivery repository")
         return data
@@ -441,12 +470,13 @@ def sync_release(repo: SiteRepo, hub_url: str, name: str, version: str, trusted_
                  bandwidth_limit: int = 0, timeout: float = DEFAULT_TIMEOUT, check_mode: bool = False,
                  imported_by: str = "unknown", lock_timeout: float = 600.0,
                  bucket: TokenBucket | None = None,
-                 signers: Mapping[str, Sequence[str]] | None = None) -> SyncResult:
-    """Sync ``name`` ``version`` from the hub at ``hub_url`` into ``repo`` (see the module docstring)."""
+                 signers: Mapping[str, Sequence[str]] | None = None, hub_ca: str | None = None) -> SyncResult:
+    """Sync ``name`` ``version`` from the hub at ``hub_url`` into ``repo`` (see the module docstring); ``hub_ca``
+    is the PEM certificate of an HTTPS hub's site CA."""
     started = time.monotonic()
     if not trusted_keys:
         raise SyncError("no trusted vendor keys: a site accepts only releases signed by a key it trusts")
-    hub = Hub(hub_url, timeout)
+    hub = Hub(hub_url, timeout, hub_ca)
     res = SyncResult(name=name, version=version, hub=hub.base)
     if not repo.exists():
         raise SyncError(f"there is no site repository at {repo.root}; set the repo host up with a first import "
