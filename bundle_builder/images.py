@@ -8,6 +8,7 @@ in memory: a blob is an ``open()`` callable streaming its bytes. Configs and man
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -478,6 +479,10 @@ class _ChunkReader(io.RawIOBase):
 
 # Per-image export files that describe that one export; the merged archive gets one manifest.json of its own.
 _EXPORT_INDEX_FILES = {"manifest.json", "repositories", "index.json", "oci-layout"}
+# Exports asked of the engine at once: the engine prepares the next ones (Docker 20.10 writes an image's
+# whole export before its first byte) while the current one streams in. Measured on the bench's 10 images:
+# 7.6-8.1 s one after the other, 4.6-4.9 s with 3 at once; more did not help on 2 cores.
+EXPORTS_AT_ONCE = 3
 
 
 class DockerEngineSource(ImageSource):
@@ -545,40 +550,62 @@ class DockerEngineSource(ImageSource):
         api = self._docker().api
         written: set[str] = set()
         entries: list[Any] = []
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as out:
-            for image_id in ids:
-                stream = None
-                try:
-                    stream = api.get_image(image_id, chunk_size=CHUNK)
-                    reader = _ChunkReader(iter(stream))
-                    with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
-                        for member in tar:
-                            name = member.name[2:] if member.name.startswith("./") else member.name
-                            name = name.rstrip("/")
-                            if name == "manifest.json":
-                                if member.size > MAX_SMALL_BLOB:
-                                    raise ImageError(f"its manifest.json is {member.size} bytes: not a docker save")
-                                manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                                if not isinstance(manifest, list):
-                                    raise ImageError("its manifest.json is not a list: not a docker save")
-                                entries.extend(manifest)
-                            elif name not in _EXPORT_INDEX_FILES and name not in written:
-                                written.add(name)
-                                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
-                    while reader.read(CHUNK):  # the end-of-archive padding: read the response to its end
-                        pass
-                except (docker.errors.DockerException, tarfile.TarError, OSError, ValueError) as exc:
-                    # OSError covers requests' errors (a connection lost mid-stream) and a full spool disk
-                    refs = ", ".join(r for r, image in self._images.items() if image.id == image_id) or "?"
-                    raise ImageError(f"docker: exporting image {refs} ({image_id[:19]}) from the engine "
-                                     f"failed: {exc}") from None
-                finally:
-                    if hasattr(stream, "close"):
-                        stream.close()  # type: ignore[union-attr]
-            data = json.dumps(entries).encode()
-            info = tarfile.TarInfo("manifest.json")
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))
+        asked: dict[int, concurrent.futures.Future[Any]] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(EXPORTS_AT_ONCE, thread_name_prefix="docker-export")
+
+        def ask(i: int) -> None:
+            if i < len(ids):  # get_image returns once the engine answers; the body streams on iteration
+                asked[i] = pool.submit(api.get_image, ids[i], chunk_size=CHUNK)
+
+        try:
+            with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as out:
+                for i in range(EXPORTS_AT_ONCE):
+                    ask(i)
+                for i, image_id in enumerate(ids):
+                    stream = None
+                    try:
+                        stream = asked.pop(i).result()
+                        self._merge_export(stream, out, written, entries)
+                    except (docker.errors.DockerException, tarfile.TarError, OSError, ValueError) as exc:
+                        # OSError covers requests' errors (a connection lost mid-stream) and a full spool disk
+                        refs = ", ".join(r for r, image in self._images.items() if image.id == image_id) or "?"
+                        raise ImageError(f"docker: exporting image {refs} ({image_id[:19]}) from the engine "
+                                         f"failed: {exc}") from None
+                    finally:
+                        if hasattr(stream, "close"):
+                            stream.close()  # type: ignore[union-attr]
+                    ask(i + EXPORTS_AT_ONCE)
+                data = json.dumps(entries).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for left in asked.values():  # after a failure: the exports asked for ahead, never read
+                if left.done() and not left.cancelled() and left.exception() is None:
+                    left.result().close()
+
+    @staticmethod
+    def _merge_export(stream: Any, out: tarfile.TarFile, written: set[str], entries: list[Any]) -> None:
+        """Copy one image's export stream into the merged archive ``out``: members not written yet, and its
+        ``manifest.json`` entries into ``entries``."""
+        reader = _ChunkReader(iter(stream))
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=CHUNK) as tar:
+            for member in tar:
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                name = name.rstrip("/")
+                if name == "manifest.json":
+                    if member.size > MAX_SMALL_BLOB:
+                        raise ImageError(f"its manifest.json is {member.size} bytes: not a docker save")
+                    manifest = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    if not isinstance(manifest, list):
+                        raise ImageError("its manifest.json is not a list: not a docker save")
+                    entries.extend(manifest)
+                elif name not in _EXPORT_INDEX_FILES and name not in written:
+                    written.add(name)
+                    out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+        while reader.read(CHUNK):  # the end-of-archive padding: read the response to its end
+            pass
 
     def _archive_for(self, image: Any, reference: str) -> DockerArchiveSource:
         """The shared export when prepare() listed this image (made on first use), else one of its own."""
