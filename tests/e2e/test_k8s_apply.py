@@ -7,7 +7,8 @@ install shop 1.0.0 (StatefulSet + PVC for PostgreSQL, Deployments, Services, Sec
 order placed through the gateway's NodePort), upgrade to 1.1.0 (only the API rolls: the other pods keep their
 start time; the order, the generated password and a site override stay), the broken 1.2.0 (the health gate
 fails naming the API and the previous release is applied again), rollback to 1.0.0, and a second install that
-changes nothing.
+changes nothing. Then a field fix made on site (the `patch` playbook, as tests/e2e/test_patch.py does on compose
+and systemd hosts) rolls out to the cluster as the site release 1.0.0+site.1 and is rolled back.
 
 Skips, naming the reason, when the cluster cannot be brought up here (e.g. its binaries are not built on
 this machine: `python -m tests.world.k8s build`, about an hour cold). Never faked.
@@ -28,6 +29,7 @@ import yaml
 from offline_delivery_core.targets.k8s import FINGERPRINT_ANNOTATION
 from offline_delivery_core.clients.kubernetes import K8sClient, wait_for
 from tests.e2e.media import carry, recap
+from tests.e2e.test_patch import FIX, fixed_api
 from tests.world.site import Site
 from tests.world.util import Result
 
@@ -212,6 +214,37 @@ def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     assert res.rc == 0 and recap(res, "cluster")["changed"] == 0, res.output[-6000:]
     assert shop.pods() == pods
     assert shop.client.get("Secret", "db-env", NAMESPACE)["data"] == secret_before
+
+
+def test_a_field_fix_made_on_site_rolls_out_to_the_cluster(shop: Shop) -> None:
+    """The site release on Kubernetes: the patched image comes from the site registry like any other; only the API
+    rolls; rollback returns to the vendor's 1.0.0."""
+    res = shop.play("install", "-e", "app_version=1.0.0")   # where the test above leaves it: nothing to do then
+    assert res.rc == 0, res.output[-6000:]
+    fix = shop.site.transfer_dir / "fix"
+    fix.mkdir(exist_ok=True)
+    (fix / "shop_api.py").write_text(fixed_api())
+    res = shop.play("patch", "-e", json.dumps(FIX))
+    assert res.rc == 0 and "shop 1.0.0+site.1: api as shop/api:1.0.0-site.1" in res.stdout, res.output[-6000:]
+
+    pods_before = shop.pods()
+    res = shop.play("upgrade", "-e", "app_version=1.0.0+site.1")
+    assert res.rc == 0, res.output[-6000:]
+    assert "shop 1.0.0 -> 1.0.0+site.1: added -; changed api; removed -; unchanged db, redis, gateway" in res.stdout
+    pods_after = shop.pods()
+    kept = {n: t for n, t in pods_before.items() if not n.startswith("api-")}
+    assert kept and all(pods_after.get(n) == t for n, t in kept.items()), (pods_before, pods_after)
+    assert "1.0.0-site.1" in shop.client.get("Deployment", "api", NAMESPACE)["spec"]["template"]["spec"][
+        "containers"][0]["image"]
+    assert wait_for(lambda: _try(lambda: shop.gateway("/fix")), timeout=120, interval=3,
+                    what="the patched API behind the gateway") == {"fixed": True}
+    assert shop.gateway("/version")["version"] == "1.0.0-fieldfix"
+
+    res = shop.play("rollback")
+    assert res.rc == 0 and "shop 1.0.0+site.1 -> 1.0.0: restarted api" in res.stdout, res.output[-6000:]
+    version = wait_for(lambda: (lambda r: (r[0] and r[1].get("version") == "1.0.0", r[1]))(
+        _try(lambda: shop.gateway("/version"))), timeout=120, interval=3, what="the vendor's API after the rollback")
+    assert version["version"] == "1.0.0"
 
 
 def _try(call):  # type: ignore[no-untyped-def]
