@@ -47,6 +47,8 @@ class HostSpec:
     groups: tuple[str, ...] = ()
     # Extra `docker run` options for this host only (e.g. a Kubernetes node's `--device /dev/kmsg`).
     run_args: tuple[str, ...] = ()
+    # This host's Debian suite when it differs from the site's (e.g. a Debian 13 host in a Debian 12 site).
+    suite: str = ""
 
     def validate(self) -> None:
         if not _NAME_RE.match(self.name) or self.name == JUMP:
@@ -106,8 +108,8 @@ class Site:
     def load(cls, name: str) -> "Site":
         """The site as `up` recorded it in its site.json (host list and suite)."""
         info = cls(name, hosts=()).info()
-        hosts = [HostSpec(h["name"], h["arch"], tuple(h["groups"]), tuple(h.get("run_args", ())))
-                 for h in info["hosts"]]
+        hosts = [HostSpec(h["name"], h["arch"], tuple(h["groups"]), tuple(h.get("run_args", ())),
+                          h.get("suite", "")) for h in info["hosts"]]
         return cls(name, hosts=hosts, suite=info["suite"], jump_suite=info.get("jump_suite"))
 
     # ---- names and paths -------------------------------------------------------------------------
@@ -202,16 +204,19 @@ class Site:
         return removed
 
     # ---- steps of up() ------------------------------------------------------------------------------
-    def _images(self) -> dict[str, str]:
-        """Host image tag per arch needed, plus the jump image; the slow arm64 build runs alongside."""
-        arches = sorted({h.arch for h in self.hosts} | {"amd64"})
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(arches)) as pool:
-            futures = {a: pool.submit(ensure_host_image, RootfsRecipe(arch=a, suite=self.suite)) for a in arches}
-            amd64: HostImage = (futures["amd64"].result() if self.jump_suite == self.suite
+    def host_suite(self, host: HostSpec) -> str:
+        return host.suite or self.suite
+
+    def _images(self) -> dict[tuple[str, str], str]:
+        """Host image tag per (arch, suite) needed, plus the jump image; the slow arm64 build runs alongside."""
+        kinds = sorted({(h.arch, self.host_suite(h)) for h in self.hosts} | {("amd64", self.suite)})
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+            futures = {k: pool.submit(ensure_host_image, RootfsRecipe(arch=k[0], suite=k[1])) for k in kinds}
+            amd64: HostImage = (futures[("amd64", self.suite)].result() if self.jump_suite == self.suite
                                 else ensure_host_image(RootfsRecipe(arch="amd64", suite=self.jump_suite)))
             jump = ensure_jump_image(amd64)
-            tags = {a: f.result().tag for a, f in futures.items()}
-        tags[JUMP] = jump
+            tags = {k: f.result().tag for k, f in futures.items()}
+        tags[(JUMP, "")] = jump
         return tags
 
     def _make_keys(self) -> None:
@@ -238,12 +243,13 @@ class Site:
             "-v", f"{self.state_dir / 'authorized_keys'}:/root/.ssh/authorized_keys:ro",
         ]
 
-    def _run_hosts(self, images: dict[str, str]) -> None:
+    def _run_hosts(self, images: dict[tuple[str, str], str]) -> None:
         for host in self.hosts:
             # dockerd inside a target needs a real filesystem under /var/lib/docker for overlay2, and so does the
             # systemd target's layer store (whiteouts and trusted xattrs; a real host has ext4/xfs there too).
             args = self._common_run_args(host.name, host.arch, "target") + [
-                "-v", "/var/lib/docker", "-v", "/srv/offline-delivery-apps", *host.run_args, images[host.arch]]
+                "-v", "/var/lib/docker", "-v", "/srv/offline-delivery-apps", *host.run_args,
+                images[(host.arch, self.host_suite(host))]]
             docker(*args, timeout=120).check(f"starting host {host.name} of site {self.name}")
         jump_args = self._common_run_args(JUMP, "amd64", JUMP) + [
             "-v", f"{repo_root()}:{COLLECTION_MOUNT}:ro",
@@ -251,7 +257,7 @@ class Site:
             "-v", f"{self.transfer_dir}:{TRANSFER_MOUNT}:rw",
             "-e", f"ANSIBLE_INVENTORY={WORLD_MOUNT}/{self.name}/inventory.yml",
             "-w", "/root",
-            images[JUMP],
+            images[(JUMP, "")],
         ]
         docker(*jump_args, timeout=120).check(f"starting the jump host of site {self.name}")
 
@@ -289,7 +295,8 @@ class Site:
             "subnet": self.subnet(),
             "jump": {"container": self.container(JUMP), "ip": ips[JUMP]},
             "hosts": [{"name": h.name, "arch": h.arch, "groups": list(h.groups), "ip": ips[h.name],
-                       "container": self.container(h.name), "run_args": list(h.run_args)} for h in self.hosts],
+                       "container": self.container(h.name), "run_args": list(h.run_args),
+                       "suite": self.host_suite(h)} for h in self.hosts],
         }
         (self.state_dir / "site.json").write_text(json.dumps(info, indent=2) + "\n")
         jump_key = f"{WORLD_MOUNT}/{self.name}/{self.key_path.name}"
