@@ -157,7 +157,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     """The slow, cached builds, outside any test's timeout; a warm cache makes each step a look-up."""
-    from . import shop_images
+    from . import awx_path, shop_images
     from .k8s.cluster import ensure_artifacts, ensure_node_image
 
     steps = (
@@ -171,6 +171,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         ("collections for the jump host", lambda: ensure_collections(tuple(DEFAULT_COLLECTIONS))),
         ("the k8s cluster's programs (from Go modules) and node image",
          lambda: print(ensure_node_image(ensure_artifacts(), args.suite))),
+        ("the AWX path's receptor node image and execution environment (Debian 13)",
+         lambda: print(ensure_host_image(awx_path.NODE_RECIPE).tag, awx_path.ensure_ee_image().archive)),
     )
     started = time.monotonic()
     for what, step in steps:

@@ -67,6 +67,7 @@ MESH_PORT = 27199
 CONTROL, EXEC = "awx-control", "exec1"
 WORK_TYPE = "ansible-runner"
 _FIXED_TIME = "1970-01-01T00:00:00Z"
+STALE_EE_SECONDS = 3 * 3600  # an EE archive of other code older than this is removed when a new one is written
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -172,8 +173,10 @@ def ensure_ee_image() -> EeImage:
                 partial = archive.with_name(f".partial-{archive.name}")
                 _write_docker_archive(partial, config, tag, [(rootfs.sha256, rootfs.path), (layer_sha, layer)])
                 partial.rename(archive)
-                for old in archive.parent.glob("offline-delivery-ee-*.tar"):  # one EE is enough
-                    if old != archive:
+                # Older EEs go, once no test that may still mount one can be running (another checkout's
+                # session may have written one a minute ago).
+                for old in archive.parent.glob("offline-delivery-ee-*.tar"):
+                    if old != archive and time.time() - old.stat().st_mtime > STALE_EE_SECONDS:
                         old.unlink()
     return EeImage(tag=tag, archive=archive)
 
