@@ -630,9 +630,14 @@ def _load_closure(path: Path, key: str) -> list[_Wanted] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("key") != key:
             return None
-        return [_Wanted(str(w["uri"]), str(w["filename"]), int(w["size"]), str(w["sha256"])) for w in doc["wanted"]]
+        wanted = [_Wanted(str(w["uri"]), str(w["filename"]), int(w["size"]), str(w["sha256"]))
+                  for w in doc["wanted"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if any(not re.fullmatch(r"[^/\x00]+\.deb", w.filename) or not re.fullmatch(r"[0-9a-f]{64}", w.sha256)
+           for w in wanted):
+        return None  # a plain file name in the store and a sha256, as apt's answer gave them, or resolve anew
+    return wanted
 
 
 def _store_closure(path: Path, key: str, wanted: Sequence[_Wanted]) -> None:

@@ -100,6 +100,11 @@ def test_a_damaged_cache_entry_is_resolved_anew(monkeypatch: pytest.MonkeyPatch,
     entry.write_text(json.dumps(doc))
     _resolve(cache)
     assert apt.closures == 3
+    doc = json.loads(entry.read_text())
+    doc["wanted"][0]["filename"] = "../../etc/evil.deb"  # never a path out of the store
+    entry.write_text(json.dumps(doc))
+    got = _resolve(cache)
+    assert apt.closures == 4 and got[0].path == cache / "debs" / "tini_0.19.0-1_amd64.deb"
 
 
 def test_a_control_that_does_not_match_the_file_name_is_refused(monkeypatch: pytest.MonkeyPatch,
