@@ -9,16 +9,16 @@ DOCUMENTATION = r"""
 ---
 module: app_patch
 short_description: Record a field fix of one component as a site release signed by the site key
-version_added: 0.3.0
+version_added: 0.2.0
 description:
-  - On the repo host, adds O(files) as one new layer (a tar, gzip or uncompressed, written by the collection's own
+  - On the repo host, adds O(files) and removes O(remove) as one new layer (a tar, gzip or uncompressed, written by the collection's own
     code, without Docker or any build tool) on top of O(component)'s image in release O(base) of the site repository,
     for every platform the release carries (new config with the layer's diff_id and a history entry, new
     manifest, new index), and records the site release C(<vendor version>+site.<n>) in the site repository, a
     release manifest like the vendor's with the new image (reference C(<repository>:<tag>-site.<n>)) and the
-    patch record (component, files with their sha256, who, when, base release), signed by the site key.
+    patch record (component, files with their sha256, removed paths, who, when, base release), signed by the site key.
   - The images are not pushed here; M(offline.delivery.registry_publish) publishes the site release's images.
-  - The same patch again (base, component, files, paths, modes) finds the site release already made and changes
+  - The same patch again (base, component, files, paths, modes, removals) finds the site release already made and changes
     nothing.
   - Standard library only, except the signature (python3-cryptography, installed on the repo host by the import).
 author:
@@ -51,9 +51,10 @@ options:
     description:
       - The files to add, each a file on the repo host (O(files[].src)) and its path in the image
         (O(files[].path), absolute, without C(..)), at most 64 files, 256 MiB each, 512 MiB in all.
+      - A patch adds at least one file or removes at least one path (O(remove)).
     type: list
     elements: dict
-    required: true
+    default: []
     suboptions:
       src:
         description: The file on the repo host.
@@ -68,6 +69,14 @@ options:
         type: str
         default: "0644"
         choices: ["0644", "0755", "0600", "0700", "0444", "0555"]
+  remove:
+    description:
+      - Absolute paths to remove from the image (a file or a directory), at most 64; each becomes an OCI
+        whiteout in the new layer, which every target honours. A path the patch also adds, or a directory a
+        file it adds is under, is refused.
+    type: list
+    elements: str
+    default: []
   author:
     description: Who made the patch (recorded in the site release, the image's history and the status report).
     type: str
@@ -135,11 +144,12 @@ def main() -> None:
             "name": {"type": "str", "required": True},
             "base": {"type": "str", "required": True},
             "component": {"type": "str", "required": True},
-            "files": {"type": "list", "elements": "dict", "required": True, "options": {
+            "files": {"type": "list", "elements": "dict", "default": [], "options": {
                 "src": {"type": "path", "required": True},
                 "path": {"type": "str", "required": True},
                 "mode": {"type": "str", "default": "0644", "choices": list(MODES)},
             }},
+            "remove": {"type": "list", "elements": "str", "default": []},
             "author": {"type": "str", "required": True},
             "note": {"type": "str", "default": ""},
             "compress": {"type": "bool", "default": True},
@@ -152,7 +162,7 @@ def main() -> None:
     try:
         res = make_patch(SiteRepo(p["repo_root"]), p["name"], p["component"], p["files"], base_version=p["base"],
                          author=p["author"], note=p["note"], key_dir=p["key_dir"], compress=p["compress"],
-                         check_mode=module.check_mode)
+                         remove=p["remove"], check_mode=module.check_mode)
     except (PatchError, RepoError, BundleError, OSError) as exc:
         module.fail_json(msg=f"patch of {p['name']} {p['base']} component {p['component']}: {exc}")
     module.exit_json(**res.as_dict())

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: repo_have
 short_description: Write the site's signed have-list (every blob its repository holds, per release)
-version_added: 0.3.0
+version_added: 0.2.0
 description:
   - Writes O(dest), the have-file C(bundle-builder build --have) reads
     (C(application/vnd.offline-delivery.have.v1+json)), extended with the site name, the releases of the

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: repo_status
 short_description: Write the site's signed status report (releases held, what every target runs and how)
-version_added: 0.3.0
+version_added: 0.2.0
 description:
   - Writes O(dest) (C(application/vnd.offline-delivery.site-status.v1+json), canonical JSON) on the site's
     repo host - the site name, the releases of its repository (name, version, manifest digest, imported at),

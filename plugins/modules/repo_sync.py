@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: repo_sync
 short_description: Pull one release from a hub's repository into the site's offline repository
-version_added: 0.3.0
+version_added: 0.2.0
 description:
   - Runs on the site's repo host. Fetches the release's C(manifest.json) and C(manifest.sig) from the hub's
     read-only repository (served by the hub's nginx under C(/repo/), see docs/sync.md) and accepts it only

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: repo_tls
 short_description: Make the site CA (once) and the repo host's server certificate signed by it
-version_added: 0.3.0
+version_added: 0.2.0
 description:
   - The TLS option of a site (inventory variable C(offline_delivery_tls), docs/site-repo.md "TLS"). Run on the
     repo host. Makes a certificate authority on site the first time (ECDSA P-256, C(private/site-ca.key) mode

@@ -4,10 +4,12 @@ One small site for the module (`he-patch`, OD_E2E_SITE_PATCH): a repo host, a co
 host (node3), both amd64. Stages, each a fixture building on the one before:
 
   installed  import shop 1.0.0 and 1.1.0; runtime; install 1.0.0
-  patched    a new shop_api.py from the jump host (VERSION "1.0.0-fieldfix" and GET /fix) as the site release
-             1.0.0+site.1 (the api's image gets one layer, built on the repo host); the same patch again: no change
-  deployed   upgrade --check --diff (only the api), upgrade to 1.0.0+site.1: the new behaviour over HTTP
-  rolled     rollback: back to the vendor's 1.0.0
+  patched    a new shop_api.py from the jump host (VERSION "1.0.0-fieldfix" and GET /fix) and a removed file
+             (/etc/debian_version) as the site release 1.0.0+site.1 (the api's image gets one layer, built on the
+             repo host); the same patch again: no change
+  deployed   upgrade --check --diff (only the api), upgrade to 1.0.0+site.1: the new behaviour over HTTP, the
+             removed file gone from the api's root (container or read-only overlay root)
+  rolled     rollback: back to the vendor's 1.0.0, the file back
   replaced   upgrade to 1.0.0+site.1 again, then to the vendor's 1.1.0: its plan says the patch is replaced; the
              site status report names the patch
   broken     a patch of 1.1.0's api that fails its health check (1.2.0's shop_api.py): the upgrade to 1.1.0+site.1
@@ -38,7 +40,9 @@ HOSTS = (
 )
 TARGETS = ("node1", "node3")
 FIX = {"patch_component": "api", "patch_author": "alice", "patch_note": "field fix: GET /fix",
-       "patch_files": [{"src": "/srv/transfer/fix/shop_api.py", "path": "/opt/shop-api/shop_api.py"}]}
+       "patch_files": [{"src": "/srv/transfer/fix/shop_api.py", "path": "/opt/shop-api/shop_api.py"}],
+       "patch_remove": ["/etc/debian_version"]}
+APPS = "/srv/offline-delivery-apps"
 
 
 def play(site: Site, playbook: str, *args: str) -> Any:
@@ -53,6 +57,19 @@ def fixed_api() -> str:
                                           'ROUTES = {\n    ("GET", "/fix"): fix,')
     assert "1.0.0-fieldfix" in source and '"/fix"' in source
     return source
+
+
+def in_api_root(site: Site, host: str, path: str) -> bool:
+    """Whether `path` exists in the running api's root filesystem: inside its container on a compose host, under
+    its mounted overlay root on a systemd host."""
+    if host == "node1":
+        cmd = ("docker exec $(docker ps -q --filter label=io.offline-delivery.app=shop "
+               f"--filter label=com.docker.compose.service=api) test -e {path}")
+    else:
+        cmd = f"findmnt {APPS}/shop/roots/api/root >/dev/null && test -e {APPS}/shop/roots/api/root{path}"
+    res = site.exec(host, cmd, timeout=60)
+    assert res.rc in (0, 1), res.output
+    return res.rc == 0
 
 
 def state(site: Site, host: str) -> dict:
@@ -97,6 +114,7 @@ def test_the_patch_is_a_site_release_signed_by_the_site_key(site: Site, patched:
     digest = "sha256:" + __import__("hashlib").sha256(fixed_api().encode()).hexdigest()
     assert record["patch"]["files"] == [{"path": "/opt/shop-api/shop_api.py", "mode": "0644",
                                          "size": len(fixed_api().encode()), "sha256": digest}]
+    assert record["patch"]["removed"] == ["/etc/debian_version"]
     site_key = site.exec("repo", "python3 -c \"import hashlib,base64,sys;"
                                  "d=open('/etc/offline-delivery/have-signing/site-have.pub').read().split('-----')[2];"
                                  "print(hashlib.sha256(base64.b64decode(''.join(d.split()))[-32:]).hexdigest())\"")
@@ -125,6 +143,7 @@ def test_the_site_release_changes_only_the_api_and_its_behaviour(site: Site, dep
         assert deployed["after"][host]["api"] != deployed["before"][host]["api"]
         assert http(site, host, "GET", "/version")["version"] == "1.0.0-fieldfix"
         assert http(site, host, "GET", "/fix") == {"fixed": True}
+        assert not in_api_root(site, host, "/etc/debian_version") and in_api_root(site, host, "/etc/os-release")
         assert [o["item"] for o in http(site, host, "GET", "/orders")["orders"]] == [f"book-{host}"]
         last = state(site, host)["history"][-1]
         assert last["to"] == "1.0.0+site.1" and last["result"] == "ok"
@@ -142,6 +161,7 @@ def test_rollback_returns_to_the_vendors_release(site: Site, rolled: Any) -> Non
     for host in TARGETS:
         assert http(site, host, "GET", "/version")["version"] == "1.0.0"
         assert state(site, host)["current"]["version"] == "1.0.0"
+        assert in_api_root(site, host, "/etc/debian_version")
 
 
 @pytest.fixture(scope="module")

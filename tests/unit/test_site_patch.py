@@ -102,6 +102,47 @@ def test_patch_adds_one_layer_per_platform_and_the_image_unpacks(site, tmp_path)
     assert plans["web"].tag == "1.0.0-site.1" and plans["web"].index_digest == rel["images"]["web"]["index"]
 
 
+def test_removed_paths_are_whiteouts_in_the_new_layer_and_part_of_the_patch(site, tmp_path):
+    files = [{"src": str(site["fix"] / "web"), "path": "/app/web"}]
+    res = patch(site, files=files, remove=["/etc/os-release", "/app/old"])
+    assert res.changed and "1 file, 2 removed paths on 1.0.0" in res.msg, res.msg
+    repo = site["repo"]
+    rel = read_release(repo, "mini", "1.0.0+site.1", site_key_dir=site["keys"])
+    assert rel["patch"]["removed"] == ["/app/old", "/etc/os-release"]
+    manifest = json.loads(Path(repo.blob_file(rel["images"]["web"]["manifests"][PLATFORMS[0]])).read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(Path(repo.blob_file(
+            manifest["layers"][-1]["digest"])).read_bytes()))) as tar:
+        members = [(m.name, m.type, m.size) for m in tar]
+    assert members == [("app/.wh.old", tarfile.REGTYPE, 0), ("app/web", tarfile.REGTYPE, 9),
+                       ("etc/.wh.os-release", tarfile.REGTYPE, 0)]
+    assert "-/etc/os-release" in json.loads(Path(repo.blob_file(manifest["config"]["digest"])).read_bytes())[
+        "history"][-1]["created_by"]
+    # the same again is this very patch; other removals are another
+    again = patch(site, files=files, remove=["/app/old", "/etc/os-release"])
+    assert not again.changed and again.version == "1.0.0+site.1"
+    only_removal = patch(site, files=[], remove=["/etc/os-release"])
+    assert only_removal.changed and only_removal.version == "1.0.0+site.2"
+    assert "0 file" not in only_removal.msg and "1 removed path on 1.0.0" in only_removal.msg
+
+
+@pytest.mark.parametrize("files, remove, error", [
+    ([], [], "at least one file .* or one path to remove"),
+    (None, ["/app/web"], r"remove\[0\]: /app/web cannot be removed by the patch that adds /app/web"),
+    (None, ["/app"], r"remove\[0\]: /app cannot be removed by the patch that adds /app/(web|bin/run.sh)"),
+    (None, ["/etc/x", "/etc/x"], r"remove\[1\]: /etc/x is given twice"),
+    (None, ["etc/x"], r"remove\[0\]: path in the image 'etc/x' must be absolute"),
+    (None, ["/etc/.wh.x"], r"remove\[0\]: .*starting with \.wh\. \(a whiteout"),
+    ([{"src": "web", "path": "/app/.wh.web"}], [], r"files\[0\]: .*starting with \.wh\."),
+])
+def test_removals_are_checked_before_anything_is_recorded(site, files, remove, error):
+    if files is not None:
+        files = [dict(f, src=str(site["fix"] / f["src"])) for f in files]
+    before = site["repo"].catalog()
+    with pytest.raises(PatchError, match=error):
+        patch(site, remove=remove, **({} if files is None else {"files": files}))
+    assert site["repo"].catalog() == before
+
+
 def test_an_uncompressed_layer_and_the_same_patch_again_is_no_change(site, tmp_path):
     first = patch(site, compress=False)
     manifest = json.loads(Path(site["repo"].blob_file(first.patch["image"]["manifests"]["linux/amd64"])).read_bytes())
@@ -298,7 +339,8 @@ def test_the_hosts_history_names_the_patch_of_a_site_release(tmp_path):
     assert state["history"][-1]["to"] == "1.0.0+site.1"
     assert state["history"][-1]["patch"] == {"component": "api", "base": "1.0.0", "by": "alice",
                                              "at": "2026-12-06T06:00:00Z", "note": "fix",
-                                             "files": [{"path": "/opt/shop-api/shop_api.py", "sha256": "sha256:" + "a" * 64}]}
+                                             "files": [{"path": "/opt/shop-api/shop_api.py", "sha256": "sha256:" + "a" * 64}],
+                                             "removed": []}
     back = engine(tmp_path, rt).rollback(version=None, restore=False)
     assert back["version"] == "1.0.0" and "patch" not in json.loads(
         (tmp_path / "apps" / "shop" / "state.json").read_text())["history"][-1]

@@ -362,13 +362,14 @@ class Engine:
 
 
 def patch_note(patch: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """``{"patch": {component, base, files, by, at, note}}`` of a site release's patch record, for a history
+    """``{"patch": {component, base, files, removed, by, at, note}}`` of a site release's patch record, for a history
     entry (what the site changed, by whom and when); {} for a vendor release."""
     if not patch:
         return {}
     files = [{k: f.get(k) for k in ("path", "sha256")} for f in patch.get("files") or [] if isinstance(f, Mapping)]
     return {"patch": {"component": patch.get("component"), "base": (patch.get("base") or {}).get("version"),
-                      "files": files, "by": patch.get("by"), "at": patch.get("at"), "note": patch.get("note")}}
+                      "files": files, "removed": list(patch.get("removed") or []), "by": patch.get("by"),
+                      "at": patch.get("at"), "note": patch.get("note")}}
 
 
 # -- status ---------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@
 On the repo host (module ``app_patch``, playbook ``offline.delivery.patch``), standard library only. From a
 release of the site repository (the running one, or a named one) and a few files:
 
-* one new layer, a tar of the files (gzip or uncompressed), written here: no Docker, no build tool;
+* one new layer, a tar of the files (gzip or uncompressed), written here: no Docker, no build tool; a path to
+  remove becomes an OCI whiteout (``.wh.<name>``) in it, which Docker, containerd and the systemd target's
+  overlay roots all honour;
 * per platform the release carries, the component's image config with that layer's diff_id and a history entry
   appended, a new image manifest (the base layers and the new one) and a new index: the component's image
   ``<repository>:<tag>-site.<n>``;
 * a release manifest like the vendor's (same format, bundle/format.build_manifest) with the new model (version
   and image reference) and the changed image, the base's packages and files, and one more blob: the patch record
-  (component, files with their sha256, who, when, the base release), signed by the **site key** (the key of
+  (component, files with their sha256, removed paths, who, when, the base release), signed by the **site key** (the key of
   the have-list and the status report, site/have.py) in manifest.sig;
 * published into the site repository through the import's own steps (site/repo.publish_site_release), its
   catalog record marked ``origin: site`` with the patch.
@@ -22,7 +24,8 @@ the catalog holds (:func:`verify_site_release`); a vendor bundle can neither car
 by the site's key (bundle/trust.check_vendor_release, called by every import and sync). Precedence: a site
 release sorts after its vendor release and before the vendor's next one (site/release.semver_key).
 
-The same patch again (same base, component, files, paths and modes) is the release already made: no change.
+The same patch again (same base, component, files, paths, modes and removals) is the release already made: no
+change.
 """
 
 from __future__ import annotations
@@ -93,13 +96,43 @@ def image_path_problem(path: object) -> Optional[str]:
     parts = path[1:].split("/")
     if any(p in ("", ".", "..") for p in parts):
         return f"path in the image {path!r} must be normalised: no empty, '.' or '..' parts"
+    if any(p.startswith(".wh.") for p in parts):
+        return f"path in the image {path!r} has a part starting with .wh. (a whiteout: it would remove a file)"
     return None
 
 
-def check_files(files: Sequence[Mapping[str, Any]]) -> List[PatchFile]:
-    """The files of a patch, each regular, bounded in size and hashed; PatchError names the entry."""
-    if not files:
-        raise PatchError("a patch needs at least one file ({src, path}: a local file and its path in the image)")
+def check_removed(paths: Sequence[object], files: Sequence[PatchFile]) -> List[str]:
+    """The paths a patch removes from the image, sorted; PatchError names the entry. A removed path may not be a
+    file the patch adds or a directory one is added under: one layer cannot both hide and fill a path."""
+    if len(paths) > MAX_FILES:
+        raise PatchError(f"{len(paths)} paths to remove: a field fix removes at most {MAX_FILES}")
+    out: List[str] = []
+    for i, path in enumerate(paths):
+        problem = image_path_problem(path)
+        if problem:
+            raise PatchError(f"remove[{i}]: {problem}")
+        text = str(path)
+        if text in out:
+            raise PatchError(f"remove[{i}]: {text} is given twice")
+        added = next((f.path for f in files if f.path == text or f.path.startswith(text + "/")), None)
+        if added:
+            raise PatchError(f"remove[{i}]: {text} cannot be removed by the patch that adds {added}")
+        out.append(text)
+    return sorted(out)
+
+
+def whiteout_name(path: str) -> str:
+    """The layer member that removes ``path`` from the layers below (OCI image spec, "Whiteouts")."""
+    parent, _sep, base = path.lstrip("/").rpartition("/")
+    return (parent + "/" if parent else "") + ".wh." + base
+
+
+def check_files(files: Sequence[Mapping[str, Any]], *, removes: bool = False) -> List[PatchFile]:
+    """The files of a patch, each regular, bounded in size and hashed; PatchError names the entry. ``removes``:
+    the patch also removes paths, so it may add no file."""
+    if not files and not removes:
+        raise PatchError("a patch needs at least one file ({src, path}: a local file and its path in the image) "
+                         "or one path to remove")
     if len(files) > MAX_FILES:
         raise PatchError(f"{len(files)} files: a field fix adds at most {MAX_FILES}; ask the vendor for a release")
     out: List[PatchFile] = []
@@ -172,19 +205,26 @@ class _HashingWriter:
         return "sha256:" + self.h.hexdigest()
 
 
-def write_layer(files: Sequence[PatchFile], directory: str, *, mtime: int, compress: bool) -> Dict[str, Any]:
+def write_layer(files: Sequence[PatchFile], directory: str, *, mtime: int, compress: bool,
+                removed: Sequence[str] = ()) -> Dict[str, Any]:
     """One layer of ``files`` (regular files owned by root, no directory entries: the image's own stay as they
-    are) in ``directory``, named by its digest; ``{digest, diffId, size, compressed}``. The tar is PAX, its
-    entries sorted by path; gzip without a name or time, so the same files give the same bytes."""
+    are) and a whiteout per ``removed`` path, in ``directory``, named by its digest; ``{digest, diffId, size,
+    compressed}``. The tar is PAX, its entries sorted by name; gzip without a name or time, so the same files give
+    the same bytes."""
+    entries: List[Tuple[str, Optional[PatchFile]]] = [(f.path.lstrip("/"), f) for f in files]
+    entries += [(whiteout_name(path), None) for path in removed]
     raw_path = os.path.join(directory, "layer.tar")
     with open(raw_path, "wb") as fh:
         raw = _HashingWriter(fh)
         with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            for f in sorted(files, key=lambda f: f.path):
-                info = tarfile.TarInfo(f.path.lstrip("/"))
-                info.size, info.mode, info.mtime = f.size, int(f.mode, 8), mtime
+            for name, f in sorted(entries, key=lambda e: e[0]):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = (f.size, int(f.mode, 8), mtime) if f else (0, 0o644, mtime)
                 info.uid = info.gid = 0
                 info.uname = info.gname = "root"
+                if f is None:
+                    tar.addfile(info)   # a whiteout: an empty regular file
+                    continue
                 with open(f.src, "rb") as src:
                     tar.addfile(info, src)
                     if src.read(1):
@@ -354,9 +394,10 @@ def verify_site_release(repo: SiteRepo, record: Mapping[str, Any], site_key: byt
 
 
 def _same_patch(patch: Mapping[str, Any], base_version: str, component: str, files: Sequence[PatchFile],
-                compress: bool) -> bool:
+                removed: Sequence[str], compress: bool) -> bool:
     return (patch.get("base", {}).get("version") == base_version and patch.get("component") == component
             and patch.get("files") == [f.record() for f in sorted(files, key=lambda f: f.path)]
+            and patch.get("removed", []) == list(removed)
             and patch.get("layer", {}).get("compressed") == compress)
 
 
@@ -378,8 +419,9 @@ class PatchResult:
 
 def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping[str, Any]], *,
                base_version: str, author: str, note: str, key_dir: str, compress: bool = True,
-               check_mode: bool = False, now: Optional[float] = None) -> PatchResult:
-    """Record the site release of ``files`` added to ``component`` of ``app`` ``base_version`` (module doc)."""
+               remove: Sequence[str] = (), check_mode: bool = False, now: Optional[float] = None) -> PatchResult:
+    """Record the site release of ``files`` added to ``component`` of ``app`` ``base_version``, and the paths in
+    ``remove`` removed from it (module doc)."""
     for problem in (name_problem(app, "app name"), name_problem(component, "component name"),
                     version_problem(base_version, "base release"), _text_problem(author, "author"),
                     _text_problem(note, "note")):
@@ -387,7 +429,9 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
             raise PatchError(problem)
     if not author.strip():
         raise PatchError("author must name who made the patch")
-    patch_files = check_files(files)
+    patch_files = check_files(files, removes=bool(remove))
+    removed = check_removed(remove, patch_files)
+    what = _what(patch_files, removed)
     base_record = repo.find_release(app, base_version)
     if base_record is None:
         raise PatchError(f"{app} {base_version} is not in the site repository {repo.root}; name a release it "
@@ -408,7 +452,7 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
     siblings = site_releases(repo, app)
     for rec in siblings:
         if (rec.get("patch") and site_version(rec["version"]) and site_version(rec["version"])[0] == vendor_version
-                and _same_patch(rec["patch"], base_version, component, patch_files, compress)):
+                and _same_patch(rec["patch"], base_version, component, patch_files, removed, compress)):
             return PatchResult(False, f"{app} {rec['version']} is this very patch of {component} on {base_version};"
                                " nothing to do", app, rec["version"], base_version, component,
                                rec["patch"]["image"]["reference"], rec["patch"], rec["manifestDigest"])
@@ -422,7 +466,7 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
     reference = patched_reference(base["images"][component]["reference"], vendor_version, n)
     if seed is None:
         return PatchResult(True, f"{app} {version} would be recorded: {component} as {reference} with "
-                           f"{len(patch_files)} files (a site key would be made)", app, version, base_version,
+                           f"{what} (a site key would be made)", app, version, base_version,
                            component, reference, None)
     public = public_from_seed(seed)
     keyid = ed25519.public_key_id(public)
@@ -433,12 +477,12 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
                          "a site key never signs as the vendor; remove it from offline_delivery_vendor_keys")
     if check_mode:
         return PatchResult(True, f"{app} {version} would be recorded: {component} as {reference} with "
-                           f"{len(patch_files)} files", app, version, base_version, component, reference, None)
+                           f"{what}", app, version, base_version, component, reference, None)
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
     stage_dir = os.path.join(repo.staging_dir, f"site-{app}-{os.getpid()}-{int(time.time() * 1000)}")
     os.makedirs(stage_dir, mode=0o700)
     try:
-        result = _build_and_publish(repo, base, base_record, component, patch_files, _Stage(stage_dir),
+        result = _build_and_publish(repo, base, base_record, component, patch_files, removed, _Stage(stage_dir),
                                     version=version, vendor_version=vendor_version, reference=reference,
                                     author=author, note=note, at=at, compress=compress, seed=seed, keyid=keyid)
     finally:
@@ -446,13 +490,22 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
     return result
 
 
+def _what(files: Sequence[PatchFile], removed: Sequence[str]) -> str:
+    """"2 files" or "1 file, 1 removed path": what a patch changes, for its messages."""
+    parts = [f"{len(files)} file{'' if len(files) == 1 else 's'}"] if files or not removed else []
+    if removed:
+        parts.append(f"{len(removed)} removed path{'' if len(removed) == 1 else 's'}")
+    return ", ".join(parts)
+
+
 def _build_and_publish(repo: SiteRepo, base: Dict[str, Any], base_record: Mapping[str, Any], component: str,
-                       files: Sequence[PatchFile], stage: _Stage, *, version: str, vendor_version: str,
+                       files: Sequence[PatchFile], removed: Sequence[str], stage: _Stage, *, version: str,
+                       vendor_version: str,
                        reference: str, author: str, note: str, at: str, compress: bool, seed: bytes,
                        keyid: str) -> PatchResult:
     app, base_version = base["name"], base["version"]
-    layer = write_layer(files, stage.directory, mtime=int(time.time()), compress=compress)
-    paths = ", ".join(f.path for f in sorted(files, key=lambda f: f.path))
+    layer = write_layer(files, stage.directory, mtime=int(time.time()), compress=compress, removed=removed)
+    paths = ", ".join([f.path for f in sorted(files, key=lambda f: f.path)] + [f"-{p}" for p in removed])
     history = {"created": at, "created_by": f"offline.delivery patch {app} {version}: {paths}",
                "author": author, "comment": note or f"field fix of {component} on site"}
     image = patch_image(repo, base, component, layer, stage, history=history, reference=reference)
@@ -463,10 +516,12 @@ def _build_and_publish(repo: SiteRepo, base: Dict[str, Any], base_record: Mappin
     earlier = []
     if base_record.get("origin") == SITE_ORIGIN:
         earlier = list(base_record["patch"].get("earlier", [])) + [
-            {k: base_record["patch"][k] for k in ("version", "component", "files", "by", "at", "note")}]
+            {**{k: base_record["patch"][k] for k in ("version", "component", "files", "by", "at", "note")},
+             "removed": base_record["patch"].get("removed", [])}]
     patch = {"mediaType": PATCH_MEDIA_TYPE, "app": app, "version": version, "vendorVersion": vendor_version,
              "base": {"version": base_version, "manifestDigest": base_record["manifestDigest"]},
              "component": component, "files": [f.record() for f in sorted(files, key=lambda f: f.path)],
+             "removed": list(removed),
              "layer": {"digest": layer["digest"], "diffId": layer["diffId"], "size": layer["size"],
                        "compressed": layer["compressed"]},
              "image": {"reference": reference, "index": image["index"], "manifests": image["manifests"],
@@ -488,7 +543,7 @@ def _build_and_publish(repo: SiteRepo, base: Dict[str, Any], base_record: Mappin
     except RepoError as exc:
         raise PatchError(str(exc)) from None
     return PatchResult(published.changed, f"{app} {version}: {component} as {reference} (layer "
-                       f"{layer['digest']}, {len(files)} files on {base_version}); {published.msg}", app, version,
+                       f"{layer['digest']}, {_what(files, removed)} on {base_version}); {published.msg}", app, version,
                        base_version, component, reference, patch, published.manifest_digest)
 
 

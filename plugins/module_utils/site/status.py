@@ -8,7 +8,7 @@ One file per site, carried back to the vendor (docs/status.md)::
     {"mediaType": "application/vnd.offline-delivery.site-status.v1+json", "site": "north",
      "collectedAt": "2026-11-22T06:00:00Z",
      "releases": [{"name", "version", "manifestDigest", "importedAt", "sbom" (when the release has one),
-                   "patch" (a site release: {component, base, files, image, by, at, note})}],
+                   "patch" (a site release: {component, base, files, removed, image, by, at, note})}],
      "hosts": {"node1": {"reachable": true, "facts": {"distribution", "distributionVersion", "architecture"},
                          "freeMiB": {"/var/lib/offline-delivery": 1234, ...},
                          "apps": {"shop": {"target", "installed", "version", "previousVersion", "installedAt",
@@ -150,6 +150,7 @@ def patch_summary(patch: Mapping[str, Any]) -> dict[str, Any]:
     the patched image, who, when and why."""
     return {"component": patch.get("component"), "base": (patch.get("base") or {}).get("version"),
             "files": [{k: f.get(k) for k in ("path", "sha256", "size", "mode")} for f in patch.get("files") or []],
+            "removed": list(patch.get("removed") or []),
             "image": (patch.get("image") or {}).get("reference"), "by": patch.get("by"), "at": patch.get("at"),
             "note": patch.get("note")}
 
