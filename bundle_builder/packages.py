@@ -41,6 +41,7 @@ from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 from offline_delivery_core.common.digests import sha256_file
+from offline_delivery_core.common.files import write_atomic
 from offline_delivery_core.common.locks import flock_within
 
 from .distros import (
@@ -567,21 +568,8 @@ def _deb_control(store: Path, item: _Wanted, label: str) -> str:
         pass
     text = _run(["dpkg-deb", "-f", str(store / item.filename)], timeout=TIMEOUT_DPKG_DEB,
                 what=f"{label}: read control of {item.filename}").stdout.rstrip("\n")
-    _write_atomic(kept, text)
+    write_atomic(str(kept), text.encode())  # whole or not at all: other builds may read it meanwhile
     return text
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a cache file whole or not at all (readers may run in other builds at the same time)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _package_file(store: Path, item: _Wanted, row: Distro, arch: str, profiles: tuple[str, ...]) -> PackageFile:
@@ -643,7 +631,7 @@ def _load_closure(path: Path, key: str) -> list[_Wanted] | None:
 def _store_closure(path: Path, key: str, wanted: Sequence[_Wanted]) -> None:
     doc = {"key": key, "wanted": [{"uri": w.uri, "filename": w.filename, "size": w.size, "sha256": w.sha256}
                                   for w in wanted]}
-    _write_atomic(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    write_atomic(str(path), (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: Path,
