@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
-from offline_delivery_core.bundle.format import SBOM_MEDIA_TYPE
+from offline_delivery_core.bundle.format import SBOM_MEDIA_TYPE, BundleError, parse_pax
 from offline_delivery_core.common import zstd
 from offline_delivery_core.common.digests import canonical_json, digest_hex
 from offline_delivery_core.common.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, split_reference
@@ -277,7 +277,10 @@ def _scan_headers(read_at: Any) -> LayerScan:
             if kind == tarfile.GNUTYPE_LONGNAME:
                 long_name = tarfile.nts(payload, _NAME_ENCODING, "surrogateescape")
             else:
-                pax.update(_pax_records(payload[:size]))
+                try:
+                    pax.update(parse_pax(payload[:size], pos))
+                except BundleError:
+                    raise _Unsupported from None
             continue
         if kind in (tarfile.GNUTYPE_SPARSE, tarfile.XGLTYPE) or any(k.startswith("GNU.sparse") for k in pax):
             raise _Unsupported
@@ -327,30 +330,6 @@ def _header_file_bytes(read_at: Any, kind: bytes, pos: int, size: int) -> bytes 
     if len(content) < size:
         raise _Unsupported
     return content
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    """``"<length> <key>=<value>\\n"`` records of a pax extended header (keys and values UTF-8)."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(payload) and payload[pos] != 0:
-        space = payload.find(b" ", pos)
-        if space < 0:
-            raise _Unsupported
-        try:
-            length = int(payload[pos:space])
-        except ValueError:
-            raise _Unsupported from None
-        record = payload[space + 1:pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise _Unsupported
-        key, _eq, value = record[:-1].partition(b"=")
-        try:
-            records[key.decode("utf-8")] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Unsupported from None  # a hdrcharset=BINARY name: tarfile's rules
-        pos += length
-    return records
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None:

@@ -891,7 +891,9 @@ def _octal(field_bytes: bytes, what: str, offset: int) -> int:
                           offset=offset) from None
 
 
-def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
+def parse_pax(data: bytes, offset: int) -> dict[str, str]:
+    """The ``<length> <key>=<value>\\n`` records of a PAX extended header's data; BundleError (at ``offset``) when
+    one is malformed. Also the SBOM's layer walk (bundle_builder/sbom.py) reads pax headers with it."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
@@ -903,7 +905,7 @@ def _parse_pax(data: bytes, offset: int) -> dict[str, str]:
             record = data[sp + 1:pos + length - 1].decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             raise BundleError("malformed PAX extended header", offset=offset) from None
-        if length <= 0:
+        if length <= 0 or data[pos + length - 1:pos + length] != b"\n" or "=" not in record:
             raise BundleError("malformed PAX extended header", offset=offset)
         key, dummy, value = record.partition("=")
         records[key] = value
@@ -970,7 +972,7 @@ class TarStreamReader:
             padding = self._read_exact(-size % BLOCK, "padding", None)
             if padding.count(0) != len(padding):
                 raise BundleError("non-zero bytes in the padding of a PAX header", offset=self.offset)
-            pax = _parse_pax(data, header_offset)
+            pax = parse_pax(data, header_offset)
             pax_raw = header + data + padding
 
     def _read_trailer(self, offset: int) -> None:
