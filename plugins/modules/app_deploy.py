@@ -105,6 +105,13 @@ options:
     description: Upper bound in seconds on the wait for one component to become healthy, or for a job to complete.
     type: int
     default: 300
+  health_scale:
+    description:
+      - Multiplies each component's health budget (its start period plus every retry, from the model), for a
+        host slower than the vendor's timings assume (a small ARM board, an emulated host). Still at most
+        O(health_timeout). A component that never becomes healthy is found that many times later.
+    type: float
+    default: 1.0
   snapshot:
     description:
       - Before an upgrade that changes anything, stop the components with volumes and snapshot their volumes
@@ -269,6 +276,7 @@ def main() -> None:
             "registry": {"type": "str", "required": True},
             "registry_ca": {"type": "path"},
             "health_timeout": {"type": "int", "default": 300},
+            "health_scale": {"type": "float", "default": 1.0},
             "snapshot": {"type": "bool", "default": False},
             "restore_snapshot": {"type": "bool", "default": False},
             "auto_rollback": {"type": "bool", "default": True},
@@ -299,7 +307,8 @@ def main() -> None:
             target = Target(host=p["host"], platform=p["platform"], placement=p["placement"],
                             addresses=p["addresses"], registry=p["registry"], secrets=p["secrets"])
             engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
-                            actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
+                            actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode,
+                            health_scale=p["health_scale"])
             if p["action"] == "deploy":
                 result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
                                        overrides=p["overrides"], snapshot=p["snapshot"],

@@ -166,6 +166,9 @@ def test_install_job_runs_the_app(awx: AwxPath, jobs: dict[str, Job]) -> None:
 def test_upgrade_job_changes_only_what_changed(awx: AwxPath, jobs: dict[str, Job]) -> None:
     job = successful(jobs["upgrade-1.1.0"])
     assert job.stats()["node1"]["changed"] > 0
+    stdout = (job.artifacts / "stdout").read_text()
+    assert "shop 1.0.0 -> 1.1.0: added -; changed api; removed -; unchanged db, redis, gateway" in stdout, \
+        stdout[-4000:]
     assert http(awx.site, "node1", "GET", "/version")["version"] == "1.1.0"
 
 

@@ -186,10 +186,7 @@ def test_install_upgrade_broken_rollback_unchanged(shop: Shop) -> None:
     res = shop.play("upgrade", "-e", "app_version=1.1.0")
     assert res.rc == 0, res.output[-6000:]
     assert "shop 1.0.0 -> 1.1.0: added -; changed api; removed -; unchanged db, redis, gateway" in res.stdout
-    pods_after = shop.pods()
-    kept = {n: t for n, t in pods_before.items() if not n.startswith("api-")}
-    assert kept and all(pods_after.get(n) == t for n, t in kept.items()), (pods_before, pods_after)
-    assert not set(n for n in pods_before if n.startswith("api-")) & set(pods_after)
+    only_the_api_rolled(pods_before, shop.pods())
     assert shop.client.get("Secret", "db-env", NAMESPACE)["data"] == secret_before
     listing = shop.gateway("/orders")
     assert listing["currency"] == "CHF" and any(o["id"] == order["id"] for o in listing["orders"])
@@ -231,9 +228,7 @@ def test_a_field_fix_made_on_site_rolls_out_to_the_cluster(shop: Shop) -> None:
     res = shop.play("upgrade", "-e", "app_version=1.0.0+site.1")
     assert res.rc == 0, res.output[-6000:]
     assert "shop 1.0.0 -> 1.0.0+site.1: added -; changed api; removed -; unchanged db, redis, gateway" in res.stdout
-    pods_after = shop.pods()
-    kept = {n: t for n, t in pods_before.items() if not n.startswith("api-")}
-    assert kept and all(pods_after.get(n) == t for n, t in kept.items()), (pods_before, pods_after)
+    only_the_api_rolled(pods_before, shop.pods())
     assert "1.0.0-site.1" in shop.client.get("Deployment", "api", NAMESPACE)["spec"]["template"]["spec"][
         "containers"][0]["image"]
     assert wait_for(lambda: _try(lambda: shop.gateway("/fix")), timeout=120, interval=3,
@@ -245,6 +240,13 @@ def test_a_field_fix_made_on_site_rolls_out_to_the_cluster(shop: Shop) -> None:
     version = wait_for(lambda: (lambda r: (r[0] and r[1].get("version") == "1.0.0", r[1]))(
         _try(lambda: shop.gateway("/version"))), timeout=120, interval=3, what="the vendor's API after the rollback")
     assert version["version"] == "1.0.0"
+
+
+def only_the_api_rolled(before: Dict[str, str], after: Dict[str, str]) -> None:
+    """Every pod but the API's kept its start time; none of the API's old pods is left."""
+    kept = {n: t for n, t in before.items() if not n.startswith("api-")}
+    assert kept and all(after.get(n) == t for n, t in kept.items()), (before, after)
+    assert not {n for n in before if n.startswith("api-")} & set(after), (before, after)
 
 
 def _try(call):  # type: ignore[no-untyped-def]

@@ -15,7 +15,8 @@ import yaml
 from offline_delivery_core.app.engine import (Engine, HealthGateError, Target, host_status, make_plan, start_levels,
                                            uninstall)
 from offline_delivery_core.app.model import ModelError, load_model
-from offline_delivery_core.app.runtime import DeployError, Observed, Runtime, desired_specs
+from offline_delivery_core.app.runtime import (DeployError, Observed, Runtime, desired_specs, health_budget,
+                                               wait_healthy)
 from offline_delivery_core.app.state import AppState
 
 SHOP = Path(__file__).resolve().parents[2] / "examples" / "shop"
@@ -203,6 +204,22 @@ def test_failed_gate_rolls_back_and_names_the_component(tmp_path: Path) -> None:
     # what 1.2.0 unpacked goes with the rollback: the prune after it keeps only the kept releases' images
     assert rt.calls[-1] == ("prune", sorted(state.kept_images()))
     assert not any("-1.2.0" in d for d in rt.calls[-1][1]) and any("-1.1.0" in d for d in rt.calls[-1][1])
+
+
+def test_a_slow_hosts_health_scale_stretches_each_budget_up_to_the_cap() -> None:
+    health = {"start_period": 2, "retries": 6, "interval": 5, "timeout": 3}   # 50 s as the vendor timed it
+    assert health_budget(health, 300) == 50 and health_budget(health, 300, 3) == 150
+    assert health_budget(health, 120, 3) == 120 and health_budget(None, 300, 3) == 30
+
+    class NeverHealthy:
+        def probe(self, spec):  # type: ignore[no-untyped-def]
+            return False, "connection refused"
+
+    spec = type("Spec", (), {"is_job": False, "health": health})()
+    now = [0.0]
+    ok, reason = wait_healthy(NeverHealthy(), spec, cap=300, scale=3,  # type: ignore[arg-type]
+                              clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert not ok and reason == "connection refused" and 148 <= now[0] <= 150
 
 
 def test_rollback_to_previous_keeps_overrides(tmp_path: Path) -> None:

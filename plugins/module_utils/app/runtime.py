@@ -319,22 +319,23 @@ def listening_tcp_ports(proc: str = "/proc/net") -> set:
     return ports
 
 
-def health_budget(health: Optional[Mapping[str, Any]], cap: float) -> float:
-    """Seconds to wait for a component to become healthy: its start period plus every retry, at most ``cap``."""
+def health_budget(health: Optional[Mapping[str, Any]], cap: float, scale: float = 1.0) -> float:
+    """Seconds to wait for a component to become healthy: its start period plus every retry, times ``scale`` (a
+    host slower than the one the vendor's timings were made for), at most ``cap``."""
     if not health:
-        return min(10.0, cap)
+        return min(10.0 * scale, cap)
     budget = health["start_period"] + health["retries"] * (health["interval"] + health["timeout"])
-    return float(min(max(budget, 5), cap))
+    return float(min(max(budget, 5) * scale, cap))
 
 
-def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float,
+def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float, scale: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
                  ) -> Tuple[bool, str]:
     """Probe until healthy or the budget is spent; returns the last reason when it never became healthy.
     A job is waited for until it exits (at most ``cap``): a failed run ends the wait at once."""
     if spec.is_job:
         return _wait_job(runtime, spec, cap=cap, clock=clock, sleep=sleep)
-    deadline = clock() + health_budget(spec.health, cap)
+    deadline = clock() + health_budget(spec.health, cap, scale)
     step = min(2.0, float((spec.health or {}).get("interval", 1)) or 1.0)
     reason = "not probed"
     while True:
