@@ -127,12 +127,8 @@ def whiteout_name(path: str) -> str:
     return (parent + "/" if parent else "") + ".wh." + base
 
 
-def check_files(files: Sequence[Mapping[str, Any]], *, removes: bool = False) -> List[PatchFile]:
-    """The files of a patch, each regular, bounded in size and hashed; PatchError names the entry. ``removes``:
-    the patch also removes paths, so it may add no file."""
-    if not files and not removes:
-        raise PatchError("a patch needs at least one file ({src, path}: a local file and its path in the image) "
-                         "or one path to remove")
+def check_files(files: Sequence[Mapping[str, Any]]) -> List[PatchFile]:
+    """The files of a patch, each regular, bounded in size and hashed; PatchError names the entry."""
     if len(files) > MAX_FILES:
         raise PatchError(f"{len(files)} files: a field fix adds at most {MAX_FILES}; ask the vendor for a release")
     out: List[PatchFile] = []
@@ -429,7 +425,10 @@ def make_patch(repo: SiteRepo, app: str, component: str, files: Sequence[Mapping
             raise PatchError(problem)
     if not author.strip():
         raise PatchError("author must name who made the patch")
-    patch_files = check_files(files, removes=bool(remove))
+    if not files and not remove:
+        raise PatchError("a patch needs at least one file ({src, path}: a local file and its path in the image) "
+                         "or one path to remove")
+    patch_files = check_files(files)
     removed = check_removed(remove, patch_files)
     what = _what(patch_files, removed)
     base_record = repo.find_release(app, base_version)
