@@ -107,9 +107,11 @@ options:
     default: 300
   health_scale:
     description:
-      - Multiplies each component's health budget (its start period plus every retry, from the model), for a
-        host slower than the vendor's timings assume (a small ARM board, an emulated host). Still at most
-        O(health_timeout). A component that never becomes healthy is found that many times later.
+      - Multiplies each component's health budget (its start period plus every retry, from the model) and the
+        time each run of its health check may take, for a host slower than the vendor's timings assume (a small
+        ARM board, an emulated host). The budget is still at most O(health_timeout). A component that never
+        becomes healthy is found that many times later. On the k8s target the kubelet runs the checks with the
+        model's own time limits; only the wait for the rollout is stretched.
     type: float
     default: 1.0
   snapshot:
@@ -307,8 +309,7 @@ def main() -> None:
             target = Target(host=p["host"], platform=p["platform"], placement=p["placement"],
                             addresses=p["addresses"], registry=p["registry"], secrets=p["secrets"])
             engine = Engine(runtime, state, target, health_cap=p["health_timeout"],
-                            actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode,
-                            health_scale=p["health_scale"])
+                            actor=p["actor"] or getpass.getuser(), check_mode=module.check_mode)
             if p["action"] == "deploy":
                 result = engine.deploy(version=p["version"], model=p["model"], images=p["images"],
                                        overrides=p["overrides"], snapshot=p["snapshot"],

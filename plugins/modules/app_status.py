@@ -34,6 +34,12 @@ options:
     description: How many of the latest history entries to return.
     type: int
     default: 10
+  health_scale:
+    description:
+      - Multiplies the time each health check may take, for a host slower than the vendor's timings assume
+        (as O(offline.delivery.app_deploy#module:health_scale) does for a deploy).
+    type: float
+    default: 1.0
 seealso:
   - module: offline.delivery.app_deploy
 """
@@ -89,6 +95,7 @@ def main() -> None:
         argument_spec={
             **APP_HOST_OPTIONS,
             "history": {"type": "int", "default": 10},
+            "health_scale": {"type": "float", "default": 1.0},
         },
         required_if=[("target", "k8s", ("kubeconfig",))],
         supports_check_mode=True,

@@ -212,12 +212,14 @@ def test_a_slow_hosts_health_scale_stretches_each_budget_up_to_the_cap() -> None
     assert health_budget(health, 120, 3) == 120 and health_budget(None, 300, 3) == 30
 
     class NeverHealthy:
+        health_scale = 3   # a host that says it is three times slower
+
         def probe(self, spec):  # type: ignore[no-untyped-def]
             return False, "connection refused"
 
     spec = type("Spec", (), {"is_job": False, "health": health})()
     now = [0.0]
-    ok, reason = wait_healthy(NeverHealthy(), spec, cap=300, scale=3,  # type: ignore[arg-type]
+    ok, reason = wait_healthy(NeverHealthy(), spec, cap=300,  # type: ignore[arg-type]
                               clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
     assert not ok and reason == "connection refused" and 148 <= now[0] <= 150
 

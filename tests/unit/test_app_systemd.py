@@ -358,6 +358,36 @@ def test_probes(host) -> None:
     assert not ok and "TCP 127.0.0.1:1" in reason
 
 
+def test_a_slow_hosts_check_gets_its_scaled_time_and_a_check_stopped_at_its_limit_says_so(tmp_path: Path) -> None:
+    """health_scale 3: a 3 s check may take 9 s (RuntimeMaxSec=9). systemd-run says 1 both for a check that
+    exited 1 and for one stopped at RuntimeMaxSec=; the time it took tells them apart (the CI failure of
+    stop 24: a python check under qemu stopped at 3 s was reported as 'exited 1')."""
+    systemd, now = Systemd(), [0.0]
+    answers = {"quick": (1, "summary written 40 s ago\n", "", 0.5), "stopped": (1, "", "", 9.2)}
+    answer = ["quick"]
+
+    def run(argv: List[str]) -> Tuple[int, str, str]:
+        if "systemd-run" not in argv:
+            return systemd(argv)
+        systemd.calls.append(argv)
+        rc, out, err, seconds = answers[answer[0]]
+        now[0] += seconds
+        return rc, out, err
+
+    runtime = SystemdRuntime("shop", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=run,
+                             unit_dir=str(tmp_path), sleep=lambda _s: None, clock=lambda: now[0], health_scale=3)
+    spec = make_spec(name="tally", volumes=[], health={"exec": ["python3", "/opt/poll/poll.py", "check-tally"],
+                                                       "timeout": 3, "interval": 5, "retries": 6, "start_period": 2})
+    (tmp_path / "od-shop-tally.service").write_text("[Service]\nRootDirectory=/r\nUser=poll\n")
+    systemd.state["od-shop-tally.service"] = "active"
+    assert runtime.check_timeout(spec) == 9
+    assert runtime.probe(spec) == (False, "exec python3 /opt/poll/poll.py check-tally exited 1: summary written 40 s ago")
+    probe = systemd.calls[-1]
+    assert probe[:4] == ["timeout", "-k", "2", "14"] and "RuntimeMaxSec=9" in probe
+    answer[0] = "stopped"
+    assert runtime.probe(spec) == (False, "exec python3 /opt/poll/poll.py check-tally did not finish within 9s")
+
+
 def test_remove_and_uninstall_keep_volumes(host) -> None:
     runtime, systemd, tmp = host
     db = make_spec()

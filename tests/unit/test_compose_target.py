@@ -26,10 +26,13 @@ def make_spec(name: str, **changes: Any) -> ComponentSpec:
 
 
 class Docker:
-    """Answers `docker ps` / `docker inspect` with the containers given (State as Docker reports it)."""
+    """Answers `docker ps` / `docker inspect` with the containers given (State as Docker reports it), and a
+    health check's `timeout ... docker exec` with ``check_rc``."""
 
     def __init__(self, containers: List[Tuple[str, str, Dict[str, Any]]]) -> None:
         self.containers = containers   # (service, kind label or "", State)
+        self.checks: List[List[str]] = []
+        self.check_rc = 0
 
     def __call__(self, argv: List[str]) -> Tuple[int, str, str]:
         if argv[1] == "ps":
@@ -43,11 +46,26 @@ class Docker:
                 out.append({"Id": "id%d" % i, "Name": "/od-poll-%s-1" % service, "Config": {"Labels": labels},
                             "State": state})
             return 0, json.dumps(out), ""
+        if argv[0] == "timeout":   # docker exec of a health check: what `timeout` says when it stops one
+            self.checks.append(argv)
+            return self.check_rc, "", ""
         return 0, "", ""
 
 
-def runtime(tmp_path: Path, docker: Docker) -> ComposeRuntime:
-    return ComposeRuntime("poll", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=docker)
+def runtime(tmp_path: Path, docker: Docker, health_scale: float = 1.0) -> ComposeRuntime:
+    return ComposeRuntime("poll", apps_dir=str(tmp_path / "apps"), state_dir=str(tmp_path / "state"), run=docker,
+                          health_scale=health_scale)
+
+
+def test_a_slow_hosts_exec_check_gets_its_scaled_time(tmp_path: Path) -> None:
+    docker = Docker([("tally", "", {"Status": "running", "Running": True})])
+    tally = make_spec("tally", health={"exec": ["python3", "/opt/poll/poll.py", "check-tally"], "timeout": 3,
+                                       "interval": 5, "retries": 6, "start_period": 2})
+    rt = runtime(tmp_path, docker, health_scale=3)
+    assert rt.probe(tally) == (True, "")
+    assert docker.checks[-1][:5] == ["timeout", "10", "docker", "exec", "id0"]
+    docker.check_rc = 124
+    assert rt.probe(tally) == (False, "python3 did not finish within 9s")
 
 
 def test_a_job_is_a_one_shot_service_its_dependents_wait_for(tmp_path: Path) -> None:

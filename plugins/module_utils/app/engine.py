@@ -94,9 +94,9 @@ def start_levels(specs: Sequence[ComponentSpec]) -> List[List[ComponentSpec]]:
 
 
 def apply_plan(runtime: Runtime, specs: Sequence[ComponentSpec], plan: Plan, *, health_cap: float,
-               log: Callable[[str], None], health_scale: float = 1.0) -> Dict[str, str]:
+               log: Callable[[str], None]) -> Dict[str, str]:
     """Make the host match ``specs``; returns component -> "healthy" (a job: "completed"). Raises
-    HealthGateError. ``health_scale`` stretches each component's health budget (runtime.health_budget)."""
+    HealthGateError."""
     to_start = set(plan.to_start)
     runtime.prepare([s for s in specs if s.name in to_start])
     if plan.removed:
@@ -109,7 +109,7 @@ def apply_plan(runtime: Runtime, specs: Sequence[ComponentSpec], plan: Plan, *, 
             log("starting %s" % ", ".join(s.name for s in todo))
             runtime.start(todo, all_specs=specs)
         for spec in level:
-            ok, reason = wait_healthy(runtime, spec, cap=health_cap, scale=health_scale)
+            ok, reason = wait_healthy(runtime, spec, cap=health_cap)
             if not ok:
                 raise HealthGateError(spec.name, reason, runtime.logs(spec.name), job=spec.is_job)
             health[spec.name] = "completed" if spec.is_job else "healthy"
@@ -136,14 +136,12 @@ class Engine:
     made on the first deploy; in check mode never made, a key of the run is used instead)."""
 
     def __init__(self, runtime: Runtime, state: AppState, target: Target, *, health_cap: float, actor: str,
-                 check_mode: bool = False, log: Optional[Callable[[str], None]] = None,
-                 health_scale: float = 1.0) -> None:
+                 check_mode: bool = False, log: Optional[Callable[[str], None]] = None) -> None:
         self.runtime = runtime
         self.state = state
         self.fingerprint_key = fingerprint_key(state.state_dir, create=not check_mode)
         self.target = target
         self.health_cap = health_cap
-        self.health_scale = health_scale
         self.actor = actor
         self.check_mode = check_mode
         self.messages: List[str] = []
@@ -246,8 +244,7 @@ class Engine:
             exc.args = ("%s: %s; nothing was changed" % (where, exc.args[0]),)
             raise
         try:
-            health = apply_plan(self.runtime, specs, plan, health_cap=self.health_cap, log=self.log,
-                                health_scale=self.health_scale)
+            health = apply_plan(self.runtime, specs, plan, health_cap=self.health_cap, log=self.log)
         except DeployError as exc:
             self._recover(exc, version=version, before=before, auto_rollback=auto_rollback, at=at, action=action,
                           plan=plan)
@@ -305,8 +302,7 @@ class Engine:
                     specs = self.specs(kept["model"], kept["images"], before["overrides"], kept,
                                        before.get("modules"))
                     apply_plan(self.runtime, specs, make_plan(specs, self.runtime.observe()),
-                               health_cap=self.health_cap, log=self.log,
-                               health_scale=self.health_scale)
+                               health_cap=self.health_cap, log=self.log)
                     event["rolled_back_to"] = before["version"]
                     self._prune()   # what the failed release unpacked goes: the host is as it was
                 else:

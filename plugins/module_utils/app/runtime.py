@@ -200,16 +200,25 @@ class Runtime(abc.ABC):
 
     ``run`` executes an argv and returns (rc, stdout, stderr) — the module's run_command, so tests and the
     module share one path. Runtimes never log env values or config file contents.
+
+    ``health_scale`` says how much slower this host is than the one the vendor's health timings were made
+    for (a small ARM board, an emulated host): each health budget and each check's time limit is that many
+    times the model's.
     """
 
     kind = ""
 
     def __init__(self, app: str, *, apps_dir: str, state_dir: str,
-                 run: Callable[[List[str]], Tuple[int, str, str]]) -> None:
+                 run: Callable[[List[str]], Tuple[int, str, str]], health_scale: float = 1.0) -> None:
         self.app = app
         self.apps_dir = apps_dir
         self.state_dir = state_dir
         self.run = run
+        self.health_scale = health_scale
+
+    def check_timeout(self, spec: ComponentSpec) -> float:
+        """Seconds one run of the component's health check may take on this host."""
+        return float((spec.health or {}).get("timeout") or 3) * self.health_scale
 
     def local_address(self, component: str) -> str:
         """How a component reaches a dependency on the same host."""
@@ -328,14 +337,14 @@ def health_budget(health: Optional[Mapping[str, Any]], cap: float, scale: float 
     return float(min(max(budget, 5) * scale, cap))
 
 
-def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float, scale: float = 1.0,
+def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
                  ) -> Tuple[bool, str]:
-    """Probe until healthy or the budget is spent; returns the last reason when it never became healthy.
-    A job is waited for until it exits (at most ``cap``): a failed run ends the wait at once."""
+    """Probe until healthy or the budget (``health_budget`` at the runtime's ``health_scale``) is spent;
+    returns the last reason when it never became healthy. A job is waited for until it exits (at most ``cap``): a failed run ends the wait at once."""
     if spec.is_job:
         return _wait_job(runtime, spec, cap=cap, clock=clock, sleep=sleep)
-    deadline = clock() + health_budget(spec.health, cap, scale)
+    deadline = clock() + health_budget(spec.health, cap, runtime.health_scale)
     step = min(2.0, float((spec.health or {}).get("interval", 1)) or 1.0)
     reason = "not probed"
     while True:

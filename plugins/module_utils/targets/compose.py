@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import shutil
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -187,11 +188,12 @@ class ComposeRuntime(Runtime):
             health = spec.health
             if not health:
                 continue
-            timeout = float(health["timeout"])
+            timeout = self.check_timeout(spec)
             if "exec" in health:
-                rc, out, err = self.run(["timeout", str(int(timeout) + 1), "docker", "exec", info["Id"]]
+                rc, out, err = self.run(["timeout", str(math.ceil(timeout) + 1), "docker", "exec", info["Id"]]
                                         + list(health["exec"]))
-                ok, reason = rc == 0, "%s exited %d: %s" % (health["exec"][0], rc, (err or out).strip()[-300:])
+                ok, reason = rc == 0, ("%s did not finish within %.0fs" % (health["exec"][0], timeout) if rc == 124
+                                       else "%s exited %d: %s" % (health["exec"][0], rc, (err or out).strip()[-300:]))
             else:
                 address = self._address(info)
                 if not address:

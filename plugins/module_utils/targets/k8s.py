@@ -881,9 +881,10 @@ class K8sRuntime(Runtime):
     def __init__(self, app: str, *, client: K8sClient, options: RenderOptions, secret_values: Iterable[str] = (),
                  groups: Optional[Mapping[str, Optional[str]]] = None, apply_timeout: float = 60.0,
                  remove_timeout: float = 120.0, poll: float = 2.0, apps_dir: str = "", state_dir: str = "",
-                 run: Optional[Callable[[List[str]], Tuple[int, str, str]]] = None,
+                 run: Optional[Callable[[List[str]], Tuple[int, str, str]]] = None, health_scale: float = 1.0,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run or _no_commands)
+        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run or _no_commands,
+                         health_scale=health_scale)
         options.check()
         self.client = client
         self.options = options

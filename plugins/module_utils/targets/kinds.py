@@ -53,8 +53,9 @@ def runtime_for(kind: str, app: str, *, k8s: Optional[Mapping[str, Any]] = None,
 
 
 def runtime_for_params(params: Mapping[str, Any], run: Any, **k8s: Any) -> Runtime:
-    """:func:`runtime_for` from a module's parameters (``APP_HOST_OPTIONS``); ``k8s`` adds what only a
-    deploy passes to the k8s target (``storage_class``, ``registry``, ``secrets``)."""
+    """:func:`runtime_for` from a module's parameters (``APP_HOST_OPTIONS``, and ``health_scale`` and
+    ``registry_ca`` where the module has them); ``k8s`` adds what only a deploy passes to the k8s target
+    (``storage_class``, ``registry``, ``secrets``)."""
     return runtime_for(params["target"], params["app"], apps_dir=params["apps_dir"], state_dir=params["state_dir"],
-                       run=run, registry_ca=params.get("registry_ca"),
+                       run=run, registry_ca=params.get("registry_ca"), health_scale=params.get("health_scale", 1.0),
                        k8s={"config": params["kubeconfig"], "namespace": params["namespace"], **k8s})

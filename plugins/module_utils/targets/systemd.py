@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -84,14 +85,16 @@ class SystemdRuntime(Runtime):
                  run: Callable[[List[str]], Tuple[int, str, str]], registry: Optional[str] = None,
                  registry_ca: Optional[str] = None, unit_dir: str = UNIT_DIR, registry_timeout: float = 120.0,
                  log: Callable[[str], None] = lambda _msg: None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run)
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 health_scale: float = 1.0) -> None:
+        super().__init__(app, apps_dir=apps_dir, state_dir=state_dir, run=run, health_scale=health_scale)
         self.registry = registry
         self.registry_ca = registry_ca  # the site CA (TLS): HTTPS verified against it; None: plain HTTP
         self.unit_dir = unit_dir
         self.registry_timeout = registry_timeout
         self.log = log
         self.sleep = sleep
+        self.clock = clock
         self.store = LayerStore(apps_dir)
 
     # -- layout ---------------------------------------------------------------------------------------
@@ -575,7 +578,7 @@ class SystemdRuntime(Runtime):
         health = spec.health
         if not health:
             return True, ""
-        timeout = float(health.get("timeout") or 3)
+        timeout = self.check_timeout(spec)
         if "http" in health:
             return http_probe(LOCAL_ADDRESS, int(health["http"]["port"]), health["http"].get("path", "/"), timeout)
         if "tcp" in health:
@@ -598,7 +601,8 @@ class SystemdRuntime(Runtime):
             return False, f"{unit_file} has no RootDirectory=: not a unit this runtime wrote"
         if not main_pid.isdigit() or main_pid == "0":
             return False, f"unit {unit} has no main process to probe"
-        props = ["RuntimeMaxSec=%d" % max(1, int(timeout)), "NoNewPrivileges=yes",
+        limit = max(1, math.ceil(timeout))
+        props = ["RuntimeMaxSec=%d" % limit, "NoNewPrivileges=yes",
                  "CapabilityBoundingSet=" + " ".join(PROBE_CAPABILITIES)]
         if "EnvironmentFile" in settings:
             props.append(f"EnvironmentFile={settings['EnvironmentFile']}")
@@ -607,16 +611,19 @@ class SystemdRuntime(Runtime):
         enter = [NSENTER, f"--target={main_pid}", "--root"]
         if "User" in settings:
             enter += [f"--setuid={settings['User']}", f"--setgid={settings.get('Group', settings['User'])}"]
-        command = ["timeout", "-k", "2", str(max(1, int(timeout)) + 5), "systemd-run", "--wait", "--pipe", "--quiet",
+        command = ["timeout", "-k", "2", str(limit + 5), "systemd-run", "--wait", "--pipe", "--quiet",
                    "--collect", "--service-type=exec"]
         for prop in props:
             command += ["-p", prop]
+        started = self.clock()
         rc, out, err = self.run(command + ["--", *enter, "--", *argv])
         if rc == 0:
             return True, ""
+        # systemd-run --wait says 1 both for a check that exited 1 and for one RuntimeMaxSec= stopped: the
+        # time it took tells them apart.
+        if rc == 124 or self.clock() - started >= limit:
+            return False, f"exec {' '.join(argv)} did not finish within {limit}s"
         text = (err.strip() or out.strip())[-300:]
-        if rc == 124:
-            return False, f"exec {' '.join(argv)} did not finish within {timeout:.0f}s"
         return False, f"exec {' '.join(argv)} exited {rc}" + (f": {text}" if text else "")
 
     def logs(self, name: str, lines: int = 30) -> str:
