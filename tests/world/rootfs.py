@@ -10,14 +10,19 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import time
 from pathlib import Path
 
+from offline_delivery_core.common.arch import debian_arch
 from offline_delivery_core.common.digests import sha256_file
 
 from .util import WorldError, cache_dir, file_lock, log, run
+
+# The Debian name of this machine's architecture (the others run under qemu).
+NATIVE_ARCH = debian_arch(platform.machine())
 
 # Bumped when the way a recipe turns into a tar changes (not visible in the fields below).
 FORMAT_VERSION = 1
@@ -124,8 +129,7 @@ def _mirror_from_one_line(text: str, suite: str) -> str | None:
 
 def foreign_arch_problem(arch: str) -> str | None:
     """Why this machine cannot run `arch` binaries (None when it can): native, or qemu via binfmt with F."""
-    native = run(["dpkg", "--print-architecture"], timeout=10).stdout.strip()
-    if arch == native:
+    if arch == NATIVE_ARCH:
         return None
     qemu_names = {"arm64": "qemu-aarch64", "armhf": "qemu-arm", "amd64": "qemu-x86_64"}
     entry = Path("/proc/sys/fs/binfmt_misc") / qemu_names.get(arch, f"qemu-{arch}")

@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import time
@@ -19,11 +18,9 @@ from typing import Sequence
 
 import yaml
 
-from offline_delivery_core.common.arch import debian_arch
-
 from .hostimages import (COLLECTION_MOUNT, TRANSFER_MOUNT, WORLD_MOUNT, HostImage, ensure_host_image,
                          ensure_jump_image)
-from .rootfs import DEFAULT_SUITE, RootfsRecipe
+from .rootfs import DEFAULT_SUITE, NATIVE_ARCH, RootfsRecipe
 from .util import LABEL, Result, WorldError, docker, log, repo_root, run, state_root
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$")
@@ -343,7 +340,6 @@ class Site:
         return self.exec(JUMP, command, timeout=timeout, env=env)
 
 
-NATIVE_ARCH = debian_arch(platform.machine())
 # Measured 2026-12-06 on the parity site's arm64 host at load 8: poll's python health check (3 s in its compose
 # file) took 4.8-5.9 s through the systemd target's probe; the CI machine runs at load 15+. 5 x gives it 15 s.
 EMULATED_HEALTH_SCALE = 5
