@@ -341,7 +341,8 @@ def wait_healthy(runtime: Runtime, spec: ComponentSpec, *, cap: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep
                  ) -> Tuple[bool, str]:
     """Probe until healthy or the budget (``health_budget`` at the runtime's ``health_scale``) is spent;
-    returns the last reason when it never became healthy. A job is waited for until it exits (at most ``cap``): a failed run ends the wait at once."""
+    returns the last reason when it never became healthy. A job is waited for until it exits (at most
+    ``cap``): a failed run ends the wait at once."""
     if spec.is_job:
         return _wait_job(runtime, spec, cap=cap, clock=clock, sleep=sleep)
     deadline = clock() + health_budget(spec.health, cap, runtime.health_scale)
