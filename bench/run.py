@@ -171,18 +171,23 @@ def _docker_image_id(ref: str) -> str | None:
 
 
 def _ensure_docker_images(ctx: Context) -> None:
-    """``docker load`` the generated archive unless the engine holds exactly these images already."""
-    refs = sorted(ctx.gen.images)
-    wanted = {ref: ctx.gen.images[ref].config.digest for ref in refs}  # type: ignore[union-attr]
+    """The generated images in the engine (:func:`_ensure_in_engine`)."""
+    wanted = {ref: ctx.gen.images[ref].config.digest for ref in sorted(ctx.gen.images)}  # type: ignore[union-attr]
+    _ensure_in_engine(ctx, wanted, ctx.gen.docker_archive)
+
+
+def _ensure_in_engine(ctx: Context, wanted: dict[str, str], archive: Path) -> None:
+    """``docker load`` ``archive`` unless the engine holds exactly ``wanted`` (ref -> config digest, which is the
+    image ID) already; what it loads is removed at the end of the run."""
     if all(_docker_image_id(ref) == digest for ref, digest in wanted.items()):
         return
-    _log(f"docker load {ctx.gen.docker_archive}")
-    run_child(["docker", "load", "-i", str(ctx.gen.docker_archive)], timeout=3600)
-    ctx.docker_loaded = refs
+    _log(f"docker load {archive}")
+    run_child(["docker", "load", "-i", str(archive)], timeout=3600)
+    ctx.docker_loaded += [ref for ref in wanted if ref not in ctx.docker_loaded]
     bad = [ref for ref, digest in wanted.items() if _docker_image_id(ref) != digest]
     if bad:
-        raise BenchError(f"after docker load, the engine's {', '.join(bad)} do not have the generated config "
-                         "digests as image IDs")
+        raise BenchError(f"after docker load of {archive}, the engine's {', '.join(bad)} do not have the expected "
+                         "config digests as image IDs")
 
 
 def _remove_docker_images(ctx: Context) -> None:
@@ -578,10 +583,14 @@ def measure_by_hand(ctx: Context) -> list[Row]:
     if ctx.docker_reason or missing:
         return [Row("byhand", what, skipped=ctx.docker_reason or f"missing {', '.join(missing)} (scripts/bootstrap)")]
     rows = _by_hand(ctx, "byhand", what, ctx.gen.app_yml(synth.V1), ctx.v1_refs(), lambda: _ensure_docker_images(ctx))
+    from tests.world import shop_images  # the test world's image builder (cached): only this measurement needs it
+
     shop = REPO_ROOT / "examples" / "shop" / "app-1.0.0.yml"
-    shop_refs = sorted({c["image"] for c in yaml.safe_load(shop.read_text())["components"].values()})
-    return rows + _by_hand(ctx, "byhand.shop", f"{what}, the shop's real images", shop, shop_refs,
-                           lambda: _ensure_shop_images(ctx, shop_refs))
+    built = shop_images.build_all(("amd64",))
+    wanted = {ref: shop_images.image_manifest(built.oci_layout, ref, "amd64")["config"]["digest"]
+              for ref in sorted({c["image"] for c in yaml.safe_load(shop.read_text())["components"].values()})}
+    return rows + _by_hand(ctx, "byhand.shop", f"{what}, the shop's real images", shop, list(wanted),
+                           lambda: _ensure_in_engine(ctx, wanted, built.docker_archives["amd64"]))
 
 
 def _by_hand(ctx: Context, row_id: str, what: str, model: Path, image_refs: list[str],
@@ -610,24 +619,6 @@ def _by_hand(ctx: Context, row_id: str, what: str, model: Path, image_refs: list
             check_ratio_at_most(Row(f"{row_id}.size", f"{what}: size", our_size / MB, "MB", "the .tar.zst",
                                     ref_size / MB, "MB", our_size / ref_size,
                                     note="ours is signed and verifiable, blob by blob"), BY_HAND_SIZE_GOAL)]
-
-
-def _ensure_shop_images(ctx: Context, refs: list[str]) -> None:
-    """The shop's amd64 images in the engine, as tests/world/shop_images.py builds them (cached): loaded from
-    its docker archive unless the engine holds exactly these (then removed again at the end of the run)."""
-    from tests.world import shop_images  # the test world's image builder: only this measurement needs it
-
-    built = shop_images.build_all(("amd64",))
-    wanted = {ref: shop_images.image_manifest(built.oci_layout, ref, "amd64")["config"]["digest"] for ref in refs}
-    if all(_docker_image_id(ref) == digest for ref, digest in wanted.items()):
-        return
-    _log(f"docker load {built.docker_archives['amd64']}")
-    run_child(["docker", "load", "-i", str(built.docker_archives["amd64"])], timeout=3600)
-    ctx.docker_loaded += [ref for ref in refs if ref not in ctx.docker_loaded]
-    bad = [ref for ref, digest in wanted.items() if _docker_image_id(ref) != digest]
-    if bad:
-        raise BenchError(f"after docker load, the engine's {', '.join(bad)} are not the shop images the test "
-                         "world built")
 
 
 MEASUREMENTS: list[tuple[str, Callable[[Context], list[Row]]]] = [
