@@ -25,7 +25,7 @@ from typing import Any, Callable
 import yaml
 
 from . import measure, report, synth
-from .measure import BenchError, ChildRun, median, run_child
+from .measure import BenchError, ChildRun, median, run_child, settle
 from .report import Row, check_at_least, check_at_most, check_below, check_ratio_at_most
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -600,10 +600,13 @@ def _by_hand(ctx: Context, row_id: str, what: str, model: Path, image_refs: list
     for dummy in range(ctx.repeat):
         shutil.rmtree(layout, ignore_errors=True)
         ensure()  # the engine is shared: check the images are (still) there before each run
+        settle()
         start = time.perf_counter()
         for ref in image_refs:
-            run_child(["skopeo", "copy", "-q", f"docker-daemon:{ref}", f"oci:{layout}:{ref}"], timeout=3600)
-        run_child(["sh", "-c", 'tar -C "$1" -cf - . | zstd -3 -T0 -q -f -o "$2"', "sh", str(layout), str(out)])
+            run_child(["skopeo", "copy", "-q", f"docker-daemon:{ref}", f"oci:{layout}:{ref}"], timeout=3600,
+                      settled=True)
+        run_child(["sh", "-c", 'tar -C "$1" -cf - . | zstd -3 -T0 -q -f -o "$2"', "sh", str(layout), str(out)],
+                  settled=True)
         refs.append(time.perf_counter() - start)
         ref_size = out.stat().st_size
         run, summary = _build(ctx, model, ctx.work / "build-docker-z", ["docker"])

@@ -554,14 +554,17 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
                  progress: Progress | None = None, base_pub: list[bytes] | None = None,
                  packages: list[str] | None = None, package_profiles: list[str] | None = None,
                  package_cache: str | Path | None = None, files: list[str] | None = None,
-                 have_pub: list[bytes] | None = None, compression: Compression | None = None) -> BuildResult:
+                 have_pub: list[bytes] | None = None, compression: Compression | None = None,
+                 scan_cache: str | Path | None = None) -> BuildResult:
     """Build ``<out_dir>/<name>-<version>.bundle`` (or its parts). ``sign_key`` is a private key path or an
     Ed25519PrivateKey; None builds an unsigned bundle. ``base_pub``: trusted keys to check ``base`` with;
     ``have_pub``: site keys (raw Ed25519) one of which must have signed ``have`` (None: not checked).
     ``packages``: distro releases (e.g. ``debian-12``) whose OS package closures to carry for every
     platform's architecture (``package_profiles``: which profiles; None: all of the distro's). ``files``:
     ``--file`` specs (``NAME[@VERSION]/ARCH=PATH``) carried for the site's file tree. ``compression``: how
-    blobs travel (default: zstd level 3 for the blobs that shrink)."""
+    blobs travel (default: zstd level 3 for the blobs that shrink). ``scan_cache``: a directory keeping the
+    SBOM's layer scans across builds (``sbom.default_cache_dir()`` for the CLI and the module; None: every
+    layer is read)."""
     if base is not None and have is not None:
         raise BuildError("give either a base bundle or a have-file, not both")
     if have_pub and have is None:
@@ -590,12 +593,16 @@ def build_bundle(model_path: str | Path, out_dir: str | Path, *, image_sources: 
         plan, model_blob, images_section = _plan(model, wanted, resolved)
         packages_section = _plan_packages(plan, packages or [], package_profiles, wanted, package_cache, progress)
         files_section = _plan_files(plan, file_inputs)
+        scans = sbom_mod.LayerScanCache(scan_cache) if scan_cache is not None else None
         sbom_blob = _plan_sbom(plan, model, model_blob, wanted, resolved, packages_section, files_section,
-                               progress)
+                               scans, progress)
         omit.discard(model_blob.digest)  # the model always travels: inspect/diff need it from any bundle
         omit.discard(sbom_blob.digest)   # so does the SBOM: it describes the whole release, delta or not
-        return _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
-                      delta, key, out, vsize, progress, compression)
+        result = _write(model, plan, model_blob, images_section, packages_section, files_section, wanted, omit,
+                        delta, key, out, vsize, progress, compression)
+        if scans is not None:
+            scans.save()  # only now: every digest the scans were filed under has been confirmed
+        return result
     except (img.ImageError, signing.SigningError, pkgs.PackageError, pkgs.DistroError, sbom_mod.SbomError) as exc:
         raise BuildError(str(exc)) from None
     finally:
@@ -659,11 +666,13 @@ def _plan_files(plan: _Plan, inputs: list[FileInput]) -> dict[str, Any]:
 
 def _plan_sbom(plan: _Plan, model: dict[str, Any], model_blob: img.Blob, platforms: list[img.Platform],
                resolved: dict[tuple[str, img.Platform], img.ResolvedImage], packages_section: dict[str, Any],
-               files_section: dict[str, Any], progress: Progress | None) -> img.Blob:
+               files_section: dict[str, Any], scans: sbom_mod.LayerScanCache | None,
+               progress: Progress | None) -> img.Blob:
     """The release's CycloneDX SBOM (bundle_builder/sbom.py) as a blob, listed right after the model."""
     if progress is not None:
         progress(0, 0, "SBOM: reading the package databases of the image layers")
-    builder = sbom_mod.SbomBuilder(model["name"], model["version"], {"name": BUILDER_NAME, "version": BUILDER_VERSION})
+    builder = sbom_mod.SbomBuilder(model["name"], model["version"], {"name": BUILDER_NAME, "version": BUILDER_VERSION},
+                                   scans)
     for image in sbom_mod.images_of(app_model.image_refs(model), platforms, resolved):
         builder.add_image(image)
     indexes = {key: plan.blobs[pset["index"]].blob.data or b"" for key, pset in packages_section.items()}

@@ -115,6 +115,7 @@ def _load_pubs(paths: list[str] | None) -> list[bytes]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from . import build, signing
+    from .sbom import default_cache_dir as sbom_cache_dir
 
     if not args.sign_key and not args.unsigned:
         raise UsageError("give --sign-key KEY (from 'bundle-builder keygen'), or --unsigned to build without a signature")
@@ -134,7 +135,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             volume_size=args.volume_size, progress=make_progress(args.json), base_pub=base_pub,
             have_pub=have_pub, packages=args.packages,
             package_profiles=_comma_list(args.package_profiles) or None, files=args.file,
-            compression=build.Compression(args.compress, args.compress_level, args.compress_threads))
+            compression=build.Compression(args.compress, args.compress_level, args.compress_threads),
+            scan_cache=sbom_cache_dir())
     except (build.BuildError, signing.SigningError) as exc:
         for d in made:  # a refused build leaves no empty output directory behind
             if d.is_dir() and not any(d.iterdir()):

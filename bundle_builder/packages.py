@@ -44,6 +44,7 @@ from offline_delivery_core.common.digests import sha256_file
 from offline_delivery_core.common.files import write_atomic
 from offline_delivery_core.common.locks import flock_within
 
+from . import cache_root
 from .distros import (
     DEB_MEDIA_TYPE,
     DebianMirrors,
@@ -122,8 +123,8 @@ class PackageFile:
 
 
 def default_cache_dir() -> Path:
-    """``${OD_CACHE:-/var/cache/offline-delivery-test}/packages``."""
-    return Path(os.environ.get("OD_CACHE") or "/var/cache/offline-delivery-test") / "packages"
+    """``<cache_root()>/packages``."""
+    return cache_root() / "packages"
 
 
 def package_index(files: Iterable[PackageFile]) -> dict[str, dict[str, object]]:

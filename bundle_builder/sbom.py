@@ -19,6 +19,8 @@ timestamp from the newest image's ``created`` (none without images).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 import io
@@ -28,13 +30,17 @@ import re
 import tarfile
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 from offline_delivery_core.bundle.format import SBOM_MEDIA_TYPE, BundleError, parse_pax
 from offline_delivery_core.common import zstd
 from offline_delivery_core.common.digests import canonical_json, digest_hex
+from offline_delivery_core.common.files import write_atomic
 from offline_delivery_core.common.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, split_reference
+
+from . import cache_root
 
 SPEC_VERSION = "1.5"
 PROPERTY_PREFIX = "offline-delivery:"
@@ -46,6 +52,8 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_TRACKED_FILE = 64 * 1024 * 1024  # a dpkg status of a large image is a few MB
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# The layer scan cache's format: bump it when what a LayerScan holds, or what is tracked, changes.
+SCAN_VERSION = 1
 
 
 class SbomError(ValueError):
@@ -344,6 +352,51 @@ def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes | None
     return fh.read(MAX_TRACKED_FILE) if fh is not None else None
 
 
+def default_cache_dir() -> Path:
+    """``<cache_root()>/sbom``: the layer scans of the builds on this machine."""
+    return cache_root() / "sbom"
+
+
+class LayerScanCache:
+    """Layer scans kept across builds, by layer digest, in ``<directory>/v<SCAN_VERSION>/<hex>.json``: the
+    base layers every release shares are read once per machine, not once per build (a gzip layer must be
+    inflated whole to be read). ``keep`` only notes a fresh scan; ``save`` writes them, and the builder calls
+    it once every digest of the build has been confirmed, so a damaged source never leaves a scan under a
+    digest its bytes do not have. An entry that cannot be read is a miss."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory) / f"v{SCAN_VERSION}"
+        self._fresh: dict[str, LayerScan] = {}
+
+    def _path(self, digest: str) -> Path:
+        return self.directory / f"{digest_hex(digest)}.json"
+
+    def get(self, digest: str) -> LayerScan | None:
+        try:
+            doc = json.loads(self._path(digest).read_bytes())
+            return LayerScan(whiteouts=[str(p) for p in doc["whiteouts"]], opaque=[str(p) for p in doc["opaque"]],
+                             files={str(k): None if v is None else base64.b64decode(v, validate=True)
+                                    for k, v in doc["files"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            return None
+
+    def keep(self, digest: str, scan: LayerScan) -> None:
+        self._fresh[digest] = scan
+
+    def save(self) -> None:
+        """Write the scans noted since the last save (best effort: a cache that cannot be written is skipped)."""
+        fresh, self._fresh = self._fresh, {}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for digest, scan in fresh.items():
+                doc = {"whiteouts": scan.whiteouts, "opaque": scan.opaque,
+                       "files": {k: None if v is None else base64.b64encode(v).decode("ascii")
+                                 for k, v in scan.files.items()}}
+                write_atomic(str(self._path(digest)), canonical_json(doc))
+        except OSError:
+            pass
+
+
 def apply_layers(scans: Iterable[LayerScan]) -> dict[str, bytes]:
     """The tracked files of the image the layers make, lowest layer first (OCI image spec, "Whiteouts":
     a layer's whiteouts hide lower layers only, never its own files)."""
@@ -504,8 +557,10 @@ class SbomBuilder:
     """Collects what a release delivers and writes the CycloneDX document. Layer scans are kept by digest,
     so a layer shared by images or platforms is read once."""
 
-    def __init__(self, name: str, version: str, builder: Mapping[str, str]) -> None:
+    def __init__(self, name: str, version: str, builder: Mapping[str, str],
+                 cache: LayerScanCache | None = None) -> None:
         self.name, self.version, self.builder = name, version, dict(builder)
+        self.cache = cache
         self.components = _Components()
         self.dependencies: dict[str, set[str]] = {"release": set()}
         self._scans: dict[str, LayerScan] = {}
@@ -516,9 +571,14 @@ class SbomBuilder:
 
     def _layer(self, layer: Any, what: str) -> LayerScan:
         scan = self._scans.get(layer.digest)
+        if scan is None and self.cache is not None:
+            scan = self.cache.get(layer.digest)
         if scan is None:
-            scan = self._scans[layer.digest] = _scan_blob(layer, f"layer {layer.digest} of {what}")
+            scan = _scan_blob(layer, f"layer {layer.digest} of {what}")
             self.layers_read += 1
+            if self.cache is not None:
+                self.cache.keep(layer.digest, scan)
+        self._scans[layer.digest] = scan
         return scan
 
     def add_image(self, image: ImageInput) -> None:
@@ -627,5 +687,5 @@ def images_of(model_images: Mapping[str, str], platforms: Sequence[Any],
             yield ImageInput(component, reference, str(platform), image.manifest.digest, image.layers, created)
 
 
-__all__ = ["SBOM_MEDIA_TYPE", "SPEC_VERSION", "SbomBuilder", "SbomError", "ImageInput", "images_of",
+__all__ = ["SBOM_MEDIA_TYPE", "SPEC_VERSION", "SbomBuilder", "SbomError", "ImageInput", "LayerScanCache", "images_of",
            "scan_layer", "apply_layers", "dpkg_packages", "apk_packages", "parse_stanzas", "purl"]

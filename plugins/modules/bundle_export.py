@@ -222,6 +222,7 @@ else:
     try:
         from bundle_builder.build import BuildError, Compression
         from bundle_builder.export import export_bundle
+        from bundle_builder.sbom import default_cache_dir as sbom_cache_dir
         from bundle_builder.signing import SigningError
         from offline_delivery_core.bundle.ed25519 import Ed25519KeyError, load_public_key_files
     except ImportError:
@@ -271,7 +272,8 @@ def main() -> None:
             base_pub=load_public_key_files(p["base_pub"]) if p["base_pub"] else None,
             have_pub=load_public_key_files(p["have_pub"]) if p["have_pub"] else None,
             packages=p["packages"], package_profiles=p["package_profiles"] or None, files=p["files"],
-            compression=Compression(p["compress"], p["compress_level"], p["compress_threads"]))
+            compression=Compression(p["compress"], p["compress_level"], p["compress_threads"]),
+            scan_cache=sbom_cache_dir())
     except (BuildError, SigningError, Ed25519KeyError, ValueError, OSError) as exc:
         module.fail_json(msg=f"bundle from {p['model']} not built: {exc}")
     module.exit_json(changed=result.changed, msg=result.msg, bundle=result.to_json(),

@@ -279,6 +279,66 @@ def test_same_inputs_same_bytes_and_a_delta_carries_it(made, keypair) -> None:  
     assert {"image:app@linux/amd64", "image:app@linux/arm64"} <= {c["bom-ref"] for c in json.loads(data)["components"]}
 
 
+def _counting_scans(monkeypatch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The digests of the layers the builder reads for the SBOM, in order."""
+    reads: list[str] = []
+    real = sbom._scan_blob
+
+    def counted(layer: img.Blob, what: str) -> sbom.LayerScan:
+        reads.append(layer.digest)
+        return real(layer, what)
+    monkeypatch.setattr(sbom, "_scan_blob", counted)
+    return reads
+
+
+def test_layer_scans_are_kept_across_builds(made, keypair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reads = _counting_scans(monkeypatch)
+    cache = made["tmp"] / "scans"
+    entries = cache / f"v{sbom.SCAN_VERSION}"
+
+    def build_into(name: str) -> build.BuildResult:
+        (made["tmp"] / name).mkdir()
+        return build.build_bundle(made["model"], made["tmp"] / name, image_sources=[f"oci:{made['layout']}"],
+                                  platforms=PLATFORMS, sign_key=keypair[0],
+                                  files=[f"tool@2.0/amd64={made['binary']}"], scan_cache=cache)
+    first = build_into("one")
+    assert len(reads) == 4  # two layers a platform
+    assert sorted(p.name for p in entries.iterdir()) == sorted(d.split(":")[1] + ".json" for d in reads)
+    assert first.path.read_bytes() == made["result"].path.read_bytes()  # the bundle a build without cache made
+    reads.clear()
+    assert build_into("two").path.read_bytes() == first.path.read_bytes() and reads == []
+    # an entry that cannot be read is a miss: that layer alone is read again, to the same bundle
+    damaged = sorted(entries.iterdir())[0]
+    damaged.write_text('{"whiteouts": [], "opaque": [], "files": {"var/lib/dpkg/status": "not base64!"}}')
+    assert build_into("three").path.read_bytes() == first.path.read_bytes()
+    assert [d.split(":")[1] + ".json" for d in reads] == [damaged.name]
+    assert sbom.LayerScanCache(cache).get("sha256:" + damaged.stem) is not None  # written again, whole
+
+
+def test_a_layer_scan_is_kept_only_once_the_build_confirmed_its_digest(tmp_path: Path, keypair,
+                                                                        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reads = _counting_scans(monkeypatch)
+    layout = write_oci_layout(tmp_path / "oci", images())
+    base = hashlib.sha256(base_layer("amd64")).hexdigest()
+    blob_file = layout / "blobs" / "sha256" / base
+    good = blob_file.read_bytes()
+    # a byte of /bin/sh's content flipped: the layer still reads as a tar, but is not the layer of its digest
+    blob_file.write_bytes(good.replace(b"#!shell", b"#!Shell"))
+    cache = tmp_path / "scans"
+    model = write_model(tmp_path)
+    for name in ("bad", "good"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(build.BuildError, match=f"sha256:{base} .* hashes to"):
+        build.build_bundle(model, tmp_path / "bad", image_sources=[f"oci:{layout}"], platforms=PLATFORMS,
+                           sign_key=keypair[0], scan_cache=cache)
+    assert f"sha256:{base}" in reads and not (cache / f"v{sbom.SCAN_VERSION}").exists()
+    blob_file.write_bytes(good)
+    reads.clear()
+    build.build_bundle(model, tmp_path / "good", image_sources=[f"oci:{layout}"], platforms=PLATFORMS,
+                       sign_key=keypair[0], scan_cache=cache)
+    assert f"sha256:{base}" in reads  # read again from the repaired source, not taken from the failed build
+
+
 def test_sbom_command_verifies_first_and_writes_the_exact_blob(made, keypair, other_keypair, capsys) -> None:  # type: ignore[no-untyped-def]
     path, out = made["result"].path, made["tmp"] / "sbom.cdx.json"
     assert cli.main(["sbom", str(path), "--pub", str(keypair[1]), "-o", str(out)]) == 0
