@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 from offline_delivery_core.common.digests import sha256_file
@@ -514,25 +513,61 @@ def _index_records(state: AptState, keys: Sequence[tuple[str, str, str]]) -> _Re
     return records
 
 
-def _cached(store: Path, item: _Wanted) -> bool:
+class _FileDigests:
+    """The sha256 of files of the package cache (its .debs, apt's index files), kept across builds in
+    ``<cache>/file-digests.json`` under each file's size, mtime, ctime and inode, as git's index keeps stat
+    data: a file changed in any way is hashed again, an unchanged one is not. Every carried .deb is hashed
+    once more as the bundle is written, so a file that rotted in place still cannot reach a bundle."""
+
+    # Timestamps are coarse: a file rewritten within a tick of its recording could keep its size and times.
+    # A file changed this recently is not recorded (hashed again next time), as git treats "racily clean"
+    # entries of its index.
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            known = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            known = {}
+        self._known: dict[str, Any] = known if isinstance(known, dict) else {}
+        self._changed = False
+
+    def sha256(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        known = self._known.get(str(path))
+        if isinstance(known, list) and len(known) == 5 and known[:4] == stamp:
+            return str(known[4])
+        digest = sha256_file(path)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > self.RACY_NS:
+            self._known[str(path)] = [*stamp, digest]
+            self._changed = True
+        return digest
+
+    def save(self) -> None:
+        """Write what was hashed anew, without the entries of files gone since (best effort)."""
+        if self._changed:
+            kept = {name: entry for name, entry in self._known.items() if os.path.exists(name)}
+            try:
+                write_atomic(str(self.path), json.dumps(kept, sort_keys=True).encode())
+            except OSError:
+                pass
+            self._changed = False
+
+
+def _cached(store: Path, item: _Wanted, digests: _FileDigests) -> bool:
     path = store / item.filename
     try:
-        stat = path.stat()
+        return path.stat().st_size == item.size and digests.sha256(path) == item.sha256
     except FileNotFoundError:
         return False
-    return stat.st_size == item.size and _sha256_cached(path, stat.st_mtime_ns, stat.st_size) == item.sha256
-
-
-@functools.lru_cache(maxsize=4096)
-def _sha256_cached(path: Path, mtime_ns: int, size: int) -> str:
-    """SHA256 of a store file, computed once per content version (keyed by mtime and size)."""
-    return sha256_file(path)
 
 
 def _download_profile(state: AptState, profile: str, args: Sequence[str], wanted: Sequence[_Wanted],
-                      store: Path, workdir: Path, progress: Progress | None) -> None:
+                      store: Path, workdir: Path, digests: _FileDigests, progress: Progress | None) -> None:
     """Let apt fetch what the store lacks (into a scratch dir holding links to what it has), check, keep."""
-    missing = [w for w in wanted if not _cached(store, w)]
+    missing = [w for w in wanted if not _cached(store, w, digests)]
     if not missing:
         return
     megabytes = sum(w.size for w in missing) / 1e6
@@ -592,12 +627,12 @@ def _package_file(store: Path, item: _Wanted, row: Distro, arch: str, profiles: 
 # cached closures
 
 
-def _closure_inputs(state: AptState, minbase: Minbase) -> dict[str, object]:
+def _closure_inputs(state: AptState, minbase: Minbase, digests: _FileDigests) -> dict[str, object]:
     """What every closure of one release/arch is a function of besides the requested packages: the private
     apt configuration (sources, pins, arch, minbase), the minbase's dpkg status and the package index apt
     holds (every list file's sha256)."""
     lists = state.directory / "lists"
-    index = sorted((p.name, sha256_file(p)) for p in lists.iterdir() if p.is_file() and not p.name.startswith("."))
+    index = sorted((p.name, digests.sha256(p)) for p in lists.iterdir() if p.is_file() and not p.name.startswith("."))
     return {"closure": CLOSURE_VERSION, "recipe": RECIPE_VERSION, "state": state.directory.name,
             "config": state.config.read_text(encoding="utf-8"), "status": sha256_file(minbase.status),
             "index": index}
@@ -665,7 +700,8 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
         _ensure_lists(state, refresh=refresh, max_age=max_index_age, progress=progress)
         owners: dict[str, list[str]] = {}
         items: dict[str, _Wanted] = {}
-        inputs = _closure_inputs(state, minbase)
+        digests = _FileDigests(cache_dir / "file-digests.json")
+        inputs = _closure_inputs(state, minbase, digests)
         for profile, pkgs in refs.items():
             args = [r.apt_arg() for r in pkgs]
             key = _closure_key(inputs, profile, args)
@@ -674,12 +710,13 @@ def resolve_packages(distro: str, arch: str, profiles: list[str], *, cache_dir: 
             if wanted is None:
                 wanted = _closure_uris(state, profile, args, Path(tmp))
                 _store_closure(kept, key, wanted)
-            _download_profile(state, profile, args, wanted, store, Path(tmp), progress)
+            _download_profile(state, profile, args, wanted, store, Path(tmp), digests, progress)
             for w in wanted:
                 items[w.filename] = w
                 owners.setdefault(w.filename, []).append(profile)
             _say(progress, f"{state.label}: profile {profile}: {len(wanted)} package(s) beyond minbase")
         files = [_package_file(store, items[f], row, arch, tuple(sorted(owners[f]))) for f in sorted(items)]
+        digests.save()
     return sorted(files, key=lambda f: (f.package, f.version, f.architecture))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ class FakeApt:
                         len(DEB), self.sha)]
 
     def _download(self, state: packages.AptState, profile: str, args: list[str], wanted: list[_Wanted],
-                  store: Path, workdir: Path, progress: object) -> None:
+                  store: Path, workdir: Path, digests: object, progress: object) -> None:
         for w in wanted:
             (store / w.filename).write_bytes(DEB)
 
@@ -85,6 +86,37 @@ def test_a_changed_index_status_or_request_asks_apt_again(monkeypatch: pytest.Mo
     _resolve(cache, ["compose", "systemd"])  # systemd's closure is new; compose's is kept
     assert apt.closures == 4
     assert apt.controls == 1, "a .deb's control is read once per content, whatever the closure"
+
+
+def test_file_digests_are_kept_across_builds_while_the_file_is_unchanged(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    hashed: list[str] = []
+    real = packages.sha256_file
+    monkeypatch.setattr(packages, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    store = tmp_path / "debs"
+    store.mkdir()
+    deb = store / "tini_0.19.0-1_amd64.deb"
+    deb.write_bytes(DEB)
+    wanted = _Wanted("http://mirror.test/t.deb", deb.name, len(DEB), hashlib.sha256(DEB).hexdigest())
+    memo = tmp_path / "file-digests.json"
+    # a file written just now is not recorded: a rewrite within the same timestamp tick would go unseen
+    just_written = packages._FileDigests(memo)
+    assert packages._cached(store, wanted, just_written) and hashed == [deb.name]
+    just_written.save()
+    assert packages._cached(store, wanted, packages._FileDigests(memo)) and hashed == [deb.name] * 2
+    monkeypatch.setattr(packages._FileDigests, "RACY_NS", -10**18)  # as if the file were old
+    first = packages._FileDigests(memo)
+    assert packages._cached(store, wanted, first) and len(hashed) == 3
+    first.save()
+    # the next build (a new process) takes the recorded digest: the file's size, times and inode are unchanged
+    assert packages._cached(store, wanted, packages._FileDigests(memo)) and len(hashed) == 3
+    # the same size, other bytes (and other times): hashed again, no longer the wanted file, so apt fetches it
+    deb.write_bytes(DEB.replace(b"not", b"NOT"))
+    os.utime(deb, ns=(10**18, 10**18))
+    assert not packages._cached(store, wanted, packages._FileDigests(memo)) and len(hashed) == 4
+    # an unreadable record is no record
+    memo.write_text("[not a dict")
+    assert not packages._cached(store, wanted, packages._FileDigests(memo)) and len(hashed) == 5
 
 
 def test_a_damaged_cache_entry_is_resolved_anew(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
