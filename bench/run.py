@@ -527,6 +527,7 @@ def _compress_pairs(ctx: Context, row_id: str, label: str, model: Path, sources:
     refs: list[ChildRun] = []
     builds: list[ChildRun] = []
     summary: dict[str, Any] = {}
+    measure.reread(plain_path)
     for dummy in range(ctx.repeat):
         refs.append(run_child(["zstd", "-3", "-T0", "-q", "-f", str(plain_path), "-o", str(zst)]))
         run, summary = _build(ctx, model, ctx.work / "packed", sources, extra)
