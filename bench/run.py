@@ -502,29 +502,25 @@ def measure_compress(ctx: Context) -> list[Row]:
     release the issue's size goal names."""
     if shutil.which("zstd") is None:
         return [Row("compress", "compressed bundle", skipped="no zstd command (scripts/bootstrap installs it)")]
-    rows, packed, zst = _compress_pairs(ctx, "compress", "", ctx.gen.app_yml(synth.V1), [f"oci:{ctx.gen.oci}"])
-    rows += _compressed_verify_import(ctx, packed, zst)
-    shutil.rmtree(ctx.work / "packed", ignore_errors=True)
-    zst.unlink(missing_ok=True)
+    rows = _compress_pairs(ctx, "compress", "", ctx.gen.app_yml(synth.V1), [f"oci:{ctx.gen.oci}"],
+                           verify_import=True)
     from tests.world import shop_images  # the test world's image builder (cached): only the shop rows need it
 
     try:
         built = shop_images.build_all(("amd64", "arm64"))
     except shop_images.BuildError as exc:
         return rows + [Row("compress.shop", "compressed bundle of shop 1.0.0", skipped=f"shop images: {exc}")]
-    rows += _compress_pairs(ctx, "compress.shop", ", shop 1.0.0", REPO_ROOT / "examples" / "shop" / "app-1.0.0.yml",
-                            [f"oci:{built.oci_layout}"], ["--platform", "linux/arm64", "--packages", "debian-12"])[0]
-    shutil.rmtree(ctx.work / "packed", ignore_errors=True)
-    zst.unlink(missing_ok=True)
-    return rows
+    shop = REPO_ROOT / "examples" / "shop" / "app-1.0.0.yml"
+    return rows + _compress_pairs(ctx, "compress.shop", ", shop 1.0.0", shop, [f"oci:{built.oci_layout}"],
+                                  ["--platform", "linux/arm64", "--packages", "debian-12"])
 
 
 def _compress_pairs(ctx: Context, row_id: str, label: str, model: Path, sources: list[str],
-                    extra: list[str] | None = None) -> tuple[list[Row], Path, Path]:
+                    extra: list[str] | None = None, verify_import: bool = False) -> list[Row]:
     """Size, build time and peak RSS of the default (compressed) build of ``model`` against ``zstd -3 -T0``
-    of its ``--compress none`` bundle, interleaved pairs. Returns the rows, the last compressed bundle and
-    the zstd file."""
-    dummy, plain = _build(ctx, model, ctx.work / "plain", sources, ["--compress", "none", *(extra or [])])
+    of its ``--compress none`` bundle, interleaved pairs; with ``verify_import`` also verify and import of the
+    compressed bundle (:func:`_compressed_verify_import`). Removes what it wrote."""
+    dummy, plain = _build(ctx, model, ctx.work / "plain", sources, [*FORMAT_1, *(extra or [])])
     plain_path = Path(plain["path"])
     zst = ctx.work / "plain.bundle.zst"
     refs: list[ChildRun] = []
@@ -553,7 +549,11 @@ def _compress_pairs(ctx: Context, row_id: str, label: str, model: Path, sources:
     rows.append(check_below(Row(f"{row_id}.build.rss", f"compressed build: peak RSS{label}", max(peak), "MiB",
                                 runs=peak), RSS_GOAL_MB, "MiB"))
     shutil.rmtree(ctx.work / "plain", ignore_errors=True)
-    return rows, packed, zst
+    if verify_import:
+        rows += _compressed_verify_import(ctx, packed, zst)
+    shutil.rmtree(ctx.work / "packed", ignore_errors=True)
+    zst.unlink(missing_ok=True)
+    return rows
 
 
 def _compressed_verify_import(ctx: Context, packed: Path, zst: Path) -> list[Row]:
